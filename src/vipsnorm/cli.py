@@ -1,0 +1,279 @@
+"""The ``vipsnorm`` command line: normalize, fit, inspect, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+
+from . import __version__
+from .engine import FORMATS, Options, Result, build_method, fit_files, load_reference, normalize_file
+from .errors import InvalidReferenceError, VipsnormError
+from .io.slide import DEFAULT_MAX_PIXELS
+from .io.write import COMPRESSIONS
+from .methods import METHODS
+from .reference import save_reference
+from .sampling import STRATEGIES
+
+__all__ = ["main"]
+
+_DESCRIPTION = """\
+Normalize the exposure and colour of whole-slide images and ordinary pictures, streaming at full
+resolution. Slides (SVS, NDPI, MRXS, DICOM, pyramidal TIFF, ...) are fitted on their tissue only and
+written as pyramidal tiled TIFF with the pixel size kept; ordinary images keep their format.
+
+examples:
+  vipsnorm normalize slide.svs -o out/ --method equalize
+  vipsnorm fit lab1/*.svs lab2/*.svs -o palette.json            # one palette for a whole set
+  vipsnorm normalize lab*/*.svs -o out/ --method match --reference palette.json
+  vipsnorm inspect slide.svs
+  vipsnorm demo -o demo/                                         # synthetic slides, end to end
+"""
+
+_METHODS_HELP = """\
+methods:
+  stretch   linear contrast stretch between the --low and --high percentiles (default 2, 98);
+            --mode joint (default: one map for all channels, keeps hue) or rgb (per channel)
+  equalize  histogram equalization; --mode luminance (default: luma only, keeps hue) or rgb
+  match     histogram matching onto --reference (an image, or a JSON from 'vipsnorm fit');
+            --mode rgb (default: matches the colour palette) or luminance
+"""
+
+
+def _add_fit_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("fitting")
+    g.add_argument(
+        "--method",
+        choices=sorted(METHODS),
+        help="normalization method (default: equalize for normalize, match for fit; with a parameters "
+        "JSON as --reference, the method it was fitted with)",
+    )
+    g.add_argument("--mode", help="channels: joint|rgb (stretch), luminance|rgb (equalize, match)")
+    g.add_argument("--low", type=float, help="stretch: lower percentile (default 2; 0 = minimum)")
+    g.add_argument("--high", type=float, help="stretch: upper percentile (default 98; 100 = maximum)")
+    g.add_argument(
+        "--sample",
+        choices=STRATEGIES,
+        default="tiles",
+        help="slides: fit on random full-resolution tissue tiles (default), the low-resolution level, "
+        "or every tissue pixel (exact, one extra full pass). Ordinary images always use every pixel.",
+    )
+    g.add_argument("--tiles", type=int, default=64, help="number of tiles sampled (default: %(default)s)")
+    g.add_argument("--seed", type=int, default=0, help="which tiles are sampled (default: %(default)s)")
+    g.add_argument(
+        "--no-tissue-mask", action="store_true", help="fit slides on all pixels, glass included (not recommended)"
+    )
+    g.add_argument(
+        "--max-pixels",
+        type=int,
+        default=DEFAULT_MAX_PIXELS,
+        help="refuse images larger than this many pixels (default: %(default)s; 0 = no limit)",
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vipsnorm",
+        description=_DESCRIPTION,
+        epilog=_METHODS_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"vipsnorm {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "normalize",
+        help="normalize images into an output folder",
+        description="Normalize every INPUT into OUTDIR (inputs are never modified). Exit code 0 only if every input succeeded.",
+        epilog=_METHODS_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="slides or images")
+    p.add_argument("-o", "--output", required=True, type=Path, metavar="OUTDIR", help="output folder (created if missing)")
+    p.add_argument(
+        "--reference",
+        metavar="REF",
+        help="match: target image or JSON from 'vipsnorm fit'; other methods: a JSON of fitted parameters "
+        "applied unchanged to every input",
+    )
+    _add_fit_options(p)
+    g = p.add_argument_group("output")
+    g.add_argument("--format", choices=FORMATS, default="auto", help="auto: pyramidal TIFF for slides, input format for images")
+    g.add_argument("--compression", choices=COMPRESSIONS, default="jpeg", help="pyramidal TIFF tiles (default: %(default)s; deflate/lzw are lossless)")
+    g.add_argument("--quality", type=int, default=90, help="JPEG/WebP quality (default: %(default)s)")
+    g.add_argument("--no-overwrite", action="store_true", help="fail for inputs whose output already exists")
+    g.add_argument("--json", action="store_true", help="print one JSON line per input instead of text")
+
+    p = sub.add_parser(
+        "fit",
+        help="fit one reference (palette or parameters) over many images",
+        description="Fit one reference over every INPUT and save it as JSON. With --method match (default) it is "
+        "the pooled tissue palette that 'normalize --method match --reference' maps every image onto; with "
+        "stretch/equalize it is their parameters, applied unchanged to every image.",
+    )
+    p.add_argument("inputs", nargs="+", metavar="INPUT")
+    p.add_argument("-o", "--output", required=True, type=Path, metavar="REF.json")
+    _add_fit_options(p)
+    p.set_defaults(method="match")
+
+    p = sub.add_parser("inspect", help="show levels, pixel size, backend and tissue statistics")
+    p.add_argument("inputs", nargs="+", metavar="INPUT")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help=argparse.SUPPRESS)
+
+    p = sub.add_parser("demo", help="generate slides from three 'labs', normalize them to one palette")
+    p.add_argument("-o", "--output", type=Path, default=Path("vipsnorm-demo"), help="folder (default: %(default)s)")
+    p.add_argument("--size", type=int, default=4096, help="slide width and height in pixels (default: %(default)s)")
+    return parser
+
+
+def _options(args) -> Options:
+    return Options(
+        strategy=args.sample,
+        n_tiles=args.tiles,
+        seed=args.seed,
+        tissue=False if args.no_tissue_mask else None,
+        max_pixels=args.max_pixels,
+        **(
+            dict(
+                compression=args.compression,
+                quality=args.quality,
+                format=args.format,
+                overwrite=not args.no_overwrite,
+            )
+            if args.command == "normalize"
+            else {}
+        ),
+    )
+
+
+def _method_options(args) -> dict:
+    return {"mode": args.mode, "low": args.low, "high": args.high}
+
+
+def _report(result: Result, as_json: bool) -> None:
+    if as_json:
+        print(
+            json.dumps(
+                {
+                    "input": str(result.input),
+                    "output": None if result.output is None else str(result.output),
+                    "status": result.status,
+                    "error": result.error,
+                    "seconds": round(result.seconds, 3),
+                    "params": None if result.params is None else result.params.to_dict(),
+                }
+            )
+        )
+    elif result.status == "ok":
+        print(f"ok     {result.input} -> {result.output} ({result.seconds:.1f} s)")
+    else:
+        print(f"error  {result.error}", file=sys.stderr)
+
+
+def _normalize(args) -> int:
+    options = _options(args)
+    reference = load_reference(args.reference, options) if args.reference else None
+    params = reference.params if reference is not None and reference.kind == "params" else None
+    if params is not None:
+        if args.method not in (None, params.method):
+            raise InvalidReferenceError(args.reference, f"holds {params.method} parameters but --method is {args.method}")
+        method = build_method(params.method)
+    else:
+        method = build_method(args.method or "equalize", reference, **_method_options(args))
+    args.output.mkdir(parents=True, exist_ok=True)
+    failed = 0
+    written: dict[Path, Path] = {}
+    for path in args.inputs:
+        result = normalize_file(path, args.output, method, params=params, options=options)
+        if result.output is not None:
+            previous = written.get(result.output)
+            if previous is not None:
+                result.status = "error"
+                result.error = f"{path}: output name {result.output.name} already used by {previous} in this run; it was overwritten"
+            written[result.output] = Path(path)
+        failed += result.status != "ok"
+        _report(result, args.json)
+    total = len(args.inputs)
+    print(f"{total - failed} of {total} inputs normalized, {failed} failed", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _fit(args) -> int:
+    options = _options(args)
+    reference, results = fit_files(args.inputs, args.method, method_options=_method_options(args), options=options)
+    for result in results:
+        if result.status != "ok":
+            print(f"error  {result.error}", file=sys.stderr)
+    save_reference(reference, args.output)
+    failed = sum(r.status != "ok" for r in results)
+    print(f"{args.method} reference fitted on {len(results) - failed} of {len(results)} inputs -> {args.output}")
+    return 1 if failed else 0
+
+
+def _inspect(args) -> int:
+    from .io.slide import open_slide
+    from .sampling import sample_slide
+
+    failed = 0
+    for path in args.inputs:
+        try:
+            with open_slide(path, max_pixels=args.max_pixels) as slide:
+                info = slide.describe()
+                try:
+                    sample = sample_slide(slide)
+                    info["sample"] = sample.source
+                    info["stats"] = sample.stats()
+                except VipsnormError as exc:
+                    info["stats"] = None
+                    info["sample"] = exc.cause
+        except VipsnormError as exc:
+            failed += 1
+            print(f"error  {exc}", file=sys.stderr)
+            continue
+        if args.json:
+            print(json.dumps(info))
+            continue
+        print(f"{info['path']}")
+        print(f"  backend   {info['backend']} ({info['loader']}), vendor: {info['vendor'] or 'none (ordinary image)'}")
+        mpp = info["mpp"]
+        print(f"  pixel     {'unknown' if mpp is None else f'{mpp[0]:g} x {mpp[1]:g} um'}")
+        for i, lvl in enumerate(info["levels"]):
+            print(f"  level {i:<3} {lvl['width']} x {lvl['height']}  (downsample {lvl['downsample']:g})")
+        if info["associated"]:
+            print(f"  associated images (not processed): {', '.join(info['associated'])}")
+        print(f"  sample    {info['sample']}")
+        for name, st in (info["stats"] or {}).items():
+            print(
+                f"  {name:<5} mean {st['mean']:7.2f}  std {st['std']:6.2f}  min {st['min']:3d}  "
+                f"p2 {st['p2']:6.1f}  median {st['median']:6.1f}  p98 {st['p98']:6.1f}  max {st['max']:3d}"
+            )
+    return 1 if failed else 0
+
+
+def _demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(args.output, args.size)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    warnings.simplefilter("default")
+    warnings.formatwarning = lambda message, category, *rest: f"warning: {message}\n"
+    try:
+        return {"normalize": _normalize, "fit": _fit, "inspect": _inspect, "demo": _demo}[args.command](args)
+    except VipsnormError as exc:
+        print(f"error  {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:  # bad option values
+        print(f"error  {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

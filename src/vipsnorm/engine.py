@@ -1,0 +1,215 @@
+"""Normalize files: open, fit (or use a reference), apply lazily, write atomically.
+
+This is the layer the command line calls; it is the only one that both reads and writes files.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyvips
+
+from . import __version__
+from .errors import FlatImageError, InvalidReferenceError, OutputError, UnreadableImageError, VipsnormError
+from .io.slide import DEFAULT_MAX_PIXELS, Slide, open_slide
+from .io.write import COMPRESSIONS, IMAGE_SUFFIXES, write_image, write_pyramid
+from .methods import METHODS, Match, Method, Params, Sample
+from .reference import Reference, load_reference_json
+from .sampling import STRATEGIES, sample_slide
+
+__all__ = ["Options", "Result", "build_method", "load_reference", "fit_files", "normalize_file", "output_path"]
+
+#: Output formats for ``--format``; "auto" keeps ordinary images in their format, slides as pyramids.
+FORMATS = ("auto", "tiff", "jpeg", "png", "webp")
+_FORMAT_SUFFIX = {"jpeg": ".jpg", "png": ".png", "webp": ".webp", "tiff": ".tif"}
+_LOADER_SUFFIX = {"jpegload": ".jpg", "pngload": ".png", "webpload": ".webp", "tiffload": ".tif"}
+
+
+@dataclass(frozen=True)
+class Options:
+    """How to sample, fit and write. Defaults are what the command line uses."""
+
+    strategy: str = "tiles"
+    n_tiles: int = 64
+    seed: int = 0
+    tissue: bool | None = None
+    compression: str = "jpeg"
+    quality: int = 90
+    format: str = "auto"
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    overwrite: bool = True
+
+    def __post_init__(self):
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}")
+        if self.compression not in COMPRESSIONS:
+            raise ValueError(f"compression must be one of {COMPRESSIONS}")
+        if self.format not in FORMATS:
+            raise ValueError(f"format must be one of {FORMATS}")
+        if not 1 <= self.quality <= 100:
+            raise ValueError("quality must be within 1..100")
+
+
+@dataclass
+class Result:
+    """What happened to one input."""
+
+    input: Path
+    output: Path | None = None
+    status: str = "ok"
+    error: str | None = None
+    params: Params | None = None
+    slide: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def build_method(name: str, reference: Reference | None = None, **options) -> Method:
+    """Instantiate method ``name`` with its options (``low``, ``high``, ``mode``) and target."""
+    try:
+        cls = METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}") from None
+    options = {k: v for k, v in options.items() if v is not None}
+    if cls is Match:
+        if reference is None or reference.target is None:
+            raise InvalidReferenceError(
+                None, "method 'match' needs --reference: an image or a target JSON made by 'vipsnorm fit'"
+            )
+        return Match(reference.target, **options)
+    return cls(**options)
+
+
+def load_reference(path: str | os.PathLike[str], options: Options = Options()) -> Reference:
+    """A reference from a JSON file (``vipsnorm fit``) or from an image/slide (its tissue palette)."""
+    path = Path(path)
+    if path.suffix.lower() == ".json":
+        return load_reference_json(path)
+    with open_slide(path, max_pixels=options.max_pixels) as slide:
+        sample = sample_slide(slide, strategy=options.strategy, n_tiles=options.n_tiles, seed=options.seed)
+    return Reference(target=Sample(sample.hist, sample.bands, f"{path.name}: {sample.source}"), inputs=(str(path),))
+
+
+def output_path(slide: Slide, out_dir: Path, fmt: str) -> Path:
+    """Where the result of ``slide`` goes: pyramidal ``.tif`` for slides, same format for images."""
+    if fmt == "auto":
+        suffix = ".tif" if slide.is_slide else _LOADER_SUFFIX.get(slide.loader.split("_")[0], ".png")
+        if not slide.is_slide and slide.path.suffix.lower() in IMAGE_SUFFIXES:
+            if IMAGE_SUFFIXES[slide.path.suffix.lower()] == IMAGE_SUFFIXES[suffix]:
+                suffix = slide.path.suffix  # keep ".jpeg" as ".jpeg"
+    else:
+        suffix = _FORMAT_SUFFIX[fmt]
+    return out_dir / (slide.path.stem + suffix)
+
+
+def _check_output(inp: Path, out: Path, options: Options) -> None:
+    if not out.parent.is_dir():
+        raise OutputError(out.parent, "output folder does not exist")
+    if out.exists():
+        if out.resolve() == inp.resolve() or os.path.samefile(out, inp):
+            raise OutputError(inp, f"output {out} would overwrite the input; choose another -o folder")
+        if not options.overwrite:
+            raise OutputError(out, "output exists (use --overwrite)")
+
+
+def fit_slide(slide: Slide, method: Method, options: Options) -> Params:
+    """Sample ``slide`` and fit ``method``; a flat sample is an error, never a division by zero."""
+    sample = sample_slide(
+        slide, strategy=options.strategy, n_tiles=options.n_tiles, seed=options.seed, tissue=options.tissue
+    )
+    if sample.is_flat():
+        value = int(sample.hist[3].argmax())
+        raise FlatImageError(slide.path, f"image is flat (every sampled pixel is {value}): nothing to normalize")
+    return method.fit(sample)
+
+
+def normalize_file(
+    path: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    method: Method,
+    *,
+    params: Params | None = None,
+    options: Options = Options(),
+) -> Result:
+    """Normalize one input into ``out_dir``; errors are returned in the result, never half-written files.
+
+    Parameters
+    ----------
+    params : Params, optional
+        Fixed parameters (a dataset-level fit) instead of fitting on this input.
+    """
+    start = time.perf_counter()
+    result = Result(input=Path(path))
+    try:
+        with open_slide(path, max_pixels=options.max_pixels) as slide:
+            result.slide = slide.describe()
+            out = output_path(slide, Path(out_dir), options.format)
+            _check_output(slide.path, out, options)
+            if params is None:
+                params = fit_slide(slide, method, options)
+            elif params.method != method.name:
+                raise InvalidReferenceError(None, f"reference holds {params.method} parameters, not {method.name}")
+            result.params = params
+            image = method.apply(slide.level_image(0), params)
+            if slide.is_slide and options.format in ("auto", "tiff"):
+                description = f"vipsnorm {__version__} method={method.name} source={slide.path.name}"
+                slide.decode(
+                    lambda: write_pyramid(
+                        image,
+                        out,
+                        mpp=slide.mpp,
+                        compression=options.compression,
+                        quality=options.quality,
+                        description=description,
+                    )
+                )
+            else:
+                slide.decode(lambda: write_image(image, out, quality=options.quality))
+            result.output = out
+    except VipsnormError as exc:
+        result.status, result.error = "error", str(exc)
+    except pyvips.Error as exc:  # anything libvips reports that the layers above did not explain
+        result.status, result.error = "error", str(UnreadableImageError(path, f"libvips: {exc}"))
+    except Exception as exc:  # a bug must not stop a batch; report it against the file
+        result.status, result.error = "error", f"{path}: internal error ({type(exc).__name__}: {exc})"
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def fit_files(
+    paths: list[str | os.PathLike[str]], method_name: str, *, method_options: dict | None = None, options: Options = Options()
+) -> tuple[Reference, list[Result]]:
+    """Fit one reference over many inputs.
+
+    For ``match`` the reference is the target palette: the inputs' tissue histograms pooled, each input
+    weighted equally. For the other methods it is their parameters fitted on that pooled sample, to be
+    applied unchanged to every image.
+    """
+    samples: list[Sample] = []
+    results: list[Result] = []
+    for path in paths:
+        result = Result(input=Path(path))
+        start = time.perf_counter()
+        try:
+            with open_slide(path, max_pixels=options.max_pixels) as slide:
+                result.slide = slide.describe()
+                sample = sample_slide(
+                    slide, strategy=options.strategy, n_tiles=options.n_tiles, seed=options.seed, tissue=options.tissue
+                )
+                if sample.is_flat():
+                    raise FlatImageError(path, "image is flat: nothing to fit on")
+                samples.append(sample)
+        except VipsnormError as exc:
+            result.status, result.error = "error", str(exc)
+        result.seconds = time.perf_counter() - start
+        results.append(result)
+    if not samples:
+        raise InvalidReferenceError(None, "no input could be sampled; no reference written")
+    pooled = Sample.pooled(samples, source=f"pooled tissue histograms of {len(samples)} images")
+    inputs = tuple(str(r.input) for r in results if r.status == "ok")
+    if method_name == "match":
+        return Reference(target=pooled, inputs=inputs), results
+    method = build_method(method_name, **(method_options or {}))
+    return Reference(params=method.fit(pooled), inputs=inputs), results

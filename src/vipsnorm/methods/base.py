@@ -1,0 +1,198 @@
+"""The method protocol: ``fit(sample) -> Params`` and ``apply(image, params)`` (lazy pyvips).
+
+A :class:`Sample` holds the statistics fitting needs: the histograms of the (tissue) pixels that were
+sampled. Methods never open files; :mod:`vipsnorm.sampling` builds samples from slides.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import pyvips
+
+from ._hist import apply_luts_array, apply_luts_image, luma_array
+
+__all__ = ["Sample", "Params", "LutParams", "Method", "LutMethod", "ROWS"]
+
+#: Rows of :attr:`Sample.hist`.
+ROWS = {"r": 0, "g": 1, "b": 2, "y": 3}
+
+
+@dataclass(frozen=True, eq=False)
+class Sample:
+    """Histograms of sampled pixels.
+
+    Attributes
+    ----------
+    hist : ndarray, shape (4, 256), float64
+        Pixel counts per value for R, G, B and BT.601 luma Y. For grey images all four rows are the grey
+        histogram.
+    bands : int
+        1 for grey sources, 3 for colour.
+    source : str
+        How the pixels were gathered (for reports).
+    """
+
+    hist: np.ndarray
+    bands: int = 3
+    source: str = ""
+
+    def __post_init__(self):
+        hist = np.asarray(self.hist, dtype=np.float64)
+        if hist.shape != (4, 256):
+            raise ValueError(f"Sample.hist must have shape (4, 256), not {hist.shape}")
+        object.__setattr__(self, "hist", hist)
+
+    @property
+    def n(self) -> float:
+        """Number of pixels (or total weight, for pooled samples)."""
+        return float(self.hist[3].sum())
+
+    @classmethod
+    def from_array(cls, pixels: np.ndarray, source: str = "array") -> "Sample":
+        """Histograms of every pixel of an ``(h, w)``, ``(h, w, 1)`` or ``(h, w, 3)`` uint8 array."""
+        pixels = np.asarray(pixels)
+        if pixels.dtype != np.uint8:
+            raise TypeError(f"expected uint8 pixels, got {pixels.dtype}")
+        if pixels.ndim == 2:
+            pixels = pixels[..., np.newaxis]
+        bands = pixels.shape[-1]
+        flat = pixels.reshape(-1, bands)
+        if bands == 1:
+            grey = np.bincount(flat[:, 0], minlength=256)
+            return cls(np.stack([grey] * 4), 1, source)
+        if bands != 3:
+            raise ValueError(f"expected 1 or 3 bands, got {bands}")
+        rows = [np.bincount(flat[:, i], minlength=256) for i in range(3)]
+        rows.append(np.bincount(luma_array(flat), minlength=256))
+        return cls(np.stack(rows), 3, source)
+
+    @classmethod
+    def pooled(cls, samples: Iterable["Sample"], source: str = "") -> "Sample":
+        """One sample from many, each weighted equally whatever its pixel count (a dataset palette)."""
+        samples = list(samples)
+        if not samples:
+            raise ValueError("no samples to pool")
+        scale = np.mean([s.n for s in samples])
+        hist = sum(s.hist / s.n for s in samples) * scale / len(samples)
+        bands = 3 if any(s.bands == 3 for s in samples) else 1
+        return cls(hist, bands, source or f"pooled from {len(samples)} images")
+
+    def is_flat(self) -> bool:
+        """True when every channel holds a single value."""
+        return bool(all(np.count_nonzero(row) <= 1 for row in self.hist))
+
+    def stats(self) -> dict[str, dict[str, float]]:
+        """Per-channel mean, standard deviation, min, 2nd/50th/98th percentile and max."""
+        from ._hist import percentile
+
+        out = {}
+        names = ["grey"] if self.bands == 1 else ["r", "g", "b", "y"]
+        values = np.arange(256, dtype=np.float64)
+        for name in names:
+            counts = self.hist[ROWS.get(name, 3)]
+            total = counts.sum()
+            mean = float((counts * values).sum() / total)
+            std = float(np.sqrt((counts * (values - mean) ** 2).sum() / total))
+            present = np.nonzero(counts)[0]
+            out[name] = {
+                "mean": round(mean, 3),
+                "std": round(std, 3),
+                "min": int(present[0]),
+                "p2": round(percentile(counts, 2), 3),
+                "median": round(percentile(counts, 50), 3),
+                "p98": round(percentile(counts, 98), 3),
+                "max": int(present[-1]),
+            }
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"bands": self.bands, "source": self.source, "hist": [[float(v) for v in row] for row in self.hist]}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Sample":
+        return cls(np.asarray(data["hist"], dtype=np.float64), int(data["bands"]), data.get("source", ""))
+
+
+@dataclass(frozen=True)
+class Params:
+    """Base of every method's fitted parameters: frozen, JSON-serializable, holding every fitted value."""
+
+    method: ClassVar[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, **_jsonable(dataclasses.asdict(self))}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Params":
+        data = {k: v for k, v in data.items() if k != "method"}
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = set(data) - set(fields)
+        if unknown:
+            raise ValueError(f"unknown {cls.method} parameters: {sorted(unknown)}")
+        return cls(**{k: _tupled(v) for k, v in data.items()})
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
+
+
+@dataclass(frozen=True)
+class LutParams(Params):
+    """Parameters of a method whose apply step is a lookup table (stretch, equalize, match)."""
+
+    space: str
+
+    @abstractmethod
+    def luts(self) -> np.ndarray:
+        """uint8 LUTs, shape (1, 256) or (3, 256)."""
+
+
+class Method(ABC):
+    """A normalization method: options in the constructor, ``fit`` then ``apply``."""
+
+    name: ClassVar[str]
+    params_type: ClassVar[type[Params]]
+
+    @abstractmethod
+    def fit(self, sample: Sample) -> Params:
+        """Fit on the statistics of the sampled pixels."""
+
+    @abstractmethod
+    def apply(self, image: pyvips.Image, params: Params) -> pyvips.Image:
+        """Return the lazily normalized image (uchar, same bands)."""
+
+    @abstractmethod
+    def apply_array(self, array: np.ndarray, params: Params) -> np.ndarray:
+        """The same transform on a uint8 numpy array (patches, augmentations, tests)."""
+
+
+class LutMethod(Method):
+    """A method whose apply step is :func:`apply_luts_image` of its params' LUTs."""
+
+    def apply(self, image: pyvips.Image, params: LutParams) -> pyvips.Image:
+        return apply_luts_image(image, params.luts(), params.space)
+
+    def apply_array(self, array: np.ndarray, params: LutParams) -> np.ndarray:
+        return apply_luts_array(array, params.luts(), params.space)
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _tupled(value):
+    if isinstance(value, list):
+        return tuple(_tupled(v) for v in value)
+    return value

@@ -1,0 +1,79 @@
+"""Histogram matching (specification) to a target palette."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import InvalidReferenceError
+from ._hist import extend_to_white
+from .base import LutMethod, LutParams, Sample
+
+__all__ = ["Match", "MatchParams", "match_lut"]
+
+
+def match_lut(source: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """LUT sending the source histogram onto the target one.
+
+    Each source value goes to the target value at the same quantile, interpolated linearly between the
+    target's occupied values (the rule of ``skimage.exposure.match_histograms``). Values outside the
+    source's occupied range are interpolated towards 0 and 255 (:func:`extend_to_white`), so glass that
+    the tissue sample never saw stays white.
+    """
+    source = np.asarray(source, dtype=np.float64)
+    target = np.asarray(target, dtype=np.float64)
+    if source.sum() <= 0 or target.sum() <= 0:
+        raise ValueError("empty histogram")
+    src_q = np.cumsum(source) / source.sum()
+    values = np.nonzero(target)[0]
+    tgt_q = np.cumsum(target[values]) / target.sum()
+    lut = np.interp(src_q, tgt_q, values.astype(np.float64))
+    lut = extend_to_white(lut, source)
+    return np.clip(np.floor(lut + 0.5), 0, 255).astype(np.uint8)
+
+
+@dataclass(frozen=True)
+class MatchParams(LutParams):
+    """Fitted matching: the LUT(s), and a description of the target they map onto."""
+
+    method = "match"
+    lut: tuple[tuple[int, ...], ...] = ()
+    target: str = ""
+
+    def luts(self) -> np.ndarray:
+        return np.asarray(self.lut, dtype=np.uint8)
+
+
+class Match(LutMethod):
+    """Histogram specification: map the image's histogram onto a target's.
+
+    Parameters
+    ----------
+    target : Sample
+        The target palette: the sample of a reference image, or one pooled over a dataset
+        (``vipsnorm fit``).
+    mode : {"rgb", "luminance"}
+        ``rgb`` (default) matches each channel, moving the colour palette onto the target's (as
+        ``match_histograms(..., channel_axis=-1)``); ``luminance`` matches luma only, keeping chroma.
+    """
+
+    name = "match"
+    params_type = MatchParams
+
+    def __init__(self, target: Sample, mode: str = "rgb"):
+        if mode not in ("rgb", "luminance"):
+            raise ValueError(f"match mode must be 'rgb' or 'luminance', not {mode!r}")
+        if target is None:
+            raise InvalidReferenceError(None, "match needs a reference (--reference IMAGE or JSON)")
+        self.target, self.mode = target, mode
+
+    def fit(self, sample: Sample) -> MatchParams:
+        rgb = self.mode == "rgb" and sample.bands == 3
+        if rgb and self.target.bands == 1:
+            raise InvalidReferenceError(None, "reference is grey; use --mode luminance for colour images")
+        rows = range(3) if rgb else [3]
+        luts = tuple(tuple(int(v) for v in match_lut(sample.hist[i], self.target.hist[i])) for i in rows)
+        return MatchParams(
+            space="rgb" if rgb else "luminance", lut=luts, target=self.target.source or "reference"
+        )
