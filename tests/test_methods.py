@@ -1,0 +1,286 @@
+"""The LUT methods at four levels: hand-computed cases, invariants, named references, pyvips == numpy."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import pyvips
+
+from vipsnorm.methods import (
+    METHODS,
+    Equalize,
+    EqualizeParams,
+    Match,
+    Sample,
+    Stretch,
+    StretchParams,
+    params_from_dict,
+)
+from vipsnorm.methods._hist import luma_array, luma_image, percentile
+from vipsnorm.methods.equalize import equalize_lut
+from vipsnorm.methods.match import match_lut
+from vipsnorm.methods.stretch import stretch_lut
+
+skimage = pytest.importorskip("skimage")
+cv2 = pytest.importorskip("cv2")
+from skimage import data, exposure  # noqa: E402
+
+RGB_IMAGES = {"astronaut": data.astronaut, "chelsea": data.chelsea, "ihc": data.immunohistochemistry}
+
+
+def _fit_apply(method, array):
+    params = method.fit(Sample.from_array(array))
+    return params, method.apply_array(array, params)
+
+
+# --- hand-computed cases -------------------------------------------------------------------------
+
+
+def test_equalize_lut_hand_computed():
+    counts = np.zeros(256)
+    counts[[10, 20, 30]] = [2, 1, 1]  # N = 4, cdf = 2, 3, 4, cdf_min = 2
+    lut = equalize_lut(counts)
+    assert lut[10] == 0
+    assert lut[20] == 128  # 255 * (3 - 2) / (4 - 2) = 127.5, rounded half up
+    assert lut[30] == 255
+    assert lut[5] == 0 and lut[200] == 255  # below / above the occupied range
+
+
+def test_stretch_lut_hand_computed():
+    lut = stretch_lut(50.0, 150.0)
+    assert lut[50] == 0 and lut[150] == 255
+    assert lut[100] == 128  # 127.5 rounded half up
+    assert lut[75] == 64  # 63.75
+    assert lut[0] == 0 and lut[255] == 255  # clipped, no overflow past 255
+
+
+def test_stretch_percentiles_hand_computed():
+    values = np.arange(101, dtype=np.uint8)  # 0..100
+    params = Stretch(low=10, high=90).fit(Sample.from_array(values.reshape(1, -1)))
+    assert params.lo == (10.0,) and params.hi == (90.0,)
+    params = Stretch(low=0, high=100).fit(Sample.from_array(values.reshape(1, -1)))  # min/max
+    assert params.lo == (0.0,) and params.hi == (100.0,)
+
+
+def test_match_lut_hand_computed():
+    source = np.zeros(256)
+    source[[0, 100]] = [1, 1]  # quantiles 0.5, 1.0
+    target = np.zeros(256)
+    target[[50, 150, 250]] = [1, 1, 2]  # quantiles 0.25, 0.5, 1.0
+    lut = match_lut(source, target)
+    assert lut[0] == 150  # quantile 0.5 -> 150
+    assert lut[100] == 250  # quantile 1.0 -> 250
+    assert lut[255] == 255  # above the source range: interpolated to white, glass stays white
+
+
+def test_luma_matches_opencv_fixed_point():
+    rng = np.random.default_rng(1)
+    rgb = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    y_cv = cv2.cvtColor(rgb, cv2.COLOR_RGB2YCrCb)[..., 0]
+    np.testing.assert_array_equal(luma_array(rgb), y_cv)
+    np.testing.assert_array_equal(luma_image(pyvips.Image.new_from_array(rgb)).numpy(), y_cv)
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 1000])
+@pytest.mark.parametrize("q", [0, 2, 33.3, 50, 98, 100])
+def test_percentile_from_histogram_equals_numpy(n, q):
+    values = np.random.default_rng(n).integers(0, 256, n)
+    assert percentile(np.bincount(values, minlength=256), q) == pytest.approx(np.percentile(values, q), abs=1e-9)
+
+
+# --- references ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", RGB_IMAGES)
+def test_stretch_joint_matches_skimage(name):
+    img = RGB_IMAGES[name]()
+    _, ours = _fit_apply(Stretch(2, 98), img)
+    lo, hi = np.percentile(img, (2, 98))
+    ref = exposure.rescale_intensity(img.astype(float), in_range=(lo, hi), out_range=(0, 255))
+    # skimage is float here; we round to uint8: at most half a level apart
+    assert np.abs(ours - ref).max() <= 0.5 + 1e-6
+
+
+@pytest.mark.parametrize("name", RGB_IMAGES)
+def test_stretch_rgb_matches_skimage_per_channel(name):
+    img = RGB_IMAGES[name]()
+    _, ours = _fit_apply(Stretch(1, 99, mode="rgb"), img)
+    for c in range(3):
+        lo, hi = np.percentile(img[..., c], (1, 99))
+        ref = exposure.rescale_intensity(img[..., c].astype(float), in_range=(lo, hi), out_range=(0, 255))
+        assert np.abs(ours[..., c] - ref).max() <= 0.5 + 1e-6
+
+
+@pytest.mark.parametrize("image", [data.moon, data.camera, lambda: data.astronaut()[..., 1]])
+def test_equalize_grey_matches_opencv_and_skimage(image):
+    img = image()
+    _, ours = _fit_apply(Equalize(), img)
+    # OpenCV equalizeHist uses the same definition; it rounds half to even, we round half up
+    ref_cv = cv2.equalizeHist(img)
+    diff = np.abs(ours.astype(int) - ref_cv)
+    assert diff.max() <= 1 and diff.mean() < 0.01
+    # skimage returns cdf(v) in (0, 1]; rescaled from [cdf_min, 1] to [0, 255] it is our LUT
+    sk = exposure.equalize_hist(img)
+    expected = (sk - sk.min()) / (1 - sk.min()) * 255
+    assert np.abs(ours - expected).max() <= 0.5 + 1e-6
+
+
+@pytest.mark.parametrize("name", RGB_IMAGES)
+def test_equalize_rgb_matches_skimage_per_channel(name):
+    img = RGB_IMAGES[name]()
+    _, ours = _fit_apply(Equalize(mode="rgb"), img)
+    for c in range(3):
+        sk = exposure.equalize_hist(img[..., c])
+        expected = (sk - sk.min()) / (1 - sk.min()) * 255
+        assert np.abs(ours[..., c] - expected).max() <= 0.5 + 1e-6
+
+
+@pytest.mark.parametrize("name", RGB_IMAGES)
+def test_equalize_luminance_matches_opencv_ycrcb_recipe(name):
+    """The common OpenCV recipe: equalize Y of YCrCb, convert back. Its Cr/Cb are rounded to uint8, we
+    keep them exact, so the results differ by at most one level."""
+    img = RGB_IMAGES[name]()
+    _, ours = _fit_apply(Equalize(), img)
+    ycc = cv2.cvtColor(img, cv2.COLOR_RGB2YCrCb)
+    ycc[..., 0] = cv2.equalizeHist(ycc[..., 0])
+    ref = cv2.cvtColor(ycc, cv2.COLOR_YCrCb2RGB)
+    diff = np.abs(ours.astype(int) - ref)
+    assert diff.max() <= 1
+    assert diff.mean() < 0.5
+
+
+@pytest.mark.parametrize("source,target", [("astronaut", "chelsea"), ("ihc", "astronaut")])
+def test_match_rgb_matches_skimage(source, target):
+    src, tgt = RGB_IMAGES[source](), RGB_IMAGES[target]()
+    method = Match(Sample.from_array(tgt))
+    _, ours = _fit_apply(method, src)
+    ref = exposure.match_histograms(src, tgt, channel_axis=-1)  # uint8 (truncated)
+    diff = np.abs(ours.astype(int) - ref)
+    assert diff.max() <= 1
+    # output CDF follows the target CDF (the property matching promises); below the 15th percentile
+    # astronaut's many identical black pixels form one value that no LUT can split
+    for c in range(3):
+        q = np.linspace(15, 95, 21)
+        assert np.abs(np.percentile(ours[..., c], q) - np.percentile(tgt[..., c], q)).max() <= 3
+
+
+# --- invariants ----------------------------------------------------------------------------------
+
+
+def test_luminance_mode_keeps_chroma():
+    img = data.immunohistochemistry()
+    _, ours = _fit_apply(Equalize(), img)
+    before = cv2.cvtColor(img, cv2.COLOR_RGB2YCrCb).astype(int)
+    after = cv2.cvtColor(ours, cv2.COLOR_RGB2YCrCb).astype(int)
+    unclipped = (ours > 0).all(axis=-1) & (ours < 255).all(axis=-1)
+    chroma_change = np.abs(after[..., 1:] - before[..., 1:])[unclipped]
+    assert chroma_change.max() <= 1  # Cr, Cb kept (up to rounding)
+    assert unclipped.mean() > 0.8  # equalizing IHC clips its darkest and brightest pixels
+
+
+def test_joint_stretch_keeps_channel_order():
+    img = data.astronaut()
+    _, ours = _fit_apply(Stretch(), img)
+    r, g = img[..., 0].astype(int), img[..., 1].astype(int)
+    r2, g2 = ours[..., 0].astype(int), ours[..., 1].astype(int)
+    assert not ((r > g) & (r2 < g2)).any()  # one monotonic map for all channels
+
+
+@pytest.mark.parametrize("method", [Stretch(), Stretch(mode="rgb"), Equalize(), Equalize(mode="rgb")])
+def test_luts_are_monotonic(method):
+    params = method.fit(Sample.from_array(data.immunohistochemistry()))
+    assert (np.diff(params.luts().astype(int), axis=1) >= 0).all()
+
+
+def test_equalized_histogram_is_flat():
+    ours = _fit_apply(Equalize(), data.moon())[1]
+    cdf = np.cumsum(np.bincount(ours.ravel(), minlength=256)) / ours.size
+    assert np.abs(cdf - np.linspace(0, 1, 256)).max() < 0.1  # near-uniform (moon has few grey levels)
+
+
+def test_match_to_itself_is_identity():
+    img = data.chelsea()
+    _, ours = _fit_apply(Match(Sample.from_array(img)), img)
+    assert np.abs(ours.astype(int) - img).max() <= 1
+
+
+@pytest.mark.parametrize("method", [Stretch(), Stretch(mode="rgb"), Equalize(), Equalize(mode="rgb")])
+def test_flat_image_is_identity_with_warning(method):
+    flat = np.full((8, 8, 3), 128, np.uint8)
+    with pytest.warns(RuntimeWarning, match="flat"):
+        params, ours = _fit_apply(method, flat)
+    np.testing.assert_array_equal(ours, flat)
+    assert np.isfinite(np.asarray(params.luts(), float)).all()
+
+
+def test_stretch_one_flat_channel_only_that_channel_kept():
+    img = data.astronaut().copy()
+    img[..., 2] = 77
+    with pytest.warns(RuntimeWarning, match=r"channel\(s\) \[2\]"):
+        _, ours = _fit_apply(Stretch(mode="rgb"), img)
+    assert (ours[..., 2] == 77).all()
+    assert ours[..., 0].min() == 0 and ours[..., 0].max() == 255
+
+
+# --- code paths and serialization ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "method",
+    [Stretch(), Stretch(mode="rgb"), Equalize(), Equalize(mode="rgb")],
+    ids=["stretch", "stretch-rgb", "equalize", "equalize-rgb"],
+)
+@pytest.mark.parametrize("name", ["astronaut", "ihc", "grey"])
+def test_pyvips_path_equals_numpy_path(method, name):
+    img = data.camera() if name == "grey" else RGB_IMAGES[name]()
+    params = method.fit(Sample.from_array(img))
+    lazy = method.apply(pyvips.Image.new_from_array(img), params)
+    assert lazy.format == "uchar"
+    np.testing.assert_array_equal(lazy.numpy(), method.apply_array(img, params))
+
+
+@pytest.mark.parametrize("mode", ["rgb", "luminance"])
+def test_match_pyvips_path_equals_numpy_path(mode):
+    img = data.astronaut()
+    method = Match(Sample.from_array(data.immunohistochemistry()), mode=mode)
+    params = method.fit(Sample.from_array(img))
+    np.testing.assert_array_equal(
+        method.apply(pyvips.Image.new_from_array(img), params).numpy(), method.apply_array(img, params)
+    )
+
+
+@pytest.mark.parametrize(
+    "method",
+    [Stretch(5, 95), Equalize(mode="rgb"), Match(Sample.from_array(data.chelsea()), mode="luminance")],
+)
+def test_params_json_round_trip(method):
+    params = method.fit(Sample.from_array(data.astronaut()))
+    again = params_from_dict(json.loads(json.dumps(params.to_dict())))
+    assert again == params and type(again) is type(params)
+    np.testing.assert_array_equal(again.luts(), params.luts())
+
+
+def test_params_are_frozen():
+    params = Stretch().fit(Sample.from_array(data.astronaut()))
+    with pytest.raises(Exception):
+        params.lo = (0.0,)  # type: ignore[misc]
+
+
+def test_method_table_is_explicit():
+    assert METHODS == {"stretch": Stretch, "equalize": Equalize, "match": Match}
+    assert StretchParams.method == "stretch" and EqualizeParams.method == "equalize"
+
+
+def test_pooled_sample_weights_images_equally():
+    small = Sample.from_array(np.zeros((1, 10), np.uint8))
+    large = Sample.from_array(np.full((100, 100), 200, np.uint8))
+    pooled = Sample.pooled([small, large])
+    assert pooled.hist[3][0] == pytest.approx(pooled.hist[3][200])
+
+
+@pytest.mark.parametrize("bad", [dict(low=50, high=50), dict(low=-1), dict(high=101), dict(mode="hsv")])
+def test_stretch_rejects_bad_options(bad):
+    with pytest.raises(ValueError):
+        Stretch(**bad)
