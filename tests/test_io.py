@@ -1,0 +1,209 @@
+"""Reading (both backends, pixel conversions, pixel size) and writing (pyramids, atomic outputs)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import pyvips
+
+import vipsnorm
+from vipsnorm.io.slide import OpenSlideSlide, VipsSlide
+from vipsnorm.io.write import PART_MARKER, write_image, write_pyramid
+
+openslide = pytest.importorskip("openslide")
+tifffile = pytest.importorskip("tifffile")
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"shared test data not found at {DATA}")
+
+
+@needs_data
+def test_aperio_svs_with_jpeg_tiles_reads_through_libvips():
+    slide = vipsnorm.open(DATA / "slides" / "CMU-1-Small-Region.svs")
+    assert isinstance(slide, VipsSlide) and slide.backend == "libvips"
+    assert slide.vendor == "aperio" and slide.is_slide
+    assert slide.dimensions == (2220, 2967) and len(slide.levels) == 1
+    assert slide.mpp == (0.499, 0.499)
+    assert set(slide.associated) == {"label", "macro", "thumbnail"}  # listed, not processed
+    image = slide.level_image(0)
+    assert (image.width, image.height, image.bands, image.format) == (2220, 2967, 3, "uchar")
+    # same pixels as OpenSlide decodes
+    region = np.asarray(openslide.OpenSlide(str(slide.path)).read_region((1000, 1200), 0, (64, 48)))[..., :3]
+    np.testing.assert_array_equal(slide.read_region(0, 1000, 1200, 64, 48), region)
+
+
+@needs_data
+def test_generic_pyramidal_tiff_levels_and_pixel_size_from_resolution_tags():
+    slide = vipsnorm.open(DATA / "slides" / "boxes.tiff")
+    assert slide.backend == "libvips" and slide.vendor == "generic-tiff"
+    assert [(lvl.width, lvl.height) for lvl in slide.levels] == [(300, 250), (150, 125), (75, 62), (37, 31)]
+    osr = openslide.OpenSlide(str(slide.path))
+    assert slide.mpp == pytest.approx((float(osr.properties["openslide.mpp-x"]),) * 2)
+    for level in range(4):
+        w, h = slide.levels[level].width, slide.levels[level].height
+        expected = np.asarray(osr.read_region((0, 0), level, (w, h)))[..., :3]
+        np.testing.assert_array_equal(slide.level_image(level).numpy(), expected)
+
+
+@needs_data
+def test_dicom_reads_through_openslide_streaming():
+    slide = vipsnorm.open(DATA / "slides" / "boxes_0.dcm")
+    assert isinstance(slide, OpenSlideSlide) and slide.vendor == "dicom"
+    expected = np.asarray(openslide.OpenSlide(str(slide.path)).read_region((0, 0), 0, slide.dimensions))[..., :3]
+    np.testing.assert_array_equal(slide.level_image(0).numpy(), expected)
+
+
+def test_openslide_backend_streams_a_level_through_the_virtual_tiff(tmp_path):
+    """A multi-tile level read by OpenSlide equals what libvips reads of the same TIFF, at every level."""
+    from vipsnorm.synth import write_synthetic_slide
+
+    path = write_synthetic_slide(tmp_path / "s.tif", 1500, 1100, compression="deflate", tile=256)
+    osr = openslide.OpenSlide(str(path))
+    forced = OpenSlideSlide(path, osr)
+    native = vipsnorm.open(path)
+    assert len(forced.levels) == len(native.levels) > 1
+    for level in range(len(forced.levels)):
+        np.testing.assert_array_equal(forced.level_image(level).numpy(), native.level_image(level).numpy())
+    # random access works too (not a sequential stream)
+    np.testing.assert_array_equal(forced.read_region(0, 700, 600, 300, 200), native.read_region(0, 700, 600, 300, 200))
+
+
+def test_jpeg2000_svs_falls_back_to_openslide(tmp_path):
+    """libvips opens a JPEG 2000 SVS header but cannot decode its tiles: the probe must notice."""
+    imagecodecs = pytest.importorskip("imagecodecs")
+    h, w, t = 512, 768, 256
+    yy, xx = np.mgrid[0:h, 0:w]
+    pixels = np.stack([xx % 256, yy % 256, (xx + yy) % 256], -1).astype(np.uint8)
+    tiles = [
+        imagecodecs.jpeg2k_encode(
+            np.ascontiguousarray(pixels[y : y + t, x : x + t]), level=0, codecformat=imagecodecs.JPEG2K.CODEC.J2K
+        )
+        for y in range(0, h, t)
+        for x in range(0, w, t)
+    ]
+    path = tmp_path / "j2k.svs"
+    description = "Aperio Image Library v12.0.0\r\n768x512 [0,0 768x512] (256x256) J2K/KDU Q=70|AppMag = 20|MPP = 0.5"
+    tifffile.imwrite(
+        path, data=iter(tiles), shape=(h, w, 3), dtype="uint8", tile=(t, t), compression=33005,
+        photometric="rgb", description=description, metadata=None,
+    )
+    header = pyvips.Image.new_from_file(str(path))
+    with pytest.raises(pyvips.Error):
+        header.avg()  # the trap: header fine, pixels fail
+    slide = vipsnorm.open(path)
+    assert slide.backend == "openslide" and slide.vendor == "aperio" and slide.mpp == (0.5, 0.5)
+    np.testing.assert_array_equal(slide.level_image(0).numpy(), pixels)  # lossless J2K
+
+
+@needs_data
+@pytest.mark.parametrize(
+    "name,bands",
+    [("images/rgba.png", 3), ("images/1bit.tif", 1), ("images/multi-channel-z-series.ome.tif", 1), ("images/sample.jpg", 3)],
+)
+def test_pixels_become_uchar_grey_or_rgb(name, bands):
+    image = vipsnorm.open(DATA / name).level_image(0)
+    assert image.format == "uchar" and image.bands == bands
+
+
+@needs_data
+def test_alpha_is_flattened_on_white():
+    raw = pyvips.Image.new_from_file(str(DATA / "images" / "rgba.png")).numpy()
+    out = vipsnorm.open(DATA / "images" / "rgba.png").level_image(0).numpy()
+    transparent = raw[..., 3] == 0
+    assert transparent.any()
+    assert (out[transparent] == 255).all()
+    opaque = raw[..., 3] == 255
+    np.testing.assert_array_equal(out[opaque], raw[..., :3][opaque])
+
+
+@needs_data
+def test_signed_8bit_is_shifted_not_clipped():
+    raw = pyvips.Image.new_from_file(str(DATA / "images" / "multi-channel-z-series.ome.tif")).numpy().astype(int)
+    out = vipsnorm.open(DATA / "images" / "multi-channel-z-series.ome.tif").level_image(0).numpy().astype(int)
+    np.testing.assert_array_equal(out, raw + 128)
+
+
+def test_16bit_is_scaled_over_the_full_range(tmp_path):
+    values = np.array([[0, 257, 32896, 65535, 1000]], dtype=np.uint16)
+    path = tmp_path / "u16.png"
+    pyvips.Image.new_from_array(values).copy(interpretation="grey16").pngsave(str(path))
+    out = vipsnorm.open(path).level_image(0).numpy()
+    np.testing.assert_array_equal(out, [[0, 1, 128, 255, 4]])  # round(v / 257)
+
+
+def test_cmyk_and_palette_become_rgb(tmp_path):
+    rgb = pyvips.Image.new_from_array(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    rgb = rgb.copy(interpretation="srgb")
+    rgb.colourspace("cmyk").jpegsave(str(tmp_path / "cmyk.jpg"))
+    rgb.pngsave(str(tmp_path / "palette.png"), palette=True)
+    for name in ("cmyk.jpg", "palette.png"):
+        image = vipsnorm.open(tmp_path / name).level_image(0)
+        assert image.bands == 3 and image.format == "uchar"
+        assert np.abs(image.numpy().astype(int) - rgb.numpy()).mean() < 40  # same picture, roughly
+
+
+def test_float_pixels_are_refused_clearly(tmp_path):
+    path = tmp_path / "f.tif"
+    pyvips.Image.new_from_array(np.ones((4, 4), np.float32)).tiffsave(str(path))
+    with pytest.raises(vipsnorm.UnsupportedImageError, match=r"f\.tif: float pixels"):
+        vipsnorm.open(path).level_image(0)
+
+
+def test_jpeg_resolution_is_not_a_pixel_size(tmp_path):
+    path = tmp_path / "a.jpg"
+    pyvips.Image.black(8, 8).jpegsave(str(path))
+    assert vipsnorm.open(path).mpp is None
+
+
+def test_written_pyramid_opens_in_openslide_and_tifffile_with_pixel_size(tmp_path):
+    image = pyvips.Image.new_from_array(np.random.default_rng(0).integers(0, 256, (1500, 2100, 3), dtype=np.uint8))
+    out = write_pyramid(image.copy(interpretation="srgb"), tmp_path / "p.tif", mpp=(0.25, 0.26))
+    osr = openslide.OpenSlide(str(out))
+    assert osr.properties["openslide.vendor"] == "generic-tiff"
+    assert float(osr.properties["openslide.mpp-x"]) == pytest.approx(0.25, rel=1e-4)
+    assert float(osr.properties["openslide.mpp-y"]) == pytest.approx(0.26, rel=1e-4)
+    assert osr.level_count >= 3
+    with tifffile.TiffFile(out) as tif:
+        levels = tif.series[0].levels
+        assert len(levels) == osr.level_count
+        assert levels[0].shape == (1500, 2100, 3)
+        assert tif.pages[0].tilewidth == 256 and tif.is_bigtiff
+    assert not list(tmp_path.glob(f"*{PART_MARKER}*"))
+
+
+def test_pyramid_without_pixel_size_claims_none(tmp_path):
+    image = pyvips.Image.new_from_array(np.zeros((600, 600, 3), np.uint8)).copy(interpretation="srgb")
+    out = write_pyramid(image, tmp_path / "p.tif", mpp=None, compression="deflate")
+    assert "openslide.mpp-x" not in openslide.OpenSlide(str(out)).properties
+    assert vipsnorm.open(out).mpp is None
+
+
+@needs_data
+def test_vendor_description_is_not_copied(tmp_path):
+    slide = vipsnorm.open(DATA / "slides" / "CMU-1-Small-Region.svs")
+    out = write_pyramid(slide.level_image(0), tmp_path / "c.tif", mpp=slide.mpp)
+    osr = openslide.OpenSlide(str(out))
+    assert osr.properties["openslide.vendor"] == "generic-tiff"  # an Aperio description would say aperio
+    assert float(osr.properties["openslide.mpp-x"]) == pytest.approx(0.499, rel=1e-4)
+
+
+def test_lossless_pyramid_round_trips(tmp_path):
+    pixels = np.random.default_rng(2).integers(0, 256, (700, 900, 3), dtype=np.uint8)
+    for compression in ("deflate", "lzw"):
+        out = write_pyramid(pyvips.Image.new_from_array(pixels).copy(interpretation="srgb"), tmp_path / f"{compression}.tif", compression=compression)
+        np.testing.assert_array_equal(pyvips.Image.new_from_file(str(out)).numpy(), pixels)
+
+
+def test_failed_write_leaves_nothing(tmp_path):
+    # a pipeline that fails while pixels are computed, mid-write
+    truncated = tmp_path / "t.jpg"
+    pyvips.Image.black(2000, 2000, bands=3).jpegsave(str(truncated))
+    truncated.write_bytes(truncated.read_bytes()[:3000])
+    image = pyvips.Image.new_from_file(str(truncated), fail_on="error")
+    with pytest.raises(pyvips.Error):
+        write_pyramid(image, tmp_path / "out.tif")
+    with pytest.raises(pyvips.Error):
+        write_image(image, tmp_path / "out.png")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.jpg"]
