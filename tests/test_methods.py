@@ -284,3 +284,23 @@ def test_pooled_sample_weights_images_equally():
 def test_stretch_rejects_bad_options(bad):
     with pytest.raises(ValueError):
         Stretch(**bad)
+
+
+def test_match_sends_source_glass_to_target_glass_monotonically():
+    from vipsnorm.methods.match import anchor_glass
+
+    rng = np.random.default_rng(3)
+    src = rng.integers(60, 255, (64, 64, 3), dtype=np.uint8)  # pale tissue reaching glass values
+    tgt = rng.integers(40, 200, (64, 64, 3), dtype=np.uint8)  # a darker palette
+    glass_src, glass_tgt = (240.0, 236.0, 250.0, 240.0), (235.0, 230.0, 232.0, 232.0)
+    source = Sample(Sample.from_array(src).hist, 3, "src", glass_src)
+    target = Sample(Sample.from_array(tgt).hist, 3, "tgt", glass_tgt)
+    luts = Match(target).fit(source).luts().astype(int)
+    for c in range(3):
+        assert abs(luts[c][int(glass_src[c])] - glass_tgt[c]) <= 1
+        assert (np.diff(luts[c]) >= 0).all()
+        assert luts[c][255] == 255
+    # without a target glass, the source glass is kept where it is
+    kept = Match(Sample.from_array(tgt)).fit(source).luts().astype(int)
+    assert abs(kept[2][250] - 250) <= 1
+    np.testing.assert_allclose(anchor_glass(np.arange(256.0), 200, 200)[200:], np.arange(200, 256))

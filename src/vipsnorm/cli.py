@@ -60,7 +60,7 @@ def _add_fit_options(p: argparse.ArgumentParser) -> None:
         help="slides: fit on random full-resolution tissue tiles (default), the low-resolution level, "
         "or every tissue pixel (exact, one extra full pass). Ordinary images always use every pixel.",
     )
-    g.add_argument("--tiles", type=int, default=64, help="number of tiles sampled (default: %(default)s)")
+    g.add_argument("--tiles", type=int, default=512, help="number of tiles sampled (default: %(default)s)")
     g.add_argument("--seed", type=int, default=0, help="which tiles are sampled (default: %(default)s)")
     g.add_argument(
         "--no-tissue-mask", action="store_true", help="fit slides on all pixels, glass included (not recommended)"
@@ -187,12 +187,8 @@ def _normalize(args) -> int:
     failed = 0
     written: dict[Path, Path] = {}
     for path in args.inputs:
-        result = normalize_file(path, args.output, method, params=params, options=options)
+        result = normalize_file(path, args.output, method, params=params, options=options, claimed=written)
         if result.output is not None:
-            previous = written.get(result.output)
-            if previous is not None:
-                result.status = "error"
-                result.error = f"{path}: output name {result.output.name} already used by {previous} in this run; it was overwritten"
             written[result.output] = Path(path)
         failed += result.status != "ok"
         _report(result, args.json)

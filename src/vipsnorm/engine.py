@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,7 +34,7 @@ class Options:
     """How to sample, fit and write. Defaults are what the command line uses."""
 
     strategy: str = "tiles"
-    n_tiles: int = 64
+    n_tiles: int = 512
     seed: int = 0
     tissue: bool | None = None
     compression: str = "jpeg"
@@ -89,7 +90,10 @@ def load_reference(path: str | os.PathLike[str], options: Options = Options()) -
         return load_reference_json(path)
     with open_slide(path, max_pixels=options.max_pixels) as slide:
         sample = sample_slide(slide, strategy=options.strategy, n_tiles=options.n_tiles, seed=options.seed)
-    return Reference(target=Sample(sample.hist, sample.bands, f"{path.name}: {sample.source}"), inputs=(str(path),))
+    return Reference(
+        target=Sample(sample.hist, sample.bands, f"{path.name}: {sample.source}", sample.background),
+        inputs=(str(path),),
+    )
 
 
 def output_path(slide: Slide, out_dir: Path, fmt: str) -> Path:
@@ -132,6 +136,7 @@ def normalize_file(
     *,
     params: Params | None = None,
     options: Options = Options(),
+    claimed: Collection[Path] = (),
 ) -> Result:
     """Normalize one input into ``out_dir``; errors are returned in the result, never half-written files.
 
@@ -139,6 +144,9 @@ def normalize_file(
     ----------
     params : Params, optional
         Fixed parameters (a dataset-level fit) instead of fitting on this input.
+    claimed : collection of Path
+        Outputs already written by other inputs of the same run (``a/x.svs`` and ``b/x.svs`` would
+        both become ``x.tif``): refused rather than overwritten.
     """
     start = time.perf_counter()
     result = Result(input=Path(path))
@@ -147,6 +155,10 @@ def normalize_file(
             result.slide = slide.describe()
             out = output_path(slide, Path(out_dir), options.format)
             _check_output(slide.path, out, options)
+            if out in claimed:
+                raise OutputError(
+                    path, f"output name {out.name} is already used by another input of this run; rename one of them"
+                )
             if params is None:
                 params = fit_slide(slide, method, options)
             elif params.method != method.name:

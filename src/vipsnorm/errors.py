@@ -22,8 +22,8 @@ def one_line(message: str) -> str:
     parts = [p.strip().rstrip(";").strip() for p in str(message).splitlines()]
     seen: list[str] = []
     for p in parts:
-        # pyvips prefixes "unable to call <operation>": noise for the user.
-        if p and not p.startswith("unable to call") and p not in seen:
+        # pyvips prefixes "unable to call <operation>" / "unable to load from file b'...'": noise.
+        if p and not p.startswith(("unable to call", "unable to load from file")) and p not in seen:
             seen.append(p)
     return "; ".join(seen) or str(message).strip()
 

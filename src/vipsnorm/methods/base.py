@@ -37,17 +37,23 @@ class Sample:
         1 for grey sources, 3 for colour.
     source : str
         How the pixels were gathered (for reports).
+    background : tuple of 4 floats, optional
+        Median R, G, B, Y of the glass around the tissue (slides); ``None`` for images without glass.
+        Matching maps the source's glass onto the target's, so glass stays glass.
     """
 
     hist: np.ndarray
     bands: int = 3
     source: str = ""
+    background: tuple[float, float, float, float] | None = None
 
     def __post_init__(self):
         hist = np.asarray(self.hist, dtype=np.float64)
         if hist.shape != (4, 256):
             raise ValueError(f"Sample.hist must have shape (4, 256), not {hist.shape}")
         object.__setattr__(self, "hist", hist)
+        if self.background is not None:
+            object.__setattr__(self, "background", tuple(float(v) for v in self.background))
 
     @property
     def n(self) -> float:
@@ -82,7 +88,9 @@ class Sample:
         scale = np.mean([s.n for s in samples])
         hist = sum(s.hist / s.n for s in samples) * scale / len(samples)
         bands = 3 if any(s.bands == 3 for s in samples) else 1
-        return cls(hist, bands, source or f"pooled from {len(samples)} images")
+        backgrounds = [s.background for s in samples if s.background is not None]
+        background = tuple(np.median(backgrounds, axis=0)) if backgrounds else None
+        return cls(hist, bands, source or f"pooled from {len(samples)} images", background)
 
     def is_flat(self) -> bool:
         """True when every channel holds a single value."""
@@ -113,11 +121,22 @@ class Sample:
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        return {"bands": self.bands, "source": self.source, "hist": [[float(v) for v in row] for row in self.hist]}
+        return {
+            "bands": self.bands,
+            "source": self.source,
+            "background": None if self.background is None else list(self.background),
+            "hist": [[float(v) for v in row] for row in self.hist],
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Sample":
-        return cls(np.asarray(data["hist"], dtype=np.float64), int(data["bands"]), data.get("source", ""))
+        background = data.get("background")
+        return cls(
+            np.asarray(data["hist"], dtype=np.float64),
+            int(data["bands"]),
+            data.get("source", ""),
+            None if background is None else tuple(background),
+        )
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from ..errors import InvalidReferenceError
 from ._hist import extend_to_white
 from .base import LutMethod, LutParams, Sample
 
-__all__ = ["Match", "MatchParams", "match_lut"]
+__all__ = ["Match", "MatchParams", "match_lut", "anchor_glass"]
 
 
 def match_lut(source: np.ndarray, target: np.ndarray) -> np.ndarray:
@@ -31,6 +31,24 @@ def match_lut(source: np.ndarray, target: np.ndarray) -> np.ndarray:
     lut = np.interp(src_q, tgt_q, values.astype(np.float64))
     lut = extend_to_white(lut, source)
     return np.clip(np.floor(lut + 0.5), 0, 255).astype(np.uint8)
+
+
+def anchor_glass(lut: np.ndarray, glass_in: float, glass_out: float, width: int = 16) -> np.ndarray:
+    """Make ``lut`` send the glass level ``glass_in`` to ``glass_out``, keeping it monotonic.
+
+    Pale tissue shares channel values with glass, so a CDF mapping fitted on tissue alone can darken or
+    tint the glass (a blue-tinted source matched to a pink target). Above ``glass_in`` the LUT becomes
+    the line to (255, 255); below it is capped at ``glass_out`` and blended towards it over ``width``
+    levels, so there is no jump.
+    """
+    v = np.arange(256, dtype=np.float64)
+    g_in, g_out = float(np.clip(glass_in, 1, 254)), float(np.clip(glass_out, 1, 254))
+    capped = np.minimum(np.asarray(lut, dtype=np.float64), g_out)
+    blend = np.clip((v - (g_in - width)) / width, 0.0, 1.0)
+    out = capped * (1 - blend) + g_out * blend
+    above = v >= g_in
+    out[above] = np.interp(v[above], [g_in, 255.0], [g_out, 255.0])
+    return out
 
 
 @dataclass(frozen=True)
@@ -73,7 +91,15 @@ class Match(LutMethod):
         if rgb and self.target.bands == 1:
             raise InvalidReferenceError(None, "reference is grey; use --mode luminance for colour images")
         rows = range(3) if rgb else [3]
-        luts = tuple(tuple(int(v) for v in match_lut(sample.hist[i], self.target.hist[i])) for i in rows)
+        luts = []
+        for i in rows:
+            lut = match_lut(sample.hist[i], self.target.hist[i]).astype(np.float64)
+            if sample.background is not None:
+                # glass goes to the target's glass, or stays as it is if the target has none
+                glass_out = sample.background[i] if self.target.background is None else self.target.background[i]
+                lut = anchor_glass(lut, sample.background[i], glass_out)
+            luts.append(tuple(int(v) for v in np.clip(np.floor(lut + 0.5), 0, 255)))
+        luts = tuple(luts)
         return MatchParams(
             space="rgb" if rgb else "luminance", lut=luts, target=self.target.source or "reference"
         )

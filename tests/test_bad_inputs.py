@@ -1,0 +1,374 @@
+"""Bad inputs: one clear error line each, non-zero exit, no output or partial file, inputs untouched.
+
+Every case runs through ``vipsnorm normalize GOOD BAD GOOD2`` so that a bad file can neither stop the
+batch nor leave anything behind, and through the API, which must raise the right exception subclass.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import pyvips
+
+import vipsnorm
+from vipsnorm.cli import main
+from vipsnorm.engine import Options, build_method, fit_slide, normalize_file
+from vipsnorm.errors import (
+    FlatImageError,
+    ImageTooLargeError,
+    NoTissueError,
+    UnreadableImageError,
+    VipsnormError,
+)
+from vipsnorm.io.write import PART_MARKER, atomic_path, write_image, write_pyramid
+
+# --------------------------------------------------------------------------------------------------
+# helpers
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def huge_png(width: int = 1_000_000, height: int = 1_000_000) -> bytes:
+    """A valid PNG header claiming ``width`` x ``height`` RGB pixels, with a tiny IDAT."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", ihdr)
+        + _png_chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+        + _png_chunk(b"IEND", b"")
+    )
+
+
+def fingerprint(path: Path):
+    """Content and mtime of a file (or a folder's listing): equal before and after = not modified."""
+    if not path.exists():
+        return None
+    st = path.stat()
+    if path.is_dir():
+        return ("dir", st.st_mtime_ns, sorted(os.listdir(path)))
+    return (hashlib.sha256(path.read_bytes()).hexdigest(), st.st_size, st.st_mtime_ns)
+
+
+def part_files(folder: Path) -> list[str]:
+    """Temporary outputs (``.NAME.vipsnorm-part-XXXX.EXT``) anywhere below ``folder``, dotfiles included."""
+    found = []
+    for root, dirs, files in os.walk(folder):
+        found += [os.path.join(root, n) for n in files + dirs if PART_MARKER in n]
+    return found
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("error")]
+
+
+def read_fully(path: Path) -> np.ndarray:
+    return pyvips.Image.new_from_file(str(path), fail_on="error").numpy()
+
+
+# --------------------------------------------------------------------------------------------------
+# inputs
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> Path:
+    """Two good ordinary images and every generated bad input, in one folder."""
+    from vipsnorm.synth import synthetic_slide
+
+    d = tmp_path_factory.mktemp("inputs")
+    synthetic_slide(384, 256, seed=3, tissue=0.7).jpegsave(str(d / "good1.jpg"), Q=90)
+    synthetic_slide(320, 240, seed=4, lab="dark-pink", tissue=0.7).pngsave(str(d / "good2.png"))
+
+    (d / "empty.svs").write_bytes(b"")
+    (d / "random.svs").write_bytes(np.random.default_rng(1).integers(0, 256, 6000, dtype=np.uint8).tobytes())
+    (d / "text.jpg").write_text("this is not a JPEG, just some text\n")
+    (d / "folder.tif").mkdir()
+    (d / "huge.png").write_bytes(huge_png())
+    pyvips.Image.black(64, 48, bands=3).new_from_image([128, 128, 128]).cast("uchar").pngsave(str(d / "flat.png"))
+    # A JPEG cut short: libvips opens the header and, unless told to fail, fills the rest with grey.
+    big = synthetic_slide(1024, 1024, seed=5, tissue=0.7).jpegsave_buffer(Q=90)
+    (d / "truncated-generated.jpg").write_bytes(big[: len(big) * 6 // 10])
+    return d
+
+
+@dataclass(frozen=True)
+class Case:
+    where: str  # "shared" (../shared/data/bad), "gen" (inputs folder), "glass", "missing"
+    name: str
+    keywords: tuple[str, ...]  # one of these (lower case) names the cause
+    api_error: type[VipsnormError] | None  # what vipsnorm.open raises (None: opens, fails later)
+
+
+CASES = {
+    "truncated.jpg": Case("shared", "truncated.jpg", ("premature end", "truncated"), UnreadableImageError),
+    "unopenable.tiff": Case("shared", "unopenable.tiff", ("cannot open", "not an image"), UnreadableImageError),
+    "unreadable.svs": Case("shared", "unreadable.svs", ("cannot decode",), UnreadableImageError),
+    "truncated-generated.jpg": Case("gen", "truncated-generated.jpg", ("premature end", "truncated"), UnreadableImageError),
+    "empty": Case("gen", "empty.svs", ("empty",), UnreadableImageError),
+    "random-bytes.svs": Case("gen", "random.svs", ("not an image",), UnreadableImageError),
+    "text.jpg": Case("gen", "text.jpg", ("not an image",), UnreadableImageError),
+    "directory": Case("gen", "folder.tif", ("directory",), UnreadableImageError),
+    "missing": Case("missing", "does-not-exist.png", ("no such file",), UnreadableImageError),
+    "huge.png": Case("gen", "huge.png", ("above the limit",), ImageTooLargeError),
+    "flat.png": Case("gen", "flat.png", ("flat",), None),
+    "glass-slide": Case("glass", "glass.tif", ("no tissue",), None),
+}
+
+
+def bad_path(case: Case, inputs: Path, request) -> Path:
+    if case.where == "shared":
+        return request.getfixturevalue("shared_data") / "bad" / case.name
+    if case.where == "glass":
+        return request.getfixturevalue("glass_slide")
+    return inputs / case.name
+
+
+# --------------------------------------------------------------------------------------------------
+# through the command line
+
+
+@pytest.mark.parametrize("method", ["stretch", "equalize"])
+@pytest.mark.parametrize("case_id", list(CASES))
+def test_cli_bad_input_between_good_ones(case_id, method, inputs, request, tmp_path, capsys):
+    case = CASES[case_id]
+    bad = bad_path(case, inputs, request)
+    good1, good2 = inputs / "good1.jpg", inputs / "good2.png"
+    watched = [good1, bad, good2]
+    before = [fingerprint(p) for p in watched]
+    out = tmp_path / "out"
+
+    rc = main(["normalize", str(good1), str(bad), str(good2), "-o", str(out), "--method", method])
+    captured = capsys.readouterr()
+
+    assert rc != 0
+    errors = error_lines(captured.err)
+    assert len(errors) == 1, captured.err
+    assert str(bad) in errors[0], errors[0]
+    assert any(k in errors[0].lower() for k in case.keywords), errors[0]
+    assert "\n" not in errors[0]
+    assert "2 of 3 inputs normalized, 1 failed" in captured.err
+
+    # no output for the bad input, no partial file, both good outputs complete and readable
+    assert sorted(os.listdir(out)) == ["good1.jpg", "good2.png"]
+    assert part_files(out) == []
+    assert read_fully(out / "good1.jpg").shape == (256, 384, 3)
+    assert read_fully(out / "good2.png").shape == (240, 320, 3)
+    # inputs never modified
+    assert [fingerprint(p) for p in watched] == before
+
+
+def test_cli_json_reports_bad_input(inputs, tmp_path, capsys):
+    bad = inputs / "text.jpg"
+    rc = main(["normalize", str(inputs / "good1.jpg"), str(bad), "-o", str(tmp_path), "--method", "stretch", "--json"])
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert rc == 1
+    assert [r["status"] for r in records] == ["ok", "error"]
+    assert records[1]["input"] == str(bad) and records[1]["output"] is None and records[1]["params"] is None
+    assert str(bad) in records[1]["error"] and "not an image" in records[1]["error"]
+    assert os.listdir(tmp_path) == ["good1.jpg"]
+
+
+def test_cli_max_pixels_option(inputs, tmp_path, capsys):
+    good = inputs / "good1.jpg"  # 384 x 256 = 98,304 pixels
+    rc = main(["normalize", str(good), "-o", str(tmp_path / "out"), "--method", "stretch", "--max-pixels", "50000"])
+    err = capsys.readouterr().err
+    assert rc == 1
+    (line,) = error_lines(err)
+    assert str(good) in line and "above the limit" in line and "50,000" in line and "--max-pixels" in line
+    assert os.listdir(tmp_path / "out") == []
+
+
+def test_cli_fit_skips_bad_inputs(inputs, tmp_path, capsys):
+    ref = tmp_path / "ref.json"
+    bad = inputs / "flat.png"
+    rc = main(["fit", str(inputs / "good1.jpg"), str(bad), str(inputs / "good2.png"), "-o", str(ref)])
+    err = capsys.readouterr().err
+    assert rc == 1
+    (line,) = error_lines(err)
+    assert str(bad) in line and "flat" in line
+    data = json.loads(ref.read_text())
+    assert data["kind"] == "target" and data["inputs"] == [str(inputs / "good1.jpg"), str(inputs / "good2.png")]
+    assert part_files(tmp_path) == []
+
+
+# --------------------------------------------------------------------------------------------------
+# never overwrite an input
+
+
+@pytest.mark.parametrize("kind", ["image", "slide"])
+def test_output_folder_is_input_folder(kind, tmp_path, capsys):
+    from vipsnorm.synth import synthetic_slide, write_synthetic_slide
+
+    if kind == "image":
+        src = tmp_path / "photo.jpg"
+        synthetic_slide(256, 192, seed=6, tissue=0.7).jpegsave(str(src))
+    else:
+        src = write_synthetic_slide(tmp_path / "slide.tif", 1024, 768, seed=6, tissue=0.6)
+    before = fingerprint(src)
+
+    rc = main(["normalize", str(src), "-o", str(tmp_path), "--method", "stretch"])
+    err = capsys.readouterr().err
+    assert rc != 0
+    (line,) = error_lines(err)
+    assert str(src) in line and "overwrite the input" in line
+    assert fingerprint(src) == before
+    assert os.listdir(tmp_path) == [src.name]
+
+    result = normalize_file(src, tmp_path, build_method("equalize"))
+    assert result.status == "error" and result.output is None and "overwrite" in result.error
+    assert fingerprint(src) == before
+
+
+# --------------------------------------------------------------------------------------------------
+# through the API
+
+
+@pytest.mark.parametrize("case_id", [c for c, case in CASES.items() if case.api_error is not None])
+def test_api_open_raises(case_id, inputs, request):
+    case = CASES[case_id]
+    path = bad_path(case, inputs, request)
+    with pytest.raises(case.api_error) as info:
+        vipsnorm.open(path)
+    assert info.value.path == str(path)
+    assert any(k in info.value.cause.lower() for k in case.keywords)
+    assert str(info.value) == f"{path}: {info.value.cause}"
+
+
+def test_api_max_pixels(inputs):
+    with pytest.raises(ImageTooLargeError, match="above the limit"):
+        vipsnorm.open(inputs / "good1.jpg", max_pixels=1000)
+    with vipsnorm.open(inputs / "good1.jpg", max_pixels=0) as slide:  # 0 = no limit
+        assert slide.dimensions == (384, 256)
+
+
+def test_api_flat_image(inputs, tmp_path):
+    flat = inputs / "flat.png"
+    with vipsnorm.open(flat) as slide:
+        with pytest.raises(FlatImageError, match="flat"):
+            fit_slide(slide, build_method("stretch"), Options())
+    result = normalize_file(flat, tmp_path, build_method("equalize"))
+    assert result.status == "error" and result.output is None
+    assert str(flat) in result.error and "flat" in result.error
+    assert os.listdir(tmp_path) == []
+
+
+def test_api_glass_slide(glass_slide, tmp_path):
+    with vipsnorm.open(glass_slide) as slide:
+        assert slide.is_slide
+        with pytest.raises(NoTissueError, match="no tissue"):
+            vipsnorm.sample_slide(slide)
+        with pytest.raises(NoTissueError):
+            fit_slide(slide, build_method("equalize"), Options())
+    result = normalize_file(glass_slide, tmp_path, build_method("stretch"))
+    assert result.status == "error" and "no tissue" in result.error and result.output is None
+    assert os.listdir(tmp_path) == []
+
+
+# --------------------------------------------------------------------------------------------------
+# failures during the final write
+
+
+def test_atomic_path_failure_leaves_nothing(tmp_path):
+    final = tmp_path / "out.tif"
+    with pytest.raises(RuntimeError, match="boom"):
+        with atomic_path(final) as temp:
+            assert temp.parent == tmp_path and PART_MARKER in temp.name and temp != final
+            temp.write_bytes(b"half a file")
+            raise RuntimeError("boom")
+    assert os.listdir(tmp_path) == []
+
+
+def test_atomic_path_failure_keeps_previous_output(tmp_path):
+    final = tmp_path / "out.png"
+    final.write_bytes(b"previous run")
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_path(final) as temp:
+            temp.write_bytes(b"half a file")
+            raise KeyboardInterrupt
+    assert final.read_bytes() == b"previous run"
+    assert os.listdir(tmp_path) == ["out.png"]
+
+
+def test_atomic_path_success_renames(tmp_path):
+    final = tmp_path / "out.json"
+    with atomic_path(final) as temp:
+        temp.write_text("{}")
+        assert not final.exists()
+    assert final.read_text() == "{}"
+    assert os.listdir(tmp_path) == ["out.json"]
+
+
+@pytest.mark.parametrize("name", ["x.tif", "x.png", "x.jpg"])
+def test_decode_failure_during_write_leaves_nothing(name, inputs, tmp_path):
+    """A JPEG cut short and read sequentially fails in the middle of the save itself."""
+    image = pyvips.Image.new_from_file(str(inputs / "truncated-generated.jpg"), fail_on="error", access="sequential")
+    with pytest.raises(pyvips.Error):
+        if name.endswith(".tif"):
+            write_pyramid(image, tmp_path / name, compression="deflate", mpp=(0.5, 0.5))
+        else:
+            write_image(image, tmp_path / name)
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.fixture(scope="module")
+def corrupt_tile_slide(tmp_path_factory) -> Path:
+    """A pyramidal deflate TIFF whose last level-0 tile (bottom-right corner) is garbage.
+
+    The open-time probe (centre window, smallest level) succeeds; the corner tile fails only when it is
+    decoded, which with a fixed ``--reference`` happens during the final write.
+    """
+    import tifffile
+
+    from vipsnorm.synth import synthetic_slide
+
+    d = tmp_path_factory.mktemp("corrupt")
+    path = d / "corrupt-tile.tif"
+    synthetic_slide(1024, 768, seed=7, tissue=0.6).tiffsave(
+        str(path), tile=True, tile_width=256, tile_height=256, pyramid=True, compression="deflate",
+        xres=4000.0, yres=4000.0, resunit="cm",
+    )
+    with tifffile.TiffFile(path) as tif:
+        offset, count = tif.pages[0].dataoffsets[-1], tif.pages[0].databytecounts[-1]
+    data = bytearray(path.read_bytes())
+    data[offset : offset + count] = b"\xff" * count
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_corrupt_tile_is_an_error_not_black(corrupt_tile_slide):
+    """libvips' tiffload treats a tile that fails to decompress as a *warning*: with fail_on="error" it
+    silently returns black pixels for it. Reading the slide must raise instead."""
+    with vipsnorm.open(corrupt_tile_slide) as slide:  # the probe does not touch the corner
+        with pytest.raises(UnreadableImageError, match="cannot decode"):
+            slide.read_region(0, 768, 512, 256, 256)
+
+
+@pytest.mark.parametrize("fixed_params", [True, False], ids=["reference-params", "fitted"])
+def test_cli_corrupt_tile_leaves_no_output(fixed_params, corrupt_tile_slide, inputs, tmp_path, capsys):
+    args = ["normalize", str(corrupt_tile_slide), "-o", str(tmp_path / "out"), "--compression", "deflate"]
+    if fixed_params:  # no fitting on the slide: the corrupt tile is first decoded by the final write
+        params = tmp_path / "params.json"
+        assert main(["fit", "--method", "stretch", str(inputs / "good1.jpg"), "-o", str(params)]) == 0
+        args += ["--reference", str(params)]
+    else:
+        args += ["--method", "stretch", "--sample", "exact"]
+    before = fingerprint(corrupt_tile_slide)
+    capsys.readouterr()
+
+    rc = main(args)
+    err = capsys.readouterr().err
+    assert rc == 1, err
+    (line,) = error_lines(err)
+    assert str(corrupt_tile_slide) in line and "cannot decode" in line
+    assert os.listdir(tmp_path / "out") == []
+    assert part_files(tmp_path) == []
+    assert fingerprint(corrupt_tile_slide) == before
