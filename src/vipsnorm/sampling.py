@@ -260,14 +260,14 @@ def _sample_tiles(slide: Slide, mask: TissueMask, n_tiles: int, tile: int, seed:
     strata = np.array_split(np.arange(len(tissue_cells)), min(n_tiles, len(tissue_cells)))
     chosen = [int(rng.choice(stratum)) for stratum in strata]
     level0 = slide.level_image(0)
-    region = pyvips.Region.new(level0)  # fetches in this thread: no pipeline set-up per tile
     hist = np.zeros((4, 256))
     for index in sorted(chosen):
         _, col, row = tissue_cells[index]
         x, y = col * tile, row * tile
-        w, h = min(tile, w0 - x), min(tile, h0 - y)
-        data = slide.decode(lambda: region.fetch(x, y, w, h))
-        pixels = np.frombuffer(data, np.uint8).reshape(h, w, level0.bands)
+        crop = level0.crop(x, y, min(tile, w0 - x), min(tile, h0 - y))
+        pixels = slide.decode(crop.numpy)
+        if pixels.ndim == 2:
+            pixels = pixels[..., np.newaxis]
         hist += Sample.from_array(pixels[_tissue_pixels_array(pixels, mask)][np.newaxis]).hist
     return hist
 

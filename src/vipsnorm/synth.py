@@ -22,8 +22,9 @@ memory:
   as jittered-grid ellipses with chromatin texture).  Non-repeating gates hide
   different nuclei in every repetition so the tiling is not visible.  The two
   concentrations are encoded as uchar codes ``255 * sqrt(C / C_max)``.
-* At full resolution the 2-band code image is upscaled x2, reinterpreted (free)
-  as one ``ushort`` index per pixel, and mapped through a 65536-entry RGB
+* At full resolution the 2-band code image is upscaled x2 (bilinear, as a
+  nearest zoom plus a vectorised integer box filter), reinterpreted (free) as
+  one ``ushort`` index per pixel, and mapped through a 65536-entry RGB
   lookup table holding the Beer-Lambert model of the chosen :class:`Lab`.
   Finally a replicated tile of per-channel Gaussian pixel noise is added.
 
@@ -533,10 +534,7 @@ def _concentration_codes(width: int, height: int, seed: int, tissue: float) -> p
     # Tissue mask: upscaled low-grid presence plus fine roughness that frays
     # the boundary; the steep ramp keeps the edge sharp (a few pixels).
     low, factor = _low_fields(width, height, s[:13], min(tissue, 1.0))
-    up = _upsample(low, factor, factor)
-    up = up.crop(0, 0, min(width, up.width), min(height, up.height))
-    if up.width < width or up.height < height:
-        up = up.embed(0, 0, width, height, extend="copy")
+    up = _upsample(low, factor, factor).crop(0, 0, width, height)
     rough = perlin(14, 13) + perlin(5, 14) * 0.35
     mask = _clamp01((up - 128.0) * (1.0 / 30.0) + rough * 2.0 + 0.5)
 
