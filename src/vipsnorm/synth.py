@@ -30,11 +30,16 @@ memory:
 
 Because the lab only enters through the lookup table, the same ``seed`` gives
 the same tissue in every lab, only the colours differ.
+
+Command line (for benchmarks)::
+
+    python -m vipsnorm.synth OUT.tif --size 20000 --lab pale-blue --seed 1
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import pathlib
 import sys
@@ -322,8 +327,9 @@ def _nuclei_tile(
     presence : float
         Probability that a cell holds a nucleus.
     radius : tuple of float
-        Range of the mean nucleus radius in pixels (must stay below
-        ``spacing / 2`` times the elongation bound for the 3 x 3 search).
+        Range of the mean nucleus radius in pixels.  The longest semi-axis,
+        ``radius * sqrt(elongation)``, must stay below ``spacing`` so that
+        searching the 3 x 3 neighbouring cells finds every covering nucleus.
     elongation : tuple of float
         Range of the axis ratio of the ellipses.
 
@@ -359,19 +365,19 @@ def _nuclei_tile(
     best = np.zeros((ny, spacing, nx, spacing), dtype=f32)
     for dy in (-1, 0, 1):
         for dx in (-1, 0, 1):
-
-            def nb(a: np.ndarray) -> np.ndarray:
-                return np.roll(a, (-dy, -dx), axis=(0, 1))[:, None, :, None]
-
-            oy = ly - (nb(jy) + dy * spacing)
-            ox = lx - (nb(jx) + dx * spacing)
-            c, s_ = nb(cos), nb(sin)
-            u = (ox * c + oy * s_) * nb(ia)
-            v = (oy * c - ox * s_) * nb(ib)
+            # Parameters of the neighbouring cell (dy, dx), wrapping around.
+            p_jy, p_jx, p_cos, p_sin, p_ia, p_ib, p_sharp, p_dark = (
+                np.roll(a, (-dy, -dx), axis=(0, 1))[:, None, :, None]
+                for a in (jy, jx, cos, sin, ia, ib, sharp, dark)
+            )
+            oy = ly - (p_jy + dy * spacing)
+            ox = lx - (p_jx + dx * spacing)
+            u = (ox * p_cos + oy * p_sin) * p_ia
+            v = (oy * p_cos - ox * p_sin) * p_ib
             d = np.sqrt(u * u + v * v)
             # Soft disc, slightly darker towards the nuclear membrane.
-            body = np.clip((1.0 - d) * nb(sharp), 0.0, 1.0)
-            val = body * (0.78 + 0.22 * np.minimum(d, 1.0) ** 2) * nb(dark)
+            body = np.clip((1.0 - d) * p_sharp, 0.0, 1.0)
+            val = body * (0.78 + 0.22 * np.minimum(d, 1.0) ** 2) * p_dark
             np.maximum(best, val, out=best)
     h, w = ny * spacing, nx * spacing
     best = best.reshape(h, w)
@@ -428,6 +434,10 @@ def _low_fields(
 ) -> tuple[pyvips.Image, int]:
     """Low-grid tissue presence, signed and encoded as uchar.
 
+    The field is small (at most ~4096 cells on the long side) and is
+    evaluated here, in a few streaming passes, to find the threshold that
+    gives the requested tissue fraction.
+
     Parameters
     ----------
     width, height : int
@@ -435,13 +445,14 @@ def _low_fields(
     seeds : list of int
         13 seeds: Perlin octaves (0-9), holes (10, 11), hole density (12).
     tissue : float
-        Target tissue fraction in (0, 1).
+        Target tissue fraction in (0, 1].
 
     Returns
     -------
     tuple of (pyvips.Image, int)
-        Memory image of the presence field, 128 at the tissue boundary, above
-        inside tissue, and the upscaling factor to the half-resolution grid.
+        Memory uchar image of the presence field (128 on the tissue boundary,
+        more inside tissue) and the upscaling factor to the half-resolution
+        grid.
     """
     # A power of two keeps the integer box filter of _upsample exact.
     factor = _LOW_MIN_FACTOR
@@ -451,52 +462,51 @@ def _low_fields(
     lh = -(-height // factor) + 2
     side = max(lw, lh)
 
-    # Fractal Brownian field: amplitude proportional to cell size gives an
-    # irregular boundary at every scale.  Macro cells: ~3 per slide side;
-    # octaves stop at 6 cells (96 output px) so the field upsamples smoothly,
-    # the finer boundary detail comes from the half-resolution roughness.
-    field = None
-    cell = max(6.0, side / 3.0)
-    amp = 1.0
-    i = 0
-    while True:
-        octave = pyvips.Image.perlin(lw, lh, cell_size=int(round(cell)), seed=seeds[i])
-        field = octave * amp if field is None else field + octave * amp
-        i += 1
-        if cell <= 6.0 or i >= 10:
+    def perlin(cell: float, k: int) -> pyvips.Image:
+        return pyvips.Image.perlin(lw, lh, cell_size=max(2, int(round(cell))), seed=seeds[k])
+
+    # Fractal Brownian field: amplitude roughly proportional to cell size
+    # gives an irregular boundary at every scale.  Macro cells: ~3 per slide
+    # side; octaves stop at 6 cells (96 output px) so the field upsamples
+    # smoothly, finer boundary detail comes from the half-resolution roughness.
+    field = perlin(max(6.0, side / 3.0), 0)
+    cell, amp = side / 3.0, 1.0
+    for k in range(1, 10):
+        if cell <= 6.0:
             break
-        cell = max(6.0, cell / 2.0)
-        amp *= 0.6
-    t = field.numpy().astype(np.float32)
+        cell, amp = max(6.0, cell / 2.0), amp * 0.6
+        field = field + perlin(cell, k) * amp
+    field = field.copy_memory()
+    spread = max(float(field.deviate()), 1e-6)
 
     # Holes (lumens, fat, tears): peaks of a separate mid-frequency field are
-    # carved out of the tissue (hole cells ~200-500 output px).
-    hole_cell = max(6, int(round(200 / factor)))
-    holes = pyvips.Image.perlin(lw, lh, cell_size=hole_cell, seed=seeds[10])
-    holes = holes + pyvips.Image.perlin(
-        lw, lh, cell_size=max(4, hole_cell // 2), seed=seeds[11]
-    ) * 0.4
-    # Some regions are riddled with holes, others are solid.
-    density = pyvips.Image.perlin(
-        lw, lh, cell_size=max(6, int(round(side / 5.0))), seed=seeds[12]
-    )
-    hv = (holes + density * 0.4).numpy().astype(np.float32)
-    hole = np.clip((hv - 0.32) / 0.12, 0.0, 1.0)
+    # carved out of the tissue (hole cells ~200-500 output px); a broad
+    # density field makes some regions riddled with holes, others solid.
+    hole_cell = max(6.0, 200.0 / factor)
+    holes = perlin(hole_cell, 10) + perlin(max(4.0, hole_cell / 2), 11) * 0.4
+    holes = holes + perlin(max(6.0, side / 5.0), 12) * 0.4
+    hole = _clamp01((holes - 0.32) * (1.0 / 0.12))
+    eff = (field - hole * (3.0 * spread)).copy_memory()
+    del field
 
-    spread = float(t.std()) + 1e-6
-    eff = t - hole * 3.0 * spread
-    valid = eff[: -(-height // factor), : -(-width // factor)]
-    thr = float(np.quantile(valid, 1.0 - tissue))
-    # Boundary zone: +-1 maps to +-120 around 128.  Its half-width is ~2.5
-    # low-grid cells whatever the slide size: scale it by the typical gradient
+    # Threshold for the tissue fraction: quantile of a point subsample.
+    valid = eff.crop(0, 0, -(-width // factor), -(-height // factor))
+    step = max(1, int(math.sqrt(valid.width * valid.height / 1e6)))
+    sample = valid.subsample(step, step).numpy() if step > 1 else valid.numpy()
+    thr = float(np.quantile(sample, 1.0 - tissue))
+
+    # Boundary zone: +-1 maps to +-120 around 128.  Its half-width is ~2
+    # low-grid cells whatever the slide size: scale it by the mean gradient
     # of the field where it crosses the threshold.
-    gy, gx = np.gradient(eff)
-    grad = np.hypot(gy, gx)
-    near = np.abs(eff - thr) < 0.1 * spread
-    zone = 2.5 * float(np.median(grad[near]) if near.any() else np.median(grad)) + 1e-6
-    signed = np.clip((eff - thr) / zone, -1.0, 1.0)
-    code = np.rint(128.0 + 120.0 * signed).astype(np.uint8)
-    return _from_numpy(code), factor
+    kx = pyvips.Image.new_from_array([[-0.5, 0.0, 0.5]])
+    ky = pyvips.Image.new_from_array([[-0.5], [0.0], [0.5]])
+    grad = (eff.conv(kx, precision="float") ** 2 + eff.conv(ky, precision="float") ** 2) ** 0.5
+    near = ((eff - thr).abs() < 0.1 * spread).ifthenelse(1.0, 0.0)
+    frac = near.avg()
+    mean_grad = (grad * near).avg() / frac if frac > 0 else grad.avg()
+    zone = 2.2 * mean_grad + 1e-6
+    code = ((eff - thr) * (120.0 / zone)).clamp(min=-120.0, max=120.0) + 128.5
+    return code.cast("uchar").copy_memory(), factor
 
 
 def _concentration_codes(width: int, height: int, seed: int, tissue: float) -> pyvips.Image:
@@ -624,7 +634,7 @@ def synthetic_slide(
         ``lab`` or ``io``.
     tissue : float, default 0.5
         Approximate fraction of the area covered by tissue; 0 gives an
-        all-glass slide, 1 a slide fully covered (except small holes).
+        all-glass slide, 1 a slide (almost) fully covered.
     io : float, default 240
         Incident intensity, i.e. the brightness of glass before tint and
         exposure.
