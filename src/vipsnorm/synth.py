@@ -44,12 +44,13 @@ import os
 import pathlib
 import sys
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 import pyvips
+
+from .io.write import write_pyramid
 
 __all__ = [
     "DEFAULT_STAINS",
@@ -703,26 +704,8 @@ def write_synthetic_slide(
         raise ValueError(f"mpp must be positive, got {mpp}")
     path = pathlib.Path(path)
     image = synthetic_slide(width, height, lab=lab, seed=seed, tissue=tissue)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.partial")
-    px_per_mm = 1000.0 / mpp
-    try:
-        image.tiffsave(
-            str(tmp),
-            tile=True,
-            pyramid=True,
-            bigtiff=True,
-            tile_width=tile,
-            tile_height=tile,
-            compression=compression,
-            Q=quality,
-            xres=px_per_mm,
-            yres=px_per_mm,
-            resunit="cm",
-        )
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    # the same writer as normalized slides: temporary name, then rename
+    write_pyramid(image, path, mpp=(mpp, mpp), compression=compression, quality=quality, tile=tile)
     return path
 
 
