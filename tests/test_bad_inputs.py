@@ -372,3 +372,22 @@ def test_cli_corrupt_tile_leaves_no_output(fixed_params, corrupt_tile_slide, inp
     assert os.listdir(tmp_path / "out") == []
     assert part_files(tmp_path) == []
     assert fingerprint(corrupt_tile_slide) == before
+
+
+def test_an_output_never_overwrites_another_input_of_the_run(tmp_path, capsys):
+    """`normalize a.jpg out/a.jpg -o out`: a.jpg's output would be the second input."""
+    from vipsnorm.cli import main
+
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    first = tmp_path / "a.png"
+    out = tmp_path / "out"
+    out.mkdir()
+    second = out / "a.png"
+    for p in (first, second):
+        pyvips.Image.new_from_array(pixels).copy(interpretation="srgb").pngsave(str(p))
+    before = second.read_bytes()
+    assert main(["normalize", str(first), str(second), "-o", str(out), "--method", "stretch"]) != 0
+    err = capsys.readouterr().err
+    assert "another input of this run" in err
+    assert second.read_bytes() == before

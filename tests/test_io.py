@@ -207,3 +207,22 @@ def test_failed_write_leaves_nothing(tmp_path):
     with pytest.raises(pyvips.Error):
         write_image(image, tmp_path / "out.png")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.jpg"]
+
+
+def test_ome_tiff_subifd_pyramid_levels_and_physical_size(tmp_path):
+    pixels = np.random.default_rng(4).integers(0, 256, (1200, 1600, 3), dtype=np.uint8)
+    path = tmp_path / "p.ome.tif"
+    image = pyvips.Image.new_from_array(pixels).copy(interpretation="srgb")
+    ome = (
+        '<?xml version="1.0" encoding="UTF-8"?><OME xmlns="http://www.openmicroscopy.org/Schemas/OME/2016-06">'
+        '<Image ID="Image:0"><Pixels ID="Pixels:0" DimensionOrder="XYCZT" Type="uint8" SizeX="1600" SizeY="1200" '
+        'SizeC="3" SizeZ="1" SizeT="1" PhysicalSizeX="0.325" PhysicalSizeY="0.33" PhysicalSizeXUnit="µm">'
+        "</Pixels></Image></OME>"
+    )
+    image.set_type(pyvips.GValue.gstr_type, "image-description", ome)
+    image.tiffsave(str(path), tile=True, pyramid=True, subifd=True, compression="deflate")
+    slide = vipsnorm.open(path)
+    assert [lvl.width for lvl in slide.levels] == [1600, 800, 400, 200, 100]
+    assert slide.mpp == pytest.approx((0.325, 0.33))
+    np.testing.assert_array_equal(slide.level_image(0).numpy(), pixels)
+    assert slide.level_image(2).width == 400

@@ -185,11 +185,11 @@ def _normalize(args) -> int:
         method = build_method(args.method or "equalize", reference, **_method_options(args))
     args.output.mkdir(parents=True, exist_ok=True)
     failed = 0
-    written: dict[Path, Path] = {}
+    claimed = {Path(p).resolve() for p in args.inputs}  # never written over, even by another input
     for path in args.inputs:
-        result = normalize_file(path, args.output, method, params=params, options=options, claimed=written)
+        result = normalize_file(path, args.output, method, params=params, options=options, claimed=claimed)
         if result.output is not None:
-            written[result.output] = Path(path)
+            claimed.add(result.output.resolve())
         failed += result.status != "ok"
         _report(result, args.json)
     total = len(args.inputs)

@@ -145,8 +145,8 @@ def normalize_file(
     params : Params, optional
         Fixed parameters (a dataset-level fit) instead of fitting on this input.
     claimed : collection of Path
-        Outputs already written by other inputs of the same run (``a/x.svs`` and ``b/x.svs`` would
-        both become ``x.tif``): refused rather than overwritten.
+        Resolved paths this input must not write: the run's other inputs, and outputs already written
+        for them (``a/x.svs`` and ``b/x.svs`` would both become ``x.tif``). Refused, never overwritten.
     """
     start = time.perf_counter()
     result = Result(input=Path(path))
@@ -155,9 +155,11 @@ def normalize_file(
             result.slide = slide.describe()
             out = output_path(slide, Path(out_dir), options.format)
             _check_output(slide.path, out, options)
-            if out in claimed:
+            if claimed and out.resolve() in claimed:
                 raise OutputError(
-                    path, f"output name {out.name} is already used by another input of this run; rename one of them"
+                    path,
+                    f"output {out} is another input of this run, or already written for one; "
+                    "rename one of them or choose another -o folder",
                 )
             if params is None:
                 params = fit_slide(slide, method, options)

@@ -169,7 +169,14 @@ class VipsSlide(Slide):
         self._load: list[dict] = [{}]
         levels = [Level(first.width, first.height, 1.0)]
         associated: tuple[str, ...] = ()
-        if osr is not None:
+        if self.loader.startswith("tiffload") and "n-subifds" in fields and first.get("n-subifds") > 0:
+            # OME-TIFF style pyramid: levels in the SubIFDs of the first page (OpenSlide does not
+            # read these; it would see one level)
+            for index in range(first.get("n-subifds")):
+                sub = pyvips.Image.new_from_file(str(path), subifd=index)
+                self._load.append({"subifd": index})
+                levels.append(Level(sub.width, sub.height, first.width / sub.width))
+        elif osr is not None:
             # OpenSlide knows which TIFF pages are levels; find each by its size.
             pages = _tiff_page_sizes(path, first)
             self._load, levels = [], []
@@ -178,15 +185,14 @@ class VipsSlide(Slide):
                     raise UnsupportedImageError(path, f"level {w}x{h} has no matching TIFF page")
                 self._load.append({"page": pages[(w, h)]})
                 levels.append(Level(w, h, float(ds)))
+        if osr is not None:
             associated = tuple(sorted(osr.associated_images))
-        elif self.loader.startswith("tiffload") and "n-subifds" in fields and first.get("n-subifds") > 0:
-            for index in range(first.get("n-subifds")):
-                sub = pyvips.Image.new_from_file(str(path), subifd=index)
-                self._load.append({"subifd": index})
-                levels.append(Level(sub.width, sub.height, first.width / sub.width))
         self.levels = tuple(levels)
         self.associated = associated
-        self.mpp = _mpp_from_openslide(osr) if osr is not None else _mpp_from_vips(first, fields)
+        # a description that states the pixel size (Aperio "MPP =", OME-XML) beats resolution tags
+        self.mpp = _mpp_from_description(first, fields) or (
+            _mpp_from_openslide(osr) if osr is not None else _mpp_from_resolution(first, fields)
+        )
         self.pages = first.get("n-pages") if "n-pages" in fields else 1
 
     def _level(self, level: int) -> pyvips.Image:
@@ -208,7 +214,7 @@ class OpenSlideSlide(Slide):
 
     backend = "openslide"
     loader = "openslide"
-    tile = 512
+    tile = 256
 
     def __init__(self, path: Path, osr):
         self.path = path
@@ -279,18 +285,43 @@ def _mpp_from_openslide(osr) -> tuple[float, float] | None:
         return None
 
 
-def _mpp_from_vips(image: pyvips.Image, fields: set[str]) -> tuple[float, float] | None:
-    """Aperio "MPP =" in the description first, then TIFF resolution tags only when a unit is set."""
-    if "image-description" in fields:
-        match = _APERIO_MPP.search(image.get("image-description"))
-        if match:
-            mpp = float(match.group(1))
-            return (mpp, mpp) if mpp > 0 else None
+def _mpp_from_description(image: pyvips.Image, fields: set[str]) -> tuple[float, float] | None:
+    """Aperio "MPP =" or OME-XML PhysicalSizeX/Y in the TIFF ImageDescription."""
+    if "image-description" not in fields:
+        return None
+    description = image.get("image-description")
+    match = _APERIO_MPP.search(description)
+    if match:
+        mpp = float(match.group(1))
+        return (mpp, mpp) if mpp > 0 else None
+    return _ome_mpp(description)
+
+
+def _mpp_from_resolution(image: pyvips.Image, fields: set[str]) -> tuple[float, float] | None:
+    """TIFF resolution tags, only when a unit is set (a JPEG's 72 dpi is not a pixel size)."""
     loader = image.get("vips-loader")
     if loader.startswith("tiffload") and "resolution-unit" in fields and image.xres > 0 and image.yres > 0:
         # libvips reports resolution in pixels per millimetre whatever the unit in the file.
         return 1000.0 / image.xres, 1000.0 / image.yres
     return None
+
+
+_OME_SIZE = re.compile(r'PhysicalSize([XY])="([0-9.eE+-]+)"')
+_OME_UNIT = re.compile(r'PhysicalSize([XY])Unit="([^"]+)"')
+_TO_MICRONS = {"\u00b5m": 1.0, "\u03bcm": 1.0, "um": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4, "m": 1e6}
+
+
+def _ome_mpp(description: str) -> tuple[float, float] | None:
+    """PhysicalSizeX/Y of the first OME-XML Pixels element (default unit: micrometre)."""
+    if "<OME" not in description:
+        return None
+    sizes = {axis: float(v) for axis, v in _OME_SIZE.findall(description)[:2]}
+    units = dict(_OME_UNIT.findall(description)[:2])
+    try:
+        x, y = (sizes[a] * _TO_MICRONS[units.get(a, "µm")] for a in "XY")
+    except KeyError:
+        return None
+    return (x, y) if x > 0 and y > 0 else None
 
 
 def _detect_vendor(path: Path) -> str | None:
