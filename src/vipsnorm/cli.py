@@ -123,7 +123,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help=argparse.SUPPRESS)
 
-    p = sub.add_parser("demo", help="generate slides from three 'labs', normalize them to one palette")
+    p = sub.add_parser("demo", help="generate slides from four 'labs', normalize them onto one palette")
     p.add_argument("-o", "--output", type=Path, default=Path("vipsnorm-demo"), help="folder (default: %(default)s)")
     p.add_argument("--size", type=int, default=4096, help="slide width and height in pixels (default: %(default)s)")
     return parser
