@@ -60,7 +60,7 @@ def _add_fit_options(p: argparse.ArgumentParser) -> None:
         help="slides: fit on random full-resolution tissue tiles (default), the low-resolution level, "
         "or every tissue pixel (exact, one extra full pass). Ordinary images always use every pixel.",
     )
-    g.add_argument("--tiles", type=int, default=512, help="number of tiles sampled (default: %(default)s)")
+    g.add_argument("--tiles", type=int, default=256, help="number of tiles sampled (default: %(default)s)")
     g.add_argument("--seed", type=int, default=0, help="which tiles are sampled (default: %(default)s)")
     g.add_argument(
         "--no-tissue-mask", action="store_true", help="fit slides on all pixels, glass included (not recommended)"

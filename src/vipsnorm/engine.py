@@ -34,7 +34,7 @@ class Options:
     """How to sample, fit and write. Defaults are what the command line uses."""
 
     strategy: str = "tiles"
-    n_tiles: int = 512
+    n_tiles: int = 256
     seed: int = 0
     tissue: bool | None = None
     compression: str = "jpeg"

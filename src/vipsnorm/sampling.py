@@ -163,7 +163,7 @@ def sample_slide(
     slide: Slide,
     *,
     strategy: str = "tiles",
-    n_tiles: int = 512,
+    n_tiles: int = 256,
     tile: int = 256,
     seed: int = 0,
     tissue: bool | None = None,
@@ -264,12 +264,29 @@ def _sample_tiles(slide: Slide, mask: TissueMask, n_tiles: int, tile: int, seed:
     for index in sorted(chosen):
         _, col, row = tissue_cells[index]
         x, y = col * tile, row * tile
+        # one crop per tile: a long-lived Region was faster per fetch but its buffers grew the peak
+        # memory with the slide (209 MB at 20k, 314 MB at 40k, against 151 MB for both)
         crop = level0.crop(x, y, min(tile, w0 - x), min(tile, h0 - y))
-        pixels = slide.decode(crop.numpy)
-        if pixels.ndim == 2:
-            pixels = pixels[..., np.newaxis]
-        hist += Sample.from_array(pixels[_tissue_pixels_array(pixels, mask)][np.newaxis]).hist
+        hist += _tissue_histograms(slide.decode(crop.numpy), mask)
     return hist
+
+
+_ROW_OFFSETS = (np.arange(4, dtype=np.uint16) * 256)[:, np.newaxis]
+
+
+def _tissue_histograms(pixels: np.ndarray, mask: TissueMask) -> np.ndarray:
+    """(4, 256) R, G, B, Y histograms of the tissue pixels of a uint8 tile, in one ``bincount``."""
+    keep = _tissue_pixels_array(pixels, mask).reshape(-1).astype(np.uint16) * 1024
+    flat = pixels.reshape(-1, pixels.shape[-1] if pixels.ndim == 3 else 1)
+    index = np.empty((4, flat.shape[0]), np.uint16)
+    if flat.shape[1] == 3:
+        index[:3] = flat.T
+        index[3] = luma_array(flat)
+    else:
+        index[:] = flat[:, 0]
+    index += _ROW_OFFSETS
+    index += keep
+    return np.bincount(index.ravel(), minlength=2048)[1024:].reshape(4, 256).astype(np.float64)
 
 
 def _tissue_pixels_array(pixels: np.ndarray, mask: TissueMask) -> np.ndarray:
