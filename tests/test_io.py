@@ -226,3 +226,19 @@ def test_ome_tiff_subifd_pyramid_levels_and_physical_size(tmp_path):
     assert slide.mpp == pytest.approx((0.325, 0.33))
     np.testing.assert_array_equal(slide.level_image(0).numpy(), pixels)
     assert slide.level_image(2).width == 400
+
+
+def test_backend_can_be_forced(tmp_path):
+    from vipsnorm.synth import write_synthetic_slide
+
+    path = write_synthetic_slide(tmp_path / "s.tif", 900, 700, compression="deflate")
+    forced = vipsnorm.open(path, backend="openslide")
+    native = vipsnorm.open(path, backend="libvips")
+    assert (forced.backend, native.backend) == ("openslide", "libvips")
+    np.testing.assert_array_equal(forced.level_image(0).numpy(), native.level_image(0).numpy())
+    plain = tmp_path / "plain.png"
+    pyvips.Image.black(8, 8).pngsave(str(plain))
+    with pytest.raises(vipsnorm.UnsupportedImageError, match="OpenSlide does not recognise"):
+        vipsnorm.open(plain, backend="openslide")
+    with pytest.raises(ValueError):
+        vipsnorm.open(plain, backend="bioformats")

@@ -11,7 +11,7 @@ from pathlib import Path
 from . import __version__
 from .engine import FORMATS, Options, Result, build_method, fit_files, load_reference, normalize_file
 from .errors import InvalidReferenceError, VipsnormError
-from .io.slide import DEFAULT_MAX_PIXELS
+from .io.slide import BACKENDS, DEFAULT_MAX_PIXELS
 from .io.write import COMPRESSIONS
 from .methods import METHODS
 from .reference import save_reference
@@ -64,6 +64,12 @@ def _add_fit_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0, help="which tiles are sampled (default: %(default)s)")
     g.add_argument(
         "--no-tissue-mask", action="store_true", help="fit slides on all pixels, glass included (not recommended)"
+    )
+    g.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="auto",
+        help="reader: auto (libvips where it decodes, else OpenSlide; default), or force one",
     )
     g.add_argument(
         "--max-pixels",
@@ -136,6 +142,7 @@ def _options(args) -> Options:
         seed=args.seed,
         tissue=False if args.no_tissue_mask else None,
         max_pixels=args.max_pixels,
+        backend=args.backend,
         **(
             dict(
                 compression=args.compression,

@@ -15,7 +15,7 @@ import pyvips
 
 from . import __version__
 from .errors import FlatImageError, InvalidReferenceError, OutputError, UnreadableImageError, VipsnormError
-from .io.slide import DEFAULT_MAX_PIXELS, Slide, open_slide
+from .io.slide import BACKENDS, DEFAULT_MAX_PIXELS, Slide, open_slide
 from .io.write import COMPRESSIONS, IMAGE_SUFFIXES, write_image, write_pyramid
 from .methods import METHODS, Match, Method, Params, Sample
 from .reference import Reference, load_reference_json
@@ -42,6 +42,7 @@ class Options:
     format: str = "auto"
     max_pixels: int = DEFAULT_MAX_PIXELS
     overwrite: bool = True
+    backend: str = "auto"
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
@@ -50,6 +51,8 @@ class Options:
             raise ValueError(f"compression must be one of {COMPRESSIONS}")
         if self.format not in FORMATS:
             raise ValueError(f"format must be one of {FORMATS}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}")
         if not 1 <= self.quality <= 100:
             raise ValueError("quality must be within 1..100")
 
@@ -88,7 +91,7 @@ def load_reference(path: str | os.PathLike[str], options: Options = Options()) -
     path = Path(path)
     if path.suffix.lower() == ".json":
         return load_reference_json(path)
-    with open_slide(path, max_pixels=options.max_pixels) as slide:
+    with open_slide(path, max_pixels=options.max_pixels, backend=options.backend) as slide:
         sample = sample_slide(slide, strategy=options.strategy, n_tiles=options.n_tiles, seed=options.seed)
     return Reference(
         target=Sample(sample.hist, sample.bands, f"{path.name}: {sample.source}", sample.background),
@@ -151,7 +154,7 @@ def normalize_file(
     start = time.perf_counter()
     result = Result(input=Path(path))
     try:
-        with open_slide(path, max_pixels=options.max_pixels) as slide:
+        with open_slide(path, max_pixels=options.max_pixels, backend=options.backend) as slide:
             result.slide = slide.describe()
             out = output_path(slide, Path(out_dir), options.format)
             _check_output(slide.path, out, options)
@@ -207,7 +210,7 @@ def fit_files(
         result = Result(input=Path(path))
         start = time.perf_counter()
         try:
-            with open_slide(path, max_pixels=options.max_pixels) as slide:
+            with open_slide(path, max_pixels=options.max_pixels, backend=options.backend) as slide:
                 result.slide = slide.describe()
                 sample = sample_slide(
                     slide, strategy=options.strategy, n_tiles=options.n_tiles, seed=options.seed, tissue=options.tissue

@@ -206,7 +206,8 @@ def sample_slide(
         image = pyvips.Image.new_from_array(view)
         hist = _masked_histograms(image, _tissue_pixels_image(image, mask))
         source = f"tissue of a {view.shape[1]}x{view.shape[0]} overview"
-    elif strategy == "exact":
+    elif strategy == "exact" or slide.dimensions[0] * slide.dimensions[1] <= 2 * n_tiles * tile * tile:
+        # (a slide the tiles would mostly cover is cheaper to count whole, in one libvips pass)
         image = slide.level_image(0)
         hist = slide.decode(lambda: _masked_histograms(image, _tissue_pixels_image(image, mask)))
         source = "every tissue pixel of level 0"

@@ -28,7 +28,7 @@ from ..errors import ImageTooLargeError, one_line, UnreadableImageError, Unsuppo
 from ._virtual_tiff import VirtualTiff
 from .pixels import to_processing
 
-__all__ = ["Level", "Slide", "open_slide", "DEFAULT_MAX_PIXELS"]
+__all__ = ["Level", "Slide", "open_slide", "DEFAULT_MAX_PIXELS", "BACKENDS"]
 
 #: Refuse images whose level 0 claims more pixels than this (about a 160,000 x 125,000 slide).
 DEFAULT_MAX_PIXELS = 20_000_000_000
@@ -342,7 +342,12 @@ def _open_openslide(path: Path):
         raise UnreadableImageError(path, f"OpenSlide cannot open it ({exc})") from exc
 
 
-def open_slide(path: str | os.PathLike[str], *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Slide:
+BACKENDS = ("auto", "libvips", "openslide")
+
+
+def open_slide(
+    path: str | os.PathLike[str], *, max_pixels: int = DEFAULT_MAX_PIXELS, backend: str = "auto"
+) -> Slide:
     """Open any slide or image with the fastest backend that decodes it.
 
     Parameters
@@ -352,6 +357,9 @@ def open_slide(path: str | os.PathLike[str], *, max_pixels: int = DEFAULT_MAX_PI
     max_pixels : int
         Refuse images whose level 0 has more pixels than this (a guard against hostile or corrupt
         headers); ``0`` disables the check.
+    backend : {"auto", "libvips", "openslide"}
+        ``auto`` picks as described above; the others force a backend (``openslide`` only for files
+        OpenSlide recognises).
 
     Raises
     ------
@@ -372,9 +380,16 @@ def open_slide(path: str | os.PathLike[str], *, max_pixels: int = DEFAULT_MAX_PI
     if not os.access(path, os.R_OK):
         raise UnreadableImageError(path, "permission denied")
 
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, not {backend!r}")
     vendor = _detect_vendor(path)
     slide: Slide
-    if vendor is None or vendor in _TIFF_VENDORS:
+    if backend == "openslide":
+        if vendor is None:
+            raise UnsupportedImageError(path, "OpenSlide does not recognise this file (try --backend auto)")
+        slide = OpenSlideSlide(path, _open_openslide(path))
+        _probe_openslide(slide)
+    elif backend == "libvips" or vendor is None or vendor in _TIFF_VENDORS:
         osr = _open_openslide(path) if vendor is not None else None
         try:
             slide = VipsSlide(path, vendor, osr)
@@ -383,7 +398,9 @@ def open_slide(path: str | os.PathLike[str], *, max_pixels: int = DEFAULT_MAX_PI
             if osr is not None:
                 osr.close()
         except pyvips.Error as exc:
-            if osr is None:
+            if osr is None or backend == "libvips":
+                if osr is not None:
+                    osr.close()
                 raise UnreadableImageError(path, f"cannot decode pixels ({one_line(str(exc))})") from exc
             slide = OpenSlideSlide(path, osr)  # e.g. JPEG 2000 SVS: header opens, libvips tiles fail
             _probe_openslide(slide)
