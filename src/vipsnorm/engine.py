@@ -92,7 +92,7 @@ def load_reference(path: str | os.PathLike[str], options: Options = Options()) -
     if path.suffix.lower() == ".json":
         return load_reference_json(path)
     with open_slide(path, max_pixels=options.max_pixels, backend=options.backend) as slide:
-        sample = sample_slide(slide, strategy=options.strategy, n_tiles=options.n_tiles, seed=options.seed)
+        sample = _sample(slide, options)
     return Reference(
         target=Sample(sample.hist, sample.bands, f"{path.name}: {sample.source}", sample.background),
         inputs=(str(path),),
@@ -118,18 +118,23 @@ def _check_output(inp: Path, out: Path, options: Options) -> None:
         if out.resolve() == inp.resolve() or os.path.samefile(out, inp):
             raise OutputError(inp, f"output {out} would overwrite the input; choose another -o folder")
         if not options.overwrite:
-            raise OutputError(out, "output exists (use --overwrite)")
+            raise OutputError(out, "output already exists and --no-overwrite was given")
 
 
-def fit_slide(slide: Slide, method: Method, options: Options) -> Params:
-    """Sample ``slide`` and fit ``method``; a flat sample is an error, never a division by zero."""
+def _sample(slide: Slide, options: Options) -> Sample:
+    """The pixels to fit on, as ``options`` say; a flat sample is an error, never a division by zero."""
     sample = sample_slide(
         slide, strategy=options.strategy, n_tiles=options.n_tiles, seed=options.seed, tissue=options.tissue
     )
     if sample.is_flat():
         value = int(sample.hist[3].argmax())
         raise FlatImageError(slide.path, f"image is flat (every sampled pixel is {value}): nothing to normalize")
-    return method.fit(sample)
+    return sample
+
+
+def fit_slide(slide: Slide, method: Method, options: Options) -> Params:
+    """Sample ``slide`` and fit ``method``."""
+    return method.fit(_sample(slide, options))
 
 
 def normalize_file(
@@ -212,12 +217,7 @@ def fit_files(
         try:
             with open_slide(path, max_pixels=options.max_pixels, backend=options.backend) as slide:
                 result.slide = slide.describe()
-                sample = sample_slide(
-                    slide, strategy=options.strategy, n_tiles=options.n_tiles, seed=options.seed, tissue=options.tissue
-                )
-                if sample.is_flat():
-                    raise FlatImageError(path, "image is flat: nothing to fit on")
-                samples.append(sample)
+                samples.append(_sample(slide, options))
         except VipsnormError as exc:
             result.status, result.error = "error", str(exc)
         result.seconds = time.perf_counter() - start
