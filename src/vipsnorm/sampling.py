@@ -237,22 +237,19 @@ def _sample_tiles(slide: Slide, mask: TissueMask, n_tiles: int, tile: int, seed:
     w0, h0 = slide.dimensions
     tile = min(tile, w0, h0)
     cols, rows = -(-w0 // tile), -(-h0 // tile)
-    # Tissue fraction of every grid cell, from an integral image of the overview mask.
-    integral = np.pad(mask.mask.astype(np.float64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    # Overview tissue pixels in every grid cell (at least one overview pixel each), from an integral
+    # image of the mask.
+    integral = np.pad(mask.mask.astype(np.int64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
     mh, mw = mask.mask.shape
     xs = np.minimum(np.round(np.arange(cols + 1) * tile / mask.downsample).astype(int), mw)
     ys = np.minimum(np.round(np.arange(rows + 1) * tile / mask.downsample).astype(int), mh)
-    x1, y1 = np.maximum(xs[1:], xs[:-1] + 1), np.maximum(ys[1:], ys[:-1] + 1)
-    x1, y1 = np.minimum(x1, mw), np.minimum(y1, mh)
+    x1, y1 = np.minimum(np.maximum(xs[1:], xs[:-1] + 1), mw), np.minimum(np.maximum(ys[1:], ys[:-1] + 1), mh)
     x0, y0 = np.minimum(xs[:-1], x1 - 1), np.minimum(ys[:-1], y1 - 1)
-    area = (y1 - y0)[:, None] * (x1 - x0)[None, :]
     inside = integral[np.ix_(y1, x1)] - integral[np.ix_(y0, x1)] - integral[np.ix_(y1, x0)] + integral[np.ix_(y0, x0)]
-    fraction = inside / np.maximum(area, 1)
-    cells = [(fraction[row, col], col, row) for row in range(rows) for col in range(cols)]
     # Every cell with any tissue is a candidate, drawn with equal probability: each then contributes
     # its tissue pixels only, so the sum estimates the slide's tissue histogram without bias (keeping
     # only mostly-tissue cells would under-represent the pale tissue borders).
-    tissue_cells = [c for c in cells if c[0] > 0]
+    tissue_cells = [(col, row) for row, col in zip(*np.nonzero(inside > 0))]
     if not tissue_cells:
         raise NoTissueError(slide.path, "no tissue found at full resolution")
     # Stratified: split the tissue cells (in row-major order) into n_tiles runs of neighbours and draw
@@ -263,7 +260,7 @@ def _sample_tiles(slide: Slide, mask: TissueMask, n_tiles: int, tile: int, seed:
     level0 = slide.level_image(0)
     hist = np.zeros((4, 256))
     for index in sorted(chosen):
-        _, col, row = tissue_cells[index]
+        col, row = tissue_cells[index]
         x, y = col * tile, row * tile
         # one crop per tile: a long-lived Region was faster per fetch but its buffers grew the peak
         # memory with the slide (209 MB at 20k, 314 MB at 40k, against 151 MB for both)

@@ -225,7 +225,8 @@ class OpenSlideSlide(Slide):
         )
         self.mpp = _mpp_from_openslide(osr)
         self.associated = tuple(sorted(osr.associated_images))
-        self._virtual: list[VirtualTiff] = []
+        # one virtual TIFF per level, made on first use: every later read shares its tile cache
+        self._virtual: dict[int, tuple[VirtualTiff, pyvips.Image]] = {}
 
     def _read_tile(self, level: int, t: int, tx: int, ty: int) -> np.ndarray:
         lvl = self.levels[level]
@@ -235,14 +236,15 @@ class OpenSlideSlide(Slide):
         return _flatten_on_white(rgba)
 
     def _level(self, level: int) -> pyvips.Image:
-        lvl = self.levels[level]
-        tile = min(self.tile, -(-max(lvl.width, lvl.height) // 16) * 16)
-        virtual = VirtualTiff(lvl.width, lvl.height, tile, lambda tx, ty: self._read_tile(level, tile, tx, ty))
-        self._virtual.append(virtual)
-        return virtual.image(fail_on="error")
+        if level not in self._virtual:
+            lvl = self.levels[level]
+            tile = min(self.tile, -(-max(lvl.width, lvl.height) // 16) * 16)
+            virtual = VirtualTiff(lvl.width, lvl.height, tile, lambda tx, ty: self._read_tile(level, tile, tx, ty))
+            self._virtual[level] = (virtual, virtual.image(fail_on="error"))
+        return self._virtual[level][1]
 
     def _decode_cause(self, exc: Exception) -> str:
-        for virtual in self._virtual:
+        for virtual, _ in self._virtual.values():
             if virtual.error is not None:
                 return f"cannot decode pixels (OpenSlide: {virtual.error})"
         return super()._decode_cause(exc)

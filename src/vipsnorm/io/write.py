@@ -20,7 +20,7 @@ __all__ = ["atomic_path", "write_pyramid", "write_image", "COMPRESSIONS", "IMAGE
 COMPRESSIONS = ("jpeg", "deflate", "lzw", "none")
 #: Suffix -> saver for ordinary images.
 IMAGE_SUFFIXES = {".jpg": "jpeg", ".jpeg": "jpeg", ".png": "png", ".webp": "webp", ".tif": "tiff", ".tiff": "tiff"}
-#: Temporary outputs carry this in their name (``.NAME.vipsnorm-part-XXXX.EXT``).
+#: Temporary outputs carry this in their name (``.NAME.vipsnorm-part-<8 hex digits>.EXT``).
 PART_MARKER = ".vipsnorm-part-"
 
 # Metadata copied from the input that must not reach the output: vendor descriptions (an Aperio
