@@ -242,3 +242,16 @@ def test_backend_can_be_forced(tmp_path):
         vipsnorm.open(plain, backend="openslide")
     with pytest.raises(ValueError):
         vipsnorm.open(plain, backend="bioformats")
+
+
+def test_a_replaced_file_is_read_again_not_from_the_libvips_cache(tmp_path):
+    import os
+
+    path = tmp_path / "x.png"
+    pyvips.Image.black(10, 10).pngsave(str(path))
+    assert vipsnorm.open(path).level_image(0).avg() == 0
+    replacement = tmp_path / "y.png"
+    (pyvips.Image.black(20, 20) + 255).cast("uchar").pngsave(str(replacement))
+    os.replace(replacement, path)  # as an atomic writer (or a re-run) would
+    slide = vipsnorm.open(path)
+    assert slide.dimensions == (20, 20) and slide.level_image(0).avg() == 255

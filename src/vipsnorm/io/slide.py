@@ -161,7 +161,7 @@ class VipsSlide(Slide):
         self.path = path
         self.vendor = vendor
         try:
-            first = pyvips.Image.new_from_file(str(path), fail_on="error")
+            first = pyvips.Image.new_from_file(str(path), fail_on="error", revalidate=True)
         except pyvips.Error as exc:
             raise UnreadableImageError(path, f"not an image libvips can open ({one_line(str(exc))})") from exc
         self.loader = first.get("vips-loader")
@@ -173,7 +173,7 @@ class VipsSlide(Slide):
             # OME-TIFF style pyramid: levels in the SubIFDs of the first page (OpenSlide does not
             # read these; it would see one level)
             for index in range(first.get("n-subifds")):
-                sub = pyvips.Image.new_from_file(str(path), subifd=index)
+                sub = pyvips.Image.new_from_file(str(path), subifd=index, revalidate=True)
                 self._load.append({"subifd": index})
                 levels.append(Level(sub.width, sub.height, first.width / sub.width))
         elif osr is not None:
@@ -194,12 +194,23 @@ class VipsSlide(Slide):
             _mpp_from_openslide(osr) if osr is not None else _mpp_from_resolution(first, fields)
         )
         self.pages = first.get("n-pages") if "n-pages" in fields else 1
+        self._levels: dict[int, pyvips.Image] = {}
 
     def _level(self, level: int) -> pyvips.Image:
-        # tiffload reports a tile that fails to decompress only as a warning (and gives black pixels),
-        # so TIFF-based slides must fail on warnings; JPEG warnings (extraneous bytes) are harmless.
-        fail_on = "warning" if self.loader.startswith("tiffload") else "error"
-        return pyvips.Image.new_from_file(str(self.path), fail_on=fail_on, **self._load[level])
+        # Each level is opened once per Slide and shared (a JPEG is decoded once for probe, fit and
+        # write). revalidate: libvips caches loads by file name, and would hand back the old pixels of a
+        # file replaced since it was last opened in this process.
+        if level not in self._levels:
+            # tiffload reports a tile that fails to decompress only as a warning (and gives black
+            # pixels), so TIFF-based slides must fail on warnings; JPEG warnings are harmless.
+            fail_on = "warning" if self.loader.startswith("tiffload") else "error"
+            self._levels[level] = pyvips.Image.new_from_file(
+                str(self.path), fail_on=fail_on, revalidate=True, **self._load[level]
+            )
+        return self._levels[level]
+
+    def close(self) -> None:
+        self._levels.clear()
 
     def probe(self) -> None:
         """Decode a small window of the first and the last level; raise pyvips.Error if it fails."""
@@ -275,7 +286,7 @@ def _tiff_page_sizes(path: Path, first: pyvips.Image) -> dict[tuple[int, int], i
     """Map (width, height) -> first TIFF page index with that size."""
     sizes: dict[tuple[int, int], int] = {}
     for page in range(first.get("n-pages")):
-        image = first if page == 0 else pyvips.Image.new_from_file(str(path), page=page)
+        image = first if page == 0 else pyvips.Image.new_from_file(str(path), page=page, revalidate=True)
         sizes.setdefault((image.width, image.height), page)
     return sizes
 

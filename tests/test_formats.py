@@ -1,0 +1,93 @@
+"""More inputs: a multi-level Aperio SVS, WebP, resolution without a unit, an image as match reference."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import pyvips
+
+import vipsnorm
+from vipsnorm.cli import main
+
+openslide = pytest.importorskip("openslide")
+tifffile = pytest.importorskip("tifffile")
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+APERIO = "Aperio Image Library v12.0.0\r\n"
+
+
+def _aperio_svs(path: Path) -> np.ndarray:
+    """An Aperio-style SVS: level 0, a strip thumbnail, two tiled levels, a label (as scanners write)."""
+    level0 = np.random.default_rng(0).integers(0, 256, (1024, 1536, 3), dtype=np.uint8)
+    jpeg = dict(compression="jpeg", photometric="rgb", metadata=None, subsampling=(1, 1))
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(level0, tile=(256, 256), description=APERIO + "1536x1024 (256x256) JPEG/RGB|MPP = 0.4990", **jpeg)
+        tif.write(level0[::8, ::8].copy(), description=APERIO + "1536x1024 -> 192x128 - |MPP = 0.4990", **jpeg)
+        tif.write(level0[::4, ::4].copy(), tile=(256, 256), description=APERIO + "-> 384x256 JPEG/RGB", **jpeg)
+        tif.write(level0[::16, ::16].copy(), tile=(256, 256), description=APERIO + "-> 96x64 JPEG/RGB", **jpeg)
+        tif.write(np.zeros((100, 120, 3), np.uint8), photometric="rgb", compression="lzw", metadata=None,
+                  description=APERIO + "label 120x100", subfiletype=1)
+    return level0
+
+
+def test_multilevel_aperio_svs_pages_become_levels(tmp_path):
+    path = tmp_path / "a.svs"
+    _aperio_svs(path)
+    slide = vipsnorm.open(path)
+    assert slide.backend == "libvips" and slide.vendor == "aperio"
+    assert [(lvl.width, lvl.height) for lvl in slide.levels] == [(1536, 1024), (384, 256), (96, 64)]
+    assert [lvl.downsample for lvl in slide.levels] == [1.0, 4.0, 16.0]
+    assert set(slide.associated) == {"label", "thumbnail"}  # the strip pages are not levels
+    assert slide.mpp == (0.499, 0.499)
+    osr = openslide.OpenSlide(str(path))
+    for level in range(3):
+        expected = np.asarray(osr.read_region((0, 0), level, osr.level_dimensions[level]))[..., :3]
+        np.testing.assert_array_equal(slide.level_image(level).numpy(), expected)
+
+
+def test_normalized_svs_keeps_pixel_size_and_is_no_longer_aperio(tmp_path):
+    path = tmp_path / "a.svs"
+    _aperio_svs(path)
+    assert main(["normalize", str(path), "-o", str(tmp_path / "out"), "--method", "stretch"]) == 0
+    osr = openslide.OpenSlide(str(tmp_path / "out" / "a.tif"))
+    assert osr.properties["openslide.vendor"] == "generic-tiff"
+    assert float(osr.properties["openslide.mpp-x"]) == pytest.approx(0.499, rel=1e-4)
+
+
+def test_webp_in_webp_out(tmp_path):
+    pixels = np.random.default_rng(1).integers(40, 200, (64, 96, 3), dtype=np.uint8)
+    src = tmp_path / "in.webp"
+    pyvips.Image.new_from_array(pixels).copy(interpretation="srgb").webpsave(str(src), lossless=True)
+    assert vipsnorm.open(src).loader.startswith("webpload")
+    assert main(["normalize", str(src), "-o", str(tmp_path / "out"), "--method", "stretch", "--low", "0", "--high", "100"]) == 0
+    out = pyvips.Image.new_from_file(str(tmp_path / "out" / "in.webp"))
+    assert out.get("vips-loader").startswith("webpload")
+    assert out.numpy().min() <= 2 and out.numpy().max() >= 253  # min/max stretched to the full range
+
+
+def test_tiff_resolution_without_unit_is_not_a_pixel_size(tmp_path):
+    path = tmp_path / "nounit.tif"
+    tifffile.imwrite(path, np.zeros((32, 32, 3), np.uint8), photometric="rgb", resolution=(4000, 4000),
+                     resolutionunit="NONE", metadata=None)
+    assert vipsnorm.open(path).mpp is None
+    with_unit = tmp_path / "unit.tif"  # another name: libvips caches what it opened by file name
+    tifffile.imwrite(with_unit, np.zeros((32, 32, 3), np.uint8), photometric="rgb", resolution=(40000, 40000),
+                     resolutionunit="CENTIMETER", metadata=None)
+    assert vipsnorm.open(with_unit).mpp == pytest.approx((0.25, 0.25))
+
+
+@pytest.mark.skipif(not DATA.is_dir(), reason="shared test data not found")
+def test_match_to_a_reference_image(tmp_path):
+    source = DATA / "tiles" / "histolab-source-low.png"
+    target = DATA / "tiles" / "kather-template.jpg"
+    assert main(["normalize", str(source), "-o", str(tmp_path), "--method", "match", "--reference", str(target)]) == 0
+    before = vipsnorm.open(source).level_image(0).numpy().reshape(-1, 3).astype(float)
+    after = pyvips.Image.new_from_file(str(tmp_path / "histolab-source-low.png")).numpy().reshape(-1, 3).astype(float)
+    goal = pyvips.Image.new_from_file(str(target)).numpy().reshape(-1, 3).astype(float)
+    q = np.linspace(5, 95, 19)
+    gap_before = np.abs(np.percentile(before, q, axis=0) - np.percentile(goal, q, axis=0)).mean()
+    gap_after = np.abs(np.percentile(after, q, axis=0) - np.percentile(goal, q, axis=0)).mean()
+    # a very dark source has few distinct values, so its top quantiles land coarsely (measured 104 -> 2.8)
+    assert gap_after < 4 and gap_after < gap_before / 20
