@@ -302,3 +302,18 @@ def test_exit_code_nonzero_when_any_input_fails(photo, tmp_path, capsys):
     rc, _, stderr = run(capsys, "fit", missing, "-o", tmp_path / "ref.json")
     assert rc == 2 and "no reference written" in stderr
     assert not (tmp_path / "ref.json").exists()
+
+
+def test_a_palette_reference_is_never_ignored(tmp_path, capsys):
+    """--reference PALETTE without --method means match; with another method it is an error."""
+    rng = np.random.default_rng(5)
+    src, ref = tmp_path / "src.png", tmp_path / "ref.png"
+    for path, lo in ((src, 20), (ref, 120)):
+        pixels = rng.integers(lo, lo + 100, (48, 48, 3), dtype=np.uint8)
+        pyvips.Image.new_from_array(pixels).copy(interpretation="srgb").pngsave(str(path))
+    assert main(["normalize", str(src), "-o", str(tmp_path / "a"), "--reference", str(ref), "--json"]) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["params"]["method"] == "match"
+    assert main(["normalize", str(src), "-o", str(tmp_path / "b"), "--reference", str(ref), "--method", "stretch"]) == 2
+    assert "palette for --method match" in capsys.readouterr().err
+    assert not (tmp_path / "b" / "src.png").exists()

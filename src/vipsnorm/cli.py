@@ -47,8 +47,8 @@ def _add_fit_options(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--method",
         choices=sorted(METHODS),
-        help="normalization method (default: equalize for normalize, match for fit; with a parameters "
-        "JSON as --reference, the method it was fitted with)",
+        help="normalization method (default: equalize; match when --reference is an image or a palette "
+        "JSON; the fitted method when --reference is a parameters JSON; match for 'fit')",
     )
     g.add_argument("--mode", help="channels: joint|rgb (stretch), luminance|rgb (equalize, match)")
     g.add_argument("--low", type=float, help="stretch: lower percentile (default 2; 0 = minimum)")
@@ -189,7 +189,11 @@ def _normalize(args) -> int:
             raise InvalidReferenceError(args.reference, f"holds {params.method} parameters but --method is {args.method}")
         method = build_method(params.method)
     else:
-        method = build_method(args.method or "equalize", reference, **_method_options(args))
+        # a palette (an image, or a target JSON) is what 'match' maps onto; never ignore it silently
+        name = args.method or ("match" if reference is not None else "equalize")
+        if reference is not None and name != "match":
+            raise InvalidReferenceError(args.reference, f"is a palette for --method match; --method {name} cannot use it")
+        method = build_method(name, reference, **_method_options(args))
     args.output.mkdir(parents=True, exist_ok=True)
     failed = 0
     claimed = {Path(p).resolve() for p in args.inputs}  # never written over, even by another input
