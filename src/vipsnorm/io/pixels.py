@@ -67,13 +67,10 @@ def to_processing(image: pyvips.Image, path: str | None = None) -> pyvips.Image:
         image = (image * (1 / 257)).rint().cast("uchar")
 
     bands = image.bands
-    if bands in (2, 4):
-        if bands == 4 and interpretation == "cmyk":  # pragma: no cover - colourspace() handled it
-            image = image.colourspace("srgb")
-        else:
-            image = image.flatten(background=[255] * (bands - 1))
-            if image.format != "uchar":
-                image = image.rint().cast("uchar")
+    if bands in (2, 4):  # grey or RGB with alpha (CMYK was converted above)
+        image = image.flatten(background=[255] * (bands - 1))
+        if image.format != "uchar":
+            image = image.rint().cast("uchar")
     elif bands not in (1, 3):
         raise UnsupportedImageError(
             path, f"{bands}-band image (multispectral?) is not supported: expected grey or RGB"
