@@ -24,7 +24,7 @@ import pyvips
 
 from .errors import NoTissueError
 from .io.slide import Slide
-from .methods._hist import luma_array, luma_image
+from .methods._hist import histograms, luma_array, luma_image
 from .methods.base import Sample
 
 __all__ = ["TissueMask", "tissue_mask", "saturation", "sample_slide", "STRATEGIES", "MIN_TISSUE_PIXELS"]
@@ -66,11 +66,17 @@ class TissueMask:
         return float(self.mask.mean())
 
 
-def saturation(rgb: np.ndarray) -> np.ndarray:
-    """HSV saturation ``(max - min) / max`` of a uint8 ``(..., 3)`` array, as float32 in [0, 1]."""
+def _max_min(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-pixel max and min over the channels of a uint8 ``(..., 3)`` array, as float32."""
     r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
     mx = np.maximum(np.maximum(r, g), b).astype(np.float32)
     mn = np.minimum(np.minimum(r, g), b).astype(np.float32)
+    return mx, mn
+
+
+def saturation(rgb: np.ndarray) -> np.ndarray:
+    """HSV saturation ``(max - min) / max`` of a uint8 ``(..., 3)`` array, as float32 in [0, 1]."""
+    mx, mn = _max_min(rgb)
     return np.where(mx > 0, (mx - mn) / np.maximum(mx, 1), 0.0).astype(np.float32)
 
 
@@ -265,26 +271,9 @@ def _sample_tiles(slide: Slide, mask: TissueMask, n_tiles: int, tile: int, seed:
         # one crop per tile: a long-lived Region was faster per fetch but its buffers grew the peak
         # memory with the slide (209 MB at 20k, 314 MB at 40k, against 151 MB for both)
         crop = level0.crop(x, y, min(tile, w0 - x), min(tile, h0 - y))
-        hist += _tissue_histograms(slide.decode(crop.numpy), mask)
+        pixels = slide.decode(crop.numpy)
+        hist += histograms(pixels, _tissue_pixels_array(pixels, mask))
     return hist
-
-
-_ROW_OFFSETS = (np.arange(4, dtype=np.uint16) * 256)[:, np.newaxis]
-
-
-def _tissue_histograms(pixels: np.ndarray, mask: TissueMask) -> np.ndarray:
-    """(4, 256) R, G, B, Y histograms of the tissue pixels of a uint8 tile, in one ``bincount``."""
-    keep = _tissue_pixels_array(pixels, mask).reshape(-1).astype(np.uint16) * 1024
-    flat = pixels.reshape(-1, pixels.shape[-1] if pixels.ndim == 3 else 1)
-    index = np.empty((4, flat.shape[0]), np.uint16)
-    if flat.shape[1] == 3:
-        index[:3] = flat.T
-        index[3] = luma_array(flat)
-    else:
-        index[:] = flat[:, 0]
-    index += _ROW_OFFSETS
-    index += keep
-    return np.bincount(index.ravel(), minlength=2048)[1024:].reshape(4, 256).astype(np.float64)
 
 
 def _tissue_pixels_array(pixels: np.ndarray, mask: TissueMask) -> np.ndarray:
@@ -292,8 +281,6 @@ def _tissue_pixels_array(pixels: np.ndarray, mask: TissueMask) -> np.ndarray:
     if pixels.ndim == 2:
         pixels = pixels[..., np.newaxis]
     if pixels.shape[-1] == 3:
-        r, g, b = pixels[..., 0], pixels[..., 1], pixels[..., 2]
-        mx = np.maximum(np.maximum(r, g), b).astype(np.float32)
-        mn = np.minimum(np.minimum(r, g), b).astype(np.float32)
+        mx, mn = _max_min(pixels)
         return (mx - mn) > mx * np.float32(mask.threshold)
     return pixels[..., 0] < mask.threshold

@@ -16,6 +16,7 @@ __all__ = [
     "LUMA_WEIGHTS",
     "luma_array",
     "luma_image",
+    "histograms",
     "percentile",
     "apply_luts_image",
     "apply_luts_array",
@@ -34,6 +35,29 @@ def luma_array(rgb: np.ndarray) -> np.ndarray:
     return ((LUMA_WEIGHTS[0] * r + LUMA_WEIGHTS[1] * g + LUMA_WEIGHTS[2] * b + (1 << (_SHIFT - 1))) >> _SHIFT).astype(
         np.uint8
     )
+
+
+_ROW_OFFSETS = (np.arange(4, dtype=np.uint16) * 256)[:, np.newaxis]
+
+
+def histograms(pixels: np.ndarray, keep: np.ndarray | None = None) -> np.ndarray:
+    """(4, 256) R, G, B, Y counts of a uint8 ``(h, w)`` / ``(h, w, 1)`` / ``(h, w, 3)`` array, in one
+    ``bincount``; only the pixels where ``keep`` is True, if given. Grey fills all four rows."""
+    bands = 1 if pixels.ndim == 2 else pixels.shape[-1]
+    if bands not in (1, 3):
+        raise ValueError(f"expected 1 or 3 bands, got {bands}")
+    flat = pixels.reshape(-1, bands)
+    index = np.empty((4, flat.shape[0]), np.uint16)
+    if bands == 3:
+        index[:3] = flat.T
+        index[3] = luma_array(flat)
+    else:
+        index[:] = flat[:, 0]
+    index += _ROW_OFFSETS
+    if keep is None:
+        return np.bincount(index.ravel(), minlength=1024).reshape(4, 256).astype(np.float64)
+    index += keep.reshape(-1).astype(np.uint16) * 1024  # dropped pixels land in bins 0..1023
+    return np.bincount(index.ravel(), minlength=2048)[1024:].reshape(4, 256).astype(np.float64)
 
 
 def luma_image(image: pyvips.Image) -> pyvips.Image:

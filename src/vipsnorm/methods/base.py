@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import numpy as np
 import pyvips
 
-from ._hist import apply_luts_array, apply_luts_image, luma_array
+from ._hist import apply_luts_array, apply_luts_image, histograms
 
 __all__ = ["Sample", "Params", "LutParams", "Method", "LutMethod", "ROWS"]
 
@@ -66,18 +66,8 @@ class Sample:
         pixels = np.asarray(pixels)
         if pixels.dtype != np.uint8:
             raise TypeError(f"expected uint8 pixels, got {pixels.dtype}")
-        if pixels.ndim == 2:
-            pixels = pixels[..., np.newaxis]
-        bands = pixels.shape[-1]
-        flat = pixels.reshape(-1, bands)
-        if bands == 1:
-            grey = np.bincount(flat[:, 0], minlength=256)
-            return cls(np.stack([grey] * 4), 1, source)
-        if bands != 3:
-            raise ValueError(f"expected 1 or 3 bands, got {bands}")
-        rows = [np.bincount(flat[:, i], minlength=256) for i in range(3)]
-        rows.append(np.bincount(luma_array(flat), minlength=256))
-        return cls(np.stack(rows), 3, source)
+        hist = histograms(pixels)
+        return cls(hist, 1 if pixels.ndim == 2 or pixels.shape[-1] == 1 else 3, source)
 
     @classmethod
     def pooled(cls, samples: Iterable["Sample"], source: str = "") -> "Sample":
