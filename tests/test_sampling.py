@@ -114,3 +114,50 @@ def test_glass_stays_glass(tmp_path, method):
     # the tissue detector would still call it glass (a linear stretch amplifies a scanner tint a little)
     assert (~_tissue_pixels_array(out_glass, mask)).mean() > 0.9
     assert (np.abs(after.astype(int) - before).mean()) > 1  # and something did change
+
+
+def _pixel_means_agree(sample, tolerance=1.5):
+    """The gathered pixels are a uniform subsample of the counted ones: per-channel means agree."""
+    values = np.arange(256)
+    for band in range(sample.pixels.shape[1]):
+        row = sample.hist[band]
+        assert abs(sample.pixels[:, band].mean() - (row * values).sum() / row.sum()) < tolerance
+
+
+@pytest.mark.parametrize("strategy", ["tiles", "level", "exact"])
+def test_sample_gathers_tissue_pixels_on_request(large_slide, strategy):
+    slide = vipsnorm.open(large_slide)
+    sample = sample_slide(slide, strategy=strategy, n_tiles=16, pixels=20000)
+    assert sample.pixels.dtype == np.uint8 and sample.pixels.shape[1] == 3
+    assert 10000 <= sample.pixels.shape[0] <= 20000
+    view, downsample = vipsnorm.sampling.overview(slide)
+    mask = tissue_mask(view, downsample)
+    assert _tissue_pixels_array(sample.pixels[np.newaxis], mask).all()  # tissue only, no glass
+    _pixel_means_agree(sample, tolerance=1.5 if strategy == "tiles" else 3.0)
+    if strategy == "tiles":
+        assert sample_slide(slide, n_tiles=16).pixels is None  # histograms only by default
+        again = sample_slide(slide, strategy=strategy, n_tiles=16, pixels=20000)
+        np.testing.assert_array_equal(sample.pixels, again.pixels)  # reproducible
+
+
+def test_ordinary_image_gives_every_pixel_when_few(tmp_path):
+    rng = np.random.default_rng(0)
+    array = rng.integers(0, 256, (60, 50, 3), dtype=np.uint8)
+    path = tmp_path / "x.png"
+    import pyvips
+
+    pyvips.Image.new_from_array(array, interpretation="srgb").write_to_file(str(path))
+    sample = sample_slide(vipsnorm.open(path), pixels=10**6)
+    assert sample.pixels.shape == (3000, 3)
+    np.testing.assert_array_equal(sample.pixels, array.reshape(-1, 3))  # in order, none dropped
+    capped = sample_slide(vipsnorm.open(path), pixels=500)
+    assert capped.pixels.shape[0] == 500
+    _pixel_means_agree(capped, tolerance=12)  # 500 of 3000 uniform values: within ~3 standard errors
+
+
+def test_pooled_samples_take_as_many_pixels_from_each():
+    a = Sample.from_array(np.full((10, 10, 3), 50, np.uint8))
+    b = Sample.from_array(np.full((30, 30, 3), 200, np.uint8))
+    pooled = Sample.pooled([a, b])
+    assert pooled.pixels.shape == (200, 3)
+    assert (pooled.pixels[:, 0] == 50).sum() == (pooled.pixels[:, 0] == 200).sum() == 100

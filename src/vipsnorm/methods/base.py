@@ -40,12 +40,17 @@ class Sample:
     background : tuple of 4 floats, optional
         Median R, G, B, Y of the glass around the tissue (slides); ``None`` for images without glass.
         Matching maps the source's glass onto the target's, so glass stays glass.
+    pixels : ndarray, shape (n, 3), uint8, optional
+        A uniform random subsample of the same (tissue) pixels, for methods fitted on pixel colours
+        rather than histograms (stain normalization). Gathered only when a method asks for it
+        (:attr:`Method.sample_pixels`); not saved by :meth:`to_dict`.
     """
 
     hist: np.ndarray
     bands: int = 3
     source: str = ""
     background: tuple[float, float, float, float] | None = None
+    pixels: np.ndarray | None = None
 
     def __post_init__(self):
         hist = np.asarray(self.hist, dtype=np.float64)
@@ -54,6 +59,11 @@ class Sample:
         object.__setattr__(self, "hist", hist)
         if self.background is not None:
             object.__setattr__(self, "background", tuple(float(v) for v in self.background))
+        if self.pixels is not None:
+            pixels = np.asarray(self.pixels)
+            if pixels.dtype != np.uint8 or pixels.ndim != 2 or pixels.shape[1] not in (1, 3):
+                raise ValueError(f"Sample.pixels must be uint8 of shape (n, 3) or (n, 1), not {pixels.dtype} {pixels.shape}")
+            object.__setattr__(self, "pixels", pixels)
 
     @property
     def n(self) -> float:
@@ -62,12 +72,14 @@ class Sample:
 
     @classmethod
     def from_array(cls, pixels: np.ndarray, source: str = "array") -> "Sample":
-        """Histograms of every pixel of an ``(h, w)``, ``(h, w, 1)`` or ``(h, w, 3)`` uint8 array."""
+        """Histograms (and :attr:`pixels`) of every pixel of an ``(h, w)``, ``(h, w, 1)`` or
+        ``(h, w, 3)`` uint8 array."""
         pixels = np.asarray(pixels)
         if pixels.dtype != np.uint8:
             raise TypeError(f"expected uint8 pixels, got {pixels.dtype}")
         hist = histograms(pixels)
-        return cls(hist, 1 if pixels.ndim == 2 or pixels.shape[-1] == 1 else 3, source)
+        bands = 1 if pixels.ndim == 2 or pixels.shape[-1] == 1 else 3
+        return cls(hist, bands, source, pixels=pixels.reshape(-1, bands))
 
     @classmethod
     def pooled(cls, samples: Iterable["Sample"], source: str = "") -> "Sample":
@@ -80,7 +92,14 @@ class Sample:
         bands = 3 if any(s.bands == 3 for s in samples) else 1
         backgrounds = [s.background for s in samples if s.background is not None]
         background = tuple(np.median(backgrounds, axis=0)) if backgrounds else None
-        return cls(hist, bands, source or f"pooled from {len(samples)} images", background)
+        # pixels: as many from each sample (the fewest any has), so each weighs the same here too
+        with_pixels = [s.pixels for s in samples if s.pixels is not None and s.pixels.shape[0] > 0]
+        pixels = None
+        if with_pixels and len({p.shape[1] for p in with_pixels}) == 1:
+            n = min(p.shape[0] for p in with_pixels)
+            rng = np.random.default_rng(0)
+            pixels = np.concatenate([p[np.sort(rng.choice(p.shape[0], n, replace=False))] for p in with_pixels])
+        return cls(hist, bands, source or f"pooled from {len(samples)} images", background, pixels)
 
     def is_flat(self) -> bool:
         """True when every channel holds a single value."""
@@ -167,6 +186,8 @@ class Method(ABC):
 
     name: ClassVar[str]
     params_type: ClassVar[type[Params]]
+    #: How many tissue pixels :meth:`fit` needs in :attr:`Sample.pixels` (0: histograms suffice).
+    sample_pixels: ClassVar[int] = 0
 
     @abstractmethod
     def fit(self, sample: Sample) -> Params:
