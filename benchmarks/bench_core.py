@@ -89,7 +89,7 @@ def _child(case: str, slide: str, out_dir: str, reference: str | None) -> None:
         from vipsnorm.engine import Options, build_method, load_reference
 
         options = Options(strategy=strategy, backend=backend)
-        ref = load_reference(reference, options) if method_name == "match" else None
+        ref = load_reference(reference, "match", options) if method_name == "match" else None
         method = build_method(method_name, ref, mode=mode)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 

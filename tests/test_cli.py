@@ -315,5 +315,12 @@ def test_a_palette_reference_is_never_ignored(tmp_path, capsys):
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line["params"]["method"] == "match"
     assert main(["normalize", str(src), "-o", str(tmp_path / "b"), "--reference", str(ref), "--method", "stretch"]) == 2
-    assert "palette for --method match" in capsys.readouterr().err
+    assert "method 'stretch' maps onto no reference image" in capsys.readouterr().err
     assert not (tmp_path / "b" / "src.png").exists()
+    # a target JSON made for match is refused by another method, with the reason
+    assert main(["fit", str(ref), "-o", str(tmp_path / "palette.json")]) == 0
+    capsys.readouterr()
+    args = ["normalize", str(src), "-o", str(tmp_path / "c"), "--reference", str(tmp_path / "palette.json")]
+    assert main(args + ["--method", "equalize"]) == 2
+    assert "is a match target; --method equalize cannot use it" in capsys.readouterr().err
+    assert main(args) == 0  # the JSON says which method it is for

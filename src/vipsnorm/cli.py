@@ -182,18 +182,24 @@ def _report(result: Result, as_json: bool) -> None:
 
 def _normalize(args) -> int:
     options = _options(args)
-    reference = load_reference(args.reference, options) if args.reference else None
+    reference = None
+    if args.reference:
+        # an image reference is the target of the chosen method (default: match, its palette)
+        reference = load_reference(args.reference, args.method or "match", options, **_method_options(args))
     params = reference.params if reference is not None and reference.kind == "params" else None
     if params is not None:
         if args.method not in (None, params.method):
             raise InvalidReferenceError(args.reference, f"holds {params.method} parameters but --method is {args.method}")
         method = build_method(params.method)
     else:
-        # a palette (an image, or a target JSON) is what 'match' maps onto; never ignore it silently
-        name = args.method or ("match" if reference is not None else "equalize")
-        if reference is not None and name != "match":
-            raise InvalidReferenceError(args.reference, f"is a palette for --method match; --method {name} cannot use it")
-        method = build_method(name, reference, **_method_options(args))
+        name = args.method or (reference.method if reference is not None else "equalize")
+        if reference is not None and name != reference.method:
+            # never ignore a reference silently
+            raise InvalidReferenceError(args.reference, f"is a {reference.method} target; --method {name} cannot use it")
+        try:
+            method = build_method(name, reference, **_method_options(args))
+        except InvalidReferenceError as exc:
+            raise InvalidReferenceError(args.reference, exc.cause) from None
     args.output.mkdir(parents=True, exist_ok=True)
     failed = 0
     claimed = {Path(p).resolve() for p in args.inputs}  # never written over, even by another input

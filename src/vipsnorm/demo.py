@@ -36,7 +36,7 @@ def run_demo(folder: Path, size: int = 4096) -> int:
         for i, lab in enumerate(LABS)
     ]
     options = Options()
-    reference = load_reference(slides[0], options)
+    reference = load_reference(slides[0], "match", options)
     method = build_method("match", reference)
     print(f"target palette: tissue of {slides[0].name}; method: histogram matching (per channel)")
     failed = 0

@@ -5,6 +5,7 @@ This is the layer the command line calls; it is the only one that both reads and
 
 from __future__ import annotations
 
+import inspect
 import os
 import time
 from collections.abc import Collection
@@ -71,32 +72,69 @@ class Result:
 
 
 def build_method(name: str, reference: Reference | None = None, **options) -> Method:
-    """Instantiate method ``name`` with its options (``low``, ``high``, ``mode``) and target."""
+    """Instantiate method ``name`` with its options (``None`` values are left at their defaults) and, for
+    methods that map onto a target, the target held by ``reference``.
+
+    Raises
+    ------
+    ValueError
+        An unknown method, or an option the method does not take.
+    InvalidReferenceError
+        A method that needs a reference got none, or one made for another method.
+    """
     try:
         cls = METHODS[name]
     except KeyError:
         raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}") from None
     options = {k: v for k, v in options.items() if v is not None}
-    if cls is Match:
-        if reference is None or reference.target is None:
-            raise InvalidReferenceError(
-                None, "method 'match' needs --reference: an image or a target JSON made by 'vipsnorm fit'"
-            )
-        return Match(reference.target, **options)
-    return cls(**options)
+    accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "target"}
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        names = ", ".join("--" + k.replace("_", "-") for k in unknown)
+        raise ValueError(f"method {name!r} does not take {names}")
+    if cls.target_type is None:
+        return cls(**options)
+    target = None
+    if reference is not None:
+        if reference.target is None or reference.method != name:
+            what = f"{reference.method} parameters" if reference.target is None else f"a {reference.method} target"
+            raise InvalidReferenceError(None, f"the reference holds {what}, not a {name} target")
+        target = reference.target
+    elif cls.requires_reference:
+        raise InvalidReferenceError(
+            None, f"method {name!r} needs --reference: an image, or a target JSON made by 'vipsnorm fit --method {name}'"
+        )
+    return cls(target, **options)
 
 
-def load_reference(path: str | os.PathLike[str], options: Options = Options()) -> Reference:
-    """A reference from a JSON file (``vipsnorm fit``) or from an image/slide (its tissue palette)."""
+def load_reference(
+    path: str | os.PathLike[str], method: str = "match", options: Options = Options(), **method_options
+) -> Reference:
+    """A reference from a JSON file (``vipsnorm fit``; ``method`` is ignored, the file says) or from an
+    image or slide: the target of ``method`` that its tissue defines."""
     path = Path(path)
     if path.suffix.lower() == ".json":
         return load_reference_json(path)
+    cls = METHODS.get(method)
+    if cls is None:
+        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    if cls.target_type is None:
+        raise InvalidReferenceError(
+            path, f"method {method!r} maps onto no reference image; give a parameters JSON from 'vipsnorm fit'"
+        )
     with open_slide(path, max_pixels=options.max_pixels, backend=options.backend) as slide:
-        sample = _sample(slide, options)
-    return Reference(
-        target=Sample(sample.hist, sample.bands, f"{path.name}: {sample.source}", sample.background),
-        inputs=(str(path),),
-    )
+        sample = _sample(slide, options, cls.sample_pixels)
+    sample = Sample(sample.hist, sample.bands, f"{path.name}: {sample.source}", sample.background, sample.pixels)
+    fitter = _target_fitter(method, method_options)
+    return Reference(target=fitter.fit_target([sample]), inputs=(str(path),), method=method)
+
+
+def _target_fitter(method: str, method_options: dict) -> Method:
+    """An instance of ``method`` (without a target) whose ``fit_target`` builds targets."""
+    cls = METHODS[method]
+    options = {k: v for k, v in method_options.items() if v is not None}
+    accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "target"}
+    return cls(None, **{k: v for k, v in options.items() if k in accepted})
 
 
 def output_path(slide: Slide, out_dir: Path, fmt: str) -> Path:
@@ -121,10 +159,15 @@ def _check_output(inp: Path, out: Path, options: Options) -> None:
             raise OutputError(out, "output already exists and --no-overwrite was given")
 
 
-def _sample(slide: Slide, options: Options) -> Sample:
+def _sample(slide: Slide, options: Options, pixels: int = 0) -> Sample:
     """The pixels to fit on, as ``options`` say; a flat sample is an error, never a division by zero."""
     sample = sample_slide(
-        slide, strategy=options.strategy, n_tiles=options.n_tiles, seed=options.seed, tissue=options.tissue
+        slide,
+        strategy=options.strategy,
+        n_tiles=options.n_tiles,
+        seed=options.seed,
+        tissue=options.tissue,
+        pixels=pixels,
     )
     if sample.is_flat():
         value = int(sample.hist[3].argmax())
@@ -133,8 +176,10 @@ def _sample(slide: Slide, options: Options) -> Sample:
 
 
 def fit_slide(slide: Slide, method: Method, options: Options) -> Params:
-    """Sample ``slide`` and fit ``method``."""
-    return method.fit(_sample(slide, options))
+    """Sample ``slide`` and fit ``method`` (spatial methods: on the whole level-0 image)."""
+    if method.spatial:
+        return slide.decode(lambda: method.fit_level(slide.level_image(0), mpp=slide.mpp))
+    return method.fit(_sample(slide, options, method.sample_pixels))
 
 
 def normalize_file(
@@ -205,10 +250,18 @@ def fit_files(
 ) -> tuple[Reference, list[Result]]:
     """Fit one reference over many inputs.
 
-    For ``match`` the reference is the target palette: the inputs' tissue histograms pooled, each input
-    weighted equally. For the other methods it is their parameters fitted on that pooled sample, to be
-    applied unchanged to every image.
+    For methods that map onto a target (match, the stain methods) the reference is that target, built
+    by the method's ``fit_target`` from every input's sample (match: the tissue histograms pooled, each
+    input weighted equally). For the other methods it is their parameters fitted on the pooled sample,
+    to be applied unchanged to every image.
     """
+    cls = METHODS.get(method_name)
+    if cls is None:
+        raise ValueError(f"unknown method {method_name!r}; choose from {', '.join(METHODS)}")
+    if cls.spatial:
+        raise ValueError(f"method {method_name!r} is fitted on each image's own layout; it has no dataset reference")
+    method_options = method_options or {}
+    fitter = _target_fitter(method_name, method_options) if cls.target_type is not None else build_method(method_name, **method_options)
     samples: list[Sample] = []
     results: list[Result] = []
     for path in paths:
@@ -217,16 +270,15 @@ def fit_files(
         try:
             with open_slide(path, max_pixels=options.max_pixels, backend=options.backend) as slide:
                 result.slide = slide.describe()
-                samples.append(_sample(slide, options))
+                samples.append(_sample(slide, options, cls.sample_pixels))
         except VipsnormError as exc:
             result.status, result.error = "error", str(exc)
         result.seconds = time.perf_counter() - start
         results.append(result)
     if not samples:
         raise InvalidReferenceError(None, "no input could be sampled; no reference written")
-    pooled = Sample.pooled(samples, source=f"pooled tissue histograms of {len(samples)} images")
     inputs = tuple(str(r.input) for r in results if r.status == "ok")
-    if method_name == "match":
-        return Reference(target=pooled, inputs=inputs), results
-    method = build_method(method_name, **(method_options or {}))
-    return Reference(params=method.fit(pooled), inputs=inputs), results
+    if cls.target_type is not None:
+        return Reference(target=fitter.fit_target(samples), inputs=inputs, method=method_name), results
+    pooled = Sample.pooled(samples, source=f"pooled tissue histograms of {len(samples)} images")
+    return Reference(params=fitter.fit(pooled), inputs=inputs), results

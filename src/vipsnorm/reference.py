@@ -1,7 +1,10 @@
-"""References saved as JSON: a target palette (pooled histograms) or a method's fitted parameters.
+"""References saved as JSON: a target that every image is mapped onto, or a method's fitted parameters.
 
-``{"vipsnorm": "0.1.0", "kind": "target", "sample": {...}, "inputs": [...]}``
+``{"vipsnorm": "0.1.0", "kind": "target", "method": "match", "sample": {...}, "inputs": [...]}``
     What ``match`` maps every image onto: the tissue histograms of one image, or pooled over a set.
+``{"vipsnorm": "0.1.0", "kind": "target", "method": "macenko", "target": {...}, "inputs": [...]}``
+    A stain method's target (stain vectors and concentrations, or Lab statistics) from one image or
+    aggregated over a set; each image is fitted on its own and mapped onto it.
 ``{"vipsnorm": "0.1.0", "kind": "params", "params": {"method": "stretch", ...}, "inputs": [...]}``
     Parameters fitted once (on one image or a whole set) and applied unchanged to every image.
 """
@@ -16,25 +19,41 @@ from pathlib import Path
 from . import __version__
 from .errors import InvalidReferenceError
 from .io.write import atomic_path
-from .methods import Params, Sample, params_from_dict
+from .methods import METHODS, Params, Sample, params_from_dict
 
 __all__ = ["Reference", "save_reference", "load_reference_json"]
 
 
 @dataclass(frozen=True)
 class Reference:
-    """A loaded reference: exactly one of ``target`` and ``params`` is set."""
+    """A loaded reference: exactly one of ``target`` and ``params`` is set.
 
-    target: Sample | None = None
+    ``target`` is what method ``method`` maps images onto: a :class:`Sample` palette for ``match``, the
+    method's ``target_type`` for the stain methods.
+    """
+
+    target: object | None = None
     params: Params | None = None
     inputs: tuple[str, ...] = field(default=())
+    method: str = "match"
+
+    def __post_init__(self):
+        if (self.target is None) == (self.params is None):
+            raise ValueError("a reference holds either a target or parameters")
+        if self.params is not None:
+            object.__setattr__(self, "method", self.params.method)
 
     @property
     def kind(self) -> str:
         return "target" if self.target is not None else "params"
 
     def to_dict(self) -> dict:
-        body = {"sample": self.target.to_dict()} if self.target is not None else {"params": self.params.to_dict()}
+        if self.params is not None:
+            body = {"params": self.params.to_dict()}
+        elif isinstance(self.target, Sample):
+            body = {"method": self.method, "sample": self.target.to_dict()}
+        else:
+            body = {"method": self.method, "target": self.target.to_dict()}
         return {"vipsnorm": __version__, "kind": self.kind, **body, "inputs": list(self.inputs)}
 
 
@@ -52,7 +71,13 @@ def load_reference_json(path: str | os.PathLike[str]) -> Reference:
         data = json.loads(Path(path).read_text())
         inputs = tuple(data.get("inputs", ()))
         if data["kind"] == "target":
-            return Reference(target=Sample.from_dict(data["sample"]), inputs=inputs)
+            method = data.get("method", "match")
+            if "sample" in data:
+                return Reference(target=Sample.from_dict(data["sample"]), inputs=inputs, method=method)
+            target_type = METHODS[method].target_type if method in METHODS else None
+            if target_type is None:
+                raise ValueError(f"no method {method!r} with a target")
+            return Reference(target=target_type.from_dict(data["target"]), inputs=inputs, method=method)
         if data["kind"] == "params":
             return Reference(params=params_from_dict(data["params"]), inputs=inputs)
         raise ValueError(f"unknown kind {data['kind']!r}")

@@ -188,6 +188,18 @@ class Method(ABC):
     params_type: ClassVar[type[Params]]
     #: How many tissue pixels :meth:`fit` needs in :attr:`Sample.pixels` (0: histograms suffice).
     sample_pixels: ClassVar[int] = 0
+    #: What the method maps images onto (match: a :class:`Sample` palette; stain methods: their stain
+    #: target), or None when fitted parameters stand on their own (stretch, equalize). Methods with a
+    #: target take it as the first constructor argument and build one with :meth:`fit_target`.
+    target_type: ClassVar[type | None] = None
+    #: True when the method needs ``--reference`` (it has no default target).
+    requires_reference: ClassVar[bool] = False
+    #: Spatial methods (clahe) are fitted on the whole level-0 image by ``fit_level``, not on a Sample.
+    spatial: ClassVar[bool] = False
+
+    def fit_target(self, samples: list[Sample]):
+        """The target that the samples of one or many reference images define (``vipsnorm fit``)."""
+        raise NotImplementedError(f"method {self.name!r} maps onto no target")
 
     @abstractmethod
     def fit(self, sample: Sample) -> Params:

@@ -78,15 +78,23 @@ class Match(LutMethod):
 
     name = "match"
     params_type = MatchParams
+    target_type = Sample
+    requires_reference = True
 
-    def __init__(self, target: Sample, mode: str = "rgb"):
+    def __init__(self, target: Sample | None = None, mode: str = "rgb"):
         if mode not in ("rgb", "luminance"):
             raise ValueError(f"match mode must be 'rgb' or 'luminance', not {mode!r}")
-        if target is None:
-            raise InvalidReferenceError(None, "match needs a reference (--reference IMAGE or JSON)")
         self.target, self.mode = target, mode
 
+    def fit_target(self, samples: list[Sample]) -> Sample:
+        """The palette of one image, or the tissue histograms of many pooled, each weighing the same."""
+        if len(samples) == 1:
+            return samples[0]
+        return Sample.pooled(samples, source=f"pooled tissue histograms of {len(samples)} images")
+
     def fit(self, sample: Sample) -> MatchParams:
+        if self.target is None:
+            raise InvalidReferenceError(None, "match needs a reference (--reference IMAGE or JSON)")
         rgb = self.mode == "rgb" and sample.bands == 3
         if rgb and self.target.bands == 1:
             raise InvalidReferenceError(None, "reference is grey; use --mode luminance for colour images")
