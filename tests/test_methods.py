@@ -269,7 +269,13 @@ def test_params_are_frozen():
 
 
 def test_method_table_is_explicit():
-    assert METHODS == {"stretch": Stretch, "equalize": Equalize, "match": Match}
+    from vipsnorm.methods import Clahe
+
+    assert {k: METHODS[k] for k in ("stretch", "equalize", "match", "clahe")} == {
+        "stretch": Stretch, "equalize": Equalize, "match": Match, "clahe": Clahe
+    }
+    for name, cls in METHODS.items():
+        assert cls.name == name and cls.params_type.method == name
     assert StretchParams.method == "stretch" and EqualizeParams.method == "equalize"
 
 

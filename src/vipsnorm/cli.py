@@ -39,6 +39,9 @@ methods:
   equalize  histogram equalization; --mode luminance (default: luma only, keeps hue) or rgb
   match     histogram matching onto --reference (an image, or a JSON from 'vipsnorm fit');
             --mode rgb (default: matches the colour palette) or luminance
+  clahe     adaptive equalization (OpenCV's CLAHE, computed over the whole slide, no seams):
+            --clip-limit (default 2); --grid COLSxROWS (images, default 8x8) or --region PX /
+            --region-um UM (slides: default 1024 px regions); --mode luminance (default) or rgb
 """
 
 
@@ -53,6 +56,14 @@ def _add_fit_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mode", help="channels: joint|rgb (stretch), luminance|rgb (equalize, match)")
     g.add_argument("--low", type=float, help="stretch: lower percentile (default 2; 0 = minimum)")
     g.add_argument("--high", type=float, help="stretch: upper percentile (default 98; 100 = maximum)")
+    g.add_argument("--clip-limit", type=float, help="clahe: OpenCV's clipLimit (default 2; 0 = no clipping)")
+    g.add_argument(
+        "--grid", type=_grid, metavar="COLSxROWS", help="clahe: regions across and down, as OpenCV's tileGridSize (default 8x8 for images)"
+    )
+    g.add_argument("--region", type=int, metavar="PX", help="clahe: region side in level-0 pixels (slides; default 1024)")
+    g.add_argument(
+        "--region-um", type=float, metavar="UM", help="clahe: region side in microns, where the pixel size is known"
+    )
     g.add_argument(
         "--sample",
         choices=STRATEGIES,
@@ -156,8 +167,27 @@ def _options(args) -> Options:
     )
 
 
+def _grid(text: str) -> tuple[int, int]:
+    try:
+        cols, rows = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected COLSxROWS such as 8x8, not {text!r}") from None
+    if cols < 1 or rows < 1:
+        raise argparse.ArgumentTypeError(f"grid sizes must be positive, not {text!r}")
+    return cols, rows
+
+
 def _method_options(args) -> dict:
-    return {"mode": args.mode, "low": args.low, "high": args.high}
+    """The method options given on the command line (``None``: not given, the method's default)."""
+    return {
+        "mode": args.mode,
+        "low": args.low,
+        "high": args.high,
+        "clip_limit": args.clip_limit,
+        "grid": args.grid,
+        "region": args.region,
+        "region_um": args.region_um,
+    }
 
 
 def _report(result: Result, as_json: bool) -> None:

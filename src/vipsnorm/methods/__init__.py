@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .base import LutMethod, LutParams, Method, Params, Sample
+from .clahe import Clahe, ClaheParams
 from .equalize import Equalize, EqualizeParams
 from .match import Match, MatchParams
 from .stretch import Stretch, StretchParams
@@ -20,6 +21,8 @@ __all__ = [
     "EqualizeParams",
     "Match",
     "MatchParams",
+    "Clahe",
+    "ClaheParams",
     "params_from_dict",
 ]
 
@@ -28,6 +31,7 @@ METHODS: dict[str, type[Method]] = {
     "stretch": Stretch,
     "equalize": Equalize,
     "match": Match,
+    "clahe": Clahe,
 }
 
 

@@ -1,0 +1,589 @@
+"""Contrast-limited adaptive histogram equalization (CLAHE) that streams over gigapixel slides.
+
+The image is cut into a grid of *contextual regions*; each region gets a clipped-histogram equalization
+LUT computed over the **whole** image (one streaming libvips pass, bounded memory), and every pixel is
+mapped through the LUTs of the (up to) four region centres around it, interpolated bilinearly. This is
+CLAHE on the whole image at once, never per-tile CLAHE, so tiles of a slide show no seams.
+
+The arithmetic is OpenCV's ``createCLAHE(clipLimit, tileGridSize)``: the same region geometry (an image
+whose size is not a multiple of the grid is padded at the bottom/right by ``BORDER_REFLECT_101`` for the
+histograms, exactly as OpenCV does), the same clip limit ``max(1, int(clipLimit * regionArea / 256))``,
+the same redistribution of the clipped excess (evenly, then the remainder one count every
+``256 // remainder`` bins from 0), the same LUT scale ``255 / regionArea`` in float32 with
+round-half-even, and the same interpolation coordinates ``x / regionWidth - 0.5``.
+
+Notes
+-----
+Input is uchar, 1 band (grey) or 3 bands (RGB, gamma-encoded). In ``luminance`` mode a colour image is
+equalized on its BT.601 luma ``Y`` (bit-exactly :func:`~vipsnorm.methods._hist.luma_image`) and every band
+gets ``Y' - Y`` added, clipped to 0..255 (hue and chroma kept, as in YCbCr); in ``rgb`` mode each band is
+equalized on its own. On grey images, and on the luma of colour images, the numpy path
+(:meth:`Clahe.apply_array`) reproduces OpenCV to within rounding (see ``tests/test_clahe.py`` for the
+measured figures); the lazy pyvips path (:meth:`Clahe.apply`) equals the numpy path up to one grey level
+on pixels whose interpolated value falls on (or within float error of) a half-integer.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+import warnings
+import zlib
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import pyvips
+
+from ._hist import luma_array, luma_image
+from .base import Method, Params, Sample
+
+__all__ = ["Clahe", "ClaheParams", "clahe_luts", "grid_geometry"]
+
+#: OpenCV's default tileGridSize, used for images up to LARGE pixels a side.
+DEFAULT_GRID = (8, 8)
+#: Larger images (slides) get regions of this many level-0 pixels instead, unless told otherwise.
+LARGE = 8192
+DEFAULT_REGION = 1024
+
+#: Bins of a uchar histogram.
+_BINS = 256
+#: Regions whose histograms one ``hist_find`` pass can key into a ushort image (65536 bins / 256).
+_REGIONS_PER_PASS = 65536 // _BINS
+#: Interpolation cells one ``maplut`` can key (its LUT holds at most 65536 entries).
+_CELLS_PER_LUT = 65536 // _BINS
+#: Above this many pixels, :meth:`Clahe.apply_array` works in row chunks of about this many pixels.
+_CHUNK_PIXELS = 1 << 22
+
+
+# --------------------------------------------------------------------------------------------------
+# geometry and LUTs (shared by every path)
+
+
+def grid_geometry(width: int, height: int, grid: tuple[int, int]) -> tuple[int, int, int, int]:
+    """OpenCV's region size and padding: ``(tile_w, tile_h, pad_x, pad_y)`` for a ``(cols, rows)`` grid.
+
+    When width and height are both multiples of the grid, the regions tile the image exactly. Otherwise
+    OpenCV pads the image at the right by ``cols - width % cols`` and at the bottom by
+    ``rows - height % rows`` (``BORDER_REFLECT_101``), even along an axis that was already a multiple,
+    and the regions tile the padded image.
+    """
+    cols, rows = grid
+    if width % cols == 0 and height % rows == 0:
+        pad_x = pad_y = 0
+    else:
+        pad_x, pad_y = cols - width % cols, rows - height % rows
+    return (width + pad_x) // cols, (height + pad_y) // rows, pad_x, pad_y
+
+
+def clahe_luts(hist: np.ndarray, clip_limit: float, area: int) -> np.ndarray:
+    """OpenCV's clipped-equalization LUTs of region histograms.
+
+    Parameters
+    ----------
+    hist : ndarray, shape (..., 256), integer
+        Pixel counts per value of each region (``area`` pixels each).
+    clip_limit : float
+        OpenCV's ``clipLimit``: each bin is clipped at ``max(1, int(clip_limit * area / 256))``; the
+        excess is spread over all bins (evenly, then the remainder one count every ``256 // remainder``
+        bins starting at 0). ``clip_limit <= 0`` disables clipping (plain adaptive equalization).
+    area : int
+        Pixels per region.
+
+    Returns
+    -------
+    ndarray, shape (..., 256), uint8
+        ``round_half_even(cumsum(clipped) * float32(255 / area))``, in float32 as OpenCV.
+    """
+    h = np.asarray(hist, dtype=np.int64).copy()
+    if clip_limit > 0:
+        clip = max(int(clip_limit * area / _BINS), 1)
+        excess = np.maximum(h - clip, 0).sum(axis=-1)
+        np.minimum(h, clip, out=h)
+        batch = excess // _BINS
+        residual = (excess - batch * _BINS)[..., np.newaxis]
+        h += batch[..., np.newaxis]
+        i = np.arange(_BINS)
+        step = np.maximum(_BINS // np.maximum(residual, 1), 1)
+        h += (i % step == 0) & (i // step < residual)
+    scale = np.float32(_BINS - 1) / np.float32(area)
+    lut = np.rint(np.cumsum(h, axis=-1).astype(np.float32) * scale)
+    return np.clip(lut, 0, 255).astype(np.uint8)
+
+
+def _reflect101(index: np.ndarray, size: int) -> np.ndarray:
+    """``BORDER_REFLECT_101`` source index (``dcb|abcd|cba``), reflected as often as needed."""
+    if size == 1:
+        return np.zeros_like(index)
+    period = 2 * (size - 1)
+    j = np.mod(index, period)
+    return np.where(j < size, j, period - j)
+
+
+def _axis_cells(size: int, tile: int, regions: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per pixel along one axis: interpolation cell (0..regions), the two region indices, weight of the 2nd.
+
+    OpenCV's coordinates in float32: ``f = x * (1 / tile) - 0.5``, ``t1 = floor(f)``, ``a = f - t1``;
+    the regions are ``max(t1, 0)`` and ``min(t1 + 1, regions - 1)``.
+    """
+    f = np.arange(size, dtype=np.float32) * (np.float32(1.0) / np.float32(tile)) - np.float32(0.5)
+    t1 = np.floor(f)
+    a = (f - t1).astype(np.float32)
+    t1 = t1.astype(np.int64)
+    return t1 + 1, np.maximum(t1, 0), np.minimum(t1 + 1, regions - 1), a
+
+
+# --------------------------------------------------------------------------------------------------
+# params
+
+
+@dataclass(frozen=True)
+class ClaheParams(Params):
+    """Fitted CLAHE: the region geometry and every region's LUT.
+
+    Attributes
+    ----------
+    width, height : int
+        Size of the image fitted on (level 0); :meth:`Clahe.apply` requires the same size.
+    grid : (int, int)
+        Regions across and down (OpenCV's ``tileGridSize``).
+    tile : (int, int)
+        Region width and height in pixels (of the padded image, see :func:`grid_geometry`).
+    clip_limit : float
+        OpenCV's ``clipLimit`` used for the fit (0: no clipping).
+    mode : {"luminance", "rgb", "grey"}
+        What the LUTs map: BT.601 luma (colour images), each band, or the grey band.
+    luts : str
+        The uint8 LUTs, shape ``(channels, rows, cols, 256)`` (channels 3 for ``rgb``, else 1), as
+        base64 of the zlib-compressed C-order bytes (a 100k-pixel slide has thousands of regions).
+    """
+
+    method = "clahe"
+    width: int = 0
+    height: int = 0
+    grid: tuple[int, int] = (1, 1)
+    tile: tuple[int, int] = (1, 1)
+    clip_limit: float = 2.0
+    mode: str = "luminance"
+    luts: str = ""
+
+    @staticmethod
+    def encode_luts(luts: np.ndarray) -> str:
+        return base64.b64encode(zlib.compress(np.ascontiguousarray(luts, dtype=np.uint8).tobytes(), 6)).decode("ascii")
+
+    def lut_array(self) -> np.ndarray:
+        """The LUTs as a ``(channels, rows, cols, 256)`` uint8 array."""
+        raw = np.frombuffer(zlib.decompress(base64.b64decode(self.luts)), dtype=np.uint8)
+        cols, rows = self.grid
+        return raw.reshape(-1, rows, cols, _BINS)
+
+
+# --------------------------------------------------------------------------------------------------
+# the method
+
+
+class Clahe(Method):
+    """Contrast-limited adaptive histogram equalization over the whole image (OpenCV semantics).
+
+    Parameters
+    ----------
+    clip_limit : float
+        OpenCV's ``clipLimit`` (default 2.0): histogram bins are clipped at
+        ``clip_limit * region_area / 256`` counts (at least 1); 0 disables clipping.
+    grid : (int, int), optional
+        Regions across and down (OpenCV's ``tileGridSize``), used when no region size is given.
+        Default: OpenCV's 8 x 8 for images up to ``LARGE`` (8192) pixels a side; larger images (slides)
+        get regions of ``DEFAULT_REGION`` (1024) level-0 pixels instead, since eight regions across a
+        100,000-pixel slide would not be adaptive at all.
+    region : int or (int, int), optional
+        Region side in level-0 pixels (slides: 1024 is a good start). The grid becomes
+        ``max(1, round(size / region))`` regions along each axis, and the geometry is then OpenCV's for
+        that grid, so the result is exactly OpenCV's CLAHE of the whole image with that grid.
+    region_um : float, optional
+        Region side in microns; needs the pixel size (``mpp`` of :meth:`fit_level`). Takes precedence
+        over ``region`` when the pixel size is known, else ``region`` (or the grid) is used.
+    mode : {"luminance", "rgb"}
+        ``luminance`` (default): equalize BT.601 luma and add ``Y' - Y`` to every band (hue kept).
+        ``rgb``: equalize each band on its own. Grey images have one band either way.
+
+    Notes
+    -----
+    CLAHE needs spatial statistics, so it is not fitted from a :class:`~vipsnorm.methods.base.Sample`
+    (:meth:`fit` raises): fit it on the image itself with :meth:`fit_level` (a lazy pyvips image, one
+    streaming pass in bounded memory) or :meth:`fit_array` (numpy, same result bit for bit).
+
+    An image whose every pixel has one value is left unchanged (identity LUTs, with a warning); a flat
+    *region* inside a textured image is treated as OpenCV does (the clipped excess spread evenly, close
+    to the identity). Images smaller than the grid are handled as OpenCV does (padding by reflection,
+    regions of a single pixel).
+    """
+
+    name = "clahe"
+    params_type = ClaheParams
+    #: Fitted on the image's own spatial statistics: see :meth:`fit_level`.
+    spatial = True
+
+    def __init__(
+        self,
+        clip_limit: float = 2.0,
+        grid: Sequence[int] | None = None,
+        region: int | Sequence[int] | None = None,
+        region_um: float | None = None,
+        mode: str = "luminance",
+    ):
+        if mode not in ("luminance", "rgb"):
+            raise ValueError(f"clahe mode must be 'luminance' or 'rgb', not {mode!r}")
+        if not (isinstance(clip_limit, (int, float)) and math.isfinite(clip_limit)) or clip_limit < 0:
+            raise ValueError(f"clahe clip_limit must be a finite number >= 0 (0: no clipping), not {clip_limit!r}")
+        if grid is not None:
+            grid = tuple(int(g) for g in grid)
+            if len(grid) != 2 or min(grid) < 1:
+                raise ValueError(f"clahe grid must be two positive integers (cols, rows), not {grid!r}")
+        if region is not None:
+            region = (int(region), int(region)) if np.ndim(region) == 0 else tuple(int(r) for r in region)
+            if len(region) != 2 or min(region) < 1:
+                raise ValueError(f"clahe region must be a positive number of pixels, not {region!r}")
+        if region_um is not None and not region_um > 0:
+            raise ValueError(f"clahe region_um must be positive, not {region_um!r}")
+        self.clip_limit = float(clip_limit)
+        self.grid = grid
+        self.region = region
+        self.region_um = None if region_um is None else float(region_um)
+        self.mode = mode
+
+    # -- geometry ----------------------------------------------------------------------------------
+
+    def grid_for(self, width: int, height: int, mpp: float | Sequence[float] | None = None) -> tuple[int, int]:
+        """The ``(cols, rows)`` grid used for an image of this size (and pixel size, in microns)."""
+        region = self.region
+        if self.region_um is not None and mpp is not None:
+            mx, my = (float(mpp), float(mpp)) if np.ndim(mpp) == 0 else (float(mpp[0]), float(mpp[1]))
+            if mx > 0 and my > 0:
+                region = (self.region_um / mx, self.region_um / my)
+        if region is None:
+            if self.region_um is not None and self.region is None:
+                raise ValueError(
+                    "clahe region_um needs the pixel size (mpp) of the image, which is unknown: "
+                    "give the region in pixels (region=...) or a grid instead"
+                )
+            if self.grid is None:
+                if max(width, height) > LARGE:
+                    return max(1, round(width / DEFAULT_REGION)), max(1, round(height / DEFAULT_REGION))
+                return DEFAULT_GRID
+            return self.grid
+        return max(1, round(width / region[0])), max(1, round(height / region[1]))
+
+    # -- fitting -----------------------------------------------------------------------------------
+
+    def fit(self, sample: Sample) -> ClaheParams:
+        raise TypeError(
+            "clahe is fitted on the image itself (it needs per-region, spatial statistics), not on a "
+            "sample of pixels: use Clahe.fit_level(image, mpp=...) on the level-0 pyvips image, or "
+            "Clahe.fit_array(array) on a numpy array"
+        )
+
+    def fit_level(self, image: pyvips.Image, *, mpp: float | Sequence[float] | None = None) -> ClaheParams:
+        """Fit on a (lazy) uchar 1- or 3-band pyvips image, in bounded memory.
+
+        The per-region histograms are counted by libvips ``hist_find`` on a ushort image keyed
+        ``region * 256 + value`` (up to 256 regions per pass; the passes cover disjoint bands of the
+        image, so the image is read once in total).
+        """
+        _check_image(image)
+        grid = self.grid_for(image.width, image.height, mpp)
+        mode = self._mode(image.bands)
+        tw, th, pad_x, pad_y = grid_geometry(image.width, image.height, grid)
+        plane = luma_image(image) if mode == "luminance" else image
+        padded = _pad_image(plane, pad_x, pad_y)
+        hist = _region_histograms_image(padded, grid, (tw, th))
+        return self._params(hist, image.width, image.height, grid, (tw, th), mode)
+
+    def fit_array(self, array: np.ndarray, *, mpp: float | Sequence[float] | None = None) -> ClaheParams:
+        """The in-memory twin of :meth:`fit_level` for an ``(h, w)`` / ``(h, w, 1)`` / ``(h, w, 3)`` uint8
+        array: numpy only, the same histograms (so the same params)."""
+        a = _check_array(array)
+        height, width, bands = a.shape
+        grid = self.grid_for(width, height, mpp)
+        mode = self._mode(bands)
+        tw, th, pad_x, pad_y = grid_geometry(width, height, grid)
+        planes = [luma_array(a)] if mode == "luminance" else [a[..., b] for b in range(bands)]
+        rows = _reflect101(np.arange(height + pad_y), height)
+        cols = _reflect101(np.arange(width + pad_x), width)
+        hist = np.stack([_region_histograms_array(p[np.ix_(rows, cols)], grid, (tw, th)) for p in planes])
+        return self._params(hist, width, height, grid, (tw, th), mode)
+
+    def _mode(self, bands: int) -> str:
+        return "grey" if bands == 1 else self.mode
+
+    def _params(self, hist, width, height, grid, tile, mode) -> ClaheParams:
+        area = tile[0] * tile[1]
+        if all(np.count_nonzero(h.sum(axis=(0, 1))) <= 1 for h in hist):
+            warnings.warn("clahe: every pixel has the same value; left unchanged", RuntimeWarning, stacklevel=3)
+            luts = np.broadcast_to(np.arange(_BINS, dtype=np.uint8), hist.shape)
+        else:
+            luts = clahe_luts(hist, self.clip_limit, area)
+        return ClaheParams(
+            width=int(width),
+            height=int(height),
+            grid=(int(grid[0]), int(grid[1])),
+            tile=(int(tile[0]), int(tile[1])),
+            clip_limit=self.clip_limit,
+            mode=mode,
+            luts=ClaheParams.encode_luts(luts),
+        )
+
+    # -- applying ----------------------------------------------------------------------------------
+
+    def apply(self, image: pyvips.Image, params: ClaheParams) -> pyvips.Image:
+        """Lazy CLAHE mapping: per-cell ``maplut`` of the four surrounding region LUTs, weighted bilinearly.
+
+        Each interpolation cell (the rectangle between four region centres) is keyed into a ushort
+        image (``cell * 256 + value``), mapped through a 4-band float LUT holding the four regions'
+        values, multiplied by the separable bilinear weights and summed by ``recomb``. Rounding is
+        folded into the LUT (``+ 0.5`` then truncation); in luminance mode the LUT holds ``Y' - Y``.
+        """
+        _check_image(image)
+        _check_size(image.width, image.height, params)
+        luts = params.lut_array().astype(np.float32)
+        mode, bands = _apply_mode(params, image.bands)
+        weights = _weight_image(params)
+        if mode == "luminance":
+            y = luma_image(image)
+            delta = luts[0] - np.arange(_BINS, dtype=np.float32) + np.float32(0.5)
+            s = (_cell_lookup(y, delta, params) * weights).recomb([[1.0] * 4] * 3)
+            return (image + s).cast("uchar")
+        out = []
+        for b in range(bands):
+            values = luts[b if mode == "rgb" else 0] + np.float32(0.5)
+            band = image if bands == 1 else image[b]
+            out.append((_cell_lookup(band, values, params) * weights).recomb([[1.0] * 4]))
+        result = out[0] if len(out) == 1 else out[0].bandjoin(out[1:])
+        return result.cast("uchar")
+
+    def apply_array(self, array: np.ndarray, params: ClaheParams) -> np.ndarray:
+        """The numpy twin of :meth:`apply` (OpenCV's float32 interpolation and round-half-even)."""
+        squeeze = np.asarray(array).ndim == 2
+        a = _check_array(array)
+        height, width, bands = a.shape
+        _check_size(width, height, params)
+        luts = params.lut_array()
+        mode, bands = _apply_mode(params, bands)
+        cols, rows = params.grid
+        _, tx1, tx2, xa = _axis_cells(width, params.tile[0], cols)
+        _, ty1, ty2, ya = _axis_cells(height, params.tile[1], rows)
+        out = np.empty_like(a)
+        step = max(1, _CHUNK_PIXELS // max(width, 1))
+        for y0 in range(0, height, step):
+            sl = slice(y0, min(y0 + step, height))
+            rows_ = (ty1[sl], ty2[sl], ya[sl])
+            if mode == "luminance":
+                y = luma_array(a[sl])
+                new = _interp_array(y, luts[0], rows_, (tx1, tx2, xa))
+                delta = new.astype(np.int16) - y.astype(np.int16)
+                out[sl] = np.clip(a[sl].astype(np.int16) + delta[..., np.newaxis], 0, 255)
+            else:
+                for b in range(bands):
+                    lut = luts[b if mode == "rgb" else 0]
+                    out[sl, :, b] = _interp_array(a[sl, :, b], lut, rows_, (tx1, tx2, xa))
+        return out[..., 0] if squeeze else out
+
+
+# --------------------------------------------------------------------------------------------------
+# helpers: checks
+
+
+def _check_image(image: pyvips.Image) -> None:
+    if image.format != "uchar" or image.bands not in (1, 3):
+        raise ValueError(f"clahe needs a uchar image with 1 or 3 bands, not {image.format} with {image.bands} bands")
+
+
+def _check_array(array: np.ndarray) -> np.ndarray:
+    a = np.asarray(array)
+    if a.dtype != np.uint8:
+        raise TypeError(f"clahe needs uint8 pixels, got {a.dtype}")
+    if a.ndim == 2:
+        a = a[..., np.newaxis]
+    if a.ndim != 3 or a.shape[-1] not in (1, 3) or a.shape[0] < 1 or a.shape[1] < 1:
+        raise ValueError(f"clahe needs an (h, w), (h, w, 1) or (h, w, 3) array, not shape {np.shape(array)}")
+    return a
+
+
+def _check_size(width: int, height: int, params: ClaheParams) -> None:
+    if (width, height) != (params.width, params.height):
+        raise ValueError(
+            f"clahe parameters were fitted on a {params.width}x{params.height} image, not {width}x{height}: "
+            "CLAHE's regions are tied to the image; fit it on this image (fit_level / fit_array)"
+        )
+
+
+def _apply_mode(params: ClaheParams, bands: int) -> tuple[str, int]:
+    if params.mode == "grey":
+        return "grey", bands  # a grey fit maps every band alike (fitted and applied on one band in practice)
+    if bands != 3:
+        raise ValueError(f"clahe parameters fitted in {params.mode} mode on a colour image, applied to {bands} band(s)")
+    return params.mode, bands
+
+
+# --------------------------------------------------------------------------------------------------
+# helpers: numpy
+
+
+def _region_histograms_array(plane: np.ndarray, grid: tuple[int, int], tile: tuple[int, int]) -> np.ndarray:
+    """(rows, cols, 256) counts of a padded ``(rows*th, cols*tw)`` uint8 plane."""
+    cols, rows = grid
+    tw, th = tile
+    col_key = (np.arange(cols * tw) // tw).astype(np.int64) * _BINS
+    out = np.empty((rows, cols, _BINS), np.int64)
+    for r in range(rows):
+        block = plane[r * th : (r + 1) * th]
+        keys = (block.astype(np.int64) + col_key).ravel()
+        out[r] = np.bincount(keys, minlength=cols * _BINS).reshape(cols, _BINS)
+    return out
+
+
+def _interp_array(values: np.ndarray, lut: np.ndarray, rows, cols) -> np.ndarray:
+    """OpenCV's bilinear interpolation of the region LUTs ``lut[rows, cols, 256]`` at every pixel."""
+    ty1, ty2, ya = rows
+    tx1, tx2, xa = cols
+    v = values.astype(np.intp)
+    xa_ = xa[np.newaxis, :]
+    xa1 = np.float32(1.0) - xa_
+    ya_ = ya[:, np.newaxis]
+    ya1 = np.float32(1.0) - ya_
+    top = lut[ty1[:, None], tx1[None, :], v].astype(np.float32) * xa1 + lut[ty1[:, None], tx2[None, :], v] * xa_
+    bottom = lut[ty2[:, None], tx1[None, :], v].astype(np.float32) * xa1 + lut[ty2[:, None], tx2[None, :], v] * xa_
+    res = top * ya1 + bottom * ya_
+    return np.clip(np.rint(res), 0, 255).astype(np.uint8)
+
+
+# --------------------------------------------------------------------------------------------------
+# helpers: pyvips
+
+
+def _pad_image(image: pyvips.Image, pad_x: int, pad_y: int) -> pyvips.Image:
+    """Lazy ``BORDER_REFLECT_101`` padding at the right and bottom (libvips' ``mirror`` repeats the edge)."""
+    if pad_x:
+        image = _join_tree([image] + _reflect_runs(image, image.width, pad_x, "x"), "horizontal")
+    if pad_y:
+        image = _join_tree([image] + _reflect_runs(image, image.height, pad_y, "y"), "vertical")
+    return image
+
+
+def _reflect_runs(image: pyvips.Image, size: int, pad: int, axis: str) -> list[pyvips.Image]:
+    """The padding strip as crops (flipped when the source runs backwards) of runs of the reflection."""
+    index = _reflect101(np.arange(size, size + pad), size)
+    runs: list[pyvips.Image] = []
+    start = 0
+    while start < pad:
+        end = start + 1
+        step = index[end] - index[start] if end < pad else 0
+        if step in (-1, 1):
+            while end < pad and index[end] - index[end - 1] == step:
+                end += 1
+        lo = int(min(index[start], index[end - 1]))
+        n = end - start
+        if axis == "x":
+            part = image.crop(lo, 0, n, image.height)
+            part = part.flip("horizontal") if step == -1 and n > 1 else part
+        else:
+            part = image.crop(0, lo, image.width, n)
+            part = part.flip("vertical") if step == -1 and n > 1 else part
+        runs.append(part)
+        start = end
+    return runs
+
+
+def _join_tree(images: list[pyvips.Image], direction: str) -> pyvips.Image:
+    """Join images in a balanced tree (a shallow pipeline even for hundreds of parts)."""
+    while len(images) > 1:
+        images = [a.join(b, direction) for a, b in zip(images[::2], images[1::2])] + (
+            [images[-1]] if len(images) % 2 else []
+        )
+    return images[0]
+
+
+def _region_histograms_image(padded: pyvips.Image, grid: tuple[int, int], tile: tuple[int, int]) -> np.ndarray:
+    """(bands, rows, cols, 256) counts of a padded lazy uchar image, with keyed ushort ``hist_find``."""
+    cols, rows = grid
+    tw, th = tile
+    out = np.empty((padded.bands, rows, cols, _BINS), np.int64)
+    block_cols = min(cols, _REGIONS_PER_PASS)
+    block_rows = max(1, _REGIONS_PER_PASS // block_cols)
+    for r0 in range(0, rows, block_rows):
+        nr = min(block_rows, rows - r0)
+        for c0 in range(0, cols, block_cols):
+            nc = min(block_cols, cols - c0)
+            keys = (np.arange(nr * nc, dtype=np.uint16) * _BINS).reshape(nr, nc)
+            key_image = pyvips.Image.new_from_array(keys).cast("ushort").zoom(tw, th)
+            block = padded.crop(c0 * tw, r0 * th, nc * tw, nr * th)
+            counts = (block | key_image).hist_find().numpy()  # uchar | ushort is ushort
+            counts = np.asarray(counts).reshape(-1, padded.bands)[: nr * nc * _BINS]  # ushort hist: max + 1 bins
+            if counts.shape[0] < nr * nc * _BINS:
+                counts = np.pad(counts, ((0, nr * nc * _BINS - counts.shape[0]), (0, 0)))
+            out[:, r0 : r0 + nr, c0 : c0 + nc] = counts.T.reshape(padded.bands, nr, nc, _BINS)
+    return out
+
+
+def _float_image(array: np.ndarray) -> pyvips.Image:
+    """A small float32 numpy array ``(h, w)`` or ``(h, w, bands)`` as a pyvips image."""
+    return pyvips.Image.new_from_array(np.ascontiguousarray(array, dtype=np.float32))
+
+
+def _weight_image(params: ClaheParams) -> pyvips.Image:
+    """Lazy 4-band float bilinear weights ``[(1-a)(1-b), a(1-b), (1-a)b, ab]`` (separable, zoomed)."""
+    cols, rows = params.grid
+    width, height = params.width, params.height
+    *_, xa = _axis_cells(width, params.tile[0], cols)
+    *_, ya = _axis_cells(height, params.tile[1], rows)
+    one = np.float32(1.0)
+    wx = np.stack([one - xa, xa, one - xa, xa], axis=-1)[np.newaxis]  # (1, W, 4)
+    wy = np.stack([one - ya, one - ya, ya, ya], axis=-1)[:, np.newaxis]  # (H, 1, 4)
+    return _float_image(wx).zoom(1, height) * _float_image(wy).zoom(width, 1)
+
+
+def _cell_lookup(plane: pyvips.Image, values: np.ndarray, params: ClaheParams) -> pyvips.Image:
+    """Lazy 4-band float image: at each pixel, ``values[region, v]`` of its cell's four regions.
+
+    ``values`` is ``(rows, cols, 256)``. The image is cut into strips of one cell row; each strip into
+    chunks of at most 256 cells, keyed ``cell * 256 + v`` (ushort) and mapped by one ``maplut``.
+    """
+    cols, rows = params.grid
+    width, height = params.width, params.height
+    cx, tx1, tx2, _ = _axis_cells(width, params.tile[0], cols)
+    cy, ty1, ty2, _ = _axis_cells(height, params.tile[1], rows)
+    col_regions = _cell_regions(cx, tx1, tx2)  # cell -> (left, right) region
+    row_regions = _cell_regions(cy, ty1, ty2)
+    x_bounds = _bounds(cx)
+    y_bounds = _bounds(cy)
+    key_row = ((cx % _CELLS_PER_LUT) * _BINS).astype(np.uint16)[np.newaxis]
+    key_image = pyvips.Image.new_from_array(key_row).cast("ushort")
+    strips = []
+    for cyy, (y0, y1) in y_bounds.items():
+        r1, r2 = row_regions[cyy]
+        chunks = []
+        for c0 in range(0, len(x_bounds), _CELLS_PER_LUT):
+            cells = list(x_bounds)[c0 : c0 + _CELLS_PER_LUT]
+            x0, x1 = x_bounds[cells[0]][0], x_bounds[cells[-1]][1]
+            lut = np.empty((len(cells) * _BINS, 4), np.float32)
+            for k, cxx in enumerate(cells):
+                q1, q2 = col_regions[cxx]
+                lut[k * _BINS : (k + 1) * _BINS] = np.stack(
+                    [values[r1, q1], values[r1, q2], values[r2, q1], values[r2, q2]], axis=-1
+                )
+            keys = key_image.crop(x0, 0, x1 - x0, 1).zoom(1, y1 - y0)
+            index = plane.crop(x0, y0, x1 - x0, y1 - y0) | keys  # uchar | ushort is ushort
+            chunks.append(index.maplut(_float_image(lut[np.newaxis])))
+        strips.append(_join_tree(chunks, "horizontal"))
+    return _join_tree(strips, "vertical")
+
+
+def _cell_regions(cell: np.ndarray, t1: np.ndarray, t2: np.ndarray) -> dict[int, tuple[int, int]]:
+    first = np.unique(cell, return_index=True)[1]
+    return {int(cell[i]): (int(t1[i]), int(t2[i])) for i in first}
+
+
+def _bounds(cell: np.ndarray) -> dict[int, tuple[int, int]]:
+    """Cell -> [start, end) pixel range along one axis (cells are increasing runs)."""
+    values, first = np.unique(cell, return_index=True)
+    ends = list(first[1:]) + [cell.size]
+    return {int(v): (int(s), int(e)) for v, s, e in zip(values, first, ends)}
