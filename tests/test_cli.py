@@ -87,7 +87,7 @@ def test_version(capsys):
 
 def test_unknown_method_is_a_usage_error(tile, tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
-        main(["normalize", str(tile), "-o", str(tmp_path), "--method", "macenko"])
+        main(["normalize", str(tile), "-o", str(tmp_path), "--method", "vahadane"])
     assert info.value.code == 2
     assert "invalid choice" in capsys.readouterr().err
 
@@ -97,7 +97,7 @@ def test_unknown_method_is_a_usage_error(tile, tmp_path, capsys):
 
 
 def _method_args(method: str, reference: Path) -> list:
-    return ["--method", method] + (["--reference", reference] if method == "match" else [])
+    return ["--method", method] + (["--reference", reference] if method in ("match", "reinhard") else [])
 
 
 @pytest.mark.parametrize("method", METHOD_NAMES)

@@ -13,7 +13,7 @@ from .engine import FORMATS, Options, Result, build_method, fit_files, load_refe
 from .errors import InvalidReferenceError, VipsnormError
 from .io.slide import BACKENDS, DEFAULT_MAX_PIXELS
 from .io.write import COMPRESSIONS
-from .methods import METHODS
+from .methods import METHODS, Macenko, stain_summary
 from .reference import save_reference
 from .sampling import STRATEGIES
 
@@ -39,6 +39,10 @@ methods:
   equalize  histogram equalization; --mode luminance (default: luma only, keeps hue) or rgb
   match     histogram matching onto --reference (an image, or a JSON from 'vipsnorm fit');
             --mode rgb (default: matches the colour palette) or luminance
+  reinhard  H&E stain normalization: Lab (CIELAB D65) mean and std of the tissue mapped onto
+            --reference's (an image, or a JSON from 'vipsnorm fit --method reinhard'); glass kept
+  macenko   H&E stain normalization: stain vectors and concentrations from optical density, mapped
+            onto the canonical H&E target, or --reference's (image or 'vipsnorm fit' JSON)
   clahe     adaptive equalization (OpenCV's CLAHE, computed over the whole slide, no seams):
             --clip-limit (default 2); --grid COLSxROWS (images, default 8x8) or --region PX /
             --region-um UM (slides: default 1024 px regions); --mode luminance (default) or rgb
@@ -266,12 +270,19 @@ def _inspect(args) -> int:
             with open_slide(path, max_pixels=args.max_pixels) as slide:
                 info = slide.describe()
                 try:
-                    sample = sample_slide(slide)
+                    sample = sample_slide(slide, pixels=Macenko.sample_pixels)
                     info["sample"] = sample.source
                     info["stats"] = sample.stats()
                 except VipsnormError as exc:
                     info["stats"] = None
                     info["sample"] = exc.cause
+                    sample = None
+                info["stains"] = None
+                if sample is not None and sample.bands == 3:
+                    try:
+                        info["stains"] = stain_summary(Macenko().fit(sample))
+                    except VipsnormError as exc:
+                        info["stains"] = exc.cause
         except VipsnormError as exc:
             failed += 1
             print(f"error  {exc}", file=sys.stderr)
@@ -288,12 +299,27 @@ def _inspect(args) -> int:
         if info["associated"]:
             print(f"  associated images (not processed): {', '.join(info['associated'])}")
         print(f"  sample    {info['sample']}")
+        stains = info["stains"]
+        if isinstance(stains, str):
+            print(f"  stains    {stains}")
+        elif stains:
+            print(f"  stains    {_format_stains(stains)}")
         for name, st in (info["stats"] or {}).items():
             print(
                 f"  {name:<5} mean {st['mean']:7.2f}  std {st['std']:6.2f}  min {st['min']:3d}  "
                 f"p2 {st['p2']:6.1f}  median {st['median']:6.1f}  p98 {st['p98']:6.1f}  max {st['max']:3d}"
             )
     return 1 if failed else 0
+
+
+def _format_stains(stains: dict) -> str:
+    """One line: the fitted Macenko stain vectors (optical density, RGB) and 99th-percentile concentrations."""
+    vector = lambda v: "(" + ", ".join(f"{x:.3f}" for x in v) + ")"  # noqa: E731
+    c = stains["max_concentrations"]
+    return (
+        f"Macenko H {vector(stains['hematoxylin'])} E {vector(stains['eosin'])}, "
+        f"max concentration H {c['hematoxylin']:.2f} E {c['eosin']:.2f}"
+    )
 
 
 def _demo(args) -> int:

@@ -236,7 +236,7 @@ def normalize_file(
                 slide.decode(lambda: write_image(image, out, quality=options.quality))
             result.output = out
     except VipsnormError as exc:
-        result.status, result.error = "error", str(exc)
+        result.status, result.error = "error", str(exc.about(path))
     except pyvips.Error as exc:  # anything libvips reports that the layers above did not explain
         result.status, result.error = "error", str(UnreadableImageError(path, f"libvips: {exc}"))
     except Exception as exc:  # a bug must not stop a batch; report it against the file
@@ -272,7 +272,7 @@ def fit_files(
                 result.slide = slide.describe()
                 samples.append(_sample(slide, options, cls.sample_pixels))
         except VipsnormError as exc:
-            result.status, result.error = "error", str(exc)
+            result.status, result.error = "error", str(exc.about(path))
         result.seconds = time.perf_counter() - start
         results.append(result)
     if not samples:

@@ -13,6 +13,7 @@ __all__ = [
     "FlatImageError",
     "OutputError",
     "InvalidReferenceError",
+    "StainSeparationError",
     "one_line",
 ]
 
@@ -35,6 +36,10 @@ class VipsnormError(Exception):
         self.path = None if path is None else os.fspath(path)
         self.cause = one_line(cause)
         super().__init__(self.cause if self.path is None else f"{self.path}: {self.cause}")
+
+    def about(self, path: str | os.PathLike[str]) -> "VipsnormError":
+        """This error, naming ``path`` if it names no file yet (methods raise without knowing the file)."""
+        return self if self.path is not None else type(self)(path, self.cause)
 
 
 class UnreadableImageError(VipsnormError):
@@ -63,3 +68,7 @@ class OutputError(VipsnormError):
 
 class InvalidReferenceError(VipsnormError):
     """A reference (JSON or image) cannot be used with the requested method."""
+
+
+class StainSeparationError(VipsnormError):
+    """The tissue does not hold two separable stains (H&E methods): one stain only, or no spread."""

@@ -6,6 +6,7 @@ from .base import LutMethod, LutParams, Method, Params, Sample
 from .clahe import Clahe, ClaheParams
 from .equalize import Equalize, EqualizeParams
 from .match import Match, MatchParams
+from .stain import Macenko, MacenkoParams, MacenkoTarget, Reinhard, ReinhardParams, ReinhardTarget, stain_summary
 from .stretch import Stretch, StretchParams
 
 __all__ = [
@@ -23,6 +24,13 @@ __all__ = [
     "MatchParams",
     "Clahe",
     "ClaheParams",
+    "Reinhard",
+    "ReinhardParams",
+    "ReinhardTarget",
+    "Macenko",
+    "MacenkoParams",
+    "MacenkoTarget",
+    "stain_summary",
     "params_from_dict",
 ]
 
@@ -32,6 +40,8 @@ METHODS: dict[str, type[Method]] = {
     "equalize": Equalize,
     "match": Match,
     "clahe": Clahe,
+    "reinhard": Reinhard,
+    "macenko": Macenko,
 }
 
 

@@ -1,0 +1,176 @@
+"""Colour arithmetic of the stain methods, and the one per-pixel pipeline both backends run.
+
+A stain method's apply step is a short chain of three kinds of steps, described once as data and run
+by two small interpreters, so the lazy pyvips path and the numpy path cannot drift apart:
+
+``Lut(table)``
+    Index a table with the (uchar or ushort) pixel values; ``table`` is ``(1 or 3, n)`` float32 or uint8.
+``Recomb(matrix)``
+    A 3x3 matrix on the bands: accumulated in float64, stored as float32 (what libvips' ``recomb``
+    does).
+``ToIndex()``
+    float -> ushort: truncated towards zero and clipped to 0..65535 (libvips' ``cast``).
+
+A non-linear function of a float (``exp``, a cube root) is a ``ToIndex`` then a ushort-indexed ``Lut``:
+libvips looks up a 65536-entry table faster than it evaluates ``exp``, and the quantization error (one
+part in 65536 of the range) is far below one output grey level.
+
+Notes
+-----
+Colour space of :func:`rgb_to_lab`: CIELAB, D65 white (0.95047, 1, 1.08883), 2 degree observer, from
+sRGB uchar through the sRGB transfer curve and the sRGB->XYZ matrix of ``skimage.color.rgb2lab`` (which
+torchstain's numpy backend copies): L in [0, 100], a and b unscaled. Optical density is
+``OD = -ln((I + 1) / Io)`` per channel, as the reference Macenko implementation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyvips
+
+__all__ = [
+    "HE_REF",
+    "MAX_C_REF",
+    "WHITE_D65",
+    "RGB_TO_XYZ",
+    "od_lut",
+    "srgb_to_linear",
+    "linear_to_srgb",
+    "lab_f",
+    "lab_f_inverse",
+    "rgb_to_lab",
+    "Lut",
+    "Recomb",
+    "ToIndex",
+    "run_image",
+    "run_array",
+    "blend_image",
+    "blend_array",
+]
+
+#: The canonical Macenko target (Macenko et al. 2009; HEnorm_python, torchstain): columns H, E.
+HE_REF = ((0.5626, 0.2159), (0.7201, 0.8012), (0.4062, 0.5581))
+#: Its 99th-percentile concentrations of H and E.
+MAX_C_REF = (1.9705, 1.0308)
+
+WHITE_D65 = np.array([0.95047, 1.0, 1.08883])
+#: sRGB (linear) -> XYZ, as ``skimage.color.colorconv.xyz_from_rgb``.
+RGB_TO_XYZ = np.array(
+    [[0.412453, 0.357580, 0.180423], [0.212671, 0.715160, 0.072169], [0.019334, 0.119193, 0.950227]]
+)
+#: Lab = LAB_K @ f + LAB_C, with f = lab_f(XYZ / white).
+LAB_K = np.array([[0.0, 116.0, 0.0], [500.0, -500.0, 0.0], [0.0, 200.0, -200.0]])
+LAB_C = np.array([-16.0, 0.0, 0.0])
+
+_V = np.arange(256, dtype=np.float64)
+#: Size of a ushort-indexed table.
+N16 = 65536
+
+
+def od_lut(io: float) -> np.ndarray:
+    """Optical density ``-ln((v + 1) / io)`` of every uchar value ``v`` (float64, 256 entries)."""
+    return -np.log((_V + 1.0) / io)
+
+
+def srgb_to_linear(x: np.ndarray) -> np.ndarray:
+    """sRGB transfer curve, inverse: [0, 1] gamma-encoded -> [0, 1] linear."""
+    x = np.asarray(x, dtype=np.float64)
+    return np.where(x > 0.04045, ((x + 0.055) / 1.055) ** 2.4, x / 12.92)
+
+
+def linear_to_srgb(x: np.ndarray) -> np.ndarray:
+    """sRGB transfer curve: [0, 1] linear -> [0, 1] gamma-encoded (values outside are clipped)."""
+    x = np.clip(np.asarray(x, dtype=np.float64), 0.0, 1.0)
+    return np.where(x > 0.0031308, 1.055 * x ** (1 / 2.4) - 0.055, 12.92 * x)
+
+
+def lab_f(t: np.ndarray) -> np.ndarray:
+    """The CIELAB companding function (cube root with its linear toe, skimage's constants)."""
+    t = np.asarray(t, dtype=np.float64)
+    return np.where(t > 0.008856, np.cbrt(t), 7.787 * t + 16.0 / 116.0)
+
+
+def lab_f_inverse(f: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`lab_f` (skimage's ``lab2xyz`` rule)."""
+    f = np.asarray(f, dtype=np.float64)
+    return np.where(f > 0.2068966, f**3, (f - 16.0 / 116.0) / 7.787)
+
+
+def rgb_to_lab(pixels: np.ndarray) -> np.ndarray:
+    """CIELAB (D65) of uint8 sRGB ``(..., 3)`` pixels, float64; equal to ``skimage.color.rgb2lab``."""
+    linear = srgb_to_linear(np.asarray(pixels, dtype=np.float64) / 255.0)
+    f = lab_f(linear @ (RGB_TO_XYZ / WHITE_D65[:, np.newaxis]).T)
+    return f @ LAB_K.T + LAB_C
+
+
+# --- the pipeline ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class Lut:
+    """Index ``table`` (``(1 or 3, n)``, float32 or uint8) with the pixel values, band by band."""
+
+    table: np.ndarray
+
+
+@dataclass(frozen=True, eq=False)
+class Recomb:
+    """Multiply the bands by a 3x3 matrix (float64 accumulation, float32 result)."""
+
+    matrix: np.ndarray
+
+
+@dataclass(frozen=True)
+class ToIndex:
+    """float -> ushort, truncated and clipped to 0..65535."""
+
+
+Step = Lut | Recomb | ToIndex
+
+
+def _lut_image(table: np.ndarray) -> pyvips.Image:
+    # (bands, n) -> an n x 1 image with `bands` bands
+    return pyvips.Image.new_from_array(np.ascontiguousarray(table.T[np.newaxis]))
+
+
+def run_image(image: pyvips.Image, steps: list[Step]) -> pyvips.Image:
+    """Run ``steps`` lazily on a pyvips image."""
+    for step in steps:
+        if isinstance(step, Lut):
+            image = image.maplut(_lut_image(step.table))
+        elif isinstance(step, Recomb):
+            image = image.recomb(step.matrix.tolist())
+        else:
+            image = image.cast("ushort")
+    return image
+
+
+def run_array(array: np.ndarray, steps: list[Step]) -> np.ndarray:
+    """Run ``steps`` on a ``(..., 3)`` numpy array, with the arithmetic of :func:`run_image`."""
+    x = array
+    for step in steps:
+        if isinstance(step, Lut):
+            t = step.table
+            x = t[0][x] if t.shape[0] == 1 else np.stack([t[b][x[..., b]] for b in range(3)], axis=-1)
+        elif isinstance(step, Recomb):
+            m = step.matrix
+            x64 = [x[..., b].astype(np.float64) for b in range(3)]
+            # libvips accumulates left to right in double, then stores float
+            x = np.stack([(m[r, 0] * x64[0] + m[r, 1] * x64[1]) + m[r, 2] * x64[2] for r in range(3)], axis=-1)
+            x = x.astype(np.float32)
+        else:
+            x = np.clip(np.trunc(x), 0, N16 - 1).astype(np.uint16)
+    return x
+
+
+def blend_image(weight: pyvips.Image, a: pyvips.Image, b: pyvips.Image) -> pyvips.Image:
+    """``(w a + (255 - w) b + 128) // 255`` for a uchar 1-band weight ``w``, uchar result."""
+    return weight.ifthenelse(a, b, blend=True)
+
+
+def blend_array(weight: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The numpy twin of :func:`blend_image` (libvips' integer arithmetic, bit-exact)."""
+    w = weight.astype(np.int32)[..., np.newaxis]
+    return ((w * a + (255 - w) * b.astype(np.int32) + 128) // 255).astype(np.uint8)

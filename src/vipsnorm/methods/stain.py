@@ -1,0 +1,612 @@
+"""H&E stain normalization: Reinhard (Lab statistics) and Macenko (stain vectors in optical density).
+
+Both are fitted on a sample of tissue pixel colours (:attr:`Sample.pixels`) and applied as a short
+per-pixel pipeline of lookup tables and 3x3 matrices (:mod:`._stain`) that stays lazy on a pyvips image,
+so a slide streams through in bounded memory. Each maps onto a *target*: the canonical Macenko stain
+matrix by default, or one fitted on reference images with :meth:`Macenko.fit_target` /
+:meth:`Reinhard.fit_target` (``vipsnorm fit``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyvips
+
+from ..errors import InvalidReferenceError, NoTissueError, StainSeparationError, UnsupportedImageError
+from ._stain import (
+    HE_REF,
+    LAB_C,
+    LAB_K,
+    MAX_C_REF,
+    N16,
+    RGB_TO_XYZ,
+    WHITE_D65,
+    Lut,
+    Recomb,
+    ToIndex,
+    blend_array,
+    blend_image,
+    lab_f,
+    lab_f_inverse,
+    linear_to_srgb,
+    od_lut,
+    rgb_to_lab,
+    run_array,
+    run_image,
+    srgb_to_linear,
+)
+from .base import Method, Params, Sample
+
+__all__ = [
+    "Macenko",
+    "MacenkoParams",
+    "MacenkoTarget",
+    "Reinhard",
+    "ReinhardParams",
+    "ReinhardTarget",
+    "stain_summary",
+    "macenko_stains",
+    "MIN_STAINED_PIXELS",
+    "MIN_STAIN_ANGLE",
+]
+
+#: Fewer stained pixels than this (after the optical-density threshold) cannot be fitted.
+MIN_STAINED_PIXELS = 100
+#: Two fitted stain vectors closer than this (degrees) are one stain: H and E cannot be separated.
+#: Real H&E tiles give 20-45 degrees; an eosin-only tile about 2.
+MIN_STAIN_ANGLE = 5.0
+#: Pixels of a stain method's pipeline gather (see :attr:`Method.sample_pixels`).
+SAMPLE_PIXELS = 2_000_000
+
+Matrix = tuple[tuple[float, ...], ...]
+
+
+def _floats(values) -> tuple:
+    """Nested tuples of Python floats (JSON-friendly, hashable) from an array-like."""
+    a = np.asarray(values, dtype=np.float64)
+    if a.ndim == 1:
+        return tuple(float(v) for v in a)
+    return tuple(_floats(row) for row in a)
+
+
+def _colour_pixels(sample: Sample, method: str) -> np.ndarray:
+    if sample.pixels is None:
+        raise ValueError(
+            f"{method} is fitted on pixel colours: the sample has none (build it with Sample.from_array, "
+            f"or gather Method.sample_pixels pixels when sampling)"
+        )
+    if sample.bands != 3 or sample.pixels.shape[1] != 3:
+        raise UnsupportedImageError(
+            None, f"stain normalization ({method}) needs a colour (RGB) image; this one is grey"
+        )
+    return sample.pixels
+
+
+def _check_image(image: pyvips.Image, method: str) -> None:
+    if image.bands != 3:
+        what = "grey" if image.bands == 1 else f"{image.bands}-band"
+        raise UnsupportedImageError(
+            None, f"stain normalization ({method}) needs a colour (RGB) image; this one is {what}"
+        )
+    if image.format != "uchar":
+        raise UnsupportedImageError(None, f"stain normalization ({method}) needs 8-bit pixels, not {image.format}")
+
+
+def _check_array(array: np.ndarray, method: str) -> np.ndarray:
+    array = np.asarray(array)
+    if array.ndim != 3 or array.shape[-1] != 3:
+        raise UnsupportedImageError(
+            None, f"stain normalization ({method}) needs a colour (RGB) image; got shape {array.shape}"
+        )
+    if array.dtype != np.uint8:
+        raise TypeError(f"expected uint8 pixels, got {array.dtype}")
+    return array
+
+
+# --- Macenko -------------------------------------------------------------------------------------
+
+
+def _extreme_directions(odhat: np.ndarray, plane: np.ndarray, alpha: float) -> tuple[np.ndarray, np.ndarray]:
+    """The unit OD directions at the ``alpha`` and ``100 - alpha`` percentiles of angle in ``plane``."""
+    proj = odhat @ plane
+    phi = np.arctan2(proj[:, 1], proj[:, 0])
+    lo, hi = np.percentile(phi, [alpha, 100 - alpha])
+    return plane @ np.array([np.cos(lo), np.sin(lo)]), plane @ np.array([np.cos(hi), np.sin(hi)])
+
+
+def _order_he(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(3, 2) matrix of columns H, E: hematoxylin is the vector with the larger red optical density.
+
+    Hematoxylin (blue-purple) absorbs red light, eosin (pink) hardly does (canonical red OD 0.56 vs
+    0.22). The rule does not depend on the arbitrary signs of the eigenvectors or on which extreme
+    angle a stain lands on, so H and E never swap between images.
+    """
+    return np.stack([a, b], axis=1) if a[0] > b[0] else np.stack([b, a], axis=1)
+
+
+def macenko_stains(
+    pixels: np.ndarray, io: float = 240.0, alpha: float = 1.0, beta: float = 0.15
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Macenko et al. (2009) stain matrix and 99th-percentile concentrations of ``(n, 3)`` uint8 pixels.
+
+    Returns
+    -------
+    he : ndarray, shape (3, 2)
+        Unit optical-density vectors of hematoxylin (column 0) and eosin (column 1).
+    max_c : ndarray, shape (2,)
+        99th percentile of each stain's concentration over all ``pixels``.
+    stained : int
+        Pixels used for the stain vectors (optical density >= ``beta`` in every channel).
+
+    Raises
+    ------
+    NoTissueError
+        Fewer than :data:`MIN_STAINED_PIXELS` stained pixels (a blank or all-white image).
+    StainSeparationError
+        One stain only (the two extreme directions are closer than :data:`MIN_STAIN_ANGLE`), or
+        concentrations without spread.
+
+    Notes
+    -----
+    The steps of the reference implementation (HEnorm_python, torchstain): ``OD = -ln((I + 1) / Io)``;
+    pixels with ``OD < beta`` in any channel are dropped; the OD cloud is projected on the plane of its
+    two largest principal axes; the directions at the ``alpha`` and ``100 - alpha`` percentiles of angle
+    are the stains. The principal axis is oriented towards positive OD first, so the angles never wrap
+    around +-pi. Concentrations are the least-squares solution over *all* pixels, as the reference.
+    """
+    pixels = np.asarray(pixels).reshape(-1, 3)
+    od = od_lut(io)[pixels]
+    odhat = od[(od >= beta).all(axis=1)]
+    if odhat.shape[0] < MIN_STAINED_PIXELS:
+        raise NoTissueError(
+            None,
+            f"macenko: only {odhat.shape[0]} of {pixels.shape[0]} pixels are stained (optical density >= "
+            f"beta={beta:g} in every channel, i.e. darker than about {io * np.exp(-beta) - 1:.0f}); need at "
+            f"least {MIN_STAINED_PIXELS}: the image is blank or all glass",
+        )
+    _, vectors = np.linalg.eigh(np.cov(odhat.T))
+    plane = vectors[:, 1:3].copy()
+    if plane[:, 1].sum() < 0:
+        plane[:, 1] *= -1
+    v_lo, v_hi = _extreme_directions(odhat, plane, alpha)
+    angle = np.degrees(np.arccos(np.clip(v_lo @ v_hi, -1.0, 1.0)))
+    if angle < MIN_STAIN_ANGLE:
+        raise StainSeparationError(
+            None,
+            f"macenko: the stained pixels hold one stain only (the two stain directions are {angle:.1f} "
+            f"degrees apart, need {MIN_STAIN_ANGLE:g}); hematoxylin and eosin cannot be separated: "
+            f"use --method reinhard or match",
+        )
+    he = _order_he(v_lo, v_hi)
+    concentrations = np.linalg.pinv(he) @ od.T
+    max_c = np.percentile(concentrations, 99, axis=1)
+    if not np.all(max_c > 1e-6):
+        raise StainSeparationError(
+            None, f"macenko: a stain has no positive concentration (99th percentiles {max_c.tolist()})"
+        )
+    return he, max_c, int(odhat.shape[0])
+
+
+@dataclass(frozen=True)
+class MacenkoTarget(Params):
+    """A Macenko target: the stain matrix and max concentrations everything is mapped onto.
+
+    Attributes
+    ----------
+    he : ((hR, hG, hB), (eR, eG, eB))
+        Unit optical-density vectors of hematoxylin and eosin.
+    max_c : (float, float)
+        Their 99th-percentile concentrations.
+    source : str
+        Where it comes from (for reports).
+    """
+
+    method = "macenko-target"
+    he: Matrix = (tuple(r[0] for r in HE_REF), tuple(r[1] for r in HE_REF))
+    max_c: tuple[float, float] = MAX_C_REF
+    source: str = "canonical (Macenko et al. 2009)"
+
+    def matrix(self) -> np.ndarray:
+        """The (3, 2) stain matrix, columns H, E."""
+        return np.asarray(self.he, dtype=np.float64).T
+
+
+@dataclass(frozen=True)
+class MacenkoParams(Params):
+    """Fitted Macenko normalization: the source's stains and the target's, and the constants used.
+
+    Attributes
+    ----------
+    he, max_c : as :class:`MacenkoTarget`, of the source image.
+    target_he, target_max_c : the target's.
+    io, alpha, beta : float
+        Transmitted light intensity, angle percentile and optical-density threshold of the fit.
+    stained : int
+        Number of stained pixels the stain vectors were fitted on.
+    """
+
+    method = "macenko"
+    he: Matrix = ()
+    max_c: tuple[float, ...] = ()
+    target_he: Matrix = ()
+    target_max_c: tuple[float, ...] = ()
+    io: float = 240.0
+    alpha: float = 1.0
+    beta: float = 0.15
+    stained: int = 0
+
+    def od_matrix(self) -> np.ndarray:
+        """The 3x3 map of optical densities: ``target_HE @ diag(target_max_c / max_c) @ pinv(HE)``."""
+        he = np.asarray(self.he, dtype=np.float64).T
+        target = np.asarray(self.target_he, dtype=np.float64).T
+        scale = np.asarray(self.target_max_c) / np.asarray(self.max_c)
+        return target @ np.diag(scale) @ np.linalg.pinv(he)
+
+    def steps(self) -> list:
+        """The per-pixel pipeline (see :mod:`._stain`)."""
+        return _macenko_steps(self)
+
+
+def _macenko_steps(params: MacenkoParams) -> list:
+    """``out = floor(min(Io exp(-M OD), 255))`` as LUT -> recomb -> ushort index -> LUT.
+
+    The index of band ``b`` is ``s_b (OD'_b + o_b)``: the offset ``o`` (which keeps optical densities
+    down to ``ln(Io / 255)``, i.e. output 255, above index 0) lies in the range of ``M`` (a combination
+    of the target stain vectors), so it is folded into the first LUT as ``OD + d`` with ``M d = o``: no
+    extra ``linear`` in the pipeline. Index ``j`` stands for the middle of its interval, ``j + 0.5``.
+    """
+    io = float(params.io)
+    m = params.od_matrix()
+    target = np.asarray(params.target_he, dtype=np.float64).T
+    od_white = np.log(io / 255.0)  # output 255 at and below this optical density
+    od_black = np.log(io) + 0.1  # output 0 above about this
+    margin = max(0.0, -od_white) + 0.02
+    direction = target.sum(axis=1)  # target @ (1, 1): positive for any plausible stain vectors
+    if direction.min() <= 1e-3:
+        raise InvalidReferenceError(None, f"macenko target stain vectors are not optical densities: {params.target_he}")
+    k = margin / direction.min()
+    offset = k * direction  # = M d for d = HE diag(max_c / target_max_c) (k, k)
+    he = np.asarray(params.he, dtype=np.float64).T
+    d = he @ (np.asarray(params.max_c) / np.asarray(params.target_max_c) * k)
+    scale = (N16 - 1) / (od_black + offset)
+    table1 = (od_lut(io)[np.newaxis, :] + d[:, np.newaxis]).astype(np.float32)
+    centres = (np.arange(N16)[np.newaxis, :] + 0.5) / scale[:, np.newaxis] - offset[:, np.newaxis]
+    table2 = np.floor(np.minimum(io * np.exp(-centres), 255.0)).astype(np.uint8)
+    return [Lut(table1), Recomb(np.diag(scale) @ m), ToIndex(), Lut(table2)]
+
+
+class Macenko(Method):
+    """Macenko stain normalization: unmix H and E in optical density, remix with the target's stains.
+
+    Parameters
+    ----------
+    target : MacenkoTarget, optional
+        The stains to map onto; default the canonical ``HERef = [[0.5626, 0.2159], [0.7201, 0.8012],
+        [0.4062, 0.5581]]``, ``maxCRef = [1.9705, 1.0308]``.
+    io : float
+        Transmitted light intensity (the brightness of glass), 240.
+    alpha : float
+        Percentile of the angles taken as the extreme stain directions, 1.
+    beta : float
+        Optical density below which (in any channel) a pixel is transparent, 0.15.
+
+    Notes
+    -----
+    Input and output are sRGB uint8. Per pixel ``OD = -ln((I + 1) / Io)``, ``OD' = target_HE
+    diag(target_max_c / max_c) pinv(HE) OD``, ``out = floor(min(Io exp(-OD'), 255))`` as the reference
+    implementation (HEnorm_python, torchstain), which truncates; ``exp`` is a 65536-entry table. Glass
+    is mapped as the reference maps it: white stays at 255 for ordinary stain matrices (tested), but no
+    extra protection is applied.
+    """
+
+    name = "macenko"
+    params_type = MacenkoParams
+    target_type = MacenkoTarget
+    sample_pixels = SAMPLE_PIXELS
+
+    def __init__(self, target: MacenkoTarget | None = None, io: float = 240.0, alpha: float = 1.0, beta: float = 0.15):
+        if not 0.0 <= alpha < 50.0:
+            raise ValueError(f"need 0 <= alpha < 50, got {alpha}")
+        if io <= 0 or beta < 0:
+            raise ValueError(f"need io > 0 and beta >= 0, got io={io}, beta={beta}")
+        if target is not None and not isinstance(target, MacenkoTarget):
+            raise InvalidReferenceError(None, f"macenko needs a macenko target, not {type(target).__name__}")
+        self.target = MacenkoTarget() if target is None else target
+        self.io, self.alpha, self.beta = float(io), float(alpha), float(beta)
+
+    def _fit_pixels(self, sample: Sample) -> tuple[np.ndarray, np.ndarray, int]:
+        return macenko_stains(_colour_pixels(sample, self.name), self.io, self.alpha, self.beta)
+
+    def fit(self, sample: Sample) -> MacenkoParams:
+        he, max_c, stained = self._fit_pixels(sample)
+        return MacenkoParams(
+            he=_floats(he.T),
+            max_c=_floats(max_c),
+            target_he=self.target.he,
+            target_max_c=self.target.max_c,
+            io=self.io,
+            alpha=self.alpha,
+            beta=self.beta,
+            stained=stained,
+        )
+
+    def fit_target(self, samples: list[Sample]) -> MacenkoTarget:
+        """The median stain vectors (each renormalized to unit length) and median max concentrations of
+        ``samples`` (one sample: that image's own stains)."""
+        if not samples:
+            raise ValueError("no samples to fit a target on")
+        fits = [self._fit_pixels(s) for s in samples]
+        he = np.median([f[0] for f in fits], axis=0)
+        he /= np.linalg.norm(he, axis=0, keepdims=True)
+        max_c = np.median([f[1] for f in fits], axis=0)
+        source = samples[0].source if len(samples) == 1 else f"median of {len(samples)} images"
+        return MacenkoTarget(he=_floats(he.T), max_c=_floats(max_c), source=source or "image")
+
+    def apply(self, image: pyvips.Image, params: MacenkoParams) -> pyvips.Image:
+        _check_image(image, self.name)
+        return run_image(image, params.steps())
+
+    def apply_array(self, array: np.ndarray, params: MacenkoParams) -> np.ndarray:
+        return run_array(_check_array(array, self.name), params.steps())
+
+
+# --- Reinhard ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReinhardTarget(Params):
+    """A Reinhard target: CIELAB means and standard deviations (L, a, b)."""
+
+    method = "reinhard-target"
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()
+    source: str = ""
+
+
+@dataclass(frozen=True)
+class ReinhardParams(Params):
+    """Fitted Reinhard normalization.
+
+    Attributes
+    ----------
+    mean, std : (L, a, b)
+        CIELAB statistics of the source's sampled pixels.
+    target_mean, target_std : (L, a, b)
+        The target's.
+    glass : (low, high) or None
+        Glass protection: a pixel whose darkest channel is at or above ``high`` is kept as it is, at or
+        below ``low`` fully normalized, smoothly blended between; ``None``: every pixel normalized.
+    """
+
+    method = "reinhard"
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()
+    target_mean: tuple[float, ...] = ()
+    target_std: tuple[float, ...] = ()
+    glass: tuple[float, float] | None = None
+
+    def lab_map(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(scale, shift)``: ``Lab' = scale * Lab + shift``. A channel without spread is only shifted."""
+        std, tstd = np.asarray(self.std), np.asarray(self.target_std)
+        scale = np.where(std > 1e-6, tstd / np.maximum(std, 1e-6), 1.0)
+        return scale, np.asarray(self.target_mean) - scale * np.asarray(self.mean)
+
+    def steps(self) -> list:
+        """The per-pixel pipeline (see :mod:`._stain`)."""
+        return _reinhard_steps(self)
+
+    def weight_table(self) -> np.ndarray | None:
+        """(1, 256) uint8 tissue weight of a pixel's darkest channel (255 = fully normalized)."""
+        if self.glass is None:
+            return None
+        low, high = self.glass
+        t = np.clip((high - np.arange(256.0)) / max(high - low, 1e-6), 0.0, 1.0)
+        return np.floor(255.0 * t * t * (3.0 - 2.0 * t) + 0.5).astype(np.uint8)[np.newaxis]
+
+
+# Quantization ranges of the Reinhard pipeline: XYZ / white in [0, 1]; companded f' in [F_LO, F_HI]
+# (L' from about -130 to 275: colours mapped further out clip); linear RGB in [0, 1].
+_F_LO, _F_HI = -1.0, 2.5
+
+
+def _reinhard_steps(params: ReinhardParams) -> list:
+    """sRGB -> linear -> XYZ/white -> f (cube root) -> affine (the Lab map) -> XYZ -> linear -> sRGB.
+
+    In companded coordinates ``f`` the Lab map is affine: ``f' = A f + t`` with ``A = K^-1 diag(scale)
+    K`` (``Lab = K f + c``). The shift ``t`` and the quantization offset of the next index are folded
+    into the table of ``f`` (``f + d`` with ``A d = t + offset / s``).
+    """
+    scale, shift = params.lab_map()
+    a = np.linalg.solve(LAB_K, np.diag(scale) @ LAB_K)
+    t = np.linalg.solve(LAB_K, scale * LAB_C + shift - LAB_C)
+    xyzn = RGB_TO_XYZ / WHITE_D65[:, np.newaxis]
+    s1 = (N16 - 1) / xyzn.sum(axis=1)  # white (1, 1, 1) -> the last index
+    s2 = (N16 - 1) / (_F_HI - _F_LO)
+    d = np.linalg.solve(a, t - _F_LO)
+    centres = (np.arange(N16) + 0.5)[np.newaxis, :]
+    lin = srgb_to_linear(np.arange(256) / 255.0).astype(np.float32)[np.newaxis]
+    f_table = (lab_f(centres / s1[:, np.newaxis]) + d[:, np.newaxis]).astype(np.float32)
+    xyz_table = (lab_f_inverse(centres / s2 + _F_LO) * WHITE_D65[:, np.newaxis]).astype(np.float32)
+    srgb_table = np.floor(linear_to_srgb(centres / (N16 - 1)) * 255.0 + 0.5).astype(np.uint8)
+    return [
+        Lut(lin),
+        Recomb(np.diag(s1) @ xyzn),
+        ToIndex(),
+        Lut(f_table),
+        Recomb(s2 * a),
+        ToIndex(),
+        Lut(xyz_table),
+        Recomb((N16 - 1) * np.linalg.inv(RGB_TO_XYZ)),
+        ToIndex(),
+        Lut(srgb_table),
+    ]
+
+
+def _lab_stats(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    lab = rgb_to_lab(pixels)
+    return lab.mean(axis=0), lab.std(axis=0)
+
+
+#: Width of the glass protection blend, and its top's distance below the glass level (levels of the
+#: darkest channel; the margin covers the noise and JPEG ringing of glass).
+GLASS_WIDTH = 35.0
+GLASS_MARGIN = 10.0
+
+
+def _glass_levels(option, sample: Sample) -> tuple[float, float] | None:
+    """Resolve the ``glass`` option (see :class:`Reinhard`)."""
+    if option != "auto":
+        return option
+    if sample.background is not None:
+        level = min(sample.background[:3])
+    else:
+        level = float(np.percentile(_colour_pixels(sample, "reinhard").min(axis=1), 99))
+    high = float(np.clip(level - GLASS_MARGIN, 150.0, 250.0))
+    return (high - GLASS_WIDTH, high)
+
+
+def _tissue(pixels: np.ndarray, method: str, glass: tuple[float, float] | None) -> np.ndarray:
+    """The pixels the statistics are taken on: all, or (glass protection) those it does not keep."""
+    darkest = pixels.min(axis=1)
+    n = int(np.count_nonzero(darkest < 205.0))
+    if n < MIN_STAINED_PIXELS:
+        raise NoTissueError(
+            None,
+            f"{method}: only {n} of {pixels.shape[0]} pixels are tissue (darkest channel below 205); need "
+            f"at least {MIN_STAINED_PIXELS}: the image is blank or all glass",
+        )
+    return pixels if glass is None else pixels[darkest < glass[1]]
+
+
+class Reinhard(Method):
+    """Reinhard et al. (2001) colour transfer: match the mean and standard deviation of L, a and b.
+
+    Parameters
+    ----------
+    target : ReinhardTarget
+        The statistics to match (:meth:`fit_target` on reference images). Required by :meth:`fit`.
+    glass : "auto", (float, float) or None
+        Glass protection levels ``(low, high)`` of a pixel's darkest channel: pixels at or above
+        ``high`` are kept, at or below ``low`` fully normalized, blended between (smoothstep).
+        ``"auto"`` (default): ``high`` 10 levels below the glass level and ``low`` 35 below that, the
+        glass level being the darkest channel of the slide's glass when the sample knows it
+        (:attr:`Sample.background`), else the 99th percentile of the sampled pixels' darkest channel
+        (the glass of a tile; on a tile without glass, its brightest 1 % are kept). Adapting to the
+        image keeps the same tissue in the statistics when exposure changes. ``None`` normalizes
+        every pixel (plain Reinhard, as torchstain).
+
+    Notes
+    -----
+    Colour space: CIELAB, D65, as ``skimage.color.rgb2lab`` and torchstain's numpy backend (not
+    OpenCV's 8-bit Lab). Statistics are over the sample's pixels (tissue only for slides) that glass
+    protection does not keep (darkest channel below ``high``); with ``glass=None`` over every sampled
+    pixel, as torchstain and StainTools on a tile. A channel without spread is shifted,
+    not scaled. Output is rounded to uint8 (torchstain truncates). The linear Lab map would tint white
+    glass (L = 100 goes wherever the tissue statistics send it); glass protection keeps 255 at 255.
+    Reinhard does not separate stains: an eosin-only image is moved towards the target's mean colour.
+    """
+
+    name = "reinhard"
+    params_type = ReinhardParams
+    target_type = ReinhardTarget
+    requires_reference = True
+    sample_pixels = SAMPLE_PIXELS
+
+    def __init__(self, target: ReinhardTarget | None = None, glass: str | tuple[float, float] | None = "auto"):
+        if target is not None and not isinstance(target, ReinhardTarget):
+            raise InvalidReferenceError(None, f"reinhard needs a reinhard target, not {type(target).__name__}")
+        if glass is not None and glass != "auto":
+            glass = (float(glass[0]), float(glass[1]))
+            if not 0.0 <= glass[0] < glass[1] <= 256.0:
+                raise ValueError(f"need 0 <= low < high <= 256 for glass, got {glass}")
+        self.target, self.glass = target, glass
+
+    def _stats(self, sample: Sample) -> tuple[np.ndarray, np.ndarray]:
+        glass = _glass_levels(self.glass, sample)
+        return _lab_stats(_tissue(_colour_pixels(sample, self.name), self.name, glass))
+
+    def fit(self, sample: Sample) -> ReinhardParams:
+        if self.target is None:
+            raise InvalidReferenceError(
+                None,
+                "method 'reinhard' needs --reference: an image or a target JSON made by "
+                "'vipsnorm fit --method reinhard'",
+            )
+        mean, std = self._stats(sample)
+        return ReinhardParams(
+            mean=_floats(mean),
+            std=_floats(std),
+            target_mean=self.target.mean,
+            target_std=self.target.std,
+            glass=_glass_levels(self.glass, sample),
+        )
+
+    def fit_target(self, samples: list[Sample]) -> ReinhardTarget:
+        """The median of the samples' Lab means and the median of their Lab standard deviations."""
+        if not samples:
+            raise ValueError("no samples to fit a target on")
+        stats = [self._stats(s) for s in samples]
+        source = samples[0].source if len(samples) == 1 else f"median of {len(samples)} images"
+        return ReinhardTarget(
+            mean=_floats(np.median([m for m, _ in stats], axis=0)),
+            std=_floats(np.median([s for _, s in stats], axis=0)),
+            source=source or "image",
+        )
+
+    def apply(self, image: pyvips.Image, params: ReinhardParams) -> pyvips.Image:
+        _check_image(image, self.name)
+        out = run_image(image, params.steps())
+        table = params.weight_table()
+        if table is None:
+            return out
+        darkest = image[0].minpair(image[1]).minpair(image[2])
+        weight = darkest.maplut(pyvips.Image.new_from_array(table.T[np.newaxis]))
+        return blend_image(weight, out, image)
+
+    def apply_array(self, array: np.ndarray, params: ReinhardParams) -> np.ndarray:
+        array = _check_array(array, self.name)
+        out = run_array(array, params.steps())
+        table = params.weight_table()
+        if table is None:
+            return out
+        return blend_array(table[0][array.min(axis=-1)], out, array)
+
+
+# --- inspect -------------------------------------------------------------------------------------
+
+
+def stain_summary(params: Params) -> dict[str, Any]:
+    """What ``vipsnorm inspect`` shows of fitted stain parameters or a stain target."""
+    r = lambda v: [round(float(x), 4) for x in v]  # noqa: E731
+    if isinstance(params, (MacenkoParams, MacenkoTarget)):
+        out: dict[str, Any] = {
+            "method": params.method,
+            "hematoxylin": r(params.he[0]),
+            "eosin": r(params.he[1]),
+            "max_concentrations": {"hematoxylin": round(params.max_c[0], 4), "eosin": round(params.max_c[1], 4)},
+        }
+        if isinstance(params, MacenkoParams):
+            out["target"] = {
+                "hematoxylin": r(params.target_he[0]),
+                "eosin": r(params.target_he[1]),
+                "max_concentrations": {
+                    "hematoxylin": round(params.target_max_c[0], 4),
+                    "eosin": round(params.target_max_c[1], 4),
+                },
+            }
+            out["io"], out["stained_pixels"] = params.io, params.stained
+        else:
+            out["source"] = params.source
+        return out
+    if isinstance(params, (ReinhardParams, ReinhardTarget)):
+        out = {"method": params.method, "lab_mean": r(params.mean), "lab_std": r(params.std)}
+        if isinstance(params, ReinhardParams):
+            out["target"] = {"lab_mean": r(params.target_mean), "lab_std": r(params.target_std)}
+            out["glass"] = None if params.glass is None else list(params.glass)
+        else:
+            out["source"] = params.source
+        return out
+    raise TypeError(f"not stain parameters: {type(params).__name__}")

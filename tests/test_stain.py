@@ -1,0 +1,427 @@
+"""Stain normalization (reinhard, macenko) at four levels: hand-computed cases, invariants, named
+references (the published Macenko output, torchstain), pyvips == numpy; and degenerate inputs."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import pyvips
+
+from vipsnorm.errors import (
+    InvalidReferenceError,
+    NoTissueError,
+    StainSeparationError,
+    UnsupportedImageError,
+    VipsnormError,
+)
+from vipsnorm.methods import Sample
+from vipsnorm.methods._stain import HE_REF, MAX_C_REF, od_lut, rgb_to_lab
+from vipsnorm.methods.stain import (
+    Macenko,
+    MacenkoParams,
+    MacenkoTarget,
+    Reinhard,
+    ReinhardParams,
+    ReinhardTarget,
+    _extreme_directions,
+    _order_he,
+    macenko_stains,
+    stain_summary,
+)
+
+H = np.array([0.65, 0.70, 0.29])  # Ruifrok & Johnston's hematoxylin and eosin OD vectors
+E = np.array([0.07, 0.99, 0.11])
+H, E = H / np.linalg.norm(H), E / np.linalg.norm(E)
+
+#: Real H&E tiles of the shared data (RGBA ones are flattened on white).
+TILES = [
+    "torchstain-source.png",
+    "torchstain-target.png",
+    "kather-template.jpg",
+    "histolab-target.png",
+    "histolab-source-low.png",
+    "histolab-source-medium.png",
+]
+
+
+def _tile(shared_data, name: str) -> np.ndarray:
+    image = pyvips.Image.new_from_file(str(shared_data / "tiles" / name))
+    if image.bands == 4:
+        image = image.flatten(background=[255, 255, 255])
+    return image.numpy()
+
+
+def _synthetic(h_share: float = 0.5, n: int = 128, seed: int = 0, stains=(H, E), noise: float = 1.0) -> np.ndarray:
+    """An ``n x n`` image of pixels mixing two stains (Beer-Lambert, Io = 240) on some glass."""
+    rng = np.random.default_rng(seed)
+    count = n * n
+    is_h = rng.random(count) < h_share
+    c = np.zeros((count, 2))
+    c[is_h, 0] = rng.gamma(4, 0.3, is_h.sum())
+    c[is_h, 1] = rng.gamma(2, 0.1, is_h.sum())
+    c[~is_h, 1] = rng.gamma(4, 0.25, (~is_h).sum())
+    c[~is_h, 0] = rng.gamma(2, 0.05, (~is_h).sum())
+    c[rng.random(count) < 0.2] = 0  # glass
+    od = c @ np.stack(stains)
+    pixels = 240 * np.exp(-od) - 1 + rng.normal(0, noise, (count, 3))
+    return np.clip(np.rint(pixels), 0, 255).astype(np.uint8).reshape(n, n, 3)
+
+
+#: A Reinhard target for tests that need any (a pinkish-purple H&E palette).
+PALETTE = ReinhardTarget(mean=(60.0, 25.0, -10.0), std=(15.0, 8.0, 6.0))
+
+
+def _both(method, array, params):
+    """apply_array and apply on the same pixels; they must agree."""
+    ours = method.apply_array(array, params)
+    lazy = method.apply(pyvips.Image.new_from_array(array), params).numpy()
+    np.testing.assert_array_equal(ours, lazy)
+    return ours
+
+
+@pytest.fixture(scope="module")
+def kather_reinhard(shared_data):
+    return Reinhard().fit_target([Sample.from_array(_tile(shared_data, "kather-template.jpg"))])
+
+
+# --- hand-computed cases -------------------------------------------------------------------------
+
+
+def test_od_lut_hand_computed():
+    od = od_lut(240)
+    assert od[239] == 0.0  # (239 + 1) / 240 = 1
+    assert od[255] == pytest.approx(-np.log(256 / 240))
+    assert od[0] == pytest.approx(np.log(240))
+
+
+def test_lab_matches_skimage():
+    from skimage.color import rgb2lab
+
+    rgb = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    np.testing.assert_allclose(rgb_to_lab(rgb), rgb2lab(rgb), atol=1e-9)
+
+
+def test_macenko_od_matrix_hand_computed():
+    target = np.array(HE_REF)
+    p = MacenkoParams(he=tuple(map(tuple, target.T)), max_c=(1.0, 1.0), target_he=tuple(map(tuple, target.T)),
+                      target_max_c=(2.0, 2.0))
+    # the same stains, concentrations doubled: M = 2 T pinv(T), the double of a projection
+    np.testing.assert_allclose(p.od_matrix(), 2 * target @ np.linalg.pinv(target), atol=1e-12)
+    # a pixel on the stain plane: OD doubles, output = floor(Io exp(-2 OD))
+    od = target @ np.array([0.3, 0.2])
+    pixel = np.floor(240 * np.exp(-od)).astype(np.uint8)  # 150, 125, 150ish
+    od_in = od_lut(240)[pixel]
+    expected = np.floor(np.minimum(240 * np.exp(-p.od_matrix() @ od_in), 255))
+    got = _both(Macenko(), pixel.reshape(1, 1, 3), p)[0, 0]
+    assert np.abs(got - expected).max() <= 1  # the exp table quantizes OD to 1e-4
+
+
+def test_reinhard_hand_computed():
+    from skimage.color import lab2rgb
+
+    two = np.array([[[200, 100, 150], [120, 60, 160]]], dtype=np.uint8)
+    lab = rgb_to_lab(two.reshape(-1, 3))
+    mean, std = lab.mean(axis=0), lab.std(axis=0)  # each channel: two values, std = half the gap
+    target = ReinhardTarget(mean=(50.0, 20.0, -10.0), std=(10.0, 5.0, 4.0))
+    p = ReinhardParams(mean=tuple(mean), std=tuple(std), target_mean=target.mean, target_std=target.std, glass=None)
+    out = _both(Reinhard(target, glass=None), two, p)
+    expected_lab = (lab - mean) / std * np.array(target.std) + np.array(target.mean)
+    # +-1 std around the target mean, i.e. L 40 and 60
+    np.testing.assert_allclose(expected_lab[:, 0], [60.0, 40.0])
+    expected = np.floor(lab2rgb(expected_lab[np.newaxis]) * 255 + 0.5)[0]
+    assert np.abs(out[0].astype(int) - expected).max() <= 1
+
+
+# --- references ----------------------------------------------------------------------------------
+
+
+def test_macenko_reproduces_published_output(shared_data):
+    """The canonical Macenko output of henorm-example1.png (fitted on itself, canonical target).
+    Measured: mean absolute difference 0.017 grey levels, worst pixel 1 level (the reference sets values
+    above 255 to 254, we clip at 255)."""
+    img = _tile(shared_data, "henorm-example1.png")
+    ref = _tile(shared_data, "henorm-example1-macenko.png")[..., :3]
+    method = Macenko()
+    out = _both(method, img, method.fit(Sample.from_array(img)))
+    diff = np.abs(out.astype(int) - ref)
+    assert diff.mean() < 0.05  # goal: <= 1
+    assert diff.max() <= 1
+
+
+@pytest.mark.parametrize("name", TILES)
+def test_macenko_matches_torchstain(shared_data, name):
+    torchstain = pytest.importorskip("torchstain")
+    img = _tile(shared_data, name)
+    method = Macenko()
+    ours = _both(method, img, method.fit(Sample.from_array(img)))
+    ref, _, _ = torchstain.normalizers.MacenkoNormalizer(backend="numpy").normalize(img, stains=False)
+    diff = np.abs(ours.astype(int) - ref)
+    # both truncate the same float; ours goes through a 65536-entry exp table
+    assert diff.max() <= 1
+    assert (diff > 0).mean() < 0.01
+
+
+def test_macenko_fitted_target_matches_torchstain(shared_data):
+    torchstain = pytest.importorskip("torchstain")
+    src, tgt = _tile(shared_data, "torchstain-source.png"), _tile(shared_data, "torchstain-target.png")
+    target = Macenko().fit_target([Sample.from_array(tgt)])
+    method = Macenko(target)
+    ours = _both(method, src, method.fit(Sample.from_array(src)))
+    normalizer = torchstain.normalizers.MacenkoNormalizer(backend="numpy")
+    normalizer.fit(tgt)
+    np.testing.assert_allclose(np.array(target.he).T, normalizer.HERef, atol=1e-9)
+    np.testing.assert_allclose(target.max_c, normalizer.maxCRef, rtol=1e-9)
+    ref, _, _ = normalizer.normalize(src, stains=False)
+    diff = np.abs(ours.astype(int) - ref)
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.01
+
+
+@pytest.mark.parametrize("name", TILES)
+def test_reinhard_matches_torchstain(shared_data, name):
+    """Plain Reinhard (no glass protection) against torchstain's numpy backend, kather-template as the
+    target: the same CIELAB statistics; outputs differ by rounding (torchstain truncates)."""
+    torchstain = pytest.importorskip("torchstain")
+    tgt, img = _tile(shared_data, "kather-template.jpg"), _tile(shared_data, name)
+    target = Reinhard(glass=None).fit_target([Sample.from_array(tgt)])
+    method = Reinhard(target, glass=None)
+    ours = _both(method, img, method.fit(Sample.from_array(img)))
+    normalizer = torchstain.normalizers.ReinhardNormalizer(backend="numpy")
+    normalizer.fit(tgt)
+    np.testing.assert_allclose(target.mean, normalizer.target_means, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(target.std, normalizer.target_stds, rtol=1e-5)
+    ref = normalizer.normalize(img)
+    diff = ours.astype(int) - ref
+    assert diff.min() >= 0 and diff.max() <= 1  # round vs truncate
+
+
+# --- invariants ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", [Macenko(), Reinhard(PALETTE)])
+def test_pure_white_stays_white(shared_data, method):
+    img = _tile(shared_data, "torchstain-source.png").copy()
+    img[:8, :8] = 255
+    out = _both(method, img, method.fit(Sample.from_array(img)))
+    assert (out[:8, :8] == 255).all()
+
+
+def test_reinhard_glass_protection(shared_data, kather_reinhard):
+    """Plain Reinhard tints glass; with protection, pixels at or above the high level are untouched
+    and tissue is fully normalized."""
+    img = _tile(shared_data, "histolab-source-medium.png")
+    protected = Reinhard(kather_reinhard)
+    out = _both(protected, img, p := protected.fit(Sample.from_array(img)))
+    low, high = p.glass
+    assert 228 <= high <= 240 and low == high - 35  # just below the tile's glass
+    out_plain = protected.apply_array(img, dataclasses.replace(p, glass=None))  # the same map on every pixel
+    glass = img.min(axis=-1) >= high
+    tissue = img.min(axis=-1) <= low
+    assert glass.mean() > 0.02 and tissue.mean() > 0.2
+    np.testing.assert_array_equal(out[glass], img[glass])
+    np.testing.assert_array_equal(out[tissue], out_plain[tissue])
+    assert np.abs(out_plain[glass].astype(int) - img[glass]).mean() > 5  # what it protects from
+    # the statistics are those of the tissue (darkest channel below high): mapped, they are the target's
+    lab = rgb_to_lab(out_plain[img.min(axis=-1) < high])
+    np.testing.assert_allclose(lab.mean(axis=0), kather_reinhard.mean, atol=1.0)
+    np.testing.assert_allclose(lab.std(axis=0), kather_reinhard.std, atol=1.0)
+
+
+def test_reinhard_glass_levels_follow_the_slide_glass():
+    img = _synthetic()
+    sample = Sample.from_array(img)
+    slide_sample = Sample(sample.hist, 3, "slide", background=(228.0, 226.0, 230.0, 227.0), pixels=sample.pixels)
+    target = PALETTE
+    level = np.percentile(img.min(axis=-1), 99)  # a tile: its brightest 1 % is the glass
+    assert Reinhard(target).fit(sample).glass == (level - 45, level - 10)
+    assert Reinhard(target).fit(slide_sample).glass == (181.0, 216.0)  # 10 below its glass's darkest channel
+    assert Reinhard(target, glass=(10, 20)).fit(slide_sample).glass == (10.0, 20.0)
+
+
+def test_reinhard_self_target_is_identity(shared_data):
+    img = _tile(shared_data, "histolab-target.png")
+    target = Reinhard().fit_target([Sample.from_array(img)])
+    method = Reinhard(target)
+    out = _both(method, img, method.fit(Sample.from_array(img)))
+    assert np.abs(out.astype(int) - img).max() <= 1
+
+
+def test_macenko_self_target_is_near_identity(shared_data):
+    """Fitted on itself, Macenko projects each pixel's OD on the stain plane: tissue changes only by its
+    OD residual off that plane."""
+    img = _tile(shared_data, "kather-template.jpg")
+    target = Macenko().fit_target([Sample.from_array(img)])
+    method = Macenko(target)
+    out = _both(method, img, method.fit(Sample.from_array(img)))
+    diff = np.abs(out.astype(int) - img)
+    assert diff.mean() < 2.5
+    assert np.median(diff) <= 2
+
+
+def test_apply_array_equals_apply_on_noise():
+    """Every colour, not just H&E: the pyvips path and the numpy twin agree bit for bit."""
+    noise = np.random.default_rng(3).integers(0, 256, (256, 256, 3), dtype=np.uint8)
+    img = _synthetic()
+    for method, params in [
+        (Macenko(), Macenko().fit(Sample.from_array(img))),
+        (Reinhard(), Reinhard(PALETTE).fit(Sample.from_array(img))),
+    ]:
+        _both(method, noise, params)
+
+
+def test_apply_is_lazy():
+    """A 100k x 100k virtual image: building the pipeline and reading one corner costs nothing."""
+    big = (pyvips.Image.black(100_000, 100_000, bands=3) + [180, 120, 170]).cast("uchar")
+    img = _synthetic()
+    for method in (Macenko(), Reinhard(PALETTE)):
+        out = method.apply(big, method.fit(Sample.from_array(img)))
+        assert (out.width, out.height, out.bands, out.format) == (100_000, 100_000, 3, "uchar")
+        corner = out.crop(0, 0, 64, 64).numpy()
+        assert corner.shape == (64, 64, 3)
+
+
+OTHER_TARGET = MacenkoTarget(he=((0.6, 0.7, 0.4), (0.2, 0.8, 0.5)), max_c=(1.5, 1.2))
+
+
+@pytest.mark.parametrize("method", [Macenko(), Macenko(OTHER_TARGET)])
+def test_macenko_params_json_round_trip(method):
+    img = _synthetic()
+    params = method.fit(Sample.from_array(img))
+    again = MacenkoParams.from_dict(json.loads(params.to_json()))
+    assert again == params
+    np.testing.assert_array_equal(method.apply_array(img, again), method.apply_array(img, params))
+    target = MacenkoTarget.from_dict(json.loads(method.target.to_json()))
+    assert target == method.target
+
+
+def test_reinhard_params_json_round_trip():
+    img = _synthetic()
+    target = Reinhard().fit_target([Sample.from_array(img)])
+    assert ReinhardTarget.from_dict(json.loads(target.to_json())) == target
+    for glass in [(205.0, 240.0), None, "auto"]:
+        params = Reinhard(target, glass=glass).fit(Sample.from_array(_synthetic(seed=1)))
+        assert ReinhardParams.from_dict(json.loads(params.to_json())) == params
+
+
+def test_hematoxylin_is_found_whatever_the_angle_order():
+    """The two extreme directions come out in an order that depends on the arbitrary sign of an
+    eigenvector; a naive "first is H" would swap the stains. Ours does not."""
+    img = _synthetic(0.5)
+    od = od_lut(240)[img.reshape(-1, 3)]
+    odhat = od[(od >= 0.15).all(axis=1)]
+    _, vectors = np.linalg.eigh(np.cov(odhat.T))
+    plane = vectors[:, 1:3]
+    flipped = plane * [-1, 1]
+    a1, b1 = _extreme_directions(odhat, plane, 1)
+    a2, b2 = _extreme_directions(odhat, flipped, 1)
+    assert a1 @ a2 < 0.99  # the naive order flips
+    np.testing.assert_allclose(_order_he(a1, b1), _order_he(a2, b2), atol=1e-9)
+
+
+@pytest.mark.parametrize("h_share", [0.1, 0.5, 0.9])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_macenko_recovers_known_stains(h_share, seed):
+    he, max_c, _ = macenko_stains(_synthetic(h_share, seed=seed).reshape(-1, 3))
+    assert he[:, 0] @ H > 0.98 and he[:, 1] @ E > 0.98  # never swapped
+    assert np.all(max_c > 0)
+
+
+def test_fit_target_is_the_median():
+    samples = [Sample.from_array(_synthetic(s, seed=i)) for i, s in enumerate([0.3, 0.5, 0.7])]
+    fits = [macenko_stains(s.pixels) for s in samples]
+    target = Macenko().fit_target(samples)
+    he = np.median([f[0] for f in fits], axis=0)
+    np.testing.assert_allclose(np.array(target.he).T, he / np.linalg.norm(he, axis=0), atol=1e-12)
+    np.testing.assert_allclose(target.max_c, np.median([f[1] for f in fits], axis=0), atol=1e-12)
+    assert np.allclose(np.linalg.norm(target.he, axis=1), 1)
+    rt = Reinhard().fit_target(samples)
+    labs = []
+    for s in samples:
+        darkest = s.pixels.min(axis=1)
+        labs.append(rgb_to_lab(s.pixels[darkest < np.percentile(darkest, 99) - 10]))
+    np.testing.assert_allclose(rt.mean, np.median([lab.mean(axis=0) for lab in labs], axis=0), atol=1e-9)
+    np.testing.assert_allclose(rt.std, np.median([lab.std(axis=0) for lab in labs], axis=0), atol=1e-9)
+
+
+def test_canonical_target_and_summary():
+    method = Macenko()
+    assert np.array(method.target.he).T.tolist() == [list(r) for r in HE_REF]
+    assert method.target.max_c == MAX_C_REF
+    summary = stain_summary(method.fit(Sample.from_array(_synthetic())))
+    assert set(summary) >= {"hematoxylin", "eosin", "max_concentrations", "target"}
+    json.dumps(summary)
+    summary = stain_summary(Reinhard(PALETTE).fit(Sample.from_array(_synthetic())))
+    assert summary["target"]["lab_mean"] == [60.0, 25.0, -10.0]
+
+
+# --- errors and degenerate inputs ----------------------------------------------------------------
+
+
+def test_reinhard_needs_a_target():
+    with pytest.raises(InvalidReferenceError, match="method 'reinhard' needs --reference"):
+        Reinhard().fit(Sample.from_array(_synthetic()))
+
+
+@pytest.mark.parametrize("method", [Macenko(), Reinhard(PALETTE)])
+def test_grey_input_is_refused(method):
+    grey = np.full((32, 32), 128, np.uint8)
+    with pytest.raises(UnsupportedImageError, match="needs a colour"):
+        method.fit(Sample.from_array(grey))
+    params = method.fit(Sample.from_array(_synthetic()))
+    with pytest.raises(UnsupportedImageError, match="needs a colour"):
+        method.apply(pyvips.Image.new_from_array(grey), params)
+    with pytest.raises(UnsupportedImageError, match="needs a colour"):
+        method.apply_array(grey, params)
+
+
+def test_sample_without_pixels_is_refused():
+    sample = Sample(Sample.from_array(_synthetic()).hist)
+    with pytest.raises(ValueError, match="pixel colours"):
+        Macenko().fit(sample)
+
+
+def _white(n=64):
+    return np.full((n, n, 3), 255, np.uint8)
+
+
+def _few_stained(count=50):
+    img = _white()
+    img.reshape(-1, 3)[:count] = [120, 60, 140]
+    return img
+
+
+DEGENERATE = {
+    "all white": (_white(), NoTissueError, NoTissueError),
+    "too few tissue pixels": (_few_stained(), NoTissueError, NoTissueError),
+    "blank black tile": (np.zeros((64, 64, 3), np.uint8), StainSeparationError, None),
+    "eosin only": (_synthetic(0.0, stains=(E, E)), StainSeparationError, None),
+}
+
+
+@pytest.mark.parametrize("case", DEGENERATE)
+def test_degenerate_inputs(case):
+    img, macenko_error, reinhard_error = DEGENERATE[case]
+    sample = Sample.from_array(img)
+    with pytest.raises(macenko_error) as info:
+        Macenko().fit(sample)
+    assert isinstance(info.value, VipsnormError) and info.value.path is None
+    with pytest.raises(macenko_error):
+        Macenko().fit_target([sample])
+    target = PALETTE
+    if reinhard_error is not None:
+        with pytest.raises(reinhard_error):
+            Reinhard(target).fit(sample)
+        with pytest.raises(reinhard_error):
+            Reinhard().fit_target([sample])
+    else:  # documented fallback: a channel without spread is shifted, not scaled; no NaN
+        params = Reinhard(target).fit(sample)
+        assert np.all(np.isfinite(params.std)) and np.all(np.isfinite(Reinhard().fit_target([sample]).mean))
+        out = _both(Reinhard(target), img, params)
+        assert out.dtype == np.uint8
+
+
+def test_eosin_only_message():
+    with pytest.raises(StainSeparationError, match="one stain only"):
+        Macenko().fit(Sample.from_array(_synthetic(0.0, stains=(E, E))))
