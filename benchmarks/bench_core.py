@@ -600,7 +600,7 @@ def main(argv: list[str] | None = None) -> int:
                 concurrency = record["concurrency"]
                 print(
                     f"{record['seconds']:.1f} s, CPU {record['cpu_seconds']:.1f} s, peak RSS {record['maxrss_mb']:.0f} MB, "
-                    f"(VmHWM {record['vmhwm_mb']:.0f} MB), output {record['output_mb']:.0f} MB",
+                    f"(VmHWM {record['vmhwm_mb']:.0f} MB), output {record['output_mb'] or 0:.0f} MB",
                     file=sys.stderr,
                     flush=True,
                 )
