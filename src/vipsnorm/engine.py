@@ -87,8 +87,7 @@ def build_method(name: str, reference: Reference | None = None, **options) -> Me
     except KeyError:
         raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}") from None
     options = {k: v for k, v in options.items() if v is not None}
-    accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "target"}
-    unknown = sorted(set(options) - accepted)
+    unknown = sorted(set(options) - _accepted_options(cls))
     if unknown:
         names = ", ".join("--" + k.replace("_", "-") for k in unknown)
         raise ValueError(f"method {name!r} does not take {names}")
@@ -132,9 +131,13 @@ def load_reference(
 def _target_fitter(method: str, method_options: dict) -> Method:
     """An instance of ``method`` (without a target) whose ``fit_target`` builds targets."""
     cls = METHODS[method]
-    options = {k: v for k, v in method_options.items() if v is not None}
-    accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "target"}
-    return cls(None, **{k: v for k, v in options.items() if k in accepted})
+    accepted = _accepted_options(cls)
+    return cls(None, **{k: v for k, v in method_options.items() if v is not None and k in accepted})
+
+
+def _accepted_options(cls: type[Method]) -> set[str]:
+    """The option names a method's constructor takes (its target aside)."""
+    return set(inspect.signature(cls.__init__).parameters) - {"self", "target"}
 
 
 def output_path(slide: Slide, out_dir: Path, fmt: str) -> Path:

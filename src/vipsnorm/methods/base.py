@@ -199,7 +199,7 @@ class Method(ABC):
 
     def fit_target(self, samples: list[Sample]):
         """The target that the samples of one or many reference images define (``vipsnorm fit``)."""
-        raise NotImplementedError(f"method {self.name!r} maps onto no target")
+        raise TypeError(f"method {self.name!r} maps onto no target")
 
     @abstractmethod
     def fit(self, sample: Sample) -> Params:
