@@ -179,9 +179,19 @@ def _sample(slide: Slide, options: Options, pixels: int = 0) -> Sample:
 
 
 def fit_slide(slide: Slide, method: Method, options: Options) -> Params:
-    """Sample ``slide`` and fit ``method`` (spatial methods: on the whole level-0 image)."""
+    """Sample ``slide`` and fit ``method``.
+
+    Spatial methods (clahe) are fitted on a whole level: level 0 with ``--sample exact``, otherwise the
+    coarsest pyramid level whose downsample the method can fit on faithfully (``fit_downsample``; level
+    0 when the slide has no such level).
+    """
     if method.spatial:
-        return slide.decode(lambda: method.fit_level(slide.level_image(0), mpp=slide.mpp))
+        level = 0
+        if options.strategy != "exact":
+            level = slide.best_level_for_downsample(method.fit_downsample(*slide.dimensions, slide.mpp))
+        return slide.decode(
+            lambda: method.fit_level(slide.level_image(level), mpp=slide.mpp, size=slide.dimensions)
+        )
     return method.fit(_sample(slide, options, method.sample_pixels))
 
 
