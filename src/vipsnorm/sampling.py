@@ -12,7 +12,9 @@ Strategy (``strategy=``):
 ``"exact"``
     Every tissue pixel of level 0, streamed through libvips (one extra full pass).
 
-Ordinary images (not slides) are always sampled exactly, all pixels, in one streaming pass.
+Ordinary images (not slides) are always sampled exactly, all pixels: in one streaming pass, or, for the
+small ones a :class:`~vipsnorm.io.slide.Slide` holds decoded in memory, from those pixels (the same counts
+without setting up another libvips pipeline, which costs more than counting a tile's pixels).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import pyvips
 
 from .errors import NoTissueError
 from .io.slide import Slide
-from .methods._hist import histograms, luma_image, percentile
+from .methods._hist import histograms, luma_array, luma_image, percentile
 from .methods.base import Sample
 
 __all__ = ["TissueMask", "tissue_mask", "saturation", "sample_slide", "STRATEGIES", "MIN_TISSUE_PIXELS"]
@@ -207,12 +209,17 @@ def sample_slide(
     if not use_tissue:
         if slide.is_slide and strategy != "exact":
             # A slide without tissue masking: the overview level stands for the whole.
-            image = slide.level_image(slide.best_level_for_downsample(8.0))
+            image, array = slide.level_image(slide.best_level_for_downsample(8.0)), None
         else:
-            image = slide.level_image(0)
+            image, array = slide.level_image(0), slide.decoded_pixels()
+        source = f"all pixels, {image.width}x{image.height}"
+        if array is not None:  # a small image, decoded in memory
+            hist = _histograms_in_memory(image, array)
+            kept = _limit(_subsampled(array, pixels).reshape(-1, image.bands), pixels, seed) if pixels else None
+            return Sample(hist, image.bands, source, pixels=kept)
         hist = slide.decode(lambda: _masked_histograms(image, None))
         kept = _subsampled_pixels(slide, image, None, pixels, seed) if pixels else None
-        return Sample(hist, image.bands, f"all pixels, {image.width}x{image.height}", pixels=kept)
+        return Sample(hist, image.bands, source, pixels=kept)
 
     view, downsample = overview(slide)
     mask = tissue_mask(view, downsample, slide.path)
@@ -239,6 +246,49 @@ def sample_slide(
     return Sample(hist, view.shape[-1], source, background, kept)
 
 
+def _histograms_in_memory(image: pyvips.Image, array: np.ndarray) -> np.ndarray:
+    """(4, 256) histograms (R, G, B, Y) of every pixel of an in-memory ``image`` whose pixels are
+    ``array``: the counts :func:`_masked_histograms` gives without a mask.
+
+    libvips counts the bands of an image already in memory faster than numpy, and numpy computes the
+    luma faster than libvips, so each does its part. Measured on 512x512 tiles (CPU time): 1.7 ms, against
+    2.9 ms for the libvips pipeline of :func:`_masked_histograms` and 3.0 ms for :func:`histograms`.
+    """
+    counts = image.hist_find().numpy().reshape(256, image.bands).T
+    if image.bands == 1:
+        return np.repeat(counts, 4, axis=0).astype(np.float64)
+    return np.vstack([counts, _luma_counts(array)]).astype(np.float64)
+
+
+#: Pixels per step of :func:`_luma_counts`: every temporary stays below glibc's 128 KiB mmap threshold.
+#: Larger ones are mapped and unmapped on every call, and on a 512x512 tile their page faults cost more
+#: than the arithmetic (luma and bincount of the whole tile at once: 3.0 ms CPU; in steps: 0.9 ms).
+_LUMA_STEP = 15_360
+
+
+def _luma_counts(array: np.ndarray) -> np.ndarray:
+    """Histogram of the luma (:func:`~vipsnorm.methods._hist.luma_array`) of an ``(h, w, 3)`` uint8
+    array, computed :data:`_LUMA_STEP` pixels at a time."""
+    flat = array.reshape(-1, 3)
+    counts = np.zeros(256, np.int64)
+    for start in range(0, flat.shape[0], _LUMA_STEP):
+        counts += np.bincount(luma_array(flat[start : start + _LUMA_STEP]), minlength=256)
+    return counts
+
+
+def _subsample_step(width: int, height: int, n: int) -> int:
+    """Keep every ``k``-th pixel in each direction: about ``2 n`` pixels, enough to draw ``n`` from."""
+    return max(1, int(np.ceil(np.sqrt(width * height / (2 * n)))))
+
+
+def _subsampled(array: np.ndarray, n: int) -> np.ndarray:
+    """What :func:`_subsampled_pixels` reads, from an ``(h, w, bands)`` array instead of an image."""
+    h, w = array.shape[:2]
+    k = _subsample_step(w, h, n)
+    # libvips' subsample keeps floor(size / k) pixels a side, starting at 0
+    return array[: h // k * k : k, : w // k * k : k] if k > 1 else array
+
+
 def _limit(values: np.ndarray, n: int, seed: int) -> np.ndarray:
     """At most ``n`` rows of ``values`` (a uniform random choice, in their original order)."""
     if values.shape[0] <= n:
@@ -252,7 +302,7 @@ def _subsampled_pixels(
 ) -> np.ndarray:
     """Up to ``n`` (tissue) pixels of ``image``, from a point-subsampled copy (real pixel colours, not
     averages) small enough for memory: every ``k``-th pixel in each direction."""
-    k = max(1, int(np.ceil(np.sqrt(image.width * image.height / (2 * n)))))
+    k = _subsample_step(image.width, image.height, n)
     small = image.subsample(k, k) if k > 1 else image
     array = slide.decode(small.numpy)
     if array.ndim == 2:
