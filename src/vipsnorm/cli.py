@@ -9,7 +9,7 @@ import warnings
 from pathlib import Path
 
 from . import __version__
-from .engine import FORMATS, Options, Result, build_method, fit_files, load_reference, normalize_file
+from .engine import FORMATS, Options, Result, build_method, fit_files, load_reference, normalize_file, shares_target
 from .errors import InvalidReferenceError, VipsnormError
 from .io.slide import BACKENDS, DEFAULT_MAX_PIXELS
 from .io.write import COMPRESSIONS
@@ -43,6 +43,8 @@ methods:
             --reference's (an image, or a JSON from 'vipsnorm fit --method reinhard'); glass kept
   macenko   H&E stain normalization: stain vectors and concentrations from optical density, mapped
             onto the canonical H&E target, or --reference's (image or 'vipsnorm fit' JSON)
+  vahadane  H&E stain normalization as macenko (same target and apply step), the stain vectors
+            found by sparse non-negative dictionary learning (Vahadane et al. 2016)
   clahe     adaptive equalization (OpenCV's CLAHE, computed over the whole slide, no seams):
             --clip-limit (default 2); --grid COLSxROWS (images, default 8x8) or --region PX /
             --region-um UM (slides: default 1024 px regions); --mode luminance (default) or rgb
@@ -227,7 +229,7 @@ def _normalize(args) -> int:
         method = build_method(params.method)
     else:
         name = args.method or (reference.method if reference is not None else "equalize")
-        if reference is not None and name != reference.method:
+        if reference is not None and not shares_target(reference.method, name):
             # never ignore a reference silently
             raise InvalidReferenceError(args.reference, f"is a {reference.method} target; --method {name} cannot use it")
         try:

@@ -22,7 +22,7 @@ from .methods import METHODS, Match, Method, Params, Sample
 from .reference import Reference, load_reference_json
 from .sampling import STRATEGIES, sample_slide
 
-__all__ = ["Options", "Result", "build_method", "load_reference", "fit_files", "normalize_file", "output_path"]
+__all__ = ["Options", "Result", "build_method", "load_reference", "shares_target", "fit_files", "normalize_file", "output_path"]
 
 #: Output formats for ``--format``; "auto" keeps ordinary images in their format, slides as pyramids.
 FORMATS = ("auto", "tiff", "jpeg", "png", "webp")
@@ -95,7 +95,7 @@ def build_method(name: str, reference: Reference | None = None, **options) -> Me
         return cls(**options)
     target = None
     if reference is not None:
-        if reference.target is None or reference.method != name:
+        if reference.target is None or not shares_target(reference.method, name):
             what = f"{reference.method} parameters" if reference.target is None else f"a {reference.method} target"
             raise InvalidReferenceError(None, f"the reference holds {what}, not a {name} target")
         target = reference.target
@@ -104,6 +104,15 @@ def build_method(name: str, reference: Reference | None = None, **options) -> Me
             None, f"method {name!r} needs --reference: an image, or a target JSON made by 'vipsnorm fit --method {name}'"
         )
     return cls(target, **options)
+
+
+def shares_target(made_by: str, name: str) -> bool:
+    """Whether method ``name`` maps onto targets that method ``made_by`` makes (itself, or a method with
+    the same target type: a macenko target serves vahadane too)."""
+    cls, other = METHODS.get(name), METHODS.get(made_by)
+    if cls is None or other is None:
+        return False
+    return name == made_by or (cls.target_type is not None and cls.target_type is other.target_type)
 
 
 def load_reference(

@@ -6,7 +6,18 @@ from .base import LutMethod, LutParams, Method, Params, Sample
 from .clahe import Clahe, ClaheParams
 from .equalize import Equalize, EqualizeParams
 from .match import Match, MatchParams
-from .stain import Macenko, MacenkoParams, MacenkoTarget, Reinhard, ReinhardParams, ReinhardTarget, stain_summary
+from .stain import (
+    Macenko,
+    MacenkoParams,
+    MacenkoTarget,
+    Reinhard,
+    ReinhardParams,
+    ReinhardTarget,
+    StainParams,
+    Vahadane,
+    VahadaneParams,
+    stain_summary,
+)
 from .stretch import Stretch, StretchParams
 
 __all__ = [
@@ -30,6 +41,9 @@ __all__ = [
     "Macenko",
     "MacenkoParams",
     "MacenkoTarget",
+    "Vahadane",
+    "VahadaneParams",
+    "StainParams",
     "stain_summary",
     "params_from_dict",
 ]
@@ -42,6 +56,7 @@ METHODS: dict[str, type[Method]] = {
     "clahe": Clahe,
     "reinhard": Reinhard,
     "macenko": Macenko,
+    "vahadane": Vahadane,
 }
 
 

@@ -1,14 +1,17 @@
-"""H&E stain normalization: Reinhard (Lab statistics) and Macenko (stain vectors in optical density).
+"""H&E stain normalization: Reinhard (Lab statistics), Macenko and Vahadane (stain vectors in optical
+density).
 
-Both are fitted on a sample of tissue pixel colours (:attr:`Sample.pixels`) and applied as a short
+All are fitted on a sample of tissue pixel colours (:attr:`Sample.pixels`) and applied as a short
 per-pixel pipeline of lookup tables and 3x3 matrices (:mod:`._stain`) that stays lazy on a pyvips image,
 so a slide streams through in bounded memory. Each maps onto a *target*: the canonical Macenko stain
-matrix by default, or one fitted on reference images with :meth:`Macenko.fit_target` /
-:meth:`Reinhard.fit_target` (``vipsnorm fit``).
+matrix by default (Macenko and Vahadane share the target and the apply step, and differ in how they
+estimate the stain vectors), or one fitted on reference images with :meth:`Macenko.fit_target`,
+:meth:`Vahadane.fit_target` or :meth:`Reinhard.fit_target` (``vipsnorm fit``).
 """
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,17 +41,22 @@ from ._stain import (
     run_image,
     srgb_to_linear,
 )
+from ._vahadane import learn_dictionary
 from .base import Method, Params, Sample
 
 __all__ = [
     "Macenko",
     "MacenkoParams",
     "MacenkoTarget",
+    "StainParams",
+    "Vahadane",
+    "VahadaneParams",
     "Reinhard",
     "ReinhardParams",
     "ReinhardTarget",
     "stain_summary",
     "macenko_stains",
+    "vahadane_stains",
     "MIN_STAINED_PIXELS",
     "MIN_STAIN_ANGLE",
 ]
@@ -60,6 +68,8 @@ MIN_STAINED_PIXELS = 100
 MIN_STAIN_ANGLE = 5.0
 #: Pixels of a stain method's pipeline gather (see :attr:`Method.sample_pixels`).
 SAMPLE_PIXELS = 2_000_000
+#: Vahadane learns its stain vectors on at most this many of them (a uniform subsample).
+LEARN_PIXELS = 200_000
 
 Matrix = tuple[tuple[float, ...], ...]
 
@@ -127,6 +137,34 @@ def _order_he(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.stack([a, b], axis=1) if a[0] > b[0] else np.stack([b, a], axis=1)
 
 
+def _max_concentrations(he: np.ndarray, od: np.ndarray, method: str) -> np.ndarray:
+    """99th percentile of each stain's least-squares concentration ``pinv(HE) OD`` over ``od``.
+
+    The apply step (:meth:`StainParams.od_matrix`) unmixes with the same ``pinv(HE)``, so the fitted
+    maxima are those of the concentrations it scales, whichever method found ``he``.
+    """
+    concentrations = np.linalg.pinv(he) @ od.T
+    max_c = np.percentile(concentrations, 99, axis=1)
+    if not np.all(max_c > 1e-6):
+        raise StainSeparationError(
+            None, f"{method}: a stain has no positive concentration (99th percentiles {max_c.tolist()})"
+        )
+    return max_c
+
+
+def _one_stain(method: str, angle: float, what: str) -> StainSeparationError:
+    return StainSeparationError(
+        None,
+        f"{method}: the stained pixels hold one stain only ({what} {angle:.1f} degrees apart, need "
+        f"{MIN_STAIN_ANGLE:g}); hematoxylin and eosin cannot be separated: use --method reinhard or match",
+    )
+
+
+def _angle(a: np.ndarray, b: np.ndarray) -> float:
+    """Degrees between unit vectors."""
+    return float(np.degrees(np.arccos(np.clip(a @ b, -1.0, 1.0))))
+
+
 def macenko_stains(
     pixels: np.ndarray, io: float = 240.0, alpha: float = 1.0, beta: float = 0.15
 ) -> tuple[np.ndarray, np.ndarray, int]:
@@ -172,27 +210,93 @@ def macenko_stains(
     if plane[:, 1].sum() < 0:
         plane[:, 1] *= -1
     v_lo, v_hi = _extreme_directions(odhat, plane, alpha)
-    angle = np.degrees(np.arccos(np.clip(v_lo @ v_hi, -1.0, 1.0)))
+    angle = _angle(v_lo, v_hi)
     if angle < MIN_STAIN_ANGLE:
+        raise _one_stain("macenko", angle, "the two stain directions are")
+    he = _order_he(v_lo, v_hi)
+    return he, _max_concentrations(he, od, "macenko"), int(odhat.shape[0])
+
+
+def vahadane_stains(
+    pixels: np.ndarray,
+    io: float = 240.0,
+    beta: float = 0.15,
+    regularizer: float = 0.1,
+    learn_pixels: int = LEARN_PIXELS,
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Vahadane et al. (2016) stain matrix (sparse non-negative dictionary learning) and 99th-percentile
+    concentrations of ``(n, 3)`` uint8 pixels.
+
+    Returns
+    -------
+    he, max_c : as :func:`macenko_stains`.
+    stained : int
+        Pixels the stain vectors were learned on (at most ``learn_pixels``).
+
+    Raises
+    ------
+    NoTissueError
+        Fewer than :data:`MIN_STAINED_PIXELS` stained pixels (a blank or all-white image).
+    StainSeparationError
+        One stain only: the two learned vectors are closer than :data:`MIN_STAIN_ANGLE` (noisy
+        single-stain pixels split between them), or fewer than :data:`MIN_STAINED_PIXELS` pixels use one
+        of them (it stayed where it started); or concentrations without spread.
+
+    Notes
+    -----
+    ``OD = -ln((I + 1) / Io)`` as Macenko's. The stained pixels are those with ``OD >= beta`` in at
+    least one channel (darkest channel below about 206 for ``Io = 240``: the tissue, pale eosin
+    included; StainTools keeps CIELAB ``L < 80``, much the same pixels), negative optical densities
+    (brighter than ``Io``) set to 0. When there are more than ``learn_pixels`` of them a uniform
+    subsample, always the same for the same pixels, is learned on: at 200,000 pixels the vectors are
+    within 0.15 degrees of those learned on every pixel of the shared H&E tiles, in well under a second.
+
+    The stain vectors ``D`` (unit, non-negative) minimize ``0.5 ||OD - A D||^2 + regularizer ||A||_1``
+    over non-negative concentrations ``A`` (:func:`._vahadane.learn_dictionary`, exact alternating
+    minimization from the canonical H&E vectors; it reaches the same optimum as SPAMS, which StainTools
+    uses, and as scikit-learn's ``dict_learning``: tests/test_vahadane.py). Hematoxylin is the vector
+    with the larger red optical density, as in Macenko's. The l1 penalty favours explaining each pixel
+    with one stain: on pixels where both stains are dense the vectors come out closer together than the
+    true ones (a few degrees), which is the method, not a fitting error.
+
+    The maximum concentrations are the 99th percentiles of the least-squares concentrations over *all*
+    ``pixels``, as in Macenko's: the shared apply step unmixes that way.
+    """
+    pixels = np.asarray(pixels).reshape(-1, 3)
+    od = od_lut(io)[pixels]
+    stained = od[(od >= beta).any(axis=1)]
+    if stained.shape[0] < MIN_STAINED_PIXELS:
+        raise NoTissueError(
+            None,
+            f"vahadane: only {stained.shape[0]} of {pixels.shape[0]} pixels are stained (optical density >= "
+            f"beta={beta:g} in a channel, i.e. darker than about {io * np.exp(-beta) - 1:.0f}); need at "
+            f"least {MIN_STAINED_PIXELS}: the image is blank or all glass",
+        )
+    if stained.shape[0] > learn_pixels:
+        keep = np.random.default_rng(0).choice(stained.shape[0], learn_pixels, replace=False)
+        stained = stained[np.sort(keep)]
+    init = np.asarray(HE_REF, dtype=np.float64).T
+    d, codes, _ = learn_dictionary(np.maximum(stained, 0.0), init, regularizer)
+    angle = _angle(d[0], d[1])
+    if angle < MIN_STAIN_ANGLE:
+        raise _one_stain("vahadane", angle, "the two learned stain vectors are")
+    used = np.count_nonzero(codes > 0, axis=0)
+    if used.min() < MIN_STAINED_PIXELS:
+        # an atom (almost) no pixel uses stays where it started: it is no stain of this image
         raise StainSeparationError(
             None,
-            f"macenko: the stained pixels hold one stain only (the two stain directions are {angle:.1f} "
-            f"degrees apart, need {MIN_STAIN_ANGLE:g}); hematoxylin and eosin cannot be separated: "
-            f"use --method reinhard or match",
+            f"vahadane: the stained pixels hold one stain only ({used.min()} of {stained.shape[0]} pixels use "
+            f"one of the two learned stain vectors, need {MIN_STAINED_PIXELS}); hematoxylin and eosin cannot be "
+            f"separated: use --method reinhard or match",
         )
-    he = _order_he(v_lo, v_hi)
-    concentrations = np.linalg.pinv(he) @ od.T
-    max_c = np.percentile(concentrations, 99, axis=1)
-    if not np.all(max_c > 1e-6):
-        raise StainSeparationError(
-            None, f"macenko: a stain has no positive concentration (99th percentiles {max_c.tolist()})"
-        )
-    return he, max_c, int(odhat.shape[0])
+    he = _order_he(d[0], d[1])
+    return he, _max_concentrations(he, od, "vahadane"), int(stained.shape[0])
 
 
 @dataclass(frozen=True)
 class MacenkoTarget(Params):
-    """A Macenko target: the stain matrix and max concentrations everything is mapped onto.
+    """A stain-matrix target (Macenko's and Vahadane's): the stain matrix and max concentrations
+    everything is mapped onto.
 
     Attributes
     ----------
@@ -215,28 +319,23 @@ class MacenkoTarget(Params):
 
 
 @dataclass(frozen=True)
-class MacenkoParams(Params):
-    """Fitted Macenko normalization: the source's stains and the target's, and the constants used.
+class StainParams(Params):
+    """A fitted stain-matrix normalization (Macenko's or Vahadane's): the source's stains and the
+    target's. The apply step depends on these only.
 
     Attributes
     ----------
     he, max_c : as :class:`MacenkoTarget`, of the source image.
     target_he, target_max_c : the target's.
-    io, alpha, beta : float
-        Transmitted light intensity, angle percentile and optical-density threshold of the fit.
-    stained : int
-        Number of stained pixels the stain vectors were fitted on.
+    io : float
+        Transmitted light intensity of ``OD = -ln((I + 1) / io)``.
     """
 
-    method = "macenko"
     he: Matrix = ()
     max_c: tuple[float, ...] = ()
     target_he: Matrix = ()
     target_max_c: tuple[float, ...] = ()
     io: float = 240.0
-    alpha: float = 1.0
-    beta: float = 0.15
-    stained: int = 0
 
     def od_matrix(self) -> np.ndarray:
         """The 3x3 map of optical densities: ``target_HE @ diag(target_max_c / max_c) @ pinv(HE)``."""
@@ -247,10 +346,50 @@ class MacenkoParams(Params):
 
     def steps(self) -> list:
         """The per-pixel pipeline (see :mod:`._stain`)."""
-        return _macenko_steps(self)
+        return _stain_matrix_steps(self)
 
 
-def _macenko_steps(params: MacenkoParams) -> list:
+@dataclass(frozen=True)
+class MacenkoParams(StainParams):
+    """Fitted Macenko normalization: the source's stains and the target's, and the constants used.
+
+    Attributes
+    ----------
+    he, max_c, target_he, target_max_c, io : as :class:`StainParams`.
+    alpha, beta : float
+        Angle percentile and optical-density threshold of the fit.
+    stained : int
+        Number of stained pixels the stain vectors were fitted on.
+    """
+
+    method = "macenko"
+    alpha: float = 1.0
+    beta: float = 0.15
+    stained: int = 0
+
+
+@dataclass(frozen=True)
+class VahadaneParams(StainParams):
+    """Fitted Vahadane normalization: the source's stains (sparse dictionary learning) and the target's.
+
+    Attributes
+    ----------
+    he, max_c, target_he, target_max_c, io : as :class:`StainParams`.
+    beta : float
+        Optical-density threshold of the stained pixels (in any channel).
+    regularizer : float
+        Weight of the l1 penalty on the concentrations (``lambda``).
+    stained : int
+        Number of stained pixels the stain vectors were learned on.
+    """
+
+    method = "vahadane"
+    beta: float = 0.15
+    regularizer: float = 0.1
+    stained: int = 0
+
+
+def _stain_matrix_steps(params: StainParams) -> list:
     """``out = floor(min(Io exp(-M OD), 255))`` as LUT -> recomb -> ushort index -> LUT.
 
     The index of band ``b`` is ``s_b (OD'_b + o_b)``: the offset ``o`` (which keeps optical densities
@@ -266,7 +405,7 @@ def _macenko_steps(params: MacenkoParams) -> list:
     margin = max(0.0, -od_white) + 0.02
     direction = target.sum(axis=1)  # target @ (1, 1): positive for any plausible stain vectors
     if direction.min() <= 1e-3:
-        raise InvalidReferenceError(None, f"macenko target stain vectors are not optical densities: {params.target_he}")
+        raise InvalidReferenceError(None, f"{params.method} target stain vectors are not optical densities: {params.target_he}")
     k = margin / direction.min()
     offset = k * direction  # = M d for d = HE diag(max_c / target_max_c) (k, k)
     he = np.asarray(params.he, dtype=np.float64).T
@@ -278,7 +417,57 @@ def _macenko_steps(params: MacenkoParams) -> list:
     return [Lut(table1), Recomb(np.diag(scale) @ m), ToIndex(), Lut(table2)]
 
 
-class Macenko(Method):
+class _StainMatrixMethod(Method):
+    """What Macenko and Vahadane share: a stain-matrix target (:class:`MacenkoTarget`, default the
+    canonical one), the dataset target (median stain vectors and concentrations) and the apply step
+    (unmix with the source's stains, remix with the target's). Subclasses estimate the stains."""
+
+    target_type = MacenkoTarget
+    sample_pixels = SAMPLE_PIXELS
+
+    def _set_target(self, target: MacenkoTarget | None, io: float) -> None:
+        if target is not None and not isinstance(target, MacenkoTarget):
+            raise InvalidReferenceError(
+                None, f"{self.name} needs a stain-matrix (macenko) target, not {type(target).__name__}"
+            )
+        self.target = MacenkoTarget() if target is None else target
+        self.io = float(io)
+
+    @abstractmethod
+    def _stains(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+        """``(he (3, 2), max_c (2,), stained pixels)`` of ``(n, 3)`` uint8 pixels."""
+
+    @abstractmethod
+    def _params(self, he: np.ndarray, max_c: np.ndarray, stained: int) -> StainParams:
+        """The method's params for the fitted stains and this method's target and constants."""
+
+    def _fit_pixels(self, sample: Sample) -> tuple[np.ndarray, np.ndarray, int]:
+        return self._stains(_colour_pixels(sample, self.name))
+
+    def fit(self, sample: Sample) -> StainParams:
+        return self._params(*self._fit_pixels(sample))
+
+    def fit_target(self, samples: list[Sample]) -> MacenkoTarget:
+        """The median stain vectors (each renormalized to unit length) and median max concentrations of
+        ``samples`` (one sample: that image's own stains)."""
+        if not samples:
+            raise ValueError("no samples to fit a target on")
+        fits = [self._fit_pixels(s) for s in samples]
+        he = np.median([f[0] for f in fits], axis=0)
+        he /= np.linalg.norm(he, axis=0, keepdims=True)
+        max_c = np.median([f[1] for f in fits], axis=0)
+        source = samples[0].source if len(samples) == 1 else f"median of {len(samples)} images"
+        return MacenkoTarget(he=_floats(he.T), max_c=_floats(max_c), source=source or "image")
+
+    def apply(self, image: pyvips.Image, params: StainParams) -> pyvips.Image:
+        _check_image(image, self.name)
+        return run_image(image, params.steps())
+
+    def apply_array(self, array: np.ndarray, params: StainParams) -> np.ndarray:
+        return run_array(_check_array(array, self.name), params.steps())
+
+
+class Macenko(_StainMatrixMethod):
     """Macenko stain normalization: unmix H and E in optical density, remix with the target's stains.
 
     Parameters
@@ -304,24 +493,19 @@ class Macenko(Method):
 
     name = "macenko"
     params_type = MacenkoParams
-    target_type = MacenkoTarget
-    sample_pixels = SAMPLE_PIXELS
 
     def __init__(self, target: MacenkoTarget | None = None, io: float = 240.0, alpha: float = 1.0, beta: float = 0.15):
         if not 0.0 <= alpha < 50.0:
             raise ValueError(f"need 0 <= alpha < 50, got {alpha}")
         if io <= 0 or beta < 0:
             raise ValueError(f"need io > 0 and beta >= 0, got io={io}, beta={beta}")
-        if target is not None and not isinstance(target, MacenkoTarget):
-            raise InvalidReferenceError(None, f"macenko needs a macenko target, not {type(target).__name__}")
-        self.target = MacenkoTarget() if target is None else target
-        self.io, self.alpha, self.beta = float(io), float(alpha), float(beta)
+        self._set_target(target, io)
+        self.alpha, self.beta = float(alpha), float(beta)
 
-    def _fit_pixels(self, sample: Sample) -> tuple[np.ndarray, np.ndarray, int]:
-        return macenko_stains(_colour_pixels(sample, self.name), self.io, self.alpha, self.beta)
+    def _stains(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+        return macenko_stains(pixels, self.io, self.alpha, self.beta)
 
-    def fit(self, sample: Sample) -> MacenkoParams:
-        he, max_c, stained = self._fit_pixels(sample)
+    def _params(self, he: np.ndarray, max_c: np.ndarray, stained: int) -> MacenkoParams:
         return MacenkoParams(
             he=_floats(he.T),
             max_c=_floats(max_c),
@@ -333,24 +517,65 @@ class Macenko(Method):
             stained=stained,
         )
 
-    def fit_target(self, samples: list[Sample]) -> MacenkoTarget:
-        """The median stain vectors (each renormalized to unit length) and median max concentrations of
-        ``samples`` (one sample: that image's own stains)."""
-        if not samples:
-            raise ValueError("no samples to fit a target on")
-        fits = [self._fit_pixels(s) for s in samples]
-        he = np.median([f[0] for f in fits], axis=0)
-        he /= np.linalg.norm(he, axis=0, keepdims=True)
-        max_c = np.median([f[1] for f in fits], axis=0)
-        source = samples[0].source if len(samples) == 1 else f"median of {len(samples)} images"
-        return MacenkoTarget(he=_floats(he.T), max_c=_floats(max_c), source=source or "image")
 
-    def apply(self, image: pyvips.Image, params: MacenkoParams) -> pyvips.Image:
-        _check_image(image, self.name)
-        return run_image(image, params.steps())
+class Vahadane(_StainMatrixMethod):
+    """Vahadane stain normalization: stain vectors by sparse non-negative dictionary learning, then
+    Macenko's apply step (unmix, scale the concentrations, remix with the target's stains).
 
-    def apply_array(self, array: np.ndarray, params: MacenkoParams) -> np.ndarray:
-        return run_array(_check_array(array, self.name), params.steps())
+    Parameters
+    ----------
+    target : MacenkoTarget, optional
+        The stains to map onto; default the canonical Macenko target, as :class:`Macenko`.
+    io : float
+        Transmitted light intensity (the brightness of glass), 240.
+    beta : float
+        Optical density a pixel must reach in at least one channel to be learned on, 0.15.
+    regularizer : float
+        Weight ``lambda`` of the l1 penalty on the concentrations, 0.1 (Vahadane et al., StainTools).
+    learn_pixels : int
+        Learn on a uniform subsample of at most this many stained pixels, 200,000.
+
+    Notes
+    -----
+    See :func:`vahadane_stains` for the fit. Apply is :class:`Macenko`'s, bit for bit: the same
+    parameters give the same output. Needs only numpy: the lasso of two stains is solved in closed form
+    (:mod:`._vahadane`), where scikit-learn's ``dict_learning`` runs a coordinate-descent solver per
+    pixel (on 20,000 pixels: 13 s against 10 ms here, to the same stains). The fit is deterministic:
+    a fixed start and a fixed subsample, no random state.
+    """
+
+    name = "vahadane"
+    params_type = VahadaneParams
+
+    def __init__(
+        self,
+        target: MacenkoTarget | None = None,
+        io: float = 240.0,
+        beta: float = 0.15,
+        regularizer: float = 0.1,
+        learn_pixels: int = LEARN_PIXELS,
+    ):
+        if io <= 0 or beta < 0 or regularizer <= 0:
+            raise ValueError(f"need io > 0, beta >= 0 and regularizer > 0, got io={io}, beta={beta}, regularizer={regularizer}")
+        if learn_pixels < MIN_STAINED_PIXELS:
+            raise ValueError(f"need learn_pixels >= {MIN_STAINED_PIXELS}, got {learn_pixels}")
+        self._set_target(target, io)
+        self.beta, self.regularizer, self.learn_pixels = float(beta), float(regularizer), int(learn_pixels)
+
+    def _stains(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+        return vahadane_stains(pixels, self.io, self.beta, self.regularizer, self.learn_pixels)
+
+    def _params(self, he: np.ndarray, max_c: np.ndarray, stained: int) -> VahadaneParams:
+        return VahadaneParams(
+            he=_floats(he.T),
+            max_c=_floats(max_c),
+            target_he=self.target.he,
+            target_max_c=self.target.max_c,
+            io=self.io,
+            beta=self.beta,
+            regularizer=self.regularizer,
+            stained=stained,
+        )
 
 
 # --- Reinhard ------------------------------------------------------------------------------------
@@ -581,14 +806,14 @@ class Reinhard(Method):
 def stain_summary(params: Params) -> dict[str, Any]:
     """What ``vipsnorm inspect`` shows of fitted stain parameters or a stain target."""
     r = lambda v: [round(float(x), 4) for x in v]  # noqa: E731
-    if isinstance(params, (MacenkoParams, MacenkoTarget)):
+    if isinstance(params, (StainParams, MacenkoTarget)):
         out: dict[str, Any] = {
             "method": params.method,
             "hematoxylin": r(params.he[0]),
             "eosin": r(params.he[1]),
             "max_concentrations": {"hematoxylin": round(params.max_c[0], 4), "eosin": round(params.max_c[1], 4)},
         }
-        if isinstance(params, MacenkoParams):
+        if isinstance(params, StainParams):
             out["target"] = {
                 "hematoxylin": r(params.target_he[0]),
                 "eosin": r(params.target_he[1]),
@@ -598,6 +823,8 @@ def stain_summary(params: Params) -> dict[str, Any]:
                 },
             }
             out["io"], out["stained_pixels"] = params.io, params.stained
+            if isinstance(params, VahadaneParams):
+                out["regularizer"] = params.regularizer
         else:
             out["source"] = params.source
         return out
