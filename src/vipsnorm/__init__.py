@@ -9,6 +9,7 @@
 
 __version__ = "0.1.0"
 
+from .batch import BatchSummary, fit_batch, normalize_batch, read_manifest  # noqa: E402
 from .engine import Options, Result, build_method, fit_files, load_reference, normalize_file  # noqa: E402
 from .errors import (  # noqa: E402
     FlatImageError,
@@ -49,6 +50,10 @@ __all__ = [
     "build_method",
     "normalize_file",
     "fit_files",
+    "normalize_batch",
+    "fit_batch",
+    "BatchSummary",
+    "read_manifest",
     "Options",
     "Result",
     "write_pyramid",

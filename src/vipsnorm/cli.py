@@ -9,7 +9,8 @@ import warnings
 from pathlib import Path
 
 from . import __version__
-from .engine import FORMATS, Options, Result, build_method, fit_files, load_reference, normalize_file, shares_target
+from .batch import SCHEDULER_ENV, fit_batch, normalize_batch
+from .engine import FORMATS, Options, build_method, load_reference, shares_target
 from .errors import InvalidReferenceError, VipsnormError
 from .io.slide import BACKENDS, DEFAULT_MAX_PIXELS
 from .io.write import COMPRESSIONS
@@ -26,6 +27,7 @@ written as pyramidal tiled TIFF with the pixel size kept; ordinary images keep t
 
 examples:
   vipsnorm normalize slide.svs -o out/ --method equalize
+  vipsnorm normalize archive/ -o out/ --include '*.svs'       # a whole tree, in parallel, resumable
   vipsnorm fit lab1/*.svs lab2/*.svs -o palette.json            # one palette for a whole set
   vipsnorm normalize lab*/*.svs -o out/ --method match --reference palette.json
   vipsnorm inspect slide.svs
@@ -96,6 +98,55 @@ def _add_fit_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_batch_options(p: argparse.ArgumentParser, normalize: bool) -> None:
+    g = p.add_argument_group(
+        "batch",
+        "Inputs run in parallel on Dask: by default a local cluster sized to the machine (or this process\n"
+        f"alone when the batch is a single task); --scheduler or ${SCHEDULER_ENV} for a running cluster.",
+    )
+    g.add_argument(
+        "--list",
+        action="append",
+        default=[],
+        type=Path,
+        metavar="FILE",
+        help="more inputs from FILE: a .csv with an 'input' column and an optional 'output' column (path "
+        "relative to OUTDIR), or one path per line; relative paths are relative to FILE's folder (repeatable)",
+    )
+    g.add_argument(
+        "--include",
+        action="append",
+        metavar="GLOB",
+        help="files to take from INPUT folders (repeatable; default: common slide and image suffixes)",
+    )
+    g.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="files to leave out of INPUT folders (repeatable)")
+    g.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="worker processes of the local cluster (default: one per core, as memory allows; 0: run in this process)",
+    )
+    g.add_argument(
+        "--scheduler",
+        metavar="ADDR",
+        help=f"use the Dask cluster at ADDR (tcp://host:port, or a scheduler file) (default: ${SCHEDULER_ENV})",
+    )
+    g.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress bar on stderr (default: only when stderr is a terminal)",
+    )
+    if normalize:
+        g.add_argument(
+            "--manifest",
+            type=Path,
+            metavar="CSV",
+            help="the manifest: one row per input and run (default: OUTDIR.manifest.csv beside OUTDIR); a rerun "
+            "skips what it records as finished",
+        )
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vipsnorm",
@@ -113,8 +164,15 @@ def _parser() -> argparse.ArgumentParser:
         epilog=_METHODS_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="slides or images")
-    p.add_argument("-o", "--output", required=True, type=Path, metavar="OUTDIR", help="output folder (created if missing)")
+    p.add_argument("inputs", nargs="*", metavar="INPUT", help="slides, images, or folders of them (searched recursively)")
+    p.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        type=Path,
+        metavar="OUTDIR",
+        help="output folder (created if missing); folders given as INPUT are mirrored below it",
+    )
     p.add_argument(
         "--reference",
         metavar="REF",
@@ -126,8 +184,15 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--format", choices=FORMATS, default="auto", help="auto: pyramidal TIFF for slides, input format for images")
     g.add_argument("--compression", choices=COMPRESSIONS, default="jpeg", help="pyramidal TIFF tiles (default: %(default)s; deflate/lzw are lossless)")
     g.add_argument("--quality", type=int, default=90, help="JPEG/WebP quality (default: %(default)s)")
-    g.add_argument("--no-overwrite", action="store_true", help="fail for inputs whose output already exists")
+    overwrite = g.add_mutually_exclusive_group()
+    overwrite.add_argument(
+        "--overwrite", action="store_true", help="redo every input, even those the manifest records as finished"
+    )
+    overwrite.add_argument(
+        "--no-overwrite", action="store_true", help="fail for inputs whose output exists but is not recorded as finished"
+    )
     g.add_argument("--json", action="store_true", help="print one JSON line per input instead of text")
+    _add_batch_options(p, normalize=True)
 
     p = sub.add_parser(
         "fit",
@@ -136,9 +201,10 @@ def _parser() -> argparse.ArgumentParser:
         "the pooled tissue palette that 'normalize --method match --reference' maps every image onto; with "
         "stretch/equalize it is their parameters, applied unchanged to every image.",
     )
-    p.add_argument("inputs", nargs="+", metavar="INPUT")
+    p.add_argument("inputs", nargs="*", metavar="INPUT", help="slides, images, or folders of them (searched recursively)")
     p.add_argument("-o", "--output", required=True, type=Path, metavar="REF.json")
     _add_fit_options(p)
+    _add_batch_options(p, normalize=False)
     p.set_defaults(method="match")
 
     p = sub.add_parser("inspect", help="show levels, pixel size, backend and tissue statistics")
@@ -196,27 +262,36 @@ def _method_options(args) -> dict:
     }
 
 
-def _report(result: Result, as_json: bool) -> None:
+def _report(row: dict, as_json: bool) -> None:
+    """One line for one input: stdout for ok and skipped, stderr for errors (``--json``: all on stdout)."""
+    from tqdm import tqdm  # writes around a progress bar, if one is shown
+
     if as_json:
-        print(
-            json.dumps(
-                {
-                    "input": str(result.input),
-                    "output": None if result.output is None else str(result.output),
-                    "status": result.status,
-                    "error": result.error,
-                    "seconds": round(result.seconds, 3),
-                    "params": None if result.params is None else result.params.to_dict(),
-                }
-            )
-        )
-    elif result.status == "ok":
-        print(f"ok     {result.input} -> {result.output} ({result.seconds:.1f} s)")
+        params = row.get("params")
+        record = {
+            "input": row["input"],
+            "output": row.get("output"),
+            "status": row["status"],
+            "error": row.get("error"),
+            "seconds": row.get("seconds"),
+            "params": json.loads(params) if params else None,
+        }
+        tqdm.write(json.dumps(record), file=sys.stdout)
+    elif row["status"] == "ok":
+        tqdm.write(f"ok     {row['input']} -> {row['output']} ({row['seconds']:.1f} s)", file=sys.stdout)
+    elif row["status"] == "skipped":
+        tqdm.write(f"skip   {row['input']} -> {row['output']} (finished by an earlier run)", file=sys.stdout)
     else:
-        print(f"error  {result.error}", file=sys.stderr)
+        tqdm.write(f"error  {row['error']}", file=sys.stderr)
+
+
+def _check_inputs(args) -> None:
+    if not args.inputs and not args.list:
+        raise ValueError(f"no input: give files or folders, or --list FILE (see 'vipsnorm {args.command} --help')")
 
 
 def _normalize(args) -> int:
+    _check_inputs(args)
     options = _options(args)
     reference = None
     if args.reference:
@@ -236,23 +311,42 @@ def _normalize(args) -> int:
             method = build_method(name, reference, **_method_options(args))
         except InvalidReferenceError as exc:
             raise InvalidReferenceError(args.reference, exc.cause) from None
-    args.output.mkdir(parents=True, exist_ok=True)
-    failed = 0
-    claimed = {Path(p).resolve() for p in args.inputs}  # never written over, even by another input
-    for path in args.inputs:
-        result = normalize_file(path, args.output, method, params=params, options=options, claimed=claimed)
-        if result.output is not None:
-            claimed.add(result.output.resolve())
-        failed += result.status != "ok"
-        _report(result, args.json)
-    total = len(args.inputs)
-    print(f"{total - failed} of {total} inputs normalized, {failed} failed", file=sys.stderr)
-    return 1 if failed else 0
+    summary = normalize_batch(
+        args.inputs,
+        args.output,
+        method,
+        params=params,
+        options=options,
+        lists=args.list,
+        include=args.include,
+        exclude=args.exclude,
+        manifest=args.manifest,
+        overwrite=args.overwrite,
+        scheduler=args.scheduler,
+        workers=args.workers,
+        reference=str(args.reference or ""),
+        progress=args.progress,
+        on_row=lambda row: _report(row, args.json),
+    )
+    print(summary.line(), file=sys.stderr)
+    return 1 if summary.error else 0
 
 
 def _fit(args) -> int:
+    _check_inputs(args)
     options = _options(args)
-    reference, results = fit_files(args.inputs, args.method, method_options=_method_options(args), options=options)
+    reference, results = fit_batch(
+        args.inputs,
+        args.method,
+        method_options=_method_options(args),
+        options=options,
+        lists=args.list,
+        include=args.include,
+        exclude=args.exclude,
+        scheduler=args.scheduler,
+        workers=args.workers,
+        progress=args.progress,
+    )
     for result in results:
         if result.status != "ok":
             print(f"error  {result.error}", file=sys.stderr)

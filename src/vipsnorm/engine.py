@@ -22,7 +22,19 @@ from .methods import METHODS, Match, Method, Params, Sample
 from .reference import Reference, load_reference_json
 from .sampling import STRATEGIES, sample_slide
 
-__all__ = ["Options", "Result", "build_method", "load_reference", "shares_target", "fit_files", "normalize_file", "output_path"]
+__all__ = [
+    "Options",
+    "Result",
+    "build_method",
+    "load_reference",
+    "shares_target",
+    "fit_files",
+    "check_fit",
+    "sample_file",
+    "fit_reference",
+    "normalize_file",
+    "output_path",
+]
 
 #: Output formats for ``--format``; "auto" keeps ordinary images in their format, slides as pyramids.
 FORMATS = ("auto", "tiff", "jpeg", "png", "webp")
@@ -149,8 +161,9 @@ def _accepted_options(cls: type[Method]) -> set[str]:
     return set(inspect.signature(cls.__init__).parameters) - {"self", "target"}
 
 
-def output_path(slide: Slide, out_dir: Path, fmt: str) -> Path:
-    """Where the result of ``slide`` goes: pyramidal ``.tif`` for slides, same format for images."""
+def output_path(slide: Slide, out_dir: Path, fmt: str, name: str | None = None) -> Path:
+    """Where the result of ``slide`` goes: pyramidal ``.tif`` for slides, same format for images;
+    named ``name`` (a file name without suffix) if given, else after the input."""
     if fmt == "auto":
         suffix = ".tif" if slide.is_slide else _LOADER_SUFFIX.get(slide.loader.split("_")[0], ".png")
         if not slide.is_slide and slide.path.suffix.lower() in IMAGE_SUFFIXES:
@@ -158,7 +171,7 @@ def output_path(slide: Slide, out_dir: Path, fmt: str) -> Path:
                 suffix = slide.path.suffix  # keep ".jpeg" as ".jpeg"
     else:
         suffix = _FORMAT_SUFFIX[fmt]
-    return out_dir / (slide.path.stem + suffix)
+    return out_dir / ((slide.path.stem if name is None else name) + suffix)
 
 
 def _check_output(inp: Path, out: Path, options: Options) -> None:
@@ -212,6 +225,7 @@ def normalize_file(
     params: Params | None = None,
     options: Options = Options(),
     claimed: Collection[Path] = (),
+    name: str | None = None,
 ) -> Result:
     """Normalize one input into ``out_dir``; errors are returned in the result, never half-written files.
 
@@ -222,13 +236,15 @@ def normalize_file(
     claimed : collection of Path
         Resolved paths this input must not write: the run's other inputs, and outputs already written
         for them (``a/x.svs`` and ``b/x.svs`` would both become ``x.tif``). Refused, never overwritten.
+    name : str, optional
+        The output's file name without suffix (default: the input's); the suffix follows ``options.format``.
     """
     start = time.perf_counter()
     result = Result(input=Path(path))
     try:
         with open_slide(path, max_pixels=options.max_pixels, backend=options.backend) as slide:
             result.slide = slide.describe()
-            out = output_path(slide, Path(out_dir), options.format)
+            out = output_path(slide, Path(out_dir), options.format, name)
             _check_output(slide.path, out, options)
             if claimed and out.resolve() in claimed:
                 raise OutputError(
@@ -267,6 +283,59 @@ def normalize_file(
     return result
 
 
+def check_fit(method_name: str, method_options: dict | None = None) -> type[Method]:
+    """The class of ``method_name`` if a dataset reference can be fitted with it and these options.
+
+    Raises
+    ------
+    ValueError
+        An unknown method, a spatial one (fitted on each image's layout), or an option it does not take.
+    """
+    cls = METHODS.get(method_name)
+    if cls is None:
+        raise ValueError(f"unknown method {method_name!r}; choose from {', '.join(METHODS)}")
+    if cls.spatial:
+        raise ValueError(f"method {method_name!r} is fitted on each image's own layout; it has no dataset reference")
+    if cls.target_type is None and method_options:
+        build_method(method_name, **method_options)  # target methods: options they do not take are ignored
+    return cls
+
+
+def sample_file(
+    path: str | os.PathLike[str], method_name: str, options: Options = Options()
+) -> tuple[Result, Sample | None]:
+    """The sample that ``vipsnorm fit`` takes from one input for ``method_name`` (the first half of
+    :func:`fit_files`); errors are returned in the result, with no sample."""
+    cls = check_fit(method_name)
+    result = Result(input=Path(path))
+    sample = None
+    start = time.perf_counter()
+    try:
+        with open_slide(path, max_pixels=options.max_pixels, backend=options.backend) as slide:
+            result.slide = slide.describe()
+            sample = _sample(slide, options, cls.sample_pixels)
+    except VipsnormError as exc:
+        result.status, result.error = "error", str(exc.about(path))
+    result.seconds = time.perf_counter() - start
+    return result, sample
+
+
+def fit_reference(
+    method_name: str, samples: list[Sample], inputs: tuple[str, ...], method_options: dict | None = None
+) -> Reference:
+    """One reference from the samples of many inputs (the second half of :func:`fit_files`)."""
+    cls = check_fit(method_name)
+    if not samples:
+        raise InvalidReferenceError(None, "no input could be sampled; no reference written")
+    method_options = method_options or {}
+    if cls.target_type is not None:
+        fitter = _target_fitter(method_name, method_options)
+        return Reference(target=fitter.fit_target(samples), inputs=inputs, method=method_name)
+    fitter = build_method(method_name, **method_options)
+    pooled = Sample.pooled(samples, source=f"pooled tissue histograms of {len(samples)} images")
+    return Reference(params=fitter.fit(pooled), inputs=inputs)
+
+
 def fit_files(
     paths: list[str | os.PathLike[str]], method_name: str, *, method_options: dict | None = None, options: Options = Options()
 ) -> tuple[Reference, list[Result]]:
@@ -275,32 +344,17 @@ def fit_files(
     For methods that map onto a target (match, the stain methods) the reference is that target, built
     by the method's ``fit_target`` from every input's sample (match: the tissue histograms pooled, each
     input weighted equally). For the other methods it is their parameters fitted on the pooled sample,
-    to be applied unchanged to every image.
+    to be applied unchanged to every image. :func:`vipsnorm.batch.fit_batch` runs the same two steps
+    (:func:`sample_file` on each input, then :func:`fit_reference`) in parallel.
     """
-    cls = METHODS.get(method_name)
-    if cls is None:
-        raise ValueError(f"unknown method {method_name!r}; choose from {', '.join(METHODS)}")
-    if cls.spatial:
-        raise ValueError(f"method {method_name!r} is fitted on each image's own layout; it has no dataset reference")
     method_options = method_options or {}
-    fitter = _target_fitter(method_name, method_options) if cls.target_type is not None else build_method(method_name, **method_options)
+    check_fit(method_name, method_options)  # before any file is read
     samples: list[Sample] = []
     results: list[Result] = []
     for path in paths:
-        result = Result(input=Path(path))
-        start = time.perf_counter()
-        try:
-            with open_slide(path, max_pixels=options.max_pixels, backend=options.backend) as slide:
-                result.slide = slide.describe()
-                samples.append(_sample(slide, options, cls.sample_pixels))
-        except VipsnormError as exc:
-            result.status, result.error = "error", str(exc.about(path))
-        result.seconds = time.perf_counter() - start
+        result, sample = sample_file(path, method_name, options)
         results.append(result)
-    if not samples:
-        raise InvalidReferenceError(None, "no input could be sampled; no reference written")
+        if sample is not None:
+            samples.append(sample)
     inputs = tuple(str(r.input) for r in results if r.status == "ok")
-    if cls.target_type is not None:
-        return Reference(target=fitter.fit_target(samples), inputs=inputs, method=method_name), results
-    pooled = Sample.pooled(samples, source=f"pooled tissue histograms of {len(samples)} images")
-    return Reference(params=fitter.fit(pooled), inputs=inputs), results
+    return fit_reference(method_name, samples, inputs, method_options), results

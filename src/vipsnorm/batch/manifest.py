@@ -1,0 +1,254 @@
+"""The manifest: one CSV row per input and run, appended as results arrive.
+
+Why CSV and not Parquet: a row must be on disk the moment its result is known, so that a run killed at
+any moment loses only the rows of tasks still in flight. CSV is appended to as results arrive (the rows
+of a task in one ``write`` and one ``flush``; an ``fsync`` at most every second and at the end); a
+Parquet file is written in whole row groups and is unreadable until its footer is written, so it would
+lose everything since the last group, and it needs pyarrow. The manifest reads anywhere (pandas, a
+spreadsheet, ``grep``) and its rows are one line each: fields never hold line breaks, so a row cut short
+by a kill is recognised (no final newline) and dropped when the manifest is next opened.
+
+Columns (:data:`COLUMNS`): ``run`` (id of the invocation), ``time`` (UTC, when the row was written),
+``input`` (absolute path), ``input_size``, ``input_mtime_ns``, ``output`` (absolute path),
+``output_size``, ``status`` (``ok``, ``error`` or ``skipped``: finished by an earlier run, output
+kept), ``error`` (one line naming the file and the cause), ``method``, ``params`` (the fitted
+parameters as JSON; empty when fixed parameters from ``reference`` were applied, and in ``skipped``
+rows: see the input's ``ok`` row), ``reference`` (the reference used, if any), ``config`` (a hash of
+the method, its target or parameters and the options: a run with other settings redoes the file),
+``backend``, ``levels`` (``WxH`` per level), ``mpp_x``, ``mpp_y`` (microns per pixel), ``seconds``
+(time spent on the file in the worker), ``worker`` (the Dask worker's address, or ``in-process``).
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import io
+import operator
+import os
+import sys
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import NamedTuple
+
+from ..errors import OutputError
+from .inputs import Item
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory lock
+    fcntl = None  # type: ignore[assignment]
+
+__all__ = ["COLUMNS", "Manifest", "Finished", "read_manifest"]
+
+COLUMNS = (
+    "run", "time", "input", "input_size", "input_mtime_ns", "output", "output_size", "status", "error",
+    "method", "params", "reference", "config", "backend", "levels", "mpp_x", "mpp_y", "seconds", "worker",
+)  # fmt: skip
+_REQUIRED = {"input", "input_size", "input_mtime_ns", "output", "output_size", "status", "config"}
+#: Rows can be long (clahe parameters of a large slide hold every region's LUT).
+csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+
+
+class Finished(NamedTuple):
+    """What the manifest says about an input whose last row is ``ok`` or ``skipped``."""
+
+    input_size: str
+    input_mtime_ns: str
+    output: str
+    output_size: str
+    config: str
+    method: str
+    reference: str
+    backend: str
+    levels: str
+    mpp_x: str
+    mpp_y: str
+
+
+def _rows(lines: Iterable[str]):
+    reader = csv.reader(lines)
+    header = next(reader, None)
+    return header, reader
+
+
+def read_manifest(path: str | os.PathLike[str]) -> list[dict[str, str]]:
+    """Every complete row of a manifest, as dicts of strings (a row cut short by a kill is left out)."""
+    text = Path(path).read_text(encoding="utf-8")
+    if text and not text.endswith("\n"):
+        text = text[: text.rfind("\n") + 1]
+    header, reader = _rows(text.splitlines())
+    if header is None:
+        return []
+    return [dict(zip(header, row)) for row in reader if len(row) == len(header)]
+
+
+def _clean(value) -> str:
+    """A field: text on one line (rows are lines), floats short."""
+    if value is None:
+        return ""
+    if value.__class__ is str:
+        return value if "\n" not in value and "\r" not in value else value.replace("\r", " ").replace("\n", " ")
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return _clean(str(value))
+
+
+class Manifest:
+    """An open manifest: the last state of every input it records, and rows appended to it.
+
+    Open it with :meth:`open`; only one process at a time may (an advisory lock on the file).
+
+    Parameters
+    ----------
+    sync_seconds : float
+        Longest time between two ``fsync`` calls; every row is flushed to the operating system as it
+        is written, so a killed process loses nothing written, and a machine crash at most this much.
+    """
+
+    def __init__(self, path: Path, file, header: list[str], finished: dict[str, Finished], sync_seconds: float):
+        self.path = path
+        self._file = file
+        self.header = header
+        self.finished = finished
+        self.sync_seconds = sync_seconds
+        self._synced = time.monotonic()
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], *, sync_seconds: float = 1.0) -> "Manifest":
+        """Open (or create) the manifest at ``path`` for appending, after reading what it holds.
+
+        Raises
+        ------
+        OutputError
+            The file cannot be opened, another run holds it, or it is not a vipsnorm manifest.
+        """
+        path = Path(path)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            cause = f"cannot open the manifest ({exc.strerror or exc}); choose another --manifest"
+            raise OutputError(path, cause) from None
+        try:
+            if fcntl is not None:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    cause = "another vipsnorm run is writing this manifest; wait for it to end or choose another --manifest"
+                    raise OutputError(path, cause) from None
+            _drop_torn_tail(fd)
+            file = os.fdopen(fd, "r+", encoding="utf-8", newline="")
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
+            header, reader = _rows(file)
+            finished: dict[str, Finished] = {}
+            if header is None:
+                header = list(COLUMNS)
+                file.write(",".join(COLUMNS) + "\n")
+                file.flush()
+            else:
+                if not _REQUIRED <= set(header):
+                    cause = "is not a vipsnorm manifest (unexpected columns); choose another --manifest"
+                    raise OutputError(path, cause)
+                state = _state_getter(header)
+                status_at, input_at, width = header.index("status"), header.index("input"), len(header)
+                for row in reader:
+                    if len(row) != width:
+                        continue
+                    if row[status_at] in ("ok", "skipped"):
+                        finished[row[input_at]] = state(row)
+                    else:
+                        finished.pop(row[input_at], None)
+            file.seek(0, os.SEEK_END)
+        except BaseException:
+            file.close()
+            raise
+        return cls(path, file, header, finished, sync_seconds)
+
+    def done(self, item: Item, config: str) -> Finished | None:
+        """The record of ``item`` if it is finished and nothing changed since: its last row is ``ok`` or
+        ``skipped`` with the same ``config``, the input has the recorded size and mtime, and the output
+        exists with the recorded size (outputs appear only complete, by rename)."""
+        record = self.finished.get(item.input)
+        if record is None or record.config != config or item.size is None:
+            return None
+        if record.input_size != str(item.size) or record.input_mtime_ns != str(item.mtime_ns):
+            return None
+        try:
+            return record if record.output and os.stat(record.output).st_size == int(record.output_size) else None
+        except (OSError, ValueError):
+            return None
+
+    def append(self, rows: Iterable[dict]) -> None:
+        """Write ``rows`` (dicts keyed by column; missing columns empty) and flush them."""
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        state, input_at = _state_getter(self.header), self.header.index("input")
+        for row in rows:
+            row.setdefault("time", now)
+            values = [_clean(row.get(name)) for name in self.header]
+            writer.writerow(values)
+            if row.get("status") in ("ok", "skipped"):
+                self.finished[values[input_at]] = state(values)
+            else:
+                self.finished.pop(values[input_at], None)
+        self._file.write(buffer.getvalue())
+        self._file.flush()
+        if time.monotonic() - self._synced >= self.sync_seconds:
+            self.sync()
+
+    def sync(self) -> None:
+        """Flush and ``fsync`` the manifest."""
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._synced = time.monotonic()
+
+    def close(self) -> None:
+        if self._file.closed:
+            return
+        try:
+            self.sync()
+        finally:
+            self._file.close()  # releases the lock
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _state_getter(header: list[str]):
+    """A function from a row (fields in ``header`` order) to a :class:`Finished`. Fields that repeat from
+    row to row (config, method, levels, ...) are interned: a million inputs then take about half the
+    memory."""
+    at = [header.index(name) if name in header else None for name in Finished._fields]
+    get = operator.itemgetter(*at) if None not in at else (lambda row: tuple("" if i is None else row[i] for i in at))
+    intern = sys.intern
+
+    def state(row: list[str]) -> Finished:
+        size, mtime, output, output_size, *shared = get(row)
+        return Finished(size, mtime, output, output_size, *map(intern, shared))
+
+    return state
+
+
+def _drop_torn_tail(fd: int) -> None:
+    """Cut a last row left without its newline by a killed run (fields never hold newlines)."""
+    size = os.fstat(fd).st_size
+    if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
+        return
+    end = size
+    while end > 0:
+        start = max(0, end - 65536)
+        chunk = os.pread(fd, end - start, start)
+        at = chunk.rfind(b"\n")
+        if at >= 0:
+            os.ftruncate(fd, start + at + 1)
+            return
+        end = start
+    os.ftruncate(fd, 0)

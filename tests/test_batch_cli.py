@@ -1,0 +1,112 @@
+"""The batch options of the command line, in this process (``--workers 0``) unless a test says otherwise."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import pyvips
+
+from vipsnorm.batch import SCHEDULER_ENV, Manifest, default_manifest, read_manifest
+from vipsnorm.cli import main
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    rc = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
+@pytest.fixture()
+def folder(tmp_path) -> Path:
+    rng = np.random.default_rng(1)
+    for i, sub in enumerate(["x", "x", "y/z"]):
+        (tmp_path / "in" / sub).mkdir(parents=True, exist_ok=True)
+        pixels = rng.integers(10 * i, 180 + 10 * i, (40, 56, 3), dtype=np.uint8)
+        pyvips.Image.new_from_array(pixels).copy(interpretation="srgb").pngsave(str(tmp_path / "in" / sub / f"im{i}.png"))
+    return tmp_path / "in"
+
+
+@pytest.fixture(autouse=True)
+def no_scheduler_from_the_environment(monkeypatch):
+    monkeypatch.delenv(SCHEDULER_ENV, raising=False)
+
+
+def test_folder_in_process_then_resumed(folder, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc, stdout, stderr = run(capsys, "normalize", folder, "-o", out, "--method", "stretch", "--workers", "0")
+    assert rc == 0, stderr
+    summary = stderr.strip().splitlines()[-1]
+    assert summary.startswith("3 of 3 inputs normalized, 0 failed, 0 skipped") and "(in-process)" in summary
+    assert f"manifest: {default_manifest(out)}" in summary
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*.png")) == ["x/im0.png", "x/im1.png", "y/z/im2.png"]
+    assert f"ok     {folder / 'y' / 'z' / 'im2.png'} -> {out / 'y' / 'z' / 'im2.png'}" in stdout
+
+    rc, stdout, stderr = run(capsys, "normalize", folder, "-o", out, "--method", "stretch", "--workers", "0", "--json")
+    assert rc == 0 and "0 of 3 inputs normalized, 0 failed, 3 skipped" in stderr
+    records = [json.loads(line) for line in stdout.splitlines()]
+    assert {r["status"] for r in records} == {"skipped"} and all(Path(r["output"]).is_file() for r in records)
+
+    rc, stdout, stderr = run(capsys, "normalize", folder, "-o", out, "--method", "stretch", "--workers", "0", "--overwrite")
+    assert rc == 0 and "3 of 3 inputs normalized, 0 failed, 0 skipped" in stderr
+    assert [r["status"] for r in read_manifest(default_manifest(out))] == ["ok"] * 3 + ["skipped"] * 3 + ["ok"] * 3
+
+
+def test_include_list_and_manifest_options(folder, tmp_path, capsys):
+    listing = tmp_path / "files.txt"
+    listing.write_text("in/x/im0.png\n# a comment\n")
+    manifest = tmp_path / "records.csv"
+    rc, stdout, stderr = run(capsys, "normalize", folder, "--include", "im2.*", "--list", listing, "-o", tmp_path / "out",
+                             "--manifest", manifest, "--method", "equalize", "--workers", "0")  # fmt: skip
+    assert rc == 0, stderr
+    rows = read_manifest(manifest)
+    assert sorted(Path(r["output"]).relative_to(tmp_path / "out").as_posix() for r in rows) == ["in/x/im0.png", "y/z/im2.png"]
+    assert {r["method"] for r in rows} == {"equalize"}
+    assert not default_manifest(tmp_path / "out").exists()
+
+
+def test_a_manifest_in_use_is_refused(folder, tmp_path, capsys):
+    with Manifest.open(default_manifest(tmp_path / "out")):
+        rc, _, stderr = run(capsys, "normalize", folder, "-o", tmp_path / "out", "--method", "stretch", "--workers", "0")
+    assert rc == 2 and "another vipsnorm run is writing this manifest" in stderr
+    assert not list((tmp_path / "out").rglob("*.png"))
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ([], "no input"),
+        (["--workers", "1", "--scheduler", "tcp://127.0.0.1:1"], "cannot be combined with --scheduler"),
+        (["--workers", "-1"], "--workers must be 0 or more"),
+    ],
+)
+def test_usage_errors(args, message, tmp_path, capsys):
+    inputs = [] if not args else [str(tmp_path / "missing.png"), str(tmp_path / "other.png")]
+    rc, _, stderr = run(capsys, "normalize", *inputs, "-o", tmp_path / "out", "--method", "stretch", *args)
+    assert rc == 2 and message in stderr
+
+
+def test_overwrite_and_no_overwrite_exclude_each_other(folder, tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["normalize", str(folder), "-o", str(tmp_path / "out"), "--overwrite", "--no-overwrite"])
+    assert info.value.code == 2 and "not allowed with" in capsys.readouterr().err
+
+
+def test_progress_bar_only_when_asked_or_on_a_terminal(folder, tmp_path, capsys):
+    args = ["normalize", folder, "-o", tmp_path / "a", "--method", "stretch", "--workers", "0"]
+    rc, _, stderr = run(capsys, *args)
+    assert rc == 0 and "3/3" not in stderr  # stderr is not a terminal here
+    rc, _, stderr = run(capsys, *args[:3], tmp_path / "b", *args[4:], "--progress")
+    assert rc == 0 and "3/3" in stderr and "file/s" in stderr
+
+
+def test_fit_over_a_folder(folder, tmp_path, capsys):
+    rc, stdout, stderr = run(capsys, "fit", folder, "-o", tmp_path / "ref.json", "--workers", "0")
+    assert rc == 0, stderr
+    data = json.loads((tmp_path / "ref.json").read_text())
+    assert data["kind"] == "target" and len(data["inputs"]) == 3
+    assert "fitted on 3 of 3 inputs" in stdout
+    assert sorted(os.listdir(tmp_path)) == ["in", "ref.json"]  # fitting writes no manifest

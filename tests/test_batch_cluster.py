@@ -1,0 +1,362 @@
+"""Batches on a real Dask cluster: a scheduler and two workers started as separate processes on
+127.0.0.1 (``dask scheduler``, ``dask worker``), then workers and the command itself killed mid-run."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import pyvips
+
+pytest.importorskip("distributed")
+
+from distributed import Client  # noqa: E402
+
+import vipsnorm  # noqa: E402
+from vipsnorm.batch import SCHEDULER_ENV, default_manifest, fit_batch, normalize_batch, read_manifest  # noqa: E402
+from vipsnorm.batch.cluster import DaskRunner  # noqa: E402
+from vipsnorm.cli import main  # noqa: E402
+from vipsnorm.engine import fit_files  # noqa: E402
+from vipsnorm.io.write import PART_MARKER  # noqa: E402
+
+#: A task a worker died on this many times more is an error (``allowed-failures`` of the test scheduler).
+ALLOWED_FAILURES = 1
+
+
+@dataclass
+class Cluster:
+    address: str
+    processes: list[subprocess.Popen]
+    folder: Path
+
+    def client(self) -> Client:
+        return Client(self.address, timeout=30)
+
+
+def _env() -> dict[str, str]:
+    env = {**os.environ, "DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": str(ALLOWED_FAILURES), "VIPS_CONCURRENCY": "1"}
+    env.pop(SCHEDULER_ENV, None)
+    return env
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("dask")
+    scheduler_file = folder / "scheduler.json"
+    log = open(folder / "cluster.log", "wb")
+    dask = [sys.executable, "-m", "dask"]
+    processes = [
+        subprocess.Popen(
+            [*dask, "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard", "--scheduler-file", str(scheduler_file)],
+            stdout=log, stderr=subprocess.STDOUT, env=_env(),
+        )
+    ]  # fmt: skip
+    address = None
+    try:
+        deadline = time.monotonic() + 60
+        while not scheduler_file.is_file() or not scheduler_file.read_text().strip():
+            assert processes[0].poll() is None, (folder / "cluster.log").read_text()
+            assert time.monotonic() < deadline, "the scheduler did not start"
+            time.sleep(0.1)
+        address = json.loads(scheduler_file.read_text())["address"]
+        assert address.startswith("tcp://127.0.0.1:")
+        for name in ("w0", "w1"):
+            processes.append(
+                subprocess.Popen(
+                    [*dask, "worker", address, "--name", name, "--nthreads", "1", "--nworkers", "1", "--host", "127.0.0.1",
+                     "--memory-limit", "2GB", "--no-dashboard", "--local-directory", str(folder / name)],
+                    stdout=log, stderr=subprocess.STDOUT, env=_env(),
+                )
+            )  # fmt: skip
+        cluster = Cluster(address, processes, folder)
+        with cluster.client() as client:
+            client.wait_for_workers(2, timeout=60)
+        yield cluster
+    finally:
+        if address is not None:
+            with contextlib.suppress(Exception), Client(address, timeout=10) as client:
+                client.shutdown()  # the scheduler and the workers
+        for p in processes:
+            if p.poll() is None:
+                p.terminate()
+        for p in processes:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        log.close()
+
+
+@pytest.fixture()
+def healthy(cluster) -> Cluster:
+    """The cluster with both workers up (a test before may have killed one)."""
+    with cluster.client() as client:
+        client.wait_for_workers(2, timeout=60)
+    return cluster
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    """4 generated slides (2048x2048, pyramidal TIFF) and 60 small JPEGs in two sub-folders."""
+    from vipsnorm.synth import synthetic_slide, write_synthetic_slide
+
+    root = tmp_path_factory.mktemp("dataset")
+    (root / "slides").mkdir()
+    for i, lab in enumerate(("reference", "pale-blue", "dark-pink", "yellow")):
+        write_synthetic_slide(root / "slides" / f"slide{i}.tif", 2048, 2048, seed=i, lab=lab)
+    big = synthetic_slide(2048, 1280, seed=9, tissue=0.8)
+    for i in range(60):
+        folder = root / "jpegs" / "ab"[i % 2]
+        folder.mkdir(parents=True, exist_ok=True)
+        big.crop(256 * (i % 8), 256 * (i // 8 % 5), 256, 256).jpegsave(str(folder / f"tile{i:02d}.jpg"), Q=90)
+    return root
+
+
+def inputs_of(root: Path) -> list[str]:
+    return sorted(str(p) for p in root.rglob("*") if p.suffix in (".tif", ".jpg"))
+
+
+def read_fully(path: str | Path) -> np.ndarray:
+    """Every pixel of every level: a truncated or corrupt file fails here."""
+    image = pyvips.Image.new_from_file(str(path), fail_on="error")
+    pixels = image.numpy()
+    if str(path).endswith(".tif"):
+        for page in range(1, image.get("n-pages") if "n-pages" in image.get_fields() else 1):
+            pyvips.Image.new_from_file(str(path), page=page, fail_on="error").numpy()
+    return pixels
+
+
+def cli(*args: str | Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "vipsnorm.cli", *map(str, args)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(), text=True,
+    )  # fmt: skip
+
+
+def complete_rows(manifest: Path) -> list[dict]:
+    return read_manifest(manifest) if manifest.is_file() else []
+
+
+def wait_for_rows(process: subprocess.Popen, manifest: Path, n: int, timeout: float = 120) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = [r for r in complete_rows(manifest) if r["status"] == "ok"]
+        if len(rows) >= n:
+            return rows
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "no result arrived"
+        time.sleep(0.01)
+
+
+def check_outputs(rows: list[dict], inputs: list[str], out: Path) -> None:
+    """Every input ok exactly once, every output inside ``out`` and readable to the last pixel."""
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert sorted(r["input"] for r in ok) == inputs, "an input is missing or was recorded ok twice"
+    assert not [r for r in rows if r["status"] == "error"]
+    for row in ok:
+        assert Path(row["output"]).is_relative_to(out)
+        assert os.path.getsize(row["output"]) == int(row["output_size"])
+        read_fully(row["output"])
+    assert not [p for p in out.rglob("*") if PART_MARKER in p.name]
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def test_mixed_batch_on_two_worker_processes(healthy, dataset, shared_data, tmp_path, capsys):
+    out = tmp_path / "out"
+    bad = shared_data / "bad"
+    rc = main(["normalize", str(dataset), str(bad), "-o", str(out), "--method", "stretch", "--scheduler", healthy.address])
+    captured = capsys.readouterr()
+    assert rc == 1  # the bad files
+    summary = captured.err.strip().splitlines()[-1]
+    assert summary.startswith("64 of 67 inputs normalized, 3 failed, 0 skipped") and f"Dask cluster at {healthy.address}" in summary
+
+    rows = read_manifest(default_manifest(out))
+    assert len(rows) == 67 and len({r["input"] for r in rows}) == 67
+    errors = {Path(r["input"]).name: r for r in rows if r["status"] == "error"}
+    assert sorted(errors) == sorted(os.listdir(bad))
+    for name, row in errors.items():
+        assert row["error"].startswith(str(bad / name)) and row["output"] == "" and "\n" not in row["error"]
+        assert row["worker"].startswith("tcp://127.0.0.1:")
+    check_outputs([r for r in rows if r["status"] != "error"], inputs_of(dataset), out)
+    with healthy.client() as client:
+        addresses = set(client.scheduler_info()["workers"])
+        # libvips settings of the batch in every worker: threads from VIPS_CONCURRENCY, a small cache
+        settings = client.run(lambda: (pyvips.concurrency_get(), pyvips.cache_get_max_mem(), pyvips.cache_get_max_files()))
+    assert {r["worker"] for r in rows} == addresses  # both workers took part
+    assert set(settings.values()) == {(1, 64 << 20, 16)}
+    slide = next(r for r in rows if r["input"].endswith("slide0.tif"))
+    assert slide["output"] == str(out / "slides" / "slide0.tif")  # the input tree, mirrored
+    assert slide["levels"] == "2048x2048 1024x1024 512x512 256x256" and float(slide["mpp_x"]) == 0.25
+    assert json.loads(slide["params"])["method"] == "stretch" and slide["backend"] == "libvips"
+    assert (out / "jpegs" / "a" / "tile00.jpg").is_file() and (out / "truncated.jpg").exists() is False
+    with vipsnorm.open(out / "slides" / "slide0.tif") as written:
+        assert len(written.levels) > 1 and written.mpp == pytest.approx((0.25, 0.25))
+
+    # the same files normalized in this process are the same bytes
+    here = tmp_path / "here"
+    assert normalize_batch([dataset], here, vipsnorm.Stretch(), workers=0).ok == 64
+    for row in rows:
+        if row["status"] == "ok":
+            twin = here / Path(row["output"]).relative_to(out)
+            assert twin.read_bytes() == Path(row["output"]).read_bytes(), row["output"]
+
+
+def test_a_worker_killed_mid_run(healthy, dataset, tmp_path):
+    out = tmp_path / "out"
+    manifest = default_manifest(out)
+    with healthy.client() as client:
+        pids = client.run(os.getpid)
+        process = cli("normalize", dataset, "-o", out, "--method", "equalize", "--scheduler", healthy.address)
+        first = wait_for_rows(process, manifest, 1)
+        busy = [w for w, keys in client.processing().items() if keys]
+        assert busy, "no task in flight: the batch ended before the kill"
+        os.kill(pids[busy[0]], signal.SIGKILL)
+        killed_at = len(first)
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr
+    assert killed_at < 64
+    assert "64 of 64 inputs normalized, 0 failed" in stderr, stderr
+    check_outputs(read_manifest(manifest), inputs_of(dataset), out)
+    with pytest.raises(ProcessLookupError):
+        os.kill(pids[busy[0]], 0)
+
+
+def test_the_command_killed_mid_run_then_run_again(healthy, dataset, tmp_path):
+    out = tmp_path / "out"
+    manifest = default_manifest(out)
+    args = ("normalize", dataset, "-o", out, "--method", "match", "--reference", dataset / "slides" / "slide0.tif",
+            "--scheduler", healthy.address)  # fmt: skip
+    process = cli(*args)
+    wait_for_rows(process, manifest, 1)
+    process.send_signal(signal.SIGKILL)
+    process.communicate(timeout=30)
+    before = read_manifest(manifest)
+    finished = {r["input"]: r for r in before if r["status"] == "ok"}
+    assert 0 < len(finished) < 64, "the command was not killed mid-run"
+    mtimes = {r["output"]: os.stat(r["output"]).st_mtime_ns for r in finished.values()}
+
+    process = cli(*args)
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr
+    assert f"{64 - len(finished)} of 64 inputs normalized, 0 failed, {len(finished)} skipped" in stderr
+    rows = read_manifest(manifest)
+    check_outputs(rows, inputs_of(dataset), out)  # every input ok exactly once, every output whole
+    again = [r for r in rows[len(before):] if r["input"] in finished]
+    assert {r["input"] for r in again} == set(finished) and {r["status"] for r in again} == {"skipped"}
+    assert {o: os.stat(o).st_mtime_ns for o in mtimes} == mtimes  # nothing finished was recomputed
+
+
+def test_list_file_names_cannot_leave_the_output_folder(healthy, dataset, tmp_path, monkeypatch, capsys):
+    tiles = sorted((dataset / "jpegs" / "a").glob("*.jpg"))[:6]
+    out, outside = tmp_path / "out", tmp_path / "outside"
+    out.mkdir()
+    outside.mkdir()
+    (out / "link").symlink_to(outside)
+    names = ["../escape.jpg", str(outside / "abs.jpg"), "a/../../escape2.jpg", "..\\escape3.jpg", "link/x.jpg", "fine/ok.jpg"]
+    listing = tmp_path / "lists" / "run.csv"
+    listing.parent.mkdir()
+    listing.write_text("input,output\n" + "".join(f'{t},"{n}"\n' for t, n in zip(tiles, names)))
+    before = sorted(p for p in tmp_path.rglob("*") if not p.is_relative_to(out))
+
+    monkeypatch.setenv(SCHEDULER_ENV, healthy.address)  # no --scheduler: the environment names the cluster
+    rc = main(["normalize", "--list", str(listing), "-o", str(out), "--method", "stretch"])
+    err = capsys.readouterr().err
+    assert rc == 1 and f"Dask cluster at {healthy.address}" in err
+    rows = {r["output"] or r["input"]: r for r in read_manifest(default_manifest(out))}
+    assert rows[str(out / "fine" / "ok.jpg")]["status"] == "ok"
+    assert sum(r["status"] == "error" for r in rows.values()) == 5
+    assert "outside the output folder" in rows[str(tiles[4])]["error"]  # the symbolic link, refused by the worker
+    after = sorted(p for p in tmp_path.rglob("*") if not p.is_relative_to(out))
+    assert after == sorted(before + [default_manifest(out)])  # nothing written outside but the manifest beside it
+    assert os.listdir(outside) == []
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == ["fine", "fine/ok.jpg", "link"]
+
+
+#: A task that kills its worker process when it meets the file "crash" (as a decoder crash would). Made
+#: by ``exec`` in a module that workers cannot import, so that it travels by value (cloudpickle).
+_CRASH = """
+def crash_on(job, items):
+    import os
+    if "crash" in items:
+        os._exit(13)
+    return [(item, job) for item in items]
+"""
+
+
+def test_a_file_that_kills_its_worker_is_isolated_then_an_error(healthy):
+    namespace = {"__name__": "vipsnorm_test_crash"}
+    exec(_CRASH, namespace)
+    results = []
+    with healthy.client() as client:
+        runner = DaskRunner(client)
+        runner.run(namespace["crash_on"], "job", [["a", "crash", "b"], ["c"]], results.extend, lambda item, cause: (item, cause))
+        client.wait_for_workers(2, timeout=60)
+    by_item = dict(results)
+    assert sorted(by_item) == ["a", "b", "c", "crash"]
+    assert by_item["a"] == by_item["b"] == by_item["c"] == "job"  # the crash's task companions, rerun alone
+    assert "worker process died on every attempt" in by_item["crash"]
+
+
+def test_fit_in_parallel_equals_fit_files(healthy, dataset, tmp_path):
+    """Per-file samples on the workers, combined here in input order: the same reference as in one process."""
+    with healthy.client() as client:
+        for method, folders in (("match", ["slides", "jpegs/a"]), ("macenko", ["slides"])):
+            reference, results = fit_batch([dataset / f for f in folders], method, client=client)
+            expected, _ = fit_files([p for f in folders for p in inputs_of(dataset / f)], method)
+            assert reference.to_dict() == expected.to_dict()
+            assert len(results) == len(reference.inputs) == (34 if method == "match" else 4)
+            assert all(r.status == "ok" for r in results)
+
+
+def test_default_is_a_local_cluster(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv(SCHEDULER_ENV, raising=False)
+    rng = np.random.default_rng(0)
+    for i in range(70):  # more than one task's worth of files
+        pixels = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+        pyvips.Image.new_from_array(pixels).copy(interpretation="srgb").pngsave(str(tmp_path / f"p{i:02d}.png"))
+    rc = main(["normalize", str(tmp_path), "-o", str(tmp_path / "out"), "--method", "stretch"])
+    err = capsys.readouterr().err
+    from vipsnorm.batch.cluster import machine
+
+    n = min(machine()[0], 70)
+    assert rc == 0 and f"(local Dask cluster, {n} worker{'s' if n > 1 else ''})" in err
+    rows = read_manifest(default_manifest(tmp_path / "out"))
+    assert len(rows) == 70 and all(r["worker"].startswith("tcp://") for r in rows)
+    assert len({r["worker"] for r in rows}) == n
+
+
+def test_local_cluster_workers_are_spawned_with_the_libvips_settings():
+    from vipsnorm.batch.cluster import DaskRunner, VipsSettings, start_local
+
+    client, cluster = start_local(1, 1)
+    try:
+        DaskRunner(client, settings=VipsSettings(1))
+        (info,) = client.run(_worker_info).values()
+    finally:
+        client.close()
+        cluster.close()
+    assert "spawn_main" in info["cmdline"]  # spawned, not forked from this process
+    assert info["env"] == {"VIPS_CONCURRENCY": "1", "MALLOC_TRIM_THRESHOLD_": None}
+    assert info["vips"] == (1, 64 << 20, 16)
+
+
+def _worker_info() -> dict:
+    import psutil
+
+    return {
+        "cmdline": " ".join(psutil.Process().cmdline()),
+        "env": {k: os.environ.get(k) for k in ("VIPS_CONCURRENCY", "MALLOC_TRIM_THRESHOLD_")},
+        "vips": (pyvips.concurrency_get(), pyvips.cache_get_max_mem(), pyvips.cache_get_max_files()),
+    }

@@ -1,0 +1,241 @@
+"""Batch inputs: discovery in folders and list files, the mirrored output tree, names that cannot leave
+the output folder, collisions, grouping into tasks, leftover temporary outputs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from vipsnorm.batch.inputs import (
+    DEFAULT_INCLUDE,
+    Item,
+    discover,
+    group,
+    output_folder,
+    plan,
+    read_list,
+    remove_part_files,
+    safe_relative,
+)
+from vipsnorm.errors import OutputError
+from vipsnorm.io.write import atomic_path
+
+
+def touch(path: Path, size: int = 10) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"x" * size)
+    return path
+
+
+@pytest.fixture()
+def tree(tmp_path) -> Path:
+    root = tmp_path / "archive"
+    for rel in ("a.svs", "lab1/x.jpg", "lab1/deep/y.PNG", "lab2/x.jpg", "lab2/notes.txt", "lab2/.hidden.jpg",
+                ".cache/z.jpg", "lab2/.x.vipsnorm-part-0123abcd.jpg"):  # fmt: skip
+        touch(root / rel)
+    return root
+
+
+def rel(entries, root: Path) -> list[tuple[str, str, str]]:
+    return [(os.path.relpath(e.path, root), e.rel_dir, e.name) for e in entries]
+
+
+# --------------------------------------------------------------------------------------------------
+# discovery
+
+
+def test_folder_is_searched_recursively_and_mirrored(tree):
+    entries = discover([tree])
+    assert rel(entries, tree) == [
+        ("a.svs", "", "a"),
+        ("lab1/deep/y.PNG", "lab1/deep", "y"),  # suffixes match case-insensitively
+        ("lab1/x.jpg", "lab1", "x"),
+        ("lab2/x.jpg", "lab2", "x"),
+    ]  # hidden files and folders, temporary outputs and non-image files are left out
+    assert all(e.error is None and os.path.isabs(e.path) for e in entries)
+
+
+def test_include_and_exclude_patterns(tree):
+    assert rel(discover([tree], include=["*.jpg"]), tree) == [("lab1/x.jpg", "lab1", "x"), ("lab2/x.jpg", "lab2", "x")]
+    assert rel(discover([tree], include=["lab1/*"]), tree) == [("lab1/deep/y.PNG", "lab1/deep", "y"), ("lab1/x.jpg", "lab1", "x")]
+    assert [e.name for e in discover([tree], exclude=["lab2/*", "*.svs"])] == ["y", "x"]
+
+
+def test_files_given_by_name_go_to_the_top_whatever_their_suffix(tree):
+    entries = discover([tree / "lab2" / "notes.txt", tree / "lab1" / "deep" / "y.PNG"])
+    assert [(e.rel_dir, e.name) for e in entries] == [("", "notes"), ("", "y")]
+
+
+def test_output_folder_and_duplicates_are_skipped(tree):
+    out = tree / "lab1"  # normalizing the archive into a folder inside it: never read back as input
+    entries = discover([tree, tree / "a.svs", tree / "lab2" / ".." / "a.svs"], skip=[out])
+    assert rel(entries, tree) == [("a.svs", "", "a"), ("lab2/x.jpg", "lab2", "x")]
+
+
+def test_the_output_folder_given_as_input_is_an_error(tree):
+    (entry,) = discover([tree / "lab1"], skip=[tree])
+    assert entry.error == f"{tree / 'lab1'}: is the output folder or inside it; choose another -o folder"
+
+
+def test_empty_folder_is_an_error_naming_it(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (entry,) = discover([tmp_path / "empty"])
+    assert entry.error.startswith(str(tmp_path / "empty")) and "directory" in entry.error
+
+
+def test_missing_file_is_kept_for_the_worker_to_report(tmp_path):
+    (entry,) = discover([tmp_path / "missing.jpg"])
+    assert entry.error is None and entry.path == str(tmp_path / "missing.jpg")
+
+
+# --------------------------------------------------------------------------------------------------
+# list files
+
+
+def test_text_list_relative_to_its_folder_mirrors_its_tree(tmp_path):
+    lists = tmp_path / "lists"
+    touch(lists / "s1" / "a.jpg")
+    touch(lists / "b.jpg")
+    (lists / "run.txt").write_text("# inputs\ns1/a.jpg\n\n  b.jpg  \n" + str(lists / "s1" / "a.jpg") + "\n")
+    entries = discover(lists=[lists / "run.txt"])
+    assert [(e.path, e.rel_dir, e.name) for e in entries] == [
+        (str(lists / "s1" / "a.jpg"), "s1", "a"),  # the absolute repeat of the first line is dropped
+        (str(lists / "b.jpg"), "", "b"),
+    ]
+
+
+def test_list_outside_its_folder_mirrors_the_common_folder(tmp_path):
+    touch(tmp_path / "data" / "p" / "a.jpg")
+    touch(tmp_path / "data" / "q" / "b.jpg")
+    (tmp_path / "lists").mkdir()
+    (tmp_path / "lists" / "run.txt").write_text("../data/p/a.jpg\n../data/q/b.jpg\n")
+    entries = discover(lists=[tmp_path / "lists" / "run.txt"])
+    assert [(e.rel_dir, e.name) for e in entries] == [("p", "a"), ("q", "b")]
+    assert entries[0].path == str(tmp_path / "data" / "p" / "a.jpg")
+
+
+def test_csv_list_with_output_names(tmp_path):
+    touch(tmp_path / "a.jpg")
+    touch(tmp_path / "b.jpg")
+    (tmp_path / "run.csv").write_text("Input,output\na.jpg,sets/train/first.png\nb.jpg,\n")
+    entries = discover(lists=[tmp_path / "run.csv"])
+    assert [(e.rel_dir, e.name) for e in entries] == [("sets/train", "first"), ("", "b")]
+    assert read_list(tmp_path / "run.csv") == [("a.jpg", "sets/train/first.png"), ("b.jpg", None)]
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["../x.jpg", "a/../../x.jpg", "ok/../x.jpg", "/etc/x.jpg", "\\\\server\\x.jpg", "..\\x.jpg", "C:x.jpg", "", "a/.x"],
+)
+def test_output_names_that_could_leave_the_folder_are_errors(name, tmp_path):
+    touch(tmp_path / "a.jpg")
+    (tmp_path / "run.csv").write_text(f'input,output\na.jpg,"{name}"\n')
+    (entry,) = discover(lists=[tmp_path / "run.csv"])
+    if name == "":  # an empty output cell means "mirror"
+        assert entry.error is None and entry.rel_dir == ""
+        return
+    assert entry.error is not None and entry.error.startswith(str(tmp_path / "a.jpg")), entry
+    assert "nothing written" in entry.error
+    with pytest.raises(ValueError):
+        safe_relative(name)
+
+
+def test_safe_relative_keeps_plain_names():
+    assert safe_relative("a/./b\\c.jpg").as_posix() == "a/b/c.jpg"
+    assert safe_relative("x..y.jpg").as_posix() == "x..y.jpg"  # '..' inside a name is a name
+
+
+def test_csv_list_without_input_column_is_refused(tmp_path):
+    (tmp_path / "run.csv").write_text("path\na.jpg\n")
+    with pytest.raises(ValueError, match="'input' column"):
+        discover(lists=[tmp_path / "run.csv"])
+
+
+# --------------------------------------------------------------------------------------------------
+# planning
+
+
+def test_plan_refuses_a_second_input_with_the_same_output_name(tmp_path):
+    a, b, c = touch(tmp_path / "p" / "x.svs"), touch(tmp_path / "q" / "X.tif"), touch(tmp_path / "q" / "y.jpg", 7)
+    items = plan(discover([a, b, c]), tmp_path / "out")
+    assert [i.error is None for i in items] == [True, False, True]
+    assert str(b) in items[1].error and str(a) in items[1].error and "already the output of" in items[1].error
+    assert (items[2].size, items[2].mtime_ns) == (7, c.stat().st_mtime_ns)
+
+
+def test_plan_refuses_outputs_that_could_replace_inputs(tmp_path):
+    out = tmp_path / "out"
+    inside = touch(out / "a.jpg")  # normalize out/a.jpg -o out: its output is itself
+    outside = touch(tmp_path / "a.png")  # its output out/a.* could be out/a.jpg, another input
+    mirrored = touch(tmp_path / "data" / "sub" / "c.png")  # data/ mirrored: out/sub/c.* ...
+    in_out = touch(out / "sub" / "c.jpg")  # ... is where this input lives
+    fine = touch(tmp_path / "b.png")
+    items = plan(discover([inside, outside, tmp_path / "data", in_out, fine]), out)
+    by_path = {i.input: i for i in items}
+    assert "could overwrite the input" in by_path[str(inside)].error
+    assert "another input of this run" in by_path[str(outside)].error and str(inside) in by_path[str(outside)].error
+    assert "another input of this run" in by_path[str(mirrored)].error and str(in_out) in by_path[str(mirrored)].error
+    assert by_path[str(fine)].error is None
+
+
+def items_of(sizes, solo=()) -> list[Item]:
+    return [Item(i, f"/d/f{i}{'.svs' if i in solo else '.jpg'}", "", f"f{i}", size) for i, size in enumerate(sizes)]
+
+
+def test_group_small_files_and_slides_alone():
+    items = items_of([10] * 7 + [100, 5, 5], solo={8})
+    groups = group(items, max_files=3, max_bytes=1000, solo_bytes=100)
+    indices = [[i.index for i in g] for g in groups]
+    assert indices == [[7], [8], [0, 1, 2], [3, 4, 5], [6, 9]]  # solo first, largest first
+
+
+def test_group_respects_bytes():
+    groups = group(items_of([40, 40, 40, 10]), max_files=10, max_bytes=90, solo_bytes=1000)
+    assert [[i.index for i in g] for g in groups] == [[0, 1], [2, 3]]
+
+
+def test_default_include_covers_the_writable_formats():
+    assert {"*.jpg", "*.png", "*.tif", "*.svs", "*.ndpi", "*.mrxs"} <= set(DEFAULT_INCLUDE)
+
+
+# --------------------------------------------------------------------------------------------------
+# writing
+
+
+def test_output_folder_is_created_inside_the_root(tmp_path):
+    assert output_folder(tmp_path, "a/b") == tmp_path / "a" / "b"
+    assert (tmp_path / "a" / "b").is_dir()
+    assert output_folder(tmp_path, "") == tmp_path
+
+
+@pytest.mark.parametrize("rel_dir", ["../x", "/abs", "a/../../x"])
+def test_output_folder_refuses_relative_escapes(rel_dir, tmp_path):
+    root = tmp_path / "out"
+    root.mkdir()
+    with pytest.raises(OutputError):
+        output_folder(root, rel_dir)
+    assert sorted(os.listdir(tmp_path)) == ["out"]
+
+
+def test_output_folder_refuses_a_symlink_out(tmp_path):
+    root, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    root.mkdir()
+    elsewhere.mkdir()
+    (root / "link").symlink_to(elsewhere)
+    with pytest.raises(OutputError, match="outside the output folder"):
+        output_folder(root, "link/sub")
+    assert not (elsewhere / "sub").exists()
+
+
+def test_leftover_part_files_are_removed_and_nothing_else(tmp_path):
+    keep = [touch(tmp_path / "a.jpg"), touch(tmp_path / ".hidden.jpg"), touch(tmp_path / ".a.vipsnorm-part-xyz.jpg")]
+    part = tmp_path / ".a.vipsnorm-part-0123abcd.jpg"
+    part.write_bytes(b"half a JPEG")
+    with pytest.raises(RuntimeError):  # what a failed write leaves: nothing (atomic_path cleans up)
+        with atomic_path(tmp_path / "b.tif") as temp:
+            temp.write_bytes(b"partial")
+            raise RuntimeError
+    assert remove_part_files([tmp_path, tmp_path / "missing"]) == [part]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in keep)

@@ -1,0 +1,277 @@
+"""The manifest (CSV, appended row by row) and resuming from it, run in this process (``workers=0``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import pyvips
+
+import vipsnorm
+from vipsnorm.batch import COLUMNS, Manifest, default_manifest, fit_batch, normalize_batch, read_manifest
+from vipsnorm.batch.inputs import Item
+from vipsnorm.batch.run import NormalizeJob, config_hash
+from vipsnorm.engine import Options, build_method, fit_files
+from vipsnorm.errors import OutputError
+from vipsnorm.methods import METHODS, Sample
+
+
+def write_png(path: Path, seed: int, size: int = 48) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(20 + seed, 200, (size, size, 3), dtype=np.uint8)
+    pyvips.Image.new_from_array(pixels).copy(interpretation="srgb").pngsave(str(path))
+    return path
+
+
+@pytest.fixture()
+def images(tmp_path) -> Path:
+    root = tmp_path / "in"
+    for i in range(3):
+        write_png(root / f"s{i % 2}" / f"im{i}.png", i)
+    (root / "s1" / "bad.png").write_text("not a PNG")
+    return root
+
+
+def run(inputs, out, **kw):
+    rows = []
+    summary = normalize_batch(inputs, out, kw.pop("method", vipsnorm.Stretch()), workers=0, on_row=rows.append, **kw)
+    return summary, rows
+
+
+def rows_by_input(manifest: Path) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for row in read_manifest(manifest):
+        out.setdefault(row["input"], []).append(row)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# the file itself
+
+
+def test_rows_round_trip_with_quotes_commas_and_line_breaks(tmp_path):
+    path = tmp_path / "m.csv"
+    with Manifest.open(path) as book:
+        book.append([{"input": "/a,b.png", "status": "ok", "params": json.dumps({"x": [1, 2], "s": 'say "hi"'})},
+                     {"input": "/c.png", "status": "error", "error": "line one\nline two", "seconds": 0.25}])  # fmt: skip
+    text = path.read_text()
+    assert text.splitlines()[0] == ",".join(COLUMNS)
+    assert len(text.splitlines()) == 3  # one line per row, always
+    first, second = read_manifest(path)
+    assert first["input"] == "/a,b.png" and json.loads(first["params"]) == {"x": [1, 2], "s": 'say "hi"'}
+    assert second["error"] == "line one line two" and second["seconds"] == "0.25"
+    assert first["time"].endswith("Z")
+
+
+def test_a_row_cut_short_by_a_kill_is_dropped(tmp_path):
+    path = tmp_path / "m.csv"
+    with Manifest.open(path) as book:
+        book.append([{"input": "/a.png", "status": "ok"}])
+    with open(path, "a") as f:
+        f.write('run,time,/b.png,12,"{""half')  # no newline: the write was cut short
+    assert [r["input"] for r in read_manifest(path)] == ["/a.png"]
+    with Manifest.open(path) as book:
+        assert set(book.finished) == {"/a.png"}
+        book.append([{"input": "/c.png", "status": "ok"}])
+    assert [r["input"] for r in read_manifest(path)] == ["/a.png", "/c.png"]
+    assert path.read_text().endswith("\n")
+
+
+def test_one_run_at_a_time(tmp_path):
+    path = tmp_path / "m.csv"
+    with Manifest.open(path):
+        with pytest.raises(OutputError, match="another vipsnorm run"):
+            Manifest.open(path)
+    Manifest.open(path).close()  # released
+
+
+def test_another_csv_is_not_taken_for_a_manifest(tmp_path):
+    path = tmp_path / "data.csv"
+    path.write_text("name,value\na,1\n")
+    with pytest.raises(OutputError, match="not a vipsnorm manifest"):
+        Manifest.open(path)
+    assert path.read_text() == "name,value\na,1\n"
+
+
+def test_done_requires_ok_same_config_same_input_and_whole_output(tmp_path):
+    src, out = write_png(tmp_path / "a.png", 0), write_png(tmp_path / "o.png", 1)
+    st = src.stat()
+    item = Item(0, str(src), "", "a", st.st_size, st.st_mtime_ns)
+    row = {"input": str(src), "input_size": st.st_size, "input_mtime_ns": st.st_mtime_ns, "output": str(out),
+           "output_size": out.stat().st_size, "status": "ok", "config": "c1"}  # fmt: skip
+    with Manifest.open(tmp_path / "m.csv") as book:
+        assert book.done(item, "c1") is None
+        book.append([dict(row)])
+        assert book.done(item, "c1").output == str(out)
+        assert book.done(item, "c2") is None  # other settings
+        assert book.done(Item(0, str(src), "", "a", st.st_size + 1, st.st_mtime_ns), "c1") is None
+        assert book.done(Item(0, str(src), "", "a", st.st_size, st.st_mtime_ns + 1), "c1") is None
+        book.append([{**row, "status": "skipped"}])
+        assert book.done(item, "c1") is not None  # skipped = still finished
+        with open(out, "ab") as f:
+            f.write(b"more")
+        assert book.done(item, "c1") is None  # the output is not the one recorded
+        book.append([{**row, "output_size": out.stat().st_size}])
+        out.unlink()
+        assert book.done(item, "c1") is None
+        write_png(out, 1)
+        book.append([{**row, "status": "error"}])
+        assert book.done(item, "c1") is None  # the last word is an error
+    with Manifest.open(tmp_path / "m.csv") as book:  # the same state read back
+        assert book.done(item, "c1") is None and str(src) not in book.finished
+
+
+# --------------------------------------------------------------------------------------------------
+# settings: hashed, picklable
+
+
+def test_config_hash_changes_with_every_setting():
+    base = config_hash(vipsnorm.Stretch(), None, Options())
+    assert base == config_hash(vipsnorm.Stretch(), None, Options(overwrite=False))  # not a setting of the output
+    others = {
+        config_hash(vipsnorm.Stretch(low=1), None, Options()),
+        config_hash(vipsnorm.Equalize(), None, Options()),
+        config_hash(vipsnorm.Stretch(), None, Options(quality=80)),
+        config_hash(vipsnorm.Stretch(), None, Options(seed=1)),
+        config_hash(vipsnorm.Stretch(), vipsnorm.Stretch().fit(Sample.from_array(write_png_array())), Options()),
+    }
+    assert base not in others and len(others) == 5
+    target = Sample.from_array(np.arange(256, dtype=np.uint8).reshape(16, 16))
+    other = Sample.from_array(np.arange(1, 257, dtype=np.uint16).clip(0, 255).astype(np.uint8).reshape(16, 16))
+    assert config_hash(vipsnorm.Match(target), None, Options()) != config_hash(vipsnorm.Match(other), None, Options())
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_method_job_pickles_with_the_same_config(name, tmp_path):
+    """Workers receive the method by pickle: it must arrive whole and hash the same there."""
+    sample = Sample.from_array(write_png_array())
+    cls = METHODS[name]
+    if cls.requires_reference:
+        method = build_method(name, vipsnorm.Reference(target=cls(None).fit_target([sample]), method=name))
+    else:
+        method = build_method(name)
+    job = NormalizeJob(str(tmp_path), method, None, Options())
+    back = pickle.loads(pickle.dumps(job))
+    assert type(back.method) is type(method)
+    assert config_hash(back.method, None, back.options) == config_hash(method, None, job.options)
+    if not METHODS[name].spatial:
+        params = method.fit(sample)
+        assert pickle.loads(pickle.dumps(params)) == params
+
+
+def write_png_array() -> np.ndarray:
+    rng = np.random.default_rng(0)
+    he = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11]])
+    c = rng.gamma(2.0, 0.4, (64 * 64, 2))
+    return np.clip(240 * np.exp(-c @ he), 0, 255).astype(np.uint8).reshape(64, 64, 3)
+
+
+# --------------------------------------------------------------------------------------------------
+# resuming
+
+
+def test_first_run_then_resume(images, tmp_path):
+    out = tmp_path / "out"
+    summary, rows = run([images], out)
+    manifest = default_manifest(out)
+    assert manifest == tmp_path / "out.manifest.csv" and summary.manifest == manifest
+    assert (summary.ok, summary.error, summary.skipped) == (3, 1, 0) and summary.engine == "in-process"
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == ["s0", "s0/im0.png", "s0/im2.png", "s1", "s1/im1.png"]
+    recorded = rows_by_input(manifest)
+    assert len(recorded) == 4 and all(len(v) == 1 for v in recorded.values())
+    ok = recorded[str(images / "s0" / "im0.png")][0]
+    assert ok["status"] == "ok" and ok["output"] == str(out / "s0" / "im0.png")
+    assert int(ok["output_size"]) == (out / "s0" / "im0.png").stat().st_size
+    assert json.loads(ok["params"])["method"] == "stretch" and ok["method"] == "stretch"
+    assert ok["backend"] == "libvips" and ok["levels"] == "48x48" and ok["worker"] == "in-process"
+    bad = recorded[str(images / "s1" / "bad.png")][0]
+    assert bad["status"] == "error" and str(images / "s1" / "bad.png") in bad["error"] and bad["output"] == ""
+    mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*.png")}
+
+    summary, rows = run([images], out)  # the same command again: only the error is retried
+    assert (summary.ok, summary.error, summary.skipped) == (0, 1, 3)
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.png")} == mtimes
+    skipped = [r for r in rows if r["status"] == "skipped"]
+    assert {r["output"] for r in skipped} == {str(p) for p in mtimes}
+    recorded = rows_by_input(manifest)
+    assert all([r["status"] for r in v] == ["ok", "skipped"] for k, v in recorded.items() if "bad" not in k)
+
+
+def test_what_changed_is_redone(images, tmp_path):
+    out = tmp_path / "out"
+    run([images], out)
+    im0, im1, im2 = images / "s0" / "im0.png", images / "s1" / "im1.png", images / "s0" / "im2.png"
+    write_png(im0, 7)  # a new input under the same name
+    (out / "s1" / "im1.png").unlink()  # an output deleted
+    with open(out / "s0" / "im2.png", "ab") as f:  # an output changed
+        f.write(b"\0")
+    summary, rows = run([images], out)
+    redone = {r["input"] for r in rows if r["status"] == "ok"}
+    assert redone == {str(im0), str(im1), str(im2)} and summary.skipped == 0
+    assert read_png(out / "s0" / "im2.png").shape == (48, 48, 3)
+
+    summary, rows = run([images], out, method=vipsnorm.Stretch(low=5))  # other settings: everything again
+    assert summary.ok == 3 and summary.skipped == 0
+    summary, rows = run([images], out, method=vipsnorm.Stretch(low=5), overwrite=True)  # forced
+    assert summary.ok == 3 and summary.skipped == 0
+    summary, rows = run([images], out, method=vipsnorm.Stretch(low=5))
+    assert summary.ok == 0 and summary.skipped == 3
+
+
+def read_png(path: Path) -> np.ndarray:
+    return pyvips.Image.new_from_file(str(path), fail_on="error").numpy()
+
+
+def test_leftover_part_file_is_removed_and_never_taken_as_output(images, tmp_path):
+    out = tmp_path / "out"
+    (out / "s0").mkdir(parents=True)
+    part = out / "s0" / ".im0.vipsnorm-part-0badc0de.png"
+    part.write_bytes(b"\x89PNG half")  # what a SIGKILL during a write leaves
+    summary, _ = run([images], out)
+    assert summary.ok == 3 and not part.exists()
+    assert not [p for p in out.rglob("*") if ".vipsnorm-part-" in p.name]
+
+
+def test_fixed_params_are_not_repeated_in_every_row(images, tmp_path):
+    params = vipsnorm.Stretch().fit(Sample.from_array(write_png_array()))
+    summary, rows = run([images], tmp_path / "out", params=params, reference="dataset.json")
+    assert summary.ok == 3
+    assert all(json.loads(r["params"]) == params.to_dict() for r in rows if r["status"] == "ok")  # for the caller
+    for row in read_manifest(default_manifest(tmp_path / "out")):
+        assert row["params"] == "" and row["reference"] == "dataset.json"
+
+
+def test_manifest_elsewhere_and_list_file(images, tmp_path):
+    listing = tmp_path / "run.csv"
+    listing.write_text(f"input,output\n{images / 's0' / 'im0.png'},train/first.png\n{images / 's1' / 'im1.png'},\n")
+    manifest = tmp_path / "records" / "m.csv"
+    manifest.parent.mkdir()
+    summary, rows = run([], tmp_path / "out", lists=[listing], manifest=manifest)
+    assert summary.ok == 2 and manifest.is_file() and not default_manifest(tmp_path / "out").exists()
+    # the second row has no output name: its place below the list file's folder is mirrored
+    assert {r["output"] for r in rows} == {str(tmp_path / "out" / "train" / "first.png"), str(tmp_path / "out" / "in" / "s1" / "im1.png")}
+
+
+def test_no_input_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="no input"):
+        normalize_batch([], tmp_path / "out", vipsnorm.Stretch(), workers=0)
+
+
+# --------------------------------------------------------------------------------------------------
+# fit
+
+
+def test_fit_batch_is_fit_files(images, tmp_path):
+    paths = sorted(images.rglob("*.png"))
+    reference, results = fit_batch([images], "match", workers=0)
+    expected, expected_results = fit_files(paths, "match")
+    assert reference.inputs == expected.inputs and len(reference.inputs) == 3
+    np.testing.assert_array_equal(reference.target.hist, expected.target.hist)
+    assert [(str(r.input), r.status) for r in results] == [(str(r.input), r.status) for r in expected_results]
+    with pytest.raises(ValueError, match="does not take --grid"):
+        fit_batch([images], "stretch", method_options={"grid": (2, 2)}, workers=0)
+    assert os.listdir(tmp_path) == ["in"]  # fitting writes nothing
