@@ -17,6 +17,7 @@ from .io.write import COMPRESSIONS
 from .methods import METHODS, Macenko, stain_summary
 from .reference import save_reference
 from .sampling import STRATEGIES
+from .training import cli as patches_cli
 
 __all__ = ["main"]
 
@@ -31,6 +32,7 @@ examples:
   vipsnorm fit lab1/*.svs lab2/*.svs -o palette.json            # one palette for a whole set
   vipsnorm normalize lab*/*.svs -o out/ --method match --reference palette.json
   vipsnorm inspect slide.svs
+  vipsnorm patches slides/*.svs -o patches/ --mpp 0.5 --method macenko   # normalized training patches
   vipsnorm demo -o demo/                                         # synthetic slides, end to end
 """
 
@@ -211,6 +213,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", metavar="INPUT")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help=argparse.SUPPRESS)
+
+    patches_cli.add_parser(sub)
 
     p = sub.add_parser("demo", help="generate slides from four 'labs', normalize them onto one palette")
     p.add_argument("-o", "--output", type=Path, default=Path("vipsnorm-demo"), help="folder (default: %(default)s)")
@@ -429,7 +433,8 @@ def main(argv: list[str] | None = None) -> int:
     warnings.simplefilter("default")
     warnings.formatwarning = lambda message, category, *rest: f"warning: {message}\n"
     try:
-        return {"normalize": _normalize, "fit": _fit, "inspect": _inspect, "demo": _demo}[args.command](args)
+        commands = {"normalize": _normalize, "fit": _fit, "inspect": _inspect, "patches": patches_cli.run, "demo": _demo}
+        return commands[args.command](args)
     except VipsnormError as exc:
         print(f"error  {exc}", file=sys.stderr)
         return 2

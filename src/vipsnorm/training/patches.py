@@ -1,0 +1,907 @@
+"""Patches cut from slides for training: where they are (a grid or random positions over the tissue),
+their normalized pixels, and how they are written.
+
+Where
+    :func:`grid_patches` and :func:`random_patches` place ``size`` x ``size`` windows on one level of a
+    slide (:func:`choose_level`: by index, or by microns per pixel when the slide knows its pixel size)
+    and keep those whose tissue fraction reaches ``min_tissue``. The tissue mask is the one fitting
+    uses (:func:`vipsnorm.sampling.tissue_mask` on an overview of at most 2048 px a side), so it costs
+    one low-resolution read per slide; a patch's tissue fraction is the fraction of mask pixels whose
+    centres fall inside it.
+
+Pixels
+    :class:`PatchReader` reads windows of one open slide through the *lazy normalized pipeline* of the
+    whole level (``method.apply(slide.level_image(level), params)``, fitted once per slide), so a patch
+    is pixel for pixel the same window of the normalized slide, never a per-patch re-fit (which would
+    give every patch of one slide other colours). Where libvips decodes the slide, each window is
+    computed by a libvips ``Region`` fetch in the calling thread (no thread pool: cheap per patch and
+    safe in data-loader workers); on OpenSlide slides the raw window comes from OpenSlide's
+    ``read_region`` and the method's numpy twin (``apply_array``) maps it.
+
+Writing
+    :func:`extract_slide` writes one slide's patches as PNG, JPEG or ``.npy`` files in a folder of
+    their own, or as WebDataset-style tar shards (``KEY.png`` + ``KEY.json`` per sample), every output
+    under a temporary name first and renamed when the slide is complete (a failed slide leaves
+    nothing); :func:`extract_slides` runs many slides (a bad one gives an error result, the others go
+    on) and writes the coordinates table ``patches.csv``.
+
+Notes
+-----
+Patches are uint8, ``(size, size, bands)`` (3 for colour, 1 for grey), in the processing format of
+:func:`vipsnorm.io.pixels.to_processing`. Coordinates ``x, y`` are on the patch's level, ``x0, y0`` on
+level 0 (``x0 = round(x * downsample)``). At level 0 a patch equals the same window of the slide that
+``vipsnorm normalize`` writes (tested, lossless output). At a coarser level it is that level of the
+input mapped by the same fitted parameters; the pyramid levels that ``normalize`` writes are instead
+shrunk from the normalized level 0, which differs slightly for methods that are not linear. CLAHE's
+per-region tables are tied to level 0's geometry: at a coarser level the same tables are interpolated
+over that level's geometry (:func:`params_at_level`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import glob
+import io
+import json
+import math
+import os
+import re
+import secrets
+import shutil
+import tarfile
+import time
+import zlib
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyvips
+
+from ..engine import Options, build_method, fit_slide, load_reference
+from ..errors import (
+    InvalidReferenceError,
+    NoTissueError,
+    OutputError,
+    UnreadableImageError,
+    UnsupportedImageError,
+    VipsnormError,
+    one_line,
+)
+from ..io.slide import Slide, open_slide
+from ..io.write import PART_MARKER, atomic_path
+from ..methods import Method, Params
+from ..reference import Reference
+from ..methods.clahe import ClaheParams, grid_geometry
+from ..sampling import TissueMask, overview, tissue_mask
+
+__all__ = [
+    "Patch",
+    "PatchJob",
+    "SlideResult",
+    "PatchReader",
+    "TissueFractions",
+    "FORMATS",
+    "TABLE",
+    "TABLE_COLUMNS",
+    "choose_level",
+    "tissue_fractions",
+    "grid_patches",
+    "random_patches",
+    "plan_patches",
+    "params_at_level",
+    "resolve_normalization",
+    "extract_slide",
+    "extract_slides",
+    "read_table",
+    "write_table",
+    "patch_key",
+    "output_name",
+    "level_mpp",
+    "slide_rng",
+]
+
+#: ``--format`` choices: image files, numpy arrays, WebDataset tar shards, or the coordinates table only.
+FORMATS = ("png", "jpg", "npy", "tar", "coords")
+#: The coordinates table written into the output folder.
+TABLE = "patches.csv"
+TABLE_COLUMNS = ("key", "slide", "level", "x", "y", "x0", "y0", "size", "mpp", "tissue", "file")
+#: Random positions drawn per patch asked for, at most, before giving up on finding more with tissue.
+_DRAWS_PER_PATCH = 400
+_KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+# --------------------------------------------------------------------------------------------------
+# coordinates
+
+
+@dataclass(frozen=True)
+class Patch:
+    """One ``size`` x ``size`` window of one slide level.
+
+    Attributes
+    ----------
+    slide : str
+        Path of the slide, as given.
+    level : int
+    x, y : int
+        Top-left corner on ``level``.
+    x0, y0 : int
+        The same corner on level 0 (``round(x * downsample)``).
+    size : int
+        Side in pixels of ``level``.
+    mpp : float or None
+        Microns per pixel at ``level`` (x), where the slide records its pixel size.
+    tissue : float
+        Fraction of the window that the tissue mask covers (``nan`` when not measured).
+    """
+
+    slide: str
+    level: int
+    x: int
+    y: int
+    x0: int
+    y0: int
+    size: int
+    mpp: float | None = None
+    tissue: float = float("nan")
+
+    @property
+    def key(self) -> str:
+        """A name unique within a slide's patches: ``STEM_L<level>_<x0>_<y0>`` (no dots, as WebDataset
+        keys need)."""
+        return patch_key(Path(self.slide).stem, self.level, self.x0, self.y0)
+
+    def to_row(self, file: str = "", name: str | None = None) -> dict:
+        """A row of the coordinates table (:data:`TABLE_COLUMNS`)."""
+        key = self.key if name is None else patch_key(name, self.level, self.x0, self.y0)
+        return {
+            "key": key,
+            "slide": self.slide,
+            "level": self.level,
+            "x": self.x,
+            "y": self.y,
+            "x0": self.x0,
+            "y0": self.y0,
+            "size": self.size,
+            "mpp": "" if self.mpp is None else f"{self.mpp:.6g}",
+            "tissue": "" if math.isnan(self.tissue) else f"{self.tissue:.4f}",
+            "file": file,
+        }
+
+    @classmethod
+    def from_row(cls, row: dict) -> "Patch":
+        """The patch of a coordinates-table row (extra columns are ignored)."""
+        mpp, tissue = row.get("mpp") or "", row.get("tissue") or ""
+        return cls(
+            slide=row["slide"],
+            level=int(row["level"]),
+            x=int(row["x"]),
+            y=int(row["y"]),
+            x0=int(row["x0"]),
+            y0=int(row["y0"]),
+            size=int(row["size"]),
+            mpp=float(mpp) if mpp else None,
+            tissue=float(tissue) if tissue else float("nan"),
+        )
+
+
+def patch_key(name: str, level: int, x0: int, y0: int) -> str:
+    """``NAME_L<level>_<x0>_<y0>`` with every character of ``name`` other than letters, digits, ``_``
+    and ``-`` replaced by ``_`` (WebDataset splits keys at the first dot)."""
+    return f"{_KEY_UNSAFE.sub('_', name)}_L{level}_{x0}_{y0}"
+
+
+def output_name(path: str | os.PathLike[str]) -> str:
+    """The name of a slide's outputs: its file name without suffix, characters other than letters,
+    digits, ``_`` and ``-`` replaced by ``_``."""
+    return _KEY_UNSAFE.sub("_", Path(path).stem)
+
+
+def choose_level(slide: Slide, *, level: int | None = None, mpp: float | None = None) -> int:
+    """The level to cut patches from: ``level``, or the one whose pixel size is closest to ``mpp``
+    microns (in ratio; the finer one on a tie). Default: level 0.
+
+    Raises
+    ------
+    UnsupportedImageError
+        ``level`` does not exist, or ``mpp`` was asked for and the slide does not record its pixel size.
+    """
+    if level is not None and mpp is not None:
+        raise ValueError("give a level or a pixel size (mpp), not both")
+    if mpp is None:
+        level = 0 if level is None else int(level)
+        if not 0 <= level < len(slide.levels):
+            raise UnsupportedImageError(
+                slide.path, f"has {len(slide.levels)} level(s) (0-{len(slide.levels) - 1}); there is no level {level}"
+            )
+        return level
+    if not mpp > 0:
+        raise ValueError(f"mpp must be positive, not {mpp}")
+    if slide.mpp is None:
+        raise UnsupportedImageError(
+            slide.path, f"the pixel size is unknown, so no level can be chosen for {mpp:g} um/px: give --level instead"
+        )
+    distances = [abs(math.log(slide.mpp[0] * lvl.downsample / mpp)) for lvl in slide.levels]
+    return int(min(range(len(distances)), key=lambda i: (round(distances[i], 9), i)))
+
+
+def level_mpp(slide: Slide, level: int) -> float | None:
+    """Microns per pixel (x) at ``level``, or None."""
+    return None if slide.mpp is None else slide.mpp[0] * slide.levels[level].downsample
+
+
+@dataclass(frozen=True)
+class TissueFractions:
+    """Tissue fractions of level-0 windows, from a tissue mask at overview resolution.
+
+    Attributes
+    ----------
+    mask : TissueMask or None
+        None for a slide without tissue (every fraction is 0).
+    """
+
+    mask: TissueMask | None
+    width: int
+    height: int
+    _integral: np.ndarray = field(repr=False, default=None)  # type: ignore[assignment]
+
+    def __post_init__(self):
+        if self.mask is not None and self._integral is None:
+            m = self.mask.mask
+            integral = np.pad(m.cumsum(0, dtype=np.int64).cumsum(1), ((1, 0), (1, 0)))
+            object.__setattr__(self, "_integral", integral)
+
+    def __call__(self, x0: np.ndarray, y0: np.ndarray, side: float) -> np.ndarray:
+        """Fractions of the windows ``[x0, x0 + side) x [y0, y0 + side)`` (level-0 pixels, arrays)."""
+        x0 = np.asarray(x0, dtype=np.float64)
+        y0 = np.asarray(y0, dtype=np.float64)
+        if self.mask is None:
+            return np.zeros(np.broadcast(x0, y0).shape)
+        mh, mw = self.mask.mask.shape
+        dx, dy = self.width / mw, self.height / mh
+
+        def span(lo: np.ndarray, d: float, n: int) -> tuple[np.ndarray, np.ndarray]:
+            # mask pixels whose centres fall inside [lo, lo + side); at least the one holding the middle
+            a = np.ceil(lo / d - 0.5).astype(np.int64)
+            b = np.ceil((lo + side) / d - 0.5).astype(np.int64)
+            middle = np.floor((lo + side / 2) / d).astype(np.int64)
+            a, b = np.where(b > a, a, middle), np.where(b > a, b, middle + 1)
+            return np.clip(a, 0, n - 1), np.clip(b, 1, n)
+
+        xa, xb = span(x0, dx, mw)
+        ya, yb = span(y0, dy, mh)
+        s = self._integral
+        inside = s[yb, xb] - s[ya, xb] - s[yb, xa] + s[ya, xa]
+        return inside / ((xb - xa) * (yb - ya))
+
+
+def tissue_fractions(slide: Slide, required: bool = True) -> TissueFractions:
+    """The tissue mask of ``slide`` (from its overview) as a :class:`TissueFractions`.
+
+    ``required=False``: a slide without tissue gives fractions of 0 instead of :class:`NoTissueError`.
+    """
+    view, downsample = overview(slide)
+    try:
+        mask = tissue_mask(view, downsample, slide.path)
+    except NoTissueError:
+        if required:
+            raise
+        mask = None
+    w0, h0 = slide.dimensions
+    return TissueFractions(mask, w0, h0)
+
+
+def _patches(slide: Slide, level: int, size: int, xs: np.ndarray, ys: np.ndarray, fractions: np.ndarray) -> list[Patch]:
+    ds = slide.levels[level].downsample
+    mpp = level_mpp(slide, level)
+    path = str(slide.path)
+    return [
+        Patch(path, level, int(x), int(y), int(round(x * ds)), int(round(y * ds)), size, mpp, float(f))
+        for x, y, f in zip(xs, ys, fractions)
+    ]
+
+
+def _check_size(size: int) -> None:
+    if int(size) != size or size < 1:
+        raise ValueError(f"patch size must be a positive number of pixels, not {size!r}")
+
+
+def grid_patches(
+    slide: Slide,
+    size: int,
+    *,
+    level: int = 0,
+    stride: int | None = None,
+    min_tissue: float = 0.5,
+    fractions: TissueFractions | None = None,
+) -> list[Patch]:
+    """Every ``size`` x ``size`` window of a grid over ``level`` (step ``stride``, default ``size``;
+    windows wholly inside the level only) whose tissue fraction is at least ``min_tissue``, in rows.
+
+    ``min_tissue=0`` keeps every window, tissue or not (fractions are still measured where the slide
+    has tissue).
+    """
+    _check_size(size)
+    stride = size if stride is None else int(stride)
+    if stride < 1:
+        raise ValueError(f"stride must be positive, not {stride}")
+    if fractions is None:
+        fractions = tissue_fractions(slide, required=min_tissue > 0)
+    lvl = slide.levels[level]
+    xs = np.arange(0, lvl.width - size + 1, stride)
+    ys = np.arange(0, lvl.height - size + 1, stride)
+    gx, gy = (a.ravel() for a in np.meshgrid(xs, ys))
+    ds = lvl.downsample
+    f = fractions(np.round(gx * ds), np.round(gy * ds), size * ds)
+    keep = f >= min_tissue
+    return _patches(slide, level, size, gx[keep], gy[keep], f[keep])
+
+
+def slide_rng(slide: Slide | str | os.PathLike, seed: int) -> np.random.Generator:
+    """The random generator of ``slide``'s random patches: from ``seed`` and the slide's file name, so
+    every slide gets its own positions whatever the order of the slides."""
+    name = Path(slide.path if isinstance(slide, Slide) else slide).name
+    return np.random.default_rng(np.random.SeedSequence([int(seed), zlib.crc32(name.encode())]))
+
+
+def random_patches(
+    slide: Slide,
+    size: int,
+    n: int,
+    *,
+    level: int = 0,
+    min_tissue: float = 0.5,
+    seed: int = 0,
+    rng: np.random.Generator | None = None,
+    fractions: TissueFractions | None = None,
+) -> list[Patch]:
+    """Up to ``n`` distinct windows at uniformly random positions of ``level`` (wholly inside it) whose
+    tissue fraction is at least ``min_tissue``, sorted by row.
+
+    The positions are drawn from ``rng`` (default :func:`slide_rng` of ``seed``: reproducible). Fewer
+    than ``n`` come back when the tissue is too small to hold that many (after ``400 n`` draws).
+    """
+    _check_size(size)
+    if n < 0:
+        raise ValueError(f"the number of random patches must be >= 0, not {n}")
+    if fractions is None:
+        fractions = tissue_fractions(slide, required=min_tissue > 0)
+    rng = slide_rng(slide, seed) if rng is None else rng
+    lvl = slide.levels[level]
+    if lvl.width < size or lvl.height < size or n == 0:
+        return []
+    ds = lvl.downsample
+    chosen: dict[tuple[int, int], float] = {}
+    draws = 0
+    while len(chosen) < n and draws < _DRAWS_PER_PATCH * n:
+        batch = max(64, 4 * (n - len(chosen)))
+        xs = rng.integers(0, lvl.width - size + 1, batch)
+        ys = rng.integers(0, lvl.height - size + 1, batch)
+        draws += batch
+        f = fractions(np.round(xs * ds), np.round(ys * ds), size * ds)
+        for x, y, v in zip(xs[f >= min_tissue], ys[f >= min_tissue], f[f >= min_tissue]):
+            if len(chosen) == n:
+                break
+            chosen.setdefault((int(x), int(y)), float(v))
+    order = sorted(chosen, key=lambda p: (p[1], p[0]))
+    xs = np.array([p[0] for p in order], dtype=np.int64)
+    ys = np.array([p[1] for p in order], dtype=np.int64)
+    return _patches(slide, level, size, xs, ys, np.array([chosen[p] for p in order]))
+
+
+def plan_patches(
+    path: str | os.PathLike[str],
+    size: int,
+    *,
+    level: int | None = None,
+    mpp: float | None = None,
+    stride: int | None = None,
+    min_tissue: float = 0.5,
+    random: int | None = None,
+    seed: int = 0,
+    backend: str = "auto",
+) -> list[Patch]:
+    """Open the slide at ``path`` and place patches on it: :func:`grid_patches`, or ``random`` of them
+    with :func:`random_patches`, on the level :func:`choose_level` picks. The slide is closed again."""
+    with open_slide(path, backend=backend) as slide:
+        lvl = choose_level(slide, level=level, mpp=mpp)
+        if random is None:
+            return grid_patches(slide, size, level=lvl, stride=stride, min_tissue=min_tissue)
+        return random_patches(slide, size, random, level=lvl, min_tissue=min_tissue, seed=seed)
+
+
+# --------------------------------------------------------------------------------------------------
+# pixels
+
+
+def resolve_normalization(
+    method: str | Method | None = None,
+    reference: str | os.PathLike[str] | Reference | None = None,
+    options: Options = Options(),
+    **method_options,
+) -> tuple[Method | None, Params | None]:
+    """The method (and fixed parameters) that a method name and a reference ask for, resolved as
+    ``vipsnorm normalize`` resolves ``--method`` and ``--reference``; ``(None, None)``: no normalization.
+
+    ``reference`` is an image or slide (the target of ``method``, default ``match``), a JSON from
+    ``vipsnorm fit`` (a target, or parameters applied unchanged: then ``method`` may be omitted), or a
+    loaded :class:`~vipsnorm.reference.Reference`. Options left at ``None`` keep the method's defaults.
+
+    Raises
+    ------
+    ValueError
+        Unknown method or option, or options without a method.
+    InvalidReferenceError
+        The reference does not fit the method.
+    """
+    given = {k: v for k, v in method_options.items() if v is not None}
+    if isinstance(method, Method):
+        if reference is not None or given:
+            raise ValueError("give a method name with a reference or options, or a Method instance alone")
+        return method, None
+    if reference is None:
+        if method is None:
+            if given:
+                names = ", ".join("--" + k.replace("_", "-") for k in given)
+                raise ValueError(f"{names} given without a method")
+            return None, None
+        return build_method(method, **given), None
+    where = reference if not isinstance(reference, Reference) else None
+    if not isinstance(reference, Reference):
+        reference = load_reference(reference, method or "match", options, **given)
+    if reference.kind == "params":
+        params = reference.params
+        if method not in (None, params.method):
+            raise InvalidReferenceError(where, f"holds {params.method} parameters but the method is {method}")
+        return build_method(params.method), params
+    name = method or reference.method
+    if name != reference.method:
+        raise InvalidReferenceError(where, f"is a {reference.method} target; method {name} cannot use it")
+    try:
+        return build_method(name, reference, **given), None
+    except InvalidReferenceError as exc:
+        raise InvalidReferenceError(where, exc.cause) from None
+
+
+def params_at_level(slide: Slide, params: Params, level: int) -> Params:
+    """The parameters that map ``level`` of ``slide`` as ``params`` map level 0.
+
+    Per-pixel methods (LUTs, stain maps) use the same parameters at every level. CLAHE's are tied to
+    level 0's size: the same per-region tables are laid over the level with the same grid of regions
+    (OpenCV's region geometry for the level's size), so they cover the same tissue.
+    """
+    if level == 0 or not isinstance(params, ClaheParams):
+        return params
+    lvl = slide.levels[level]
+    tw, th, _, _ = grid_geometry(lvl.width, lvl.height, params.grid)
+    return dataclasses.replace(params, width=lvl.width, height=lvl.height, tile=(tw, th))
+
+
+def _openslide_window(slide: Slide, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
+    """A raw window of an OpenSlide-backed slide straight from OpenSlide's ``read_region`` (flattened on
+    white as the slide's own tiles are, at the same level-0 position ``round(x * downsample)``)."""
+    import openslide
+
+    from ..io.slide import _flatten_on_white  # the backend's own flattening, so the pixels are its tiles'
+
+    ds = slide.levels[level].downsample
+    try:
+        rgba = slide._osr.read_region((round(x * ds), round(y * ds)), level, (width, height))  # type: ignore[attr-defined]
+    except openslide.OpenSlideError as exc:
+        raise UnreadableImageError(slide.path, f"cannot decode pixels (OpenSlide: {exc})") from exc
+    return _flatten_on_white(np.asarray(rgba))
+
+
+class PatchReader:
+    """Windows of one open slide, normalized by fitted ``params`` of ``method`` (or raw without them).
+
+    Parameters
+    ----------
+    slide : Slide
+        An open slide; the reader does not close it.
+    method, params : Method and Params, optional
+        The slide-level fit (:func:`vipsnorm.engine.fit_slide`), both or neither.
+
+    Notes
+    -----
+    The lazy normalized image of each level is built once and kept; each :meth:`read` computes only its
+    window with a fresh ``pyvips.Region`` (in the calling thread; several threads may read at once).
+    OpenSlide-backed slides read the raw window with OpenSlide's ``read_region`` and map it with
+    ``method.apply_array``, the method's numpy twin of its pipeline (tested equal for the LUT methods
+    and Macenko), except CLAHE, whose numpy twin needs the whole level: it is fetched from the lazy
+    pipeline there too.
+    """
+
+    def __init__(self, slide: Slide, method: Method | None = None, params: Params | None = None):
+        if (method is None) != (params is None):
+            raise ValueError("give both the method and its fitted params, or neither (raw pixels)")
+        if params is not None and params.method != method.name:
+            raise ValueError(f"the params are for {params.method}, not {method.name}")
+        self.slide, self.method, self.params = slide, method, params
+        self._images: dict[int, pyvips.Image] = {}
+        self._numpy_path = slide.backend == "openslide" and not (method is not None and method.spatial)
+
+    def level_image(self, level: int) -> pyvips.Image:
+        """The lazy (normalized) image of ``level``."""
+        image = self._images.get(level)
+        if image is None:
+            image = self.slide.level_image(level)
+            if self.method is not None:
+                image = self.method.apply(image, params_at_level(self.slide, self.params, level))
+            image = self._images.setdefault(level, image)
+        return image
+
+    def read(self, level: int, x: int, y: int, width: int, height: int | None = None) -> np.ndarray:
+        """The ``(height, width, bands)`` uint8 window at ``(x, y)`` of ``level`` (a new, writeable array).
+
+        Raises
+        ------
+        ValueError
+            The window is not wholly inside the level.
+        UnreadableImageError
+            Its pixels cannot be decoded.
+        """
+        height = width if height is None else height
+        lvl = self.slide.levels[level]
+        if not (0 <= x and 0 <= y and width > 0 and height > 0 and x + width <= lvl.width and y + height <= lvl.height):
+            raise ValueError(
+                f"{self.slide.path}: window {width}x{height} at ({x}, {y}) is not inside level {level} "
+                f"({lvl.width}x{lvl.height})"
+            )
+        if self._numpy_path:
+            raw = _openslide_window(self.slide, level, x, y, width, height)
+            if self.method is None:
+                return raw
+            return self.method.apply_array(raw, params_at_level(self.slide, self.params, level))
+        image = self.level_image(level)
+        data = self.slide.decode(lambda: pyvips.Region.new(image).fetch(x, y, width, height))
+        return np.frombuffer(bytearray(data), np.uint8).reshape(height, width, image.bands)
+
+    def read_patch(self, patch: Patch) -> np.ndarray:
+        """The pixels of ``patch`` (of this slide)."""
+        return self.read(patch.level, patch.x, patch.y, patch.size, patch.size)
+
+
+# --------------------------------------------------------------------------------------------------
+# writing one slide
+
+
+@dataclass(frozen=True)
+class PatchJob:
+    """What ``vipsnorm patches`` does with every slide (the same for all of them).
+
+    ``random=None`` cuts the grid (``stride``, default ``size``); ``random=N`` draws ``N`` positions
+    (``seed``). ``format`` is one of :data:`FORMATS`; ``shard_size`` samples per tar shard.
+    """
+
+    size: int = 256
+    level: int | None = None
+    mpp: float | None = None
+    stride: int | None = None
+    min_tissue: float = 0.5
+    random: int | None = None
+    seed: int = 0
+    format: str = "png"
+    quality: int = 90
+    shard_size: int = 1000
+
+    def __post_init__(self):
+        _check_size(self.size)
+        if self.format not in FORMATS:
+            raise ValueError(f"format must be one of {FORMATS}, not {self.format!r}")
+        if self.level is not None and self.mpp is not None:
+            raise ValueError("give a level or a pixel size (mpp), not both")
+        if self.stride is not None and self.stride < 1:
+            raise ValueError(f"stride must be positive, not {self.stride}")
+        if not 0.0 <= self.min_tissue <= 1.0:
+            raise ValueError(f"min_tissue must be within 0..1, not {self.min_tissue}")
+        if self.random is not None and self.random < 1:
+            raise ValueError(f"the number of random patches must be positive, not {self.random}")
+        if self.shard_size < 1:
+            raise ValueError(f"shard size must be positive, not {self.shard_size}")
+        if not 1 <= self.quality <= 100:
+            raise ValueError("quality must be within 1..100")
+
+
+@dataclass
+class SlideResult:
+    """What happened to one slide."""
+
+    input: Path
+    name: str = ""
+    status: str = "ok"
+    error: str | None = None
+    patches: list[Patch] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)
+    level: int | None = None
+    mpp: float | None = None
+    asked: int | None = None
+    params: Params | None = None
+    seconds: float = 0.0
+
+    def rows(self) -> list[dict]:
+        """Its rows of the coordinates table."""
+        return [p.to_row(f, self.name) for p, f in zip(self.patches, self.files)]
+
+    def line(self) -> str:
+        """One line for the command line."""
+        if self.status != "ok":
+            return f"error  {self.error}"
+        where = f"level {self.level}" + ("" if self.mpp is None else f", {self.mpp:.3g} um/px")
+        short = ""
+        if self.asked is not None and len(self.patches) < self.asked:
+            short = f" of {self.asked} asked (too little tissue for more)"
+        return f"ok     {self.input} -> {len(self.patches)} patches{short} ({where}, {self.seconds:.1f} s)"
+
+
+def _encode_png(array: np.ndarray) -> bytes:
+    return pyvips.Image.new_from_array(np.ascontiguousarray(array)).write_to_buffer(".png")
+
+
+def _encode(array: np.ndarray, fmt: str, quality: int) -> bytes:
+    if fmt == "png":
+        return _encode_png(array)
+    if fmt == "jpg":
+        return pyvips.Image.new_from_array(np.ascontiguousarray(array)).write_to_buffer(".jpg", Q=quality)
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def _temp_name(directory: Path, name: str, suffix: str = "") -> Path:
+    return directory / f".{name}{PART_MARKER}{secrets.token_hex(4)}{suffix}"
+
+
+class _FolderWriter:
+    """Patch files in a temporary folder, renamed to ``OUT/NAME`` when the slide is complete."""
+
+    def __init__(self, out_dir: Path, name: str, fmt: str, quality: int):
+        self.out_dir, self.name, self.fmt, self.quality = out_dir, name, fmt, quality
+        self.temp = _temp_name(out_dir, name)
+        self.temp.mkdir()
+
+    def write(self, key: str, array: np.ndarray, meta: dict) -> str:
+        file = f"{key}.{self.fmt}"
+        (self.temp / file).write_bytes(_encode(array, self.fmt, self.quality))
+        return f"{self.name}/{file}"
+
+    def commit(self) -> None:
+        final = self.out_dir / self.name
+        old = None
+        if final.exists() or final.is_symlink():
+            if not final.is_dir() or final.is_symlink():
+                raise OutputError(
+                    final, "exists and is not a folder of patches; move it away or choose another -o folder"
+                )
+            old = _temp_name(self.out_dir, self.name, ".old")
+            os.replace(final, old)
+        os.replace(self.temp, final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def abort(self) -> None:
+        shutil.rmtree(self.temp, ignore_errors=True)
+
+
+class _TarWriter:
+    """WebDataset-style shards ``OUT/NAME-000000.tar`` (``KEY.png`` and ``KEY.json`` per sample, in
+    order), each written under a temporary name and all renamed when the slide is complete."""
+
+    def __init__(self, out_dir: Path, name: str, shard_size: int):
+        self.out_dir, self.name, self.shard_size = out_dir, name, shard_size
+        self.shards: list[tuple[Path, Path]] = []  # (temp, final)
+        self.tar: tarfile.TarFile | None = None
+        self.count = 0
+
+    def _add(self, member: str, data: bytes) -> None:
+        info = tarfile.TarInfo(member)
+        info.size, info.mtime, info.mode = len(data), 0, 0o644
+        self.tar.addfile(info, io.BytesIO(data))
+
+    def write(self, key: str, array: np.ndarray, meta: dict) -> str:
+        if self.tar is None or self.count == self.shard_size:
+            self._close()
+            final = self.out_dir / f"{self.name}-{len(self.shards):06d}.tar"
+            temp = _temp_name(self.out_dir, final.stem, ".tar")
+            self.shards.append((temp, final))
+            self.tar = tarfile.open(temp, "w")
+            self.count = 0
+        self._add(f"{key}.png", _encode_png(array))
+        self._add(f"{key}.json", json.dumps(meta, sort_keys=True).encode())
+        self.count += 1
+        return self.shards[-1][1].name
+
+    def _close(self) -> None:
+        if self.tar is not None:
+            self.tar.close()
+            self.tar = None
+
+    def commit(self) -> None:
+        self._close()
+        for temp, final in self.shards:
+            os.replace(temp, final)
+        # shards of an earlier run of this slide beyond the new last one
+        pattern = re.compile(re.escape(self.name) + r"-(\d{6})\.tar")
+        for path in self.out_dir.glob(f"{glob.escape(self.name)}-*.tar"):
+            match = pattern.fullmatch(path.name)
+            if match and int(match.group(1)) >= len(self.shards):
+                path.unlink()
+
+    def abort(self) -> None:
+        self._close()
+        for temp, _ in self.shards:
+            with contextlib.suppress(FileNotFoundError):
+                temp.unlink()
+
+
+class _NoWriter:
+    def write(self, key: str, array: np.ndarray, meta: dict) -> str:
+        return ""
+
+    def commit(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        pass
+
+
+def _writer(out_dir: Path, name: str, job: PatchJob):
+    if job.format == "coords":
+        return _NoWriter()
+    if job.format == "tar":
+        return _TarWriter(out_dir, name, job.shard_size)
+    return _FolderWriter(out_dir, name, job.format, job.quality)
+
+
+def extract_slide(
+    path: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    job: PatchJob,
+    method: Method | None = None,
+    *,
+    params: Params | None = None,
+    options: Options = Options(),
+    name: str | None = None,
+) -> SlideResult:
+    """Place, read and write the patches of one slide; errors are returned in the result and leave no
+    output behind.
+
+    Parameters
+    ----------
+    method : Method, optional
+        Normalize with it, fitted once on the slide (:func:`vipsnorm.engine.fit_slide` with ``options``:
+        the same fit as ``vipsnorm normalize``), or with fixed ``params``. None: raw pixels.
+    name : str, optional
+        The output name (default: the slide's file name without suffix).
+    """
+    start = time.perf_counter()
+    path = Path(path)
+    result = SlideResult(input=path, name=name or output_name(path), asked=job.random)
+    out_dir = Path(out_dir)
+    writer = None
+    try:
+        if not out_dir.is_dir():
+            raise OutputError(out_dir, "output folder does not exist")
+        with open_slide(path, max_pixels=options.max_pixels, backend=options.backend) as slide:
+            level = choose_level(slide, level=job.level, mpp=job.mpp)
+            result.level, result.mpp = level, level_mpp(slide, level)
+            if job.random is None:
+                patches = grid_patches(slide, job.size, level=level, stride=job.stride, min_tissue=job.min_tissue)
+            else:
+                patches = random_patches(
+                    slide, job.size, job.random, level=level, min_tissue=job.min_tissue, seed=job.seed
+                )
+            if job.format == "coords":
+                method = None  # the table alone: no pixels, so nothing to fit
+            elif method is not None and params is None:
+                params = fit_slide(slide, method, options)
+            elif method is not None and params.method != method.name:
+                raise ValueError(f"the params are for {params.method}, not {method.name}")
+            result.params = params
+            reader = PatchReader(slide, method, params) if job.format != "coords" else None
+            writer = _writer(out_dir, result.name, job)
+            files = []
+            for patch in patches:
+                row = patch.to_row(name=result.name)
+                array = reader.read_patch(patch) if reader is not None else None
+                meta = {k: v for k, v in row.items() if k != "file"}
+                meta.update(mpp=patch.mpp, tissue=None if math.isnan(patch.tissue) else round(patch.tissue, 4))
+                meta["method"] = None if method is None else method.name
+                files.append(writer.write(row["key"], array, meta))
+            writer.commit()
+            writer = None
+            result.patches, result.files = patches, files
+    except VipsnormError as exc:
+        result.status, result.error = "error", str(exc.about(path))
+    except pyvips.Error as exc:
+        result.status, result.error = "error", str(UnreadableImageError(path, f"libvips: {one_line(str(exc))}"))
+    except (OSError, ValueError) as exc:
+        result.status, result.error = "error", f"{path}: {one_line(str(exc))}"
+    except Exception as exc:  # a bug must not stop the other slides; report it against the file
+        result.status, result.error = "error", f"{path}: internal error ({type(exc).__name__}: {exc})"
+    finally:
+        if writer is not None:
+            writer.abort()
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+# --------------------------------------------------------------------------------------------------
+# many slides and the table
+
+
+def read_table(path: str | os.PathLike[str]) -> list[dict]:
+    """The rows of a coordinates table (:data:`TABLE_COLUMNS`, as strings)."""
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def write_table(path: str | os.PathLike[str], rows: Iterable[dict], *, replace: Iterable[str] = ()) -> Path:
+    """Write the coordinates table atomically.
+
+    Rows already in the table at ``path`` are kept, except those of the outputs named in ``replace``
+    (their slide was done again): so the table always describes every output in the folder.
+    """
+    path = Path(path)
+    replace = set(replace)
+    kept: list[dict] = []
+    if path.exists():
+        try:
+            kept = [r for r in read_table(path) if _row_name(r) not in replace]
+        except (OSError, csv.Error, KeyError):
+            kept = []
+    with atomic_path(path) as temp:
+        with open(temp, "w", newline="") as f:
+            out = csv.DictWriter(f, fieldnames=TABLE_COLUMNS, extrasaction="ignore")
+            out.writeheader()
+            out.writerows(kept)
+            out.writerows(rows)
+    return path
+
+
+def _row_name(row: dict) -> str:
+    """The output name of a table row: its key without the ``_L<level>_<x0>_<y0>`` end."""
+    return row["key"].rsplit("_", 3)[0]
+
+
+def extract_slides(
+    paths: Sequence[str | os.PathLike[str]],
+    out_dir: str | os.PathLike[str],
+    job: PatchJob,
+    method: Method | None = None,
+    *,
+    params: Params | None = None,
+    options: Options = Options(),
+    on_result: Callable[[SlideResult], None] | None = None,
+) -> list[SlideResult]:
+    """:func:`extract_slide` for every slide (one after the other), then the coordinates table
+    ``OUT/patches.csv`` (rows of earlier runs kept for the slides not done again).
+
+    Two inputs with the same output name (``a/x.svs`` and ``b/x.tif``) would overwrite each other: the
+    second is an error.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    results: list[SlideResult] = []
+    claimed: dict[str, str] = {}
+    for path in paths:
+        name = output_name(path)
+        if name in claimed:
+            result = SlideResult(
+                input=Path(path),
+                name=name,
+                status="error",
+                error=f"{path}: has the same output name ({name}) as {claimed[name]}; rename one of them",
+            )
+        else:
+            claimed[name] = str(path)
+            result = extract_slide(path, out, job, method, params=params, options=options, name=name)
+        results.append(result)
+        if on_result is not None:
+            on_result(result)
+    ok = [r for r in results if r.status == "ok"]
+    write_table(out / TABLE, (row for r in ok for row in r.rows()), replace={r.name for r in ok})
+    return results
