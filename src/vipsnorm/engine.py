@@ -18,7 +18,7 @@ from . import __version__
 from .errors import FlatImageError, InvalidReferenceError, OutputError, UnreadableImageError, VipsnormError
 from .io.slide import BACKENDS, DEFAULT_MAX_PIXELS, Slide, open_slide
 from .io.write import COMPRESSIONS, IMAGE_SUFFIXES, write_image, write_pyramid
-from .methods import METHODS, Match, Method, Params, Sample
+from .methods import METHODS, Method, Params, Sample
 from .reference import Reference, load_reference_json
 from .sampling import STRATEGIES, sample_slide
 

@@ -314,6 +314,19 @@ class OpenSlideSlide(Slide):
         rgba = np.asarray(self._osr.read_region((x0, y0), level, (w, h)))
         return _flatten_on_white(rgba)
 
+    def read_region(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
+        """A window of ``level`` straight from OpenSlide's ``read_region`` (flattened on white as the
+        level's tiles are), without the virtual TIFF: random patches do not fill its tile cache."""
+        import openslide
+
+        lvl = self.levels[level]
+        width, height = min(width, lvl.width - x), min(height, lvl.height - y)
+        try:
+            rgba = self._osr.read_region((round(x * lvl.downsample), round(y * lvl.downsample)), level, (width, height))
+        except openslide.OpenSlideError as exc:
+            raise UnreadableImageError(self.path, f"cannot decode pixels (OpenSlide: {exc})") from exc
+        return _flatten_on_white(np.asarray(rgba))
+
     def _level(self, level: int) -> pyvips.Image:
         if level not in self._virtual:
             lvl = self.levels[level]

@@ -480,21 +480,6 @@ def params_at_level(slide: Slide, params: Params, level: int) -> Params:
     return dataclasses.replace(params, width=lvl.width, height=lvl.height, tile=(tw, th))
 
 
-def _openslide_window(slide: Slide, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
-    """A raw window of an OpenSlide-backed slide straight from OpenSlide's ``read_region`` (flattened on
-    white as the slide's own tiles are, at the same level-0 position ``round(x * downsample)``)."""
-    import openslide
-
-    from ..io.slide import _flatten_on_white  # the backend's own flattening, so the pixels are its tiles'
-
-    ds = slide.levels[level].downsample
-    try:
-        rgba = slide._osr.read_region((round(x * ds), round(y * ds)), level, (width, height))  # type: ignore[attr-defined]
-    except openslide.OpenSlideError as exc:
-        raise UnreadableImageError(slide.path, f"cannot decode pixels (OpenSlide: {exc})") from exc
-    return _flatten_on_white(np.asarray(rgba))
-
-
 class PatchReader:
     """Windows of one open slide, normalized by fitted ``params`` of ``method`` (or raw without them).
 
@@ -552,7 +537,7 @@ class PatchReader:
                 f"({lvl.width}x{lvl.height})"
             )
         if self._numpy_path:
-            raw = _openslide_window(self.slide, level, x, y, width, height)
+            raw = self.slide.read_region(level, x, y, width, height)  # OpenSlide, straight
             if self.method is None:
                 return raw
             return self.method.apply_array(raw, params_at_level(self.slide, self.params, level))
