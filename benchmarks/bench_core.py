@@ -109,8 +109,13 @@ def _child(case: str, slide: str, out_dir: str, reference: str | None) -> None:
     error = None
 
     if kind == "vipsnorm":
+        import vipsnorm
         from vipsnorm.engine import Options, build_method, load_reference
 
+        # the target's cache key hashes the code under test: the snapshot this child imports, not the
+        # source tree (which may have changed since the run started)
+        global _CODE_DIR
+        _CODE_DIR = Path(vipsnorm.__file__).resolve().parents[1]
         options = Options(strategy=strategy, backend=backend)
         ref = None
         if method_name in TARGET_METHODS:
