@@ -360,3 +360,20 @@ def _worker_info() -> dict:
         "env": {k: os.environ.get(k) for k in ("VIPS_CONCURRENCY", "MALLOC_TRIM_THRESHOLD_")},
         "vips": (pyvips.concurrency_get(), pyvips.cache_get_max_mem(), pyvips.cache_get_max_files()),
     }
+
+
+def test_patches_run_on_the_cluster_as_in_process(healthy, dataset, tmp_path):
+    """``vipsnorm patches`` sends one task per slide to the cluster; the patches, their files and the
+    coordinates table are those of the same run in this process."""
+    from vipsnorm.training.cli import main as patches_main
+
+    slides = sorted((dataset / "slides").glob("*.tif"))[:3]
+    common = ["--size", "128", "--stride", "512", "--method", "equalize", "--format", "npy"]
+    assert patches_main([*map(str, slides), "-o", str(tmp_path / "local"), *common, "--workers", "0"]) == 0
+    assert patches_main([*map(str, slides), "-o", str(tmp_path / "dask"), *common, "--scheduler", healthy.address]) == 0
+    local = (tmp_path / "local" / "patches.csv").read_text()
+    assert local.count("\n") > 3 and local == (tmp_path / "dask" / "patches.csv").read_text()
+    files = sorted(p.relative_to(tmp_path / "local") for p in (tmp_path / "local").rglob("*.npy"))
+    assert files == sorted(p.relative_to(tmp_path / "dask") for p in (tmp_path / "dask").rglob("*.npy"))
+    for f in files:
+        np.testing.assert_array_equal(np.load(tmp_path / "local" / f), np.load(tmp_path / "dask" / f))

@@ -9,11 +9,12 @@ resumable from a CSV manifest.
 
 from .inputs import DEFAULT_INCLUDE, discover, plan, safe_relative
 from .manifest import COLUMNS, Manifest, read_manifest
-from .run import SCHEDULER_ENV, BatchSummary, default_manifest, fit_batch, normalize_batch
+from .run import SCHEDULER_ENV, BatchSummary, default_manifest, fit_batch, normalize_batch, runner
 
 __all__ = [
     "normalize_batch",
     "fit_batch",
+    "runner",
     "BatchSummary",
     "default_manifest",
     "read_manifest",

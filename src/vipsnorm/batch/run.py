@@ -281,6 +281,19 @@ def _engine(n_files: int, fits_one_task: bool, client, scheduler: str | None, wo
     return DaskRunner(client, cluster, owned=True, description=description, settings=VipsSettings(vips_threads))
 
 
+def runner(n_tasks: int, client=None, scheduler: str | None = None, workers: int | None = None):
+    """What runs ``n_tasks`` tasks of one input each (a slide each, say): in-process for one task or
+    ``workers=0``, the given client, the cluster at ``scheduler`` (or ``$VIPSNORM_SCHEDULER``), or a new
+    local cluster (the default).
+
+    The runner has ``run(fn, job, groups, on_results, fail)`` (``fn(job, group)``: a picklable
+    module-level function returning a list, passed to ``on_results`` as each task ends; ``fail(item,
+    cause)`` makes the entry of an item whose worker died), ``threads()``, ``description`` and ``close()``.
+    """
+    _check_engine(client, scheduler, workers)
+    return _engine(n_tasks, n_tasks <= 1, client, scheduler, workers)
+
+
 def _fits_one_task(items: Sequence[Item]) -> bool:
     """True when the whole batch is no more than one task: a cluster could not run it faster."""
     if len(items) <= 1:

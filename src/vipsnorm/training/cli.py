@@ -17,6 +17,7 @@ from ..errors import VipsnormError
 from ..io.slide import BACKENDS, DEFAULT_MAX_PIXELS
 from ..methods import METHODS
 from ..sampling import STRATEGIES
+from ..batch import SCHEDULER_ENV
 from .patches import FORMATS, TABLE, PatchJob, SlideResult, extract_slides, resolve_normalization
 
 __all__ = ["add_parser", "run", "main"]
@@ -149,6 +150,20 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         default=DEFAULT_MAX_PIXELS,
         help="refuse images larger than this many pixels (default: %(default)s; 0 = no limit)",
     )
+    g = p.add_argument_group(
+        "batch", "Slides run in parallel on Dask, one task each (as 'vipsnorm normalize' runs its inputs)."
+    )
+    g.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="worker processes of the local cluster (default: one per core, as memory allows; 0: run in this process)",
+    )
+    g.add_argument(
+        "--scheduler",
+        metavar="ADDR",
+        help=f"use the Dask cluster at ADDR (tcp://host:port, or a scheduler file) (default: ${SCHEDULER_ENV})",
+    )
     p.set_defaults(run=run)
     return p
 
@@ -200,7 +215,15 @@ def run(args) -> int:
 
     try:
         results = extract_slides(
-            args.inputs, args.output, job, method, params=params, options=options, on_result=report
+            args.inputs,
+            args.output,
+            job,
+            method,
+            params=params,
+            options=options,
+            on_result=report,
+            scheduler=args.scheduler,
+            workers=args.workers,
         )
     except OSError as exc:  # the output folder or the table cannot be written
         print(f"error  {exc}", file=sys.stderr)

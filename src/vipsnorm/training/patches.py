@@ -55,6 +55,7 @@ import time
 import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 from pathlib import Path
 
 import numpy as np
@@ -852,6 +853,23 @@ def _row_name(row: dict) -> str:
     return row["key"].rsplit("_", 3)[0]
 
 
+class _SlideTask(NamedTuple):
+    """One slide of a batch: its position in the inputs, its path and its output name."""
+
+    index: int
+    path: str
+    name: str
+
+
+def _extract_group(job: tuple, group: list[_SlideTask]) -> list[tuple[int, SlideResult]]:
+    """A batch task (on a worker): :func:`extract_slide` for each slide of the group."""
+    out, patch_job, method, params, options = job
+    return [
+        (t.index, extract_slide(t.path, out, patch_job, method, params=params, options=options, name=t.name))
+        for t in group
+    ]
+
+
 def extract_slides(
     paths: Sequence[str | os.PathLike[str]],
     out_dir: str | os.PathLike[str],
@@ -861,32 +879,57 @@ def extract_slides(
     params: Params | None = None,
     options: Options = Options(),
     on_result: Callable[[SlideResult], None] | None = None,
+    client=None,
+    scheduler: str | None = None,
+    workers: int | None = None,
 ) -> list[SlideResult]:
-    """:func:`extract_slide` for every slide (one after the other), then the coordinates table
-    ``OUT/patches.csv`` (rows of earlier runs kept for the slides not done again).
+    """:func:`extract_slide` for every slide through the batch engine (one task per slide: in this
+    process for a single slide or ``workers=0``, else on a Dask cluster, as :func:`vipsnorm.batch.runner`
+    chooses), then the coordinates table ``OUT/patches.csv`` (rows of earlier runs kept for the slides
+    not done again). Results come back in input order; ``on_result`` sees each as it ends.
 
     Two inputs with the same output name (``a/x.svs`` and ``b/x.tif``) would overwrite each other: the
     second is an error.
     """
+    from ..batch import runner as batch_runner
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    results: list[SlideResult] = []
+    results: dict[int, SlideResult] = {}
     claimed: dict[str, str] = {}
-    for path in paths:
+    tasks: list[_SlideTask] = []
+    for index, path in enumerate(paths):
         name = output_name(path)
         if name in claimed:
-            result = SlideResult(
+            results[index] = SlideResult(
                 input=Path(path),
                 name=name,
                 status="error",
                 error=f"{path}: has the same output name ({name}) as {claimed[name]}; rename one of them",
             )
+            if on_result is not None:
+                on_result(results[index])
         else:
             claimed[name] = str(path)
-            result = extract_slide(path, out, job, method, params=params, options=options, name=name)
-        results.append(result)
-        if on_result is not None:
-            on_result(result)
-    ok = [r for r in results if r.status == "ok"]
+            tasks.append(_SlideTask(index, str(path), name))
+
+    def collect(done: list[tuple[int, SlideResult]]) -> None:
+        for index, result in done:
+            results[index] = result
+            if on_result is not None:
+                on_result(result)
+
+    def fail(task: _SlideTask, cause: str) -> tuple[int, SlideResult]:
+        error = f"{task.path}: {cause}"
+        return task.index, SlideResult(input=Path(task.path), name=task.name, status="error", error=error)
+
+    if tasks:
+        engine = batch_runner(len(tasks), client, scheduler, workers)
+        try:
+            engine.run(_extract_group, (out, job, method, params, options), [[t] for t in tasks], collect, fail)
+        finally:
+            engine.close()
+    ordered = [results[i] for i in sorted(results)]
+    ok = [r for r in ordered if r.status == "ok"]
     write_table(out / TABLE, (row for r in ok for row in r.rows()), replace={r.name for r in ok})
-    return results
+    return ordered
