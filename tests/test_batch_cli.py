@@ -110,3 +110,46 @@ def test_fit_over_a_folder(folder, tmp_path, capsys):
     assert data["kind"] == "target" and len(data["inputs"]) == 3
     assert "fitted on 3 of 3 inputs" in stdout
     assert sorted(os.listdir(tmp_path)) == ["in", "ref.json"]  # fitting writes no manifest
+
+
+def test_resume_only_skips_outputs_where_this_run_puts_them(tmp_path, capsys):
+    """A record of an output in another place (another -o, or the same folder given at another depth)
+    is not "done": the input is normalized again, into this run's tree."""
+    src = tmp_path / "in" / "sub"
+    src.mkdir(parents=True)
+    pyvips.Image.black(64, 48, bands=3).draw_rect([200, 120, 40], 8, 8, 30, 20, fill=True).write_to_file(str(src / "x.png"))
+    manifest = tmp_path / "m.csv"
+    assert main(["normalize", str(src), "-o", str(tmp_path / "out"), "--manifest", str(manifest), "--workers", "0"]) == 0
+    assert (tmp_path / "out" / "x.png").is_file()
+    # the parent folder as input: x.png now belongs in out/sub/
+    assert main(["normalize", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--manifest", str(manifest), "--workers", "0"]) == 0
+    assert (tmp_path / "out" / "sub" / "x.png").is_file()
+    # another output folder with the same manifest
+    assert main(["normalize", str(src), "-o", str(tmp_path / "out2"), "--manifest", str(manifest), "--workers", "0"]) == 0
+    assert (tmp_path / "out2" / "x.png").is_file()
+    capsys.readouterr()
+    rows = read_manifest(manifest)
+    assert [r["status"] for r in rows] == ["ok", "ok", "ok"]
+
+
+def test_symlinked_folders_are_followed_once_and_odd_names_are_kept(tmp_path, capsys):
+    root = tmp_path / "archive"
+    (root / "real").mkdir(parents=True)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    image = pyvips.Image.black(32, 32, bands=3).draw_rect([180, 90, 60], 4, 4, 12, 12, fill=True)
+    image.write_to_file(str(elsewhere / "linked.png"))
+    image.write_to_file(str(root / "real" / "ok.png"))
+    image.write_to_file(str(root / "real" / "latin1.png"))
+    os.rename(root / "real" / "latin1.png", root / "real" / "caf\udce9.png")  # a name that is not UTF-8
+    (root / "disk2").symlink_to(elsewhere, target_is_directory=True)
+    (root / "real" / "loop").symlink_to(root, target_is_directory=True)  # a cycle
+    out = tmp_path / "out"
+    assert main(["normalize", str(root), "-o", str(out), "--workers", "0"]) == 1
+    assert (out / "disk2" / "linked.png").is_file() and (out / "real" / "ok.png").is_file()
+    rows = read_manifest(default_manifest(out))
+    assert sorted(r["status"] for r in rows) == ["error", "ok", "ok"]  # the cycle adds nothing
+    (bad,) = [r for r in rows if r["status"] == "error"]
+    # recorded under its own name (round-trips through the manifest), with the cause
+    assert bad["input"].endswith("caf\udce9.png") and "not valid UTF-8" in bad["error"]
+    assert "caf\\udce9.png" in capsys.readouterr().err  # shown escaped, not a crash

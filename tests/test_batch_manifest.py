@@ -97,32 +97,38 @@ def test_another_csv_is_not_taken_for_a_manifest(tmp_path):
     assert path.read_text() == "name,value\na,1\n"
 
 
-def test_done_requires_ok_same_config_same_input_and_whole_output(tmp_path):
-    src, out = write_png(tmp_path / "a.png", 0), write_png(tmp_path / "o.png", 1)
+def test_done_requires_ok_same_config_same_input_and_whole_output_in_place(tmp_path):
+    (tmp_path / "out").mkdir()
+    src, out = write_png(tmp_path / "a.png", 0), write_png(tmp_path / "out" / "a.png", 1)
+    root = tmp_path / "out"
     st = src.stat()
     item = Item(0, str(src), "", "a", st.st_size, st.st_mtime_ns)
     row = {"input": str(src), "input_size": st.st_size, "input_mtime_ns": st.st_mtime_ns, "output": str(out),
            "output_size": out.stat().st_size, "status": "ok", "config": "c1"}  # fmt: skip
     with Manifest.open(tmp_path / "m.csv") as book:
-        assert book.done(item, "c1") is None
+        assert book.done(item, "c1", root) is None
         book.append([dict(row)])
-        assert book.done(item, "c1").output == str(out)
-        assert book.done(item, "c2") is None  # other settings
-        assert book.done(Item(0, str(src), "", "a", st.st_size + 1, st.st_mtime_ns), "c1") is None
-        assert book.done(Item(0, str(src), "", "a", st.st_size, st.st_mtime_ns + 1), "c1") is None
+        assert book.done(item, "c1", root).output == str(out)
+        assert book.done(item, "c2", root) is None  # other settings
+        assert book.done(Item(0, str(src), "", "a", st.st_size + 1, st.st_mtime_ns), "c1", root) is None
+        assert book.done(Item(0, str(src), "", "a", st.st_size, st.st_mtime_ns + 1), "c1", root) is None
+        # the output is not where this run puts it: another -o, another sub-folder, another name
+        assert book.done(item, "c1", tmp_path / "elsewhere") is None
+        assert book.done(Item(0, str(src), "sub", "a", st.st_size, st.st_mtime_ns), "c1", root) is None
+        assert book.done(Item(0, str(src), "", "b", st.st_size, st.st_mtime_ns), "c1", root) is None
         book.append([{**row, "status": "skipped"}])
-        assert book.done(item, "c1") is not None  # skipped = still finished
+        assert book.done(item, "c1", root) is not None  # skipped = still finished
         with open(out, "ab") as f:
             f.write(b"more")
-        assert book.done(item, "c1") is None  # the output is not the one recorded
+        assert book.done(item, "c1", root) is None  # the output is not the one recorded
         book.append([{**row, "output_size": out.stat().st_size}])
         out.unlink()
-        assert book.done(item, "c1") is None
+        assert book.done(item, "c1", root) is None
         write_png(out, 1)
         book.append([{**row, "status": "error"}])
-        assert book.done(item, "c1") is None  # the last word is an error
+        assert book.done(item, "c1", root) is None  # the last word is an error
     with Manifest.open(tmp_path / "m.csv") as book:  # the same state read back
-        assert book.done(item, "c1") is None and str(src) not in book.finished
+        assert book.done(item, "c1", root) is None and str(src) not in book.finished
 
 
 # --------------------------------------------------------------------------------------------------

@@ -429,6 +429,9 @@ def _demo(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    for stream in (sys.stdout, sys.stderr):  # file names that are not UTF-8 are shown, not a crash
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     args = _parser().parse_args(argv)
     warnings.simplefilter("default")
     warnings.formatwarning = lambda message, category, *rest: f"warning: {message}\n"
@@ -440,6 +443,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except ValueError as exc:  # bad option values
         print(f"error  {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # the output folder, the manifest or the table cannot be written
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error  {where}{exc.strerror or exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

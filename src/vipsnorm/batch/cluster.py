@@ -181,10 +181,11 @@ class DaskRunner:
 
         Worker deaths: the scheduler reruns a task whose worker died, up to its ``allowed-failures``,
         then reports ``KilledWorker``. But a dying worker charges every task assigned to it, not only
-        the one it was running, so ``KilledWorker`` only makes a file a *suspect*: each file of the task
-        is then run again as a task of its own, one suspect at a time (other work goes on beside it).
-        Only a file whose worker dies again when it is the only suspect in flight ends as an error
-        (``fail(item, cause)``); its innocent companions finish normally.
+        the one it was running, so ``KilledWorker`` only makes a file a *suspect*: the tasks in flight
+        are let finish, no new work is submitted, and each suspect is run again alone, one at a time.
+        Only a file whose worker dies again when it is the only task of this batch in flight ends as an
+        error (``fail(item, cause)``); its innocent companions finish normally, and then the rest of the
+        batch goes on.
         """
         pending = deque(groups)
         suspects: deque = deque()
@@ -202,8 +203,12 @@ class DaskRunner:
             nonlocal window, checked
             if time.monotonic() - checked > 2.0:
                 window, checked = max(4, WINDOW_PER_THREAD * self.threads()), time.monotonic()
-            if suspects and not any(s for _, _, s in running.values()):
-                submit([suspects.popleft()], True)
+            if suspects:
+                # a dying worker charges every task it held, so a suspect is judged alone: nothing else
+                # of this batch is submitted until the suspects are cleared, one at a time
+                if not running:
+                    submit([suspects.popleft()], True)
+                return
             while pending and len(running) < window:
                 submit(pending.popleft(), False)
 

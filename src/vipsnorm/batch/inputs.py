@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import csv
 import fnmatch
+import io
 import os
 import re
 from collections.abc import Iterable, Sequence
@@ -111,9 +112,18 @@ def _matches(name: str, rel: str, patterns: Sequence[str]) -> bool:
 
 
 def _walk(folder: str, include: Sequence[str], exclude: Sequence[str], skip: set[str]) -> Iterable[Entry]:
-    """Files below ``folder`` matching ``include`` and not ``exclude``, in sorted order."""
+    """Files below ``folder`` matching ``include`` and not ``exclude``, in sorted order.
+
+    Symbolic links to folders are followed (``archive/2019 -> /mnt/disk2/2019`` is a common layout); a
+    folder already visited on the way down (a link cycle) is not entered again.
+    """
+    entered: set[str] = set()
 
     def visit(current: str, rel: str):
+        real = os.path.realpath(current)
+        if real in entered:
+            return
+        entered.add(real)
         try:
             with os.scandir(current) as it:
                 children = sorted(it, key=lambda d: d.name)
@@ -124,7 +134,7 @@ def _walk(folder: str, include: Sequence[str], exclude: Sequence[str], skip: set
             if child.name.startswith("."):
                 continue  # hidden files and folders, our own temporary outputs among them
             child_rel = f"{rel}/{child.name}" if rel else child.name
-            if child.is_dir(follow_symlinks=False):
+            if child.is_dir():  # a symbolic link to a folder too
                 if os.path.realpath(child.path) not in skip:
                     yield from visit(child.path, child_rel)
             elif child.is_file() and _matches(child.name, child_rel, include):
@@ -184,7 +194,7 @@ def read_list(path: str | os.PathLike[str]) -> list[tuple[str, str | None]]:
         raise ValueError(f"{path}: the list is not UTF-8 text") from None
     pairs: list[tuple[str, str | None]] = []
     if path.suffix.lower() == ".csv":
-        reader = csv.DictReader(text.splitlines())
+        reader = csv.DictReader(io.StringIO(text, newline=""))
         columns = [c.strip().lower() for c in reader.fieldnames or []]
         if "input" not in columns:
             raise ValueError(f"{path}: a CSV list needs an 'input' column (and may have an 'output' column)")
@@ -195,8 +205,8 @@ def read_list(path: str | os.PathLike[str]) -> list[tuple[str, str | None]]:
                 out = (row.get("output") or "").strip() if "output" in columns else ""
                 pairs.append((value, out or None))
         return pairs
-    for line in text.splitlines():
-        line = line.strip()
+    for line in text.split("\n"):  # not splitlines(): form feeds and the like may be in file names
+        line = line.strip("\r").strip()
         if line and not line.startswith("#"):
             pairs.append((line, None))
     return pairs

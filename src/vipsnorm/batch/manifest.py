@@ -75,10 +75,9 @@ def _rows(lines: Iterable[str]):
 
 def read_manifest(path: str | os.PathLike[str]) -> list[dict[str, str]]:
     """Every complete row of a manifest, as dicts of strings (a row cut short by a kill is left out)."""
-    text = Path(path).read_text(encoding="utf-8")
-    if text and not text.endswith("\n"):
-        text = text[: text.rfind("\n") + 1]
-    header, reader = _rows(text.splitlines())
+    data = Path(path).read_bytes()
+    data = data[: data.rfind(b"\n") + 1]  # a row (or a character) cut short by a kill is left out
+    header, reader = _rows(io.StringIO(data.decode("utf-8", errors="surrogateescape"), newline=""))
     if header is None:
         return []
     return [dict(zip(header, row)) for row in reader if len(row) == len(header)]
@@ -138,7 +137,8 @@ class Manifest:
                     cause = "another vipsnorm run is writing this manifest; wait for it to end or choose another --manifest"
                     raise OutputError(path, cause) from None
             _drop_torn_tail(fd)
-            file = os.fdopen(fd, "r+", encoding="utf-8", newline="")
+            # file names are bytes on POSIX: names that are not UTF-8 round-trip as surrogate escapes
+            file = os.fdopen(fd, "r+", encoding="utf-8", errors="surrogateescape", newline="")
         except BaseException:
             os.close(fd)
             raise
@@ -168,14 +168,22 @@ class Manifest:
             raise
         return cls(path, file, header, finished, sync_seconds)
 
-    def done(self, item: Item, config: str) -> Finished | None:
+    def done(self, item: Item, config: str, out_root: str | os.PathLike[str]) -> Finished | None:
         """The record of ``item`` if it is finished and nothing changed since: its last row is ``ok`` or
-        ``skipped`` with the same ``config``, the input has the recorded size and mtime, and the output
-        exists with the recorded size (outputs appear only complete, by rename)."""
+        ``skipped`` with the same ``config``, the input has the recorded size and mtime, the recorded
+        output is where this run puts it (``out_root/rel_dir/name.*``: another ``-o``, or the same folder
+        given at another depth, is not "done"), and it exists with the recorded size (outputs appear only
+        complete, by rename)."""
         record = self.finished.get(item.input)
         if record is None or record.config != config or item.size is None:
             return None
         if record.input_size != str(item.size) or record.input_mtime_ns != str(item.mtime_ns):
+            return None
+        expected = Path(out_root, item.rel_dir)
+        recorded = Path(record.output)
+        if os.path.normcase(os.path.abspath(recorded.parent)) != os.path.normcase(os.path.abspath(expected)):
+            return None
+        if recorded.stem.lower() != item.name.lower():
             return None
         try:
             return record if record.output and os.stat(record.output).st_size == int(record.output_size) else None

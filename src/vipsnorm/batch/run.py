@@ -436,7 +436,7 @@ def normalize_batch(
         try:
             todo, early = [], []
             for item in items:
-                done = None if item.error is not None or overwrite else book.done(item, config)
+                done = None if item.error is not None or overwrite else book.done(item, config, out_root)
                 if item.error is not None:
                     early.append(_error_row(item, item.error))
                 elif done is not None:

@@ -478,6 +478,10 @@ def open_slide(
         raise UnreadableImageError(path, "no such file")
     if path.is_dir():
         raise UnreadableImageError(path, "is a directory, not an image")
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:  # a POSIX name in another encoding: libvips and OpenSlide take UTF-8 names
+        raise UnreadableImageError(path, "the file name is not valid UTF-8 (libvips cannot open it); rename the file") from None
     if path.stat().st_size == 0:
         raise UnreadableImageError(path, "file is empty (0 bytes)")
     if not os.access(path, os.R_OK):
