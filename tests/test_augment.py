@@ -331,6 +331,14 @@ def test_keras_layers_train_only_configurable_serializable(keras_layers, tiles):
     assert type(again) is type(layer) and again.get_config()["clip_limit"] == [1.0, 3.0]
     fresh = keras_layers.RandomClahe.from_config(layer.get_config())
     np.testing.assert_array_equal(keras.ops.convert_to_numpy(fresh(batch, training=True)), out)
+    # called directly (a tf.data or PyDataset map), it augments, as Keras' own augmentation layers do
+    direct = keras_layers.RandomClahe.from_config(layer.get_config())
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(direct(batch)), out)
+
+
+def test_stain_jitter_shift_is_one_number():
+    with pytest.raises(ValueError, match="shift is one number"):
+        A.RandomStainJitter(shift=(0.01, 0.05))
 
 
 def test_every_keras_layer_round_trips(keras_layers, tiles):

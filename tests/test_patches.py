@@ -337,8 +337,10 @@ def test_rerun_replaces_a_slides_outputs_and_the_table_keeps_the_others(small_sl
     mine = {r["key"] for r in rows if r["slide"] == str(small_slide)}
     assert len(mine) == 3 and mine != first
     assert len([r for r in rows if r["slide"] == str(other)]) == 6  # the other slide's rows are kept
-    assert sorted(p.stem for p in (out / "small").iterdir()) == sorted(mine)  # old files gone
-    assert len(list((out / "other").iterdir())) == 6
+    patch_files = lambda folder: [p for p in folder.iterdir() if not p.name.startswith(".")]  # noqa: E731
+    assert sorted(p.stem for p in patch_files(out / "small")) == sorted(mine)  # old files gone
+    assert len(patch_files(out / "other")) == 6
+    assert (out / "small" / ".vipsnorm-patches").is_file()  # what lets a rerun replace the folder
     assert list(rows[0]) == list(TABLE_COLUMNS)
     assert no_part_files(out)
 
@@ -377,13 +379,46 @@ def test_openslide_backend_gives_the_same_patches(small_slide, tmp_path, capsys)
         np.testing.assert_array_equal(
             np.load(tmp_path / "libvips" / row["file"]), np.load(tmp_path / "openslide" / row["file"])
         )
-    with vipsnorm.open(small_slide, backend="openslide") as slide:
+
+
+def test_openslide_patches_are_the_levels_own_pixels_when_downsamples_are_not_whole(tmp_path):
+    """Level 0 is one direct read_region; above it OpenSlide would resample a window whose level-0
+    position is not a whole number of level pixels, so patches come from the level's own tiles (the
+    pixels normalize reads): on a slide of odd size they equal the same crop of the level image."""
+    from vipsnorm.synth import write_synthetic_slide
+
+    path = write_synthetic_slide(tmp_path / "odd.tif", 1537, 1111, seed=2)
+    with vipsnorm.open(path, backend="openslide") as slide:
+        assert slide.levels[1].downsample != 2.0  # the case that matters
         reader = PatchReader(slide)
         calls = []
         original = slide._osr.read_region
         slide._osr.read_region = lambda *a: calls.append(a) or original(*a)
-        reader.read(1, 10, 20, 32)
-        assert calls == [((20, 40), 1, (32, 32))]
+        reader.read(0, 10, 20, 32)
+        assert calls == [((10, 20), 0, (32, 32))]
+        for level in (1, 2):
+            window = reader.read(level, 30, 17, 64)
+            np.testing.assert_array_equal(window, slide.level_image(level).crop(30, 17, 64, 64).numpy())
+        method = build_method("macenko")
+        params = fit_slide(slide, method, Options())
+        normalized = PatchReader(slide, method, params).read(1, 30, 17, 64)
+        np.testing.assert_array_equal(normalized, method.apply_array(slide.level_image(1).crop(30, 17, 64, 64).numpy(), params))
+
+
+def test_a_folder_of_the_slides_name_not_made_by_vipsnorm_is_never_replaced(small_slide, tmp_path, capsys):
+    """A MIRAX slide keeps its data in a folder named after it: writing patches next to it must not
+    replace that folder. A folder vipsnorm made is replaced on a rerun."""
+    out = tmp_path / "out"
+    (out / small_slide.stem).mkdir(parents=True)
+    (out / small_slide.stem / "Data0000.dat").write_bytes(b"slide data")
+    code, _, err = run(capsys, small_slide, "-o", out, "--random", 3, "--size", 64)
+    assert code == 1 and "not a folder of patches made by vipsnorm" in err
+    assert (out / small_slide.stem / "Data0000.dat").read_bytes() == b"slide data"
+    assert no_part_files(out)
+    code, _, _ = run(capsys, small_slide, "-o", tmp_path / "mine", "--random", 3, "--size", 64)
+    assert code == 0
+    code, _, _ = run(capsys, small_slide, "-o", tmp_path / "mine", "--random", 4, "--size", 64, "--seed", 7)
+    assert code == 0 and len(list((tmp_path / "mine" / small_slide.stem).glob("*.png"))) == 4
 
 
 def test_parser_options_and_errors(small_slide, tmp_path, capsys):

@@ -392,6 +392,8 @@ class RandomStainJitter(Augmentation):
         self.scale = _range("scale", scale, 0.0)
         if self.scale[0] <= 0:
             raise ValueError(f"scale factors must be positive, not {scale!r}")
+        if np.ndim(shift) != 0:
+            raise ValueError(f"shift is one number, the largest change of a stain vector component, not {shift!r}")
         self.shift = _range("shift", shift, 0.0, 1.0)[1]
         if stains not in ("fit", "hed"):
             raise ValueError(f"stains must be 'fit' or 'hed', not {stains!r}")

@@ -53,7 +53,9 @@ class AugmentationLayer(keras.layers.Layer):
         self.augmentation = augmentation
         self.value_range = (lo, hi)
 
-    def call(self, inputs, training=None):
+    def call(self, inputs, training=True):
+        # as Keras' own augmentation layers: on unless told otherwise (fit passes True, predict and
+        # evaluate pass False)
         if not training:
             return inputs
         x = keras.ops.convert_to_numpy(inputs)

@@ -537,7 +537,9 @@ class PatchReader:
                 f"{self.slide.path}: window {width}x{height} at ({x}, {y}) is not inside level {level} "
                 f"({lvl.width}x{lvl.height})"
             )
-        if self._numpy_path:
+        if self._numpy_path and level == 0:
+            # above level 0 OpenSlide's read_region resamples when the downsample is not whole: the
+            # level's own pixels come from the pipeline (its virtual TIFF), as normalize reads them
             raw = self.slide.read_region(level, x, y, width, height)  # OpenSlide, straight
             if self.method is None:
                 return raw
@@ -644,10 +646,14 @@ def _temp_name(directory: Path, name: str, suffix: str = "") -> Path:
 class _FolderWriter:
     """Patch files in a temporary folder, renamed to ``OUT/NAME`` when the slide is complete."""
 
+    #: Marks a folder this writer made: the only kind a later run may replace.
+    MARKER = ".vipsnorm-patches"
+
     def __init__(self, out_dir: Path, name: str, fmt: str, quality: int):
         self.out_dir, self.name, self.fmt, self.quality = out_dir, name, fmt, quality
         self.temp = _temp_name(out_dir, name)
         self.temp.mkdir()
+        (self.temp / self.MARKER).write_text("patches written by vipsnorm; this folder is replaced when they are made again\n")
 
     def write(self, key: str, array: np.ndarray, meta: dict) -> str:
         file = f"{key}.{self.fmt}"
@@ -658,9 +664,10 @@ class _FolderWriter:
         final = self.out_dir / self.name
         old = None
         if final.exists() or final.is_symlink():
-            if not final.is_dir() or final.is_symlink():
+            if not final.is_dir() or final.is_symlink() or not (final / self.MARKER).is_file():
+                # never replace a folder vipsnorm did not make (a MIRAX slide's data folder, say)
                 raise OutputError(
-                    final, "exists and is not a folder of patches; move it away or choose another -o folder"
+                    final, "exists and is not a folder of patches made by vipsnorm; move it away or choose another -o folder"
                 )
             old = _temp_name(self.out_dir, self.name, ".old")
             os.replace(final, old)
