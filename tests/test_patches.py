@@ -315,7 +315,8 @@ def test_bad_slides_one_line_each_and_the_others_go_on(small_slide, glass_slide,
     assert str(glass_slide) in errors[2] and "tissue" in errors[2]
     assert f"ok     {small_slide}" in stdout and "5 patches from 1 of 4 slides, 3 failed" in stderr
     assert {r["slide"] for r in table(out)} == {str(small_slide)}
-    assert sorted(p.name for p in out.iterdir()) == ["patches.csv", "small"]  # nothing of the bad ones
+    assert sorted(p.name for p in out.iterdir()) == [".vipsnorm-rows", "patches.csv", "small"]  # nothing of the bad ones
+    assert sorted(p.name for p in (out / ".vipsnorm-rows").iterdir()) == ["small.csv"]
     assert no_part_files(out)
 
 
@@ -480,3 +481,21 @@ def test_jpg_files_and_the_grid_stride_on_the_command_line(small_slide, tmp_path
         assert row["file"].endswith(".jpg") and row["key"] == exact["key"]
         lossy = load_patch(tmp_path / "jpg", row).astype(np.int16)
         assert np.abs(lossy - np.load(tmp_path / "npy" / exact["file"])).mean() < 4  # JPEG Q90
+
+
+def test_the_table_is_rebuilt_from_each_slides_committed_rows(small_slide, tmp_path, capsys):
+    """Each slide's rows are committed with its outputs; patches.csv is rebuilt from them, so a table
+    left stale or cut short by an interrupted run is whole again after the next one."""
+    other = tmp_path / "other.tif"
+    other.write_bytes(Path(small_slide).read_bytes())
+    out = tmp_path / "out"
+    assert run(capsys, small_slide, other, "-o", out, "--random", 5, "--size", 64, "--workers", 0)[0] == 0
+    whole = table(out)
+    assert len(whole) == 10
+    (out / TABLE).write_text((out / TABLE).read_text()[:200])  # a table cut short
+    assert run(capsys, other, "-o", out, "--random", 4, "--size", 64, "--seed", 3)[0] == 0
+    rows = table(out)
+    assert [r for r in rows if r["slide"] == str(small_slide)] == [r for r in whole if r["slide"] == str(small_slide)]
+    assert len([r for r in rows if r["slide"] == str(other)]) == 4
+    for row in rows:  # every row names a file that exists
+        assert (out / row["file"]).is_file()

@@ -98,6 +98,7 @@ __all__ = [
     "extract_slides",
     "read_table",
     "write_table",
+    "rebuild_table",
     "patch_key",
     "output_name",
     "level_mpp",
@@ -108,6 +109,8 @@ __all__ = [
 FORMATS = ("png", "jpg", "npy", "tar", "coords")
 #: The coordinates table written into the output folder.
 TABLE = "patches.csv"
+#: Where each slide's rows of the table are kept (hidden: loaders globbing OUT see only patches).
+ROWS_DIR = ".vipsnorm-rows"
 TABLE_COLUMNS = ("key", "slide", "level", "x", "y", "x0", "y0", "size", "mpp", "tissue", "file")
 #: Random positions drawn per patch asked for, at most, before giving up on finding more with tissue.
 _DRAWS_PER_PATCH = 400
@@ -807,6 +810,9 @@ def extract_slide(
             writer.commit()
             writer = None
             result.patches, result.files = patches, files
+            # the slide's rows, next to its outputs: the table is rebuilt from these, so it describes
+            # every committed slide even after a run that was interrupted, or two runs at once
+            _write_rows(out_dir / ROWS_DIR / f"{result.name}.csv", result.rows())
     except VipsnormError as exc:
         result.status, result.error = "error", str(exc.about(path))
     except pyvips.Error as exc:
@@ -832,27 +838,38 @@ def read_table(path: str | os.PathLike[str]) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def write_table(path: str | os.PathLike[str], rows: Iterable[dict], *, replace: Iterable[str] = ()) -> Path:
-    """Write the coordinates table atomically.
+def write_table(path: str | os.PathLike[str], rows: Iterable[dict]) -> Path:
+    """Write a coordinates table (:data:`TABLE_COLUMNS`) atomically."""
+    return _write_rows(Path(path), rows)
 
-    Rows already in the table at ``path`` are kept, except those of the outputs named in ``replace``
-    (their slide was done again): so the table always describes every output in the folder.
-    """
-    path = Path(path)
-    replace = set(replace)
-    kept: list[dict] = []
-    if path.exists():
-        try:
-            kept = [r for r in read_table(path) if _row_name(r) not in replace]
-        except (OSError, csv.Error, KeyError):
-            kept = []
+
+def _write_rows(path: Path, rows: Iterable[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as temp:
         with open(temp, "w", newline="") as f:
             out = csv.DictWriter(f, fieldnames=TABLE_COLUMNS, extrasaction="ignore")
             out.writeheader()
-            out.writerows(kept)
             out.writerows(rows)
     return path
+
+
+def rebuild_table(out_dir: str | os.PathLike[str]) -> Path:
+    """``OUT/patches.csv`` from the rows every slide committed (``OUT/.vipsnorm-rows/NAME.csv``, written
+    with its outputs), in name order: every slide patched into ``OUT``, by this run or an earlier one.
+
+    Raises
+    ------
+    OutputError
+        A slide's rows cannot be read (the table is left as it was).
+    """
+    out = Path(out_dir)
+    rows: list[dict] = []
+    for part in sorted((out / ROWS_DIR).glob("*.csv")):
+        try:
+            rows.extend(read_table(part))
+        except (OSError, csv.Error, UnicodeDecodeError) as exc:
+            raise OutputError(part, f"cannot read these patch rows ({exc}); the table was not rewritten") from None
+    return write_table(out / TABLE, rows)
 
 
 def _row_name(row: dict) -> str:
@@ -937,6 +954,5 @@ def extract_slides(
         finally:
             engine.close()
     ordered = [results[i] for i in sorted(results)]
-    ok = [r for r in ordered if r.status == "ok"]
-    write_table(out / TABLE, (row for r in ok for row in r.rows()), replace={r.name for r in ok})
+    rebuild_table(out)
     return ordered
