@@ -10,6 +10,7 @@ from pathlib import Path
 
 from . import __version__
 from .batch import SCHEDULER_ENV, fit_batch, normalize_batch
+from ._options import add_engine_options, add_method_options, method_options
 from .engine import FORMATS, Options, build_method, load_reference, shares_target
 from .errors import InvalidReferenceError, VipsnormError
 from .io.slide import BACKENDS, DEFAULT_MAX_PIXELS
@@ -63,17 +64,7 @@ def _add_fit_options(p: argparse.ArgumentParser) -> None:
         help="normalization method (default: equalize; match when --reference is an image or a palette "
         "JSON; the fitted method when --reference is a parameters JSON; match for 'fit')",
     )
-    g.add_argument("--mode", help="channels: joint|rgb (stretch), luminance|rgb (equalize, match)")
-    g.add_argument("--low", type=float, help="stretch: lower percentile (default 2; 0 = minimum)")
-    g.add_argument("--high", type=float, help="stretch: upper percentile (default 98; 100 = maximum)")
-    g.add_argument("--clip-limit", type=float, help="clahe: OpenCV's clipLimit (default 2; 0 = no clipping)")
-    g.add_argument(
-        "--grid", type=_grid, metavar="COLSxROWS", help="clahe: regions across and down, as OpenCV's tileGridSize (default 8x8 for images)"
-    )
-    g.add_argument("--region", type=int, metavar="PX", help="clahe: region side in level-0 pixels (slides; default 1024)")
-    g.add_argument(
-        "--region-um", type=float, metavar="UM", help="clahe: region side in microns, where the pixel size is known"
-    )
+    add_method_options(g)
     g.add_argument(
         "--sample",
         choices=STRATEGIES,
@@ -122,17 +113,7 @@ def _add_batch_options(p: argparse.ArgumentParser, normalize: bool) -> None:
         help="files to take from INPUT folders (repeatable; default: common slide and image suffixes)",
     )
     g.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="files to leave out of INPUT folders (repeatable)")
-    g.add_argument(
-        "--workers",
-        type=int,
-        metavar="N",
-        help="worker processes of the local cluster (default: one per core, as memory allows; 0: run in this process)",
-    )
-    g.add_argument(
-        "--scheduler",
-        metavar="ADDR",
-        help=f"use the Dask cluster at ADDR (tcp://host:port, or a scheduler file) (default: ${SCHEDULER_ENV})",
-    )
+    add_engine_options(g)
     g.add_argument(
         "--progress",
         action=argparse.BooleanOptionalAction,
@@ -243,29 +224,6 @@ def _options(args) -> Options:
     )
 
 
-def _grid(text: str) -> tuple[int, int]:
-    try:
-        cols, rows = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected COLSxROWS such as 8x8, not {text!r}") from None
-    if cols < 1 or rows < 1:
-        raise argparse.ArgumentTypeError(f"grid sizes must be positive, not {text!r}")
-    return cols, rows
-
-
-def _method_options(args) -> dict:
-    """The method options given on the command line (``None``: not given, the method's default)."""
-    return {
-        "mode": args.mode,
-        "low": args.low,
-        "high": args.high,
-        "clip_limit": args.clip_limit,
-        "grid": args.grid,
-        "region": args.region,
-        "region_um": args.region_um,
-    }
-
-
 def _report(row: dict, as_json: bool) -> None:
     """One line for one input: stdout for ok and skipped, stderr for errors (``--json``: all on stdout)."""
     from tqdm import tqdm  # writes around a progress bar, if one is shown
@@ -300,7 +258,7 @@ def _normalize(args) -> int:
     reference = None
     if args.reference:
         # an image reference is the target of the chosen method (default: match, its palette)
-        reference = load_reference(args.reference, args.method or "match", options, **_method_options(args))
+        reference = load_reference(args.reference, args.method or "match", options, **method_options(args))
     params = reference.params if reference is not None and reference.kind == "params" else None
     if params is not None:
         if args.method not in (None, params.method):
@@ -312,7 +270,7 @@ def _normalize(args) -> int:
             # never ignore a reference silently
             raise InvalidReferenceError(args.reference, f"is a {reference.method} target; --method {name} cannot use it")
         try:
-            method = build_method(name, reference, **_method_options(args))
+            method = build_method(name, reference, **method_options(args))
         except InvalidReferenceError as exc:
             raise InvalidReferenceError(args.reference, exc.cause) from None
     summary = normalize_batch(
@@ -342,7 +300,7 @@ def _fit(args) -> int:
     reference, results = fit_batch(
         args.inputs,
         args.method,
-        method_options=_method_options(args),
+        method_options=method_options(args),
         options=options,
         lists=args.list,
         include=args.include,

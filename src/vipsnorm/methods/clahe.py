@@ -548,12 +548,18 @@ def _region_histograms_image(padded: pyvips.Image, grid: tuple[int, int], tile: 
             keys = (np.arange(nr * nc, dtype=np.uint16) * _BINS).reshape(nr, nc)
             key_image = pyvips.Image.new_from_array(keys).cast("ushort").zoom(tw, th)
             block = padded.crop(c0 * tw, r0 * th, nc * tw, nr * th)
-            counts = (block | key_image).hist_find().numpy()  # uchar | ushort is ushort
-            counts = np.asarray(counts).reshape(-1, padded.bands)[: nr * nc * _BINS]  # ushort hist: max + 1 bins
-            if counts.shape[0] < nr * nc * _BINS:
-                counts = np.pad(counts, ((0, nr * nc * _BINS - counts.shape[0]), (0, 0)))
-            out[:, r0 : r0 + nr, c0 : c0 + nc] = counts.T.reshape(padded.bands, nr, nc, _BINS)
+            out[:, r0 : r0 + nr, c0 : c0 + nc] = _keyed_counts(block, key_image, nr, nc)
     return out
+
+
+def _keyed_counts(block: pyvips.Image, keys: pyvips.Image, nr: int, nc: int) -> np.ndarray:
+    """(bands, nr, nc, 256) counts of a uchar ``block`` whose pixels ``keys`` (ushort, ``region * 256``)
+    assign to ``nr x nc`` regions: one ``hist_find`` of ``block | keys``."""
+    counts = (block | keys).hist_find().numpy()  # uchar | ushort is ushort
+    counts = np.asarray(counts).reshape(-1, block.bands)[: nr * nc * _BINS]  # ushort hist: max + 1 bins
+    if counts.shape[0] < nr * nc * _BINS:
+        counts = np.pad(counts, ((0, nr * nc * _BINS - counts.shape[0]), (0, 0)))
+    return counts.T.reshape(block.bands, nr, nc, _BINS)
 
 
 def _region_histograms_reduced(
@@ -589,11 +595,7 @@ def _region_histograms_reduced(
                 pyvips.Image.new_from_array(col_keys).cast("ushort").zoom(1, y1 - y0)
                 + pyvips.Image.new_from_array(row_keys).cast("ushort").zoom(x1 - x0, 1)
             ).cast("ushort")
-            counts = (plane.crop(x0, y0, x1 - x0, y1 - y0) | keys).hist_find().numpy()
-            counts = np.asarray(counts).reshape(-1, plane.bands)[: nr * nc * _BINS]
-            if counts.shape[0] < nr * nc * _BINS:
-                counts = np.pad(counts, ((0, nr * nc * _BINS - counts.shape[0]), (0, 0)))
-            out[:, r0 : r0 + nr, c0 : c0 + nc] = counts.T.reshape(plane.bands, nr, nc, _BINS)
+            out[:, r0 : r0 + nr, c0 : c0 + nc] = _keyed_counts(plane.crop(x0, y0, x1 - x0, y1 - y0), keys, nr, nc)
     total = out.sum(axis=-1, keepdims=True)
     return np.rint(out * (tw * th / np.maximum(total, 1))).astype(np.int64)
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import inspect
 import math
 import warnings
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -219,7 +220,7 @@ def _uniform(rng: np.random.Generator, bounds: tuple[float, float]) -> float:
     return lo if lo == hi else float(rng.uniform(lo, hi))
 
 
-class Augmentation:
+class Augmentation(ABC):
     """A random transform: with probability ``p`` draw parameters (:meth:`draw`) and apply them
     (:meth:`apply`, a pure function of the image and the parameters); otherwise return the image.
 
@@ -249,9 +250,9 @@ class Augmentation:
     def _draw(self, rng: np.random.Generator) -> dict[str, Any]:
         return {}
 
+    @abstractmethod
     def apply(self, image: np.ndarray, **params) -> np.ndarray:
         """The transform at fixed ``params`` (what :meth:`draw` returns)."""
-        raise NotImplementedError
 
     def __call__(self, image: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
         image = _image(image)

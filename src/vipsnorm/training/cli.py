@@ -12,12 +12,12 @@ import sys
 import warnings
 from pathlib import Path
 
+from .._options import add_engine_options, add_method_options, method_options
 from ..engine import Options
 from ..errors import VipsnormError
 from ..io.slide import BACKENDS, DEFAULT_MAX_PIXELS
 from ..methods import METHODS
 from ..sampling import STRATEGIES
-from ..batch import SCHEDULER_ENV
 from .patches import FORMATS, TABLE, PatchJob, SlideResult, extract_slides, resolve_normalization
 
 __all__ = ["add_parser", "run", "main"]
@@ -38,16 +38,6 @@ examples:
   vipsnorm patches a.svs b.ndpi -o shards/ --method macenko --format tar --random 500 --seed 1
   vipsnorm patches lab*/*.svs -o p/ --method match --reference palette.json --format npy
 """
-
-
-def _grid(text: str) -> tuple[int, int]:
-    try:
-        cols, rows = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected COLSxROWS such as 8x8, not {text!r}") from None
-    if cols < 1 or rows < 1:
-        raise argparse.ArgumentTypeError(f"grid sizes must be positive, not {text!r}")
-    return cols, rows
 
 
 def _positive(kind):
@@ -112,15 +102,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="match and the stain methods: target image or JSON from 'vipsnorm fit'; other methods: a JSON of "
         "fitted parameters applied unchanged to every slide (implies --method when it names one)",
     )
-    g.add_argument("--mode", help="channels: joint|rgb (stretch), luminance|rgb (equalize, match, clahe)")
-    g.add_argument("--low", type=float, help="stretch: lower percentile (default 2)")
-    g.add_argument("--high", type=float, help="stretch: upper percentile (default 98)")
-    g.add_argument("--clip-limit", type=float, help="clahe: OpenCV's clipLimit (default 2)")
-    g.add_argument("--grid", type=_grid, metavar="COLSxROWS", help="clahe: regions across and down")
-    g.add_argument(
-        "--region", type=int, metavar="PX", help="clahe: region side in level-0 pixels (slides; default 1024)"
-    )
-    g.add_argument("--region-um", type=float, metavar="UM", help="clahe: region side in microns")
+    add_method_options(g)
     g.add_argument(
         "--sample",
         choices=STRATEGIES,
@@ -153,31 +135,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g = p.add_argument_group(
         "batch", "Slides run in parallel on Dask, one task each (as 'vipsnorm normalize' runs its inputs)."
     )
-    g.add_argument(
-        "--workers",
-        type=int,
-        metavar="N",
-        help="worker processes of the local cluster (default: one per core, as memory allows; 0: run in this process)",
-    )
-    g.add_argument(
-        "--scheduler",
-        metavar="ADDR",
-        help=f"use the Dask cluster at ADDR (tcp://host:port, or a scheduler file) (default: ${SCHEDULER_ENV})",
-    )
+    add_engine_options(g)
     p.set_defaults(run=run)
     return p
-
-
-def _method_options(args) -> dict:
-    return {
-        "mode": args.mode,
-        "low": args.low,
-        "high": args.high,
-        "clip_limit": args.clip_limit,
-        "grid": args.grid,
-        "region": args.region,
-        "region_um": args.region_um,
-    }
 
 
 def run(args) -> int:
@@ -205,7 +165,7 @@ def run(args) -> int:
             quality=args.quality,
             shard_size=args.shard_size,
         )
-        method, params = resolve_normalization(args.method, args.reference, options, **_method_options(args))
+        method, params = resolve_normalization(args.method, args.reference, options, **method_options(args))
     except (VipsnormError, ValueError) as exc:
         print(f"error  {exc}", file=sys.stderr)
         return 2
