@@ -55,7 +55,8 @@ def add_engine_options(g) -> None:
         "--workers",
         type=int,
         metavar="N",
-        help="worker processes of the local cluster (default: one per core, as memory allows; 0: run in this process)",
+        help="worker processes of the local cluster (default: one per core, as memory allows, or one plain "
+        "child process for a batch of a single task; 0: run in this process, where a decoder crash ends the run)",
     )
     g.add_argument(
         "--scheduler",

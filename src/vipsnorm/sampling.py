@@ -19,6 +19,9 @@ without setting up another libvips pipeline, which costs more than counting a ti
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,6 +36,8 @@ __all__ = ["TissueMask", "tissue_mask", "saturation", "sample_slide", "STRATEGIE
 
 STRATEGIES = ("tiles", "level", "exact")
 
+#: Threads reading the sampled tiles of a slide (no more than the machine's cores).
+SAMPLE_THREADS = 4
 #: Fewer tissue pixels than this (or than 1% of a tiny image) is "no tissue".
 MIN_TISSUE_PIXELS = 1000
 #: Saturation threshold bounds: glass is below 0.04 on a white-balanced scanner.
@@ -360,7 +365,8 @@ def _sample_tiles(
         cell_area = ((x1 - x0)[np.newaxis, :] * (y1 - y0)[:, np.newaxis]).astype(np.float64)
         expected = sum(inside[row, col] / cell_area[row, col] * tile * tile for col, row in (tissue_cells[i] for i in chosen))
         keep_rate = min(1.0, 1.5 * pixels / max(expected, 1.0))
-    for index in sorted(chosen):
+
+    def read(index: int) -> tuple[np.ndarray, np.ndarray | None]:
         col, row = tissue_cells[index]
         x, y = col * tile, row * tile
         # one crop per tile: a long-lived Region was faster per fetch but its buffers grew the peak
@@ -368,10 +374,19 @@ def _sample_tiles(
         crop = level0.crop(x, y, min(tile, w0 - x), min(tile, h0 - y))
         array = slide.decode(crop.numpy)
         tissue = _tissue_pixels_array(array, mask)
-        hist += histograms(array, tissue)
-        if pixels:
-            chosen_pixels = array.reshape(-1, array.shape[-1] if array.ndim == 3 else 1)[tissue.reshape(-1)]
-            kept.append(chosen_pixels[rng.random(chosen_pixels.shape[0]) < keep_rate])
+        tissue_pixels = array.reshape(-1, array.shape[-1] if array.ndim == 3 else 1)[tissue.reshape(-1)] if pixels else None
+        return histograms(array, tissue), tissue_pixels
+
+    # Tiles are read by a few threads (libvips decodes, and numpy counts, without holding the GIL for
+    # most of the time) and used in order, so the result does not depend on the threads. Not for the
+    # OpenSlide backend, whose tiles come through Python callbacks.
+    threads = min(SAMPLE_THREADS, os.cpu_count() or 1) if slide.backend == "libvips" else 1
+    with ThreadPoolExecutor(threads) if threads > 1 else nullcontext() as pool:
+        results = pool.map(read, sorted(chosen)) if pool is not None else map(read, sorted(chosen))
+        for tile_hist, tissue_pixels in results:
+            hist += tile_hist
+            if tissue_pixels is not None:
+                kept.append(tissue_pixels[rng.random(tissue_pixels.shape[0]) < keep_rate])
     if not pixels:
         return hist, None
     return hist, _limit(np.concatenate(kept) if kept else np.zeros((0, mask.bands), np.uint8), pixels, seed)

@@ -16,7 +16,8 @@ parameters as JSON; empty when fixed parameters from ``reference`` were applied,
 rows: see the input's ``ok`` row), ``reference`` (the reference used, if any), ``config`` (a hash of
 the method, its target or parameters and the options: a run with other settings redoes the file),
 ``backend``, ``levels`` (``WxH`` per level), ``mpp_x``, ``mpp_y`` (microns per pixel), ``seconds``
-(time spent on the file in the worker), ``worker`` (the Dask worker's address, or ``in-process``).
+(time spent on the file in the worker), ``worker`` (the Dask worker's address, ``worker process PID``
+for a batch run in one child process, or ``in-process``).
 """
 
 from __future__ import annotations

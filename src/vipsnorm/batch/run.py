@@ -1,5 +1,6 @@
-"""Batches: find the inputs, skip what an earlier run finished, run the rest as tasks (in this process or
-on a Dask cluster), and record every result in the manifest as it arrives.
+"""Batches: find the inputs, skip what an earlier run finished, run the rest as tasks (on a Dask cluster,
+in one child process when the batch is a single task, or in this process), and record every result in
+the manifest as it arrives.
 
 Each task is a list of files; a worker opens, fits, applies and writes each of them with
 :func:`vipsnorm.engine.normalize_file` (the same unit as for one file) and returns one row per file.
@@ -29,6 +30,7 @@ from ..engine import Options, Result, check_fit, fit_reference, normalize_file, 
 from ..errors import InvalidReferenceError, OutputError, VipsnormError
 from ..methods import Method, Params, Sample
 from ..reference import Reference
+from .child import WORKER_ENV, ChildRunner
 from .inputs import Entry, Item, discover, group, output_folder, plan, remove_part_files
 from .manifest import Manifest
 
@@ -78,6 +80,8 @@ def _worker_id() -> str:
             return distributed.get_worker().address
         except ValueError:  # not inside a worker
             pass
+    if os.environ.get(WORKER_ENV):
+        return f"worker process {os.getpid()}"
     return "in-process"
 
 
@@ -220,8 +224,8 @@ def config_hash(method: Method, params: Params | None, options: Options) -> str:
 
 
 class _InProcess:
-    """Runs every file in this process (``workers=0``, or a batch of one task): one at a time, in input
-    order, each recorded as soon as it is done (there is no scheduling to amortize)."""
+    """Runs every file in this process (``workers=0``): one at a time, in input order, each recorded as
+    soon as it is done. A crash of a decoder ends the whole run."""
 
     description = "in-process"
 
@@ -259,7 +263,8 @@ def _check_engine(client, scheduler: str | None, workers: int | None) -> None:
 
 
 def _engine(n_files: int, fits_one_task: bool, client, scheduler: str | None, workers: int | None):
-    """In-process, the given client, the cluster at ``scheduler``, or a new local cluster."""
+    """In-process, one child process (a batch of one task), the given client, the cluster at
+    ``scheduler``, or a new local cluster."""
     if client is not None:
         from .cluster import DaskRunner
 
@@ -270,8 +275,10 @@ def _engine(n_files: int, fits_one_task: bool, client, scheduler: str | None, wo
         from .cluster import DaskRunner, connect
 
         return DaskRunner(connect(scheduler), owned=True)
-    if workers == 0 or n_files == 0 or (workers is None and fits_one_task):
+    if workers == 0 or n_files == 0:
         return _InProcess()
+    if workers is None and fits_one_task:
+        return ChildRunner()
     from .cluster import DaskRunner, VipsSettings, local_size, start_local
 
     n_workers, vips_threads = local_size(n_files, workers)
@@ -282,8 +289,8 @@ def _engine(n_files: int, fits_one_task: bool, client, scheduler: str | None, wo
 
 
 def runner(n_tasks: int, client=None, scheduler: str | None = None, workers: int | None = None):
-    """What runs ``n_tasks`` tasks of one input each (a slide each, say): in-process for one task or
-    ``workers=0``, the given client, the cluster at ``scheduler`` (or ``$VIPSNORM_SCHEDULER``), or a new
+    """What runs ``n_tasks`` tasks of one input each (a slide each, say): one child process for one task,
+    this process for ``workers=0``, the given client, the cluster at ``scheduler`` (or ``$VIPSNORM_SCHEDULER``), or a new
     local cluster (the default).
 
     The runner has ``run(fn, job, groups, on_results, fail)`` (``fn(job, group)``: a picklable
@@ -381,7 +388,7 @@ def normalize_batch(
         ``VIPSNORM_SCHEDULER`` environment variable, unless ``workers`` is given.
     workers : int, optional
         Worker processes of a new local cluster; 0 runs everything in this process. Default: a local
-        cluster sized to the machine, or this process when the batch is no more than one task.
+        cluster sized to the machine, or one child process when the batch is no more than one task.
     reference : str
         What the manifest names as the reference (a file, for the record).
     progress : bool or None

@@ -1,0 +1,138 @@
+"""A batch of one task runs in one child process: a crash there costs only the file it was on."""
+
+from __future__ import annotations
+
+import csv
+import os
+import sys
+import textwrap
+import types
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import pyvips
+
+from vipsnorm.batch import normalize_batch
+from vipsnorm.batch.child import ChildRunner
+from vipsnorm.batch.run import SCHEDULER_ENV, default_manifest
+
+#: Task functions and a method that kill their own process on a file named "crash" (with SIGSEGV, as a
+#: decoder crash does), importable by the child only through the ``sys.path`` the parent sends it.
+_MODULE = '''
+import os
+import signal
+from pathlib import Path
+
+from vipsnorm.methods import Stretch
+
+
+def crash_on(job, items):
+    item = items[0]
+    if item.name == "crash":
+        os.kill(os.getpid(), signal.SIGSEGV)
+    if item.name == "once" and not Path(job, "crashed-once").exists():
+        Path(job, "crashed-once").touch()
+        os.kill(os.getpid(), signal.SIGKILL)
+    if item.name == "bug":
+        raise ValueError("a bug")
+    return [(item.name, os.getpid())]
+
+
+class CrashingStretch(Stretch):
+    """Stretch, except that fitting kills the process on an image with a red channel at 255."""
+
+    def fit(self, sample):
+        if sample.hist[0][255] > 0:
+            os.kill(os.getpid(), signal.SIGSEGV)
+        return super().fit(sample)
+'''
+
+
+@pytest.fixture()
+def crashy(tmp_path, monkeypatch):
+    folder = tmp_path / "importable"
+    folder.mkdir()
+    (folder / "vipsnorm_test_crashy.py").write_text(textwrap.dedent(_MODULE))
+    monkeypatch.syspath_prepend(str(folder))
+    monkeypatch.delenv(SCHEDULER_ENV, raising=False)
+    import vipsnorm_test_crashy
+
+    yield vipsnorm_test_crashy
+    sys.modules.pop("vipsnorm_test_crashy", None)
+
+
+def _items(*names: str) -> list[SimpleNamespace]:
+    return [SimpleNamespace(index=i, name=name) for i, name in enumerate(names)]
+
+
+def _run(fn, job, groups) -> tuple[ChildRunner, list]:
+    results: list = []
+    runner = ChildRunner()
+    try:
+        runner.run(fn, job, groups, results.extend, lambda item, cause: (item.name, cause))
+    finally:
+        runner.close()
+    return runner, results
+
+
+def test_a_crash_costs_only_its_file(crashy, tmp_path):
+    # groups are flattened and run in input order, whatever their grouping
+    runner, results = _run(crashy.crash_on, str(tmp_path), [_items("a", "crash", "b")[::-1], []])
+    assert [name for name, _ in results] == ["a", "crash", "b"]
+    by_name = dict(results)
+    assert by_name["crash"] == (
+        "the worker process died on every attempt at this file (killed by SIGSEGV: a decoder crash, or out of memory)"
+    )
+    assert by_name["a"] != os.getpid() and by_name["b"] != os.getpid()  # run in another process
+    assert by_name["a"] != by_name["b"]  # b ran in a fresh child after the crash
+    assert runner.description == "1 worker process"
+
+
+def test_a_file_whose_child_died_once_is_retried(crashy, tmp_path):
+    _, results = _run(crashy.crash_on, str(tmp_path), [_items("once", "b")])
+    assert [name for name, _ in results] == ["once", "b"]
+    assert all(isinstance(pid, int) for _, pid in results)
+    assert (tmp_path / "crashed-once").exists()
+
+
+def test_a_task_function_that_raises_fails_its_file_only(crashy, tmp_path):
+    _, results = _run(crashy.crash_on, str(tmp_path), [_items("bug", "b")])
+    assert results[0] == ("bug", "the task failed in the worker process (ValueError: a bug)")
+    assert results[1][0] == "b" and isinstance(results[1][1], int)
+
+
+@pytest.mark.parametrize("where", ["nowhere", "only in this process"])
+def test_a_job_the_child_cannot_import_runs_here(where, monkeypatch):
+    # "nowhere": the function does not pickle at all; "only in this process": it pickles by reference
+    # to a module the child cannot import, so the child reports that and the batch runs here instead
+    module = types.ModuleType("vipsnorm_not_importable")
+    exec("import os\ndef here(job, items):\n    return [(items[0].name, os.getpid())]", module.__dict__)
+    if where != "nowhere":
+        monkeypatch.setitem(sys.modules, module.__name__, module)
+    runner, results = _run(module.here, None, [_items("a", "b")])
+    assert results == [("a", os.getpid()), ("b", os.getpid())]
+    assert runner.description == "in-process"
+
+
+def test_a_batch_of_one_task_survives_a_crash_and_records_it(crashy, tmp_path):
+    images = tmp_path / "in"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("a", "crash", "b"):
+        pixels = rng.integers(30, 220, (40, 40, 3), dtype=np.uint8)
+        if name == "crash":
+            pixels[0, 0] = (255, 0, 0)
+        pyvips.Image.new_from_array(pixels).copy(interpretation="srgb").pngsave(str(images / f"{name}.png"))
+    out = tmp_path / "out"
+    summary = normalize_batch([images], out, crashy.CrashingStretch())
+    assert (summary.ok, summary.error, summary.skipped) == (2, 1, 0) and summary.engine == "1 worker process"
+    with open(default_manifest(out), newline="") as f:
+        rows = {Path(r["input"]).name: r for r in csv.DictReader(f)}
+    assert rows["crash.png"]["status"] == "error"
+    assert rows["crash.png"]["error"].startswith(f"{images / 'crash.png'}: the worker process died")
+    assert "SIGSEGV" in rows["crash.png"]["error"]
+    assert rows["a.png"]["worker"].startswith("worker process ") and rows["a.png"]["worker"] != f"worker process {os.getpid()}"
+    assert sorted(p.name for p in out.iterdir()) == ["a.png", "b.png"]  # no partial output of the crash
+
