@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import vipsnorm
+from vipsnorm import sampling
 from vipsnorm.methods import Equalize, Match, Sample, Stretch
 from vipsnorm.sampling import _tissue_pixels_array, sample_slide, saturation, tissue_mask
 from vipsnorm.synth import synthetic_slide, write_synthetic_slide
@@ -83,6 +84,15 @@ def test_sample_is_reproducible_and_seed_dependent(large_slide):
     a = sample_slide(slide, n_tiles=8, seed=1).hist
     np.testing.assert_array_equal(a, sample_slide(slide, n_tiles=8, seed=1).hist)
     assert not np.array_equal(a, sample_slide(slide, n_tiles=8, seed=2).hist)
+
+
+def test_tiles_read_on_threads_give_the_sequential_sample(large_slide, monkeypatch):
+    slide = vipsnorm.open(large_slide)
+    threaded = sample_slide(slide, n_tiles=64, seed=4, pixels=5000)
+    monkeypatch.setattr(sampling, "SAMPLE_THREADS", 1)
+    sequential = sample_slide(slide, n_tiles=64, seed=4, pixels=5000)
+    np.testing.assert_array_equal(threaded.hist, sequential.hist)
+    np.testing.assert_array_equal(threaded.pixels, sequential.pixels)  # the same pixels, in the same order
 
 
 def test_sample_excludes_glass(large_slide):
