@@ -22,6 +22,7 @@ from vipsnorm.training import cli as patches_cli
 from vipsnorm.training.patches import (
     TABLE,
     TABLE_COLUMNS,
+    Patch,
     PatchReader,
     choose_level,
     grid_patches,
@@ -248,6 +249,41 @@ def test_random_patches_are_seeded_distinct_inside_and_on_tissue(small_slide):
     assert all(p.level == 2 and 0 <= p.x <= 512 - 64 and (p.x0, p.y0) == (4 * p.x, 4 * p.y) for p in level2)
 
 
+def test_random_positions_are_never_drawn_twice_and_stay_as_before(small_slide):
+    with vipsnorm.open(small_slide) as slide:
+        first = random_patches(slide, 200, 8, seed=1, min_tissue=0.0)
+        # level 2 is 512 x 384: 133 x 5 = 665 positions of a 380 px window, and 400 000 draws for
+        # 1000 asked: drawn with replacement, each position comes up many times
+        every = random_patches(slide, 380, 1000, level=2, seed=0, min_tissue=0.0)
+    # the positions earlier versions gave (min_tissue 0: the draws alone decide them)
+    assert [(p.x, p.y) for p in first] == [
+        (355, 107), (181, 241), (286, 330), (1668, 838), (413, 939), (1730, 952), (126, 1089), (1735, 1256)
+    ]  # fmt: skip
+    assert len(every) == 665 and {(p.x, p.y) for p in every} == {(x, y) for x in range(133) for y in range(5)}
+
+
+def _overlapping(patches) -> list:
+    return [(p, q) for i, p in enumerate(patches) for q in patches[i + 1 :] if abs(p.x - q.x) < p.size and abs(p.y - q.y) < p.size]
+
+
+def test_random_patches_without_overlap(small_slide, tmp_path, capsys):
+    with vipsnorm.open(small_slide) as slide:
+        free = random_patches(slide, 200, 30, seed=1, min_tissue=0.0, overlap=False)
+        again = random_patches(slide, 200, 30, seed=1, min_tissue=0.0, overlap=False)
+        overlapping = random_patches(slide, 200, 30, seed=1, min_tissue=0.0)
+        # 100 px windows on the 512 x 384 level: at most 5 x 3 fit side by side
+        packed = random_patches(slide, 100, 1000, level=2, seed=0, min_tissue=0.0, overlap=False)
+    assert len(free) == 30 and not _overlapping(free) and free == again
+    assert _overlapping(overlapping)  # what the option is for
+    assert 5 <= len(packed) <= 15 and not _overlapping(packed)
+    code, _, _ = run(capsys, small_slide, "-o", tmp_path / "p", "--random", 20, "--size", 128, "--no-overlap", "--format", "coords")
+    rows = table(tmp_path / "p")
+    assert code == 0 and len(rows) == 20
+    assert not _overlapping([Patch.from_row(r) for r in rows])
+    code, _, stderr = run(capsys, small_slide, "-o", tmp_path / "q", "--no-overlap")
+    assert code == 2 and "--no-overlap" in stderr and "--random" in stderr
+
+
 def test_random_patches_stop_when_the_tissue_is_too_small(small_slide):
     with vipsnorm.open(small_slide) as slide:
         few = random_patches(slide, 1000, 50, min_tissue=0.99)
@@ -313,7 +349,7 @@ def test_bad_slides_one_line_each_and_the_others_go_on(small_slide, glass_slide,
     assert str(missing) in errors[0] and "no such file" in errors[0]
     assert str(garbage) in errors[1]
     assert str(glass_slide) in errors[2] and "tissue" in errors[2]
-    assert f"ok     {small_slide}" in stdout and "5 patches from 1 of 4 slides, 3 failed" in stderr
+    assert f"ok     {small_slide}" in stdout and "5 patches from 1 of 4 slides: 1 patched, 3 failed, 0 skipped" in stderr
     assert {r["slide"] for r in table(out)} == {str(small_slide)}
     assert sorted(p.name for p in out.iterdir()) == [".vipsnorm-rows", "patches.csv", "small"]  # nothing of the bad ones
     assert sorted(p.name for p in (out / ".vipsnorm-rows").iterdir()) == ["small.csv"]

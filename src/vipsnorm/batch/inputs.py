@@ -44,6 +44,7 @@ __all__ = [
     "group",
     "output_folder",
     "remove_part_files",
+    "file_stat",
     "PART_FILE",
 ]
 
@@ -298,7 +299,8 @@ def discover(
     return unique
 
 
-def _stat(path: str) -> tuple[int | None, int | None]:
+def file_stat(path: str) -> tuple[int | None, int | None]:
+    """``(size, mtime_ns)`` of ``path``, or ``(None, None)`` when it cannot be read."""
     try:
         st = os.stat(path)
     except OSError:
@@ -332,7 +334,7 @@ def plan(entries: Sequence[Entry], out_root: str | os.PathLike[str]) -> list[Ite
     taken: dict[tuple[str, str], str] = {}
     items = []
     for index, entry in enumerate(entries):
-        size, mtime = _stat(entry.path) if entry.error is None else (None, None)
+        size, mtime = file_stat(entry.path) if entry.error is None else (None, None)
         error = entry.error
         if error is None:
             key = (entry.rel_dir.lower(), entry.name.lower())

@@ -31,7 +31,7 @@ from ..errors import InvalidReferenceError, OutputError, VipsnormError
 from ..methods import Method, Params, Sample
 from ..reference import Reference
 from .child import WORKER_ENV, ChildRunner
-from .inputs import Entry, Item, discover, group, output_folder, plan, remove_part_files
+from .inputs import Entry, Item, discover, file_stat, group, output_folder, plan, remove_part_files
 from .manifest import Manifest
 
 __all__ = [
@@ -43,6 +43,7 @@ __all__ = [
     "config_hash",
     "normalize_items",
     "sample_items",
+    "worker_id",
     "SCHEDULER_ENV",
 ]
 
@@ -73,7 +74,9 @@ class NormalizeJob:
     options: Options
 
 
-def _worker_id() -> str:
+def worker_id() -> str:
+    """Who runs this: the Dask worker's address, ``worker process PID`` (a :class:`ChildRunner`'s
+    child), or ``in-process``."""
     distributed = sys.modules.get("distributed")
     if distributed is not None:
         try:
@@ -83,14 +86,6 @@ def _worker_id() -> str:
     if os.environ.get(WORKER_ENV):
         return f"worker process {os.getpid()}"
     return "in-process"
-
-
-def _stat(path: str) -> tuple[int | None, int | None]:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None, None
-    return st.st_size, st.st_mtime_ns
 
 
 def _row(item: Item, result: Result, worker: str, size: int | None, mtime: int | None) -> dict:
@@ -103,7 +98,7 @@ def _row(item: Item, result: Result, worker: str, size: int | None, mtime: int |
         "input_size": size,
         "input_mtime_ns": mtime,
         "output": output,
-        "output_size": None if output is None else _stat(output)[0],
+        "output_size": None if output is None else file_stat(output)[0],
         "status": result.status,
         "error": result.error,
         "params": "" if result.params is None else result.params.to_json(),
@@ -122,10 +117,10 @@ def _internal(item: Item, exc: Exception) -> str:
 
 def normalize_items(job: NormalizeJob, items: Sequence[Item]) -> list[dict]:
     """Normalize each item into its output folder; one row per item, never an exception for a file."""
-    worker = _worker_id()
+    worker = worker_id()
     rows = []
     for item in items:
-        size, mtime = _stat(item.input)
+        size, mtime = file_stat(item.input)
         start = time.perf_counter()
         try:
             folder = output_folder(job.out_root, item.rel_dir)
@@ -503,7 +498,7 @@ def fit_batch(
     check_fit(method_name, method_options)  # before any work
     _check_engine(client, scheduler, workers)
     entries = _discover_or_fail(inputs, lists, include, exclude)
-    items = [Item(i, e.path, "", "", *_stat(e.path), e.error) for i, e in enumerate(entries)]
+    items = [Item(i, e.path, "", "", *file_stat(e.path), e.error) for i, e in enumerate(entries)]
     results: list[Result | None] = [None] * len(items)
     samples: list[Sample | None] = [None] * len(items)
     todo = []

@@ -13,6 +13,7 @@ import warnings
 from pathlib import Path
 
 from .._options import add_engine_options, add_method_options, method_options
+from ..batch import default_manifest
 from ..engine import Options
 from ..errors import VipsnormError
 from ..io.slide import BACKENDS, DEFAULT_MAX_PIXELS
@@ -32,6 +33,10 @@ Output (-o OUT): OUT/SLIDE/KEY.png|jpg|npy per patch, or WebDataset-style shards
 (KEY.png + KEY.json per sample) with --format tar, and the coordinates table OUT/patches.csv (key, slide,
 level, x, y on the level, x0, y0 on level 0, size, mpp, tissue fraction, file). Every slide's output is
 written under a temporary name and renamed when complete. Exit code 0 only if every slide succeeded.
+
+Resume: running the same command again skips every slide finished by an earlier run with the same
+settings from the same, unchanged input (size and modification time); other settings or --overwrite
+redo it. One manifest row per slide and run (ok, error or skipped) goes to OUT.manifest.csv beside OUT.
 
 examples:
   vipsnorm patches slides/*.svs -o patches/ --size 256 --mpp 0.5 --min-tissue 0.5
@@ -93,6 +98,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--random", type=_positive(int), metavar="N", help="N patches at random positions instead of the grid"
     )
     g.add_argument("--seed", type=int, default=0, help="random patches: which positions (default: %(default)s)")
+    g.add_argument(
+        "--no-overlap",
+        action="store_true",
+        help="random patches: only windows that share no pixel with one drawn before (fewer may come back)",
+    )
 
     g = p.add_argument_group("normalization (default: none, the slide's own pixels)")
     g.add_argument("--method", choices=sorted(METHODS), help="normalization method, fitted once per slide")
@@ -136,6 +146,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "batch", "Slides run in parallel on Dask, one task each (as 'vipsnorm normalize' runs its inputs)."
     )
     add_engine_options(g)
+    g.add_argument(
+        "--manifest",
+        type=Path,
+        metavar="CSV",
+        help="the manifest: one row per slide and run (default: OUT.manifest.csv beside OUT)",
+    )
+    g.add_argument(
+        "--overwrite", action="store_true", help="redo every slide, even those an earlier run finished with these settings"
+    )
     p.set_defaults(run=run)
     return p
 
@@ -164,6 +183,7 @@ def run(args) -> int:
             format=args.format,
             quality=args.quality,
             shard_size=args.shard_size,
+            overlap=not args.no_overlap,
         )
         method, params = resolve_normalization(args.method, args.reference, options, **method_options(args))
     except (VipsnormError, ValueError) as exc:
@@ -171,9 +191,10 @@ def run(args) -> int:
         return 2
 
     def report(result: SlideResult) -> None:
-        print(result.line(), file=sys.stdout if result.status == "ok" else sys.stderr, flush=True)
+        print(result.line(), file=sys.stderr if result.status == "error" else sys.stdout, flush=True)
 
     try:
+        manifest = args.manifest if args.manifest is not None else default_manifest(args.output)
         results = extract_slides(
             args.inputs,
             args.output,
@@ -182,20 +203,25 @@ def run(args) -> int:
             params=params,
             options=options,
             on_result=report,
+            manifest=manifest,
+            overwrite=args.overwrite,
+            reference=str(args.reference or ""),
+            keep_patches=False,
             scheduler=args.scheduler,
             workers=args.workers,
         )
-    except OSError as exc:  # the output folder or the table cannot be written
+    except (OSError, VipsnormError, ValueError) as exc:  # the output folder, manifest or table; --workers
         print(f"error  {exc}", file=sys.stderr)
         return 2
-    failed = sum(r.status != "ok" for r in results)
-    n = sum(len(r.patches) for r in results)
+    counts = {status: sum(r.status == status for r in results) for status in ("ok", "error", "skipped")}
+    n = sum(r.count for r in results)
     print(
-        f"{n} patches from {len(results) - failed} of {len(results)} slides, {failed} failed; "
-        f"table: {Path(args.output) / TABLE}",
+        f"{n} patches from {counts['ok'] + counts['skipped']} of {len(results)} slides: {counts['ok']} patched, "
+        f"{counts['error']} failed, {counts['skipped']} skipped (done before); table: {Path(args.output) / TABLE}; "
+        f"manifest: {manifest}",
         file=sys.stderr,
     )
-    return 1 if failed else 0
+    return 1 if counts["error"] else 0
 
 
 def main(argv: list[str] | None = None) -> int:

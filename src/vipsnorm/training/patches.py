@@ -22,8 +22,17 @@ Writing
     :func:`extract_slide` writes one slide's patches as PNG, JPEG or ``.npy`` files in a folder of
     their own, or as WebDataset-style tar shards (``KEY.png`` + ``KEY.json`` per sample), every output
     under a temporary name first and renamed when the slide is complete (a failed slide leaves
-    nothing); :func:`extract_slides` runs many slides (a bad one gives an error result, the others go
-    on) and writes the coordinates table ``patches.csv``.
+    nothing), then commits the slide's rows of the table with a record of its settings and input;
+    :func:`extract_slides` runs many slides (a bad one gives an error result, the others go on),
+    skips those an earlier run committed with the same settings from the same input, logs every slide
+    in a manifest and writes the coordinates table ``patches.csv``.
+
+Resuming
+    A slide is finished when its rows file ``OUT/.vipsnorm-rows/NAME.csv`` holds a record (its first
+    line) of the settings (:func:`patch_config`), the input and its size and mtime, and the outputs.
+    The file is deleted before a slide's outputs are replaced and written (by rename) only once they
+    are all in place, so a kill at any moment never leaves a slide that looks finished and is not;
+    :func:`extract_slides` has the reasons in full.
 
 Notes
 -----
@@ -42,7 +51,9 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import datetime
 import glob
+import hashlib
 import io
 import json
 import math
@@ -61,6 +72,9 @@ from pathlib import Path
 import numpy as np
 import pyvips
 
+from ..batch.inputs import file_stat
+from ..batch.manifest import Manifest, create_manifest
+from ..batch.run import config_hash, default_manifest, worker_id
 from ..engine import Options, build_method, fit_slide, load_reference
 from ..errors import (
     InvalidReferenceError,
@@ -100,6 +114,8 @@ __all__ = [
     "write_table",
     "rebuild_table",
     "patch_key",
+    "patch_config",
+    "MANIFEST_COLUMNS",
     "output_name",
     "level_mpp",
     "slide_rng",
@@ -111,6 +127,8 @@ FORMATS = ("png", "jpg", "npy", "tar", "coords")
 TABLE = "patches.csv"
 #: Where each slide's rows of the table are kept (hidden: loaders globbing OUT see only patches).
 ROWS_DIR = ".vipsnorm-rows"
+#: The first line of a slide's rows file starts with this, followed by its record as JSON.
+_RECORD_TAG = "#vipsnorm-patches "
 TABLE_COLUMNS = ("key", "slide", "level", "x", "y", "x0", "y0", "size", "mpp", "tissue", "file")
 #: Random positions drawn per patch asked for, at most, before giving up on finding more with tissue.
 _DRAWS_PER_PATCH = 400
@@ -361,12 +379,18 @@ def random_patches(
     seed: int = 0,
     rng: np.random.Generator | None = None,
     fractions: TissueFractions | None = None,
+    overlap: bool = True,
 ) -> list[Patch]:
     """Up to ``n`` distinct windows at uniformly random positions of ``level`` (wholly inside it) whose
     tissue fraction is at least ``min_tissue``, sorted by row.
 
-    The positions are drawn from ``rng`` (default :func:`slide_rng` of ``seed``: reproducible). Fewer
-    than ``n`` come back when the tissue is too small to hold that many (after ``400 n`` draws).
+    The positions are drawn from ``rng`` (default :func:`slide_rng` of ``seed``: reproducible). A
+    position drawn again is not counted twice, so the windows are always at distinct positions (they
+    may overlap, by up to all but one pixel row or column). ``overlap=False`` keeps only windows that
+    share no pixel with one kept before (random sequential placement: a draw overlapping an earlier
+    window is passed over); the draws are the same, so with ``overlap=True`` the positions are those
+    of earlier versions. Fewer than ``n`` come back when the tissue is too small to hold that many
+    (after ``400 n`` draws).
     """
     _check_size(size)
     if n < 0:
@@ -379,6 +403,19 @@ def random_patches(
         return []
     ds = lvl.downsample
     chosen: dict[tuple[int, int], float] = {}
+    # overlap=False: kept windows by the size x size cell holding their corner; a window overlapping
+    # one at (x, y) has its corner in one of the 3 x 3 cells around (x, y)'s
+    cells: dict[tuple[int, int], list[tuple[int, int]]] = {}
+
+    def free(x: int, y: int) -> bool:
+        cx, cy = x // size, y // size
+        return not any(
+            abs(px - x) < size and abs(py - y) < size
+            for i in (cx - 1, cx, cx + 1)
+            for j in (cy - 1, cy, cy + 1)
+            for px, py in cells.get((i, j), ())
+        )
+
     draws = 0
     while len(chosen) < n and draws < _DRAWS_PER_PATCH * n:
         batch = max(64, 4 * (n - len(chosen)))
@@ -389,7 +426,12 @@ def random_patches(
         for x, y, v in zip(xs[f >= min_tissue], ys[f >= min_tissue], f[f >= min_tissue]):
             if len(chosen) == n:
                 break
-            chosen.setdefault((int(x), int(y)), float(v))
+            x, y = int(x), int(y)
+            if overlap:
+                chosen.setdefault((x, y), float(v))
+            elif free(x, y):
+                chosen[x, y] = float(v)
+                cells.setdefault((x // size, y // size), []).append((x, y))
     order = sorted(chosen, key=lambda p: (p[1], p[0]))
     xs = np.array([p[0] for p in order], dtype=np.int64)
     ys = np.array([p[1] for p in order], dtype=np.int64)
@@ -406,15 +448,17 @@ def plan_patches(
     min_tissue: float = 0.5,
     random: int | None = None,
     seed: int = 0,
+    overlap: bool = True,
     backend: str = "auto",
 ) -> list[Patch]:
     """Open the slide at ``path`` and place patches on it: :func:`grid_patches`, or ``random`` of them
-    with :func:`random_patches`, on the level :func:`choose_level` picks. The slide is closed again."""
+    with :func:`random_patches` (``overlap=False``: windows that share no pixel), on the level
+    :func:`choose_level` picks. The slide is closed again."""
     with open_slide(path, backend=backend) as slide:
         lvl = choose_level(slide, level=level, mpp=mpp)
         if random is None:
             return grid_patches(slide, size, level=lvl, stride=stride, min_tissue=min_tissue)
-        return random_patches(slide, size, random, level=lvl, min_tissue=min_tissue, seed=seed)
+        return random_patches(slide, size, random, level=lvl, min_tissue=min_tissue, seed=seed, overlap=overlap)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -565,7 +609,8 @@ class PatchJob:
     """What ``vipsnorm patches`` does with every slide (the same for all of them).
 
     ``random=None`` cuts the grid (``stride``, default ``size``); ``random=N`` draws ``N`` positions
-    (``seed``). ``format`` is one of :data:`FORMATS`; ``shard_size`` samples per tar shard.
+    (``seed``; ``overlap=False``: windows that share no pixel). ``format`` is one of :data:`FORMATS`;
+    ``shard_size`` samples per tar shard.
     """
 
     size: int = 256
@@ -578,6 +623,7 @@ class PatchJob:
     format: str = "png"
     quality: int = 90
     shard_size: int = 1000
+    overlap: bool = True
 
     def __post_init__(self):
         _check_size(self.size)
@@ -591,15 +637,59 @@ class PatchJob:
             raise ValueError(f"min_tissue must be within 0..1, not {self.min_tissue}")
         if self.random is not None and self.random < 1:
             raise ValueError(f"the number of random patches must be positive, not {self.random}")
+        if not self.overlap and self.random is None:
+            raise ValueError("overlap=False (--no-overlap) is for random patches: give their number (--random N)")
         if self.shard_size < 1:
             raise ValueError(f"shard size must be positive, not {self.shard_size}")
         if not 1 <= self.quality <= 100:
             raise ValueError("quality must be within 1..100")
 
+    def output_settings(self) -> dict:
+        """The settings that decide a slide's outputs, each only where it applies (``quality`` for
+        ``jpg``, ``shard_size`` for ``tar``, ``stride`` for the grid, ``seed`` and ``overlap`` for
+        random patches; no level and no pixel size both mean level 0): what :func:`patch_config`
+        hashes, so that changing an option with no effect redoes nothing."""
+        where = {"level": self.level or 0} if self.mpp is None else {"mpp": self.mpp}
+        settings = {"size": self.size, **where, "min_tissue": self.min_tissue, "format": self.format}
+        if self.random is None:
+            settings["stride"] = self.size if self.stride is None else self.stride
+        else:
+            settings.update(random=self.random, seed=self.seed, overlap=self.overlap)
+        if self.format == "jpg":
+            settings["quality"] = self.quality
+        if self.format == "tar":
+            settings["shard_size"] = self.shard_size
+        return settings
+
+
+def patch_config(
+    job: PatchJob, method: Method | None = None, params: Params | None = None, options: Options = Options()
+) -> str:
+    """What makes two runs' patches of a slide the same: the placement and output settings
+    (:meth:`PatchJob.output_settings`), the reader backend, and, when the patches are normalized, the
+    method with its options and target, fixed parameters and fitting options
+    (:func:`vipsnorm.batch.config_hash`). 16 hex digits of a SHA-256.
+
+    ``--format coords`` writes no pixels, so the method does not count there.
+    """
+    normalized = method is not None and job.format != "coords"
+    data = {
+        "patches": job.output_settings(),
+        "backend": options.backend,
+        "normalization": config_hash(method, params, options) if normalized else None,
+    }
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
 
 @dataclass
 class SlideResult:
-    """What happened to one slide."""
+    """What happened to one slide: ``status`` ``ok``, ``error`` or ``skipped`` (committed by an earlier
+    run with the same ``config`` from the same, unchanged input: its outputs and rows are kept, and
+    ``patches`` is empty; ``count`` says how many there are).
+
+    ``outputs`` are the slide's outputs relative to the output folder, each with its size in bytes
+    (``None`` for a folder of patch files); ``output_size`` is the bytes of patches written in all.
+    """
 
     input: Path
     name: str = ""
@@ -612,6 +702,13 @@ class SlideResult:
     asked: int | None = None
     params: Params | None = None
     seconds: float = 0.0
+    config: str = ""
+    input_size: int | None = None
+    input_mtime_ns: int | None = None
+    outputs: list[tuple[str, int | None]] = field(default_factory=list)
+    output_size: int | None = None
+    count: int = 0
+    worker: str = ""
 
     def rows(self) -> list[dict]:
         """Its rows of the coordinates table."""
@@ -619,13 +716,46 @@ class SlideResult:
 
     def line(self) -> str:
         """One line for the command line."""
-        if self.status != "ok":
+        if self.status == "error":
             return f"error  {self.error}"
+        if self.status == "skipped":
+            return f"skip   {self.input} -> {self.count} patches (finished by an earlier run)"
         where = f"level {self.level}" + ("" if self.mpp is None else f", {self.mpp:.3g} um/px")
         short = ""
-        if self.asked is not None and len(self.patches) < self.asked:
+        if self.asked is not None and self.count < self.asked:
             short = f" of {self.asked} asked (too little tissue for more)"
-        return f"ok     {self.input} -> {len(self.patches)} patches{short} ({where}, {self.seconds:.1f} s)"
+        return f"ok     {self.input} -> {self.count} patches{short} ({where}, {self.seconds:.1f} s)"
+
+    def record(self) -> dict:
+        """What the slide's rows file says of a committed slide (see :func:`extract_slides`)."""
+        return {
+            "config": self.config,
+            "input": os.path.abspath(self.input),
+            "input_size": self.input_size,
+            "input_mtime_ns": self.input_mtime_ns,
+            "level": self.level,
+            "mpp": self.mpp,
+            "patches": self.count,
+            "outputs": [list(o) for o in self.outputs],
+            "output_size": self.output_size,
+        }
+
+    @classmethod
+    def skipped(cls, path: str | os.PathLike[str], name: str, record: dict) -> "SlideResult":
+        """The result of a slide that an earlier run committed (``record``: :meth:`record`)."""
+        return cls(
+            input=Path(path),
+            name=name,
+            status="skipped",
+            level=record.get("level"),
+            mpp=record.get("mpp"),
+            config=record["config"],
+            input_size=record["input_size"],
+            input_mtime_ns=record["input_mtime_ns"],
+            outputs=[tuple(o) for o in record.get("outputs", ())],
+            output_size=record.get("output_size"),
+            count=int(record.get("patches") or 0),
+        )
 
 
 def _encode_png(array: np.ndarray) -> bytes:
@@ -654,14 +784,21 @@ class _FolderWriter:
 
     def __init__(self, out_dir: Path, name: str, fmt: str, quality: int):
         self.out_dir, self.name, self.fmt, self.quality = out_dir, name, fmt, quality
+        self.size = 0
         self.temp = _temp_name(out_dir, name)
         self.temp.mkdir()
         (self.temp / self.MARKER).write_text("patches written by vipsnorm; this folder is replaced when they are made again\n")
 
     def write(self, key: str, array: np.ndarray, meta: dict) -> str:
         file = f"{key}.{self.fmt}"
-        (self.temp / file).write_bytes(_encode(array, self.fmt, self.quality))
+        data = _encode(array, self.fmt, self.quality)
+        (self.temp / file).write_bytes(data)
+        self.size += len(data)
         return f"{self.name}/{file}"
+
+    def outputs(self) -> list[tuple[str, int | None]]:
+        """What :meth:`commit` made: the folder (no size: a folder's is meaningless)."""
+        return [(self.name, None)]
 
     def commit(self) -> None:
         final = self.out_dir / self.name
@@ -715,6 +852,14 @@ class _TarWriter:
             self.tar.close()
             self.tar = None
 
+    def outputs(self) -> list[tuple[str, int | None]]:
+        """What :meth:`commit` made: the shards and their sizes."""
+        return [(final.name, final.stat().st_size) for _, final in self.shards]
+
+    @property
+    def size(self) -> int:
+        return sum(size for _, size in self.outputs())
+
     def commit(self) -> None:
         self._close()
         for temp, final in self.shards:
@@ -734,8 +879,13 @@ class _TarWriter:
 
 
 class _NoWriter:
+    size = None
+
     def write(self, key: str, array: np.ndarray, meta: dict) -> str:
         return ""
+
+    def outputs(self) -> list[tuple[str, int | None]]:
+        return []
 
     def commit(self) -> None:
         pass
@@ -761,9 +911,10 @@ def extract_slide(
     params: Params | None = None,
     options: Options = Options(),
     name: str | None = None,
+    config: str | None = None,
 ) -> SlideResult:
-    """Place, read and write the patches of one slide; errors are returned in the result and leave no
-    output behind.
+    """Place, read and write the patches of one slide, and commit them with their rows of the table;
+    errors are returned in the result and leave no output behind.
 
     Parameters
     ----------
@@ -772,12 +923,28 @@ def extract_slide(
         the same fit as ``vipsnorm normalize``), or with fixed ``params``. None: raw pixels.
     name : str, optional
         The output name (default: the slide's file name without suffix).
+    config : str, optional
+        :func:`patch_config` of these settings (computed when not given), recorded with the rows.
+
+    Notes
+    -----
+    The commit, in this order: the slide's rows file ``OUT/.vipsnorm-rows/NAME.csv`` is deleted (from
+    here on the slide is not finished), the outputs written under temporary names are renamed into
+    place (replacing an earlier run's), and the rows file is written again (atomically, by rename) with
+    its first line recording the settings (``config``), the input's size and mtime as they were before
+    it was read, and the outputs. A kill at any moment leaves either that complete record or none.
     """
     start = time.perf_counter()
     path = Path(path)
     result = SlideResult(input=path, name=name or output_name(path), asked=job.random)
+    result.config = patch_config(job, method, params, options) if config is None else config
     out_dir = Path(out_dir)
     writer = None
+    try:
+        st = os.stat(path)  # before the slide is read: a change while it is read redoes it next time
+        result.input_size, result.input_mtime_ns = st.st_size, st.st_mtime_ns
+    except OSError:
+        pass  # opening the slide reports it
     try:
         if not out_dir.is_dir():
             raise OutputError(out_dir, "output folder does not exist")
@@ -788,7 +955,13 @@ def extract_slide(
                 patches = grid_patches(slide, job.size, level=level, stride=job.stride, min_tissue=job.min_tissue)
             else:
                 patches = random_patches(
-                    slide, job.size, job.random, level=level, min_tissue=job.min_tissue, seed=job.seed
+                    slide,
+                    job.size,
+                    job.random,
+                    level=level,
+                    min_tissue=job.min_tissue,
+                    seed=job.seed,
+                    overlap=job.overlap,
                 )
             if job.format == "coords":
                 method = None  # the table alone: no pixels, so nothing to fit
@@ -807,12 +980,16 @@ def extract_slide(
                 meta.update(mpp=patch.mpp, tissue=None if math.isnan(patch.tissue) else round(patch.tissue, 4))
                 meta["method"] = None if method is None else method.name
                 files.append(writer.write(row["key"], array, meta))
+            # the slide's rows, next to its outputs: the table is rebuilt from these, and a rerun skips
+            # the slide when they record its settings and input (see Notes)
+            rows_file = out_dir / ROWS_DIR / f"{result.name}.csv"
+            with contextlib.suppress(FileNotFoundError):
+                rows_file.unlink()
             writer.commit()
+            result.outputs, result.output_size = writer.outputs(), writer.size
             writer = None
-            result.patches, result.files = patches, files
-            # the slide's rows, next to its outputs: the table is rebuilt from these, so it describes
-            # every committed slide even after a run that was interrupted, or two runs at once
-            _write_rows(out_dir / ROWS_DIR / f"{result.name}.csv", result.rows())
+            result.patches, result.files, result.count = patches, files, len(patches)
+            _write_rows(rows_file, result.rows(), record=result.record())
     except VipsnormError as exc:
         result.status, result.error = "error", str(exc.about(path))
     except pyvips.Error as exc:
@@ -843,14 +1020,47 @@ def write_table(path: str | os.PathLike[str], rows: Iterable[dict]) -> Path:
     return _write_rows(Path(path), rows)
 
 
-def _write_rows(path: Path, rows: Iterable[dict]) -> Path:
+def _write_rows(path: Path, rows: Iterable[dict], record: dict | None = None) -> Path:
+    """A table (atomically); with ``record``, a slide's rows file: its first line is
+    :data:`_RECORD_TAG` and the record as JSON, then the table."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as temp:
-        with open(temp, "w", newline="") as f:
+        with open(temp, "w", newline="", encoding="utf-8") as f:
+            if record is not None:
+                f.write(_RECORD_TAG + json.dumps(record, sort_keys=True) + "\n")
             out = csv.DictWriter(f, fieldnames=TABLE_COLUMNS, extrasaction="ignore")
             out.writeheader()
             out.writerows(rows)
     return path
+
+
+def _read_rows(path: Path) -> tuple[dict | None, list[dict]]:
+    """A slide's rows file: its record (None in a file of an earlier version, which has none) and rows."""
+    with open(path, newline="", encoding="utf-8") as f:
+        first = f.readline()
+        record = json.loads(first[len(_RECORD_TAG) :]) if first.startswith(_RECORD_TAG) else None
+        if record is None:
+            f.seek(0)
+        return record, list(csv.DictReader(f))
+
+
+def _read_record(path: Path) -> dict | None:
+    """The record of a slide's rows file (its first line only), or None: no file, an earlier version's
+    file, or one that cannot be read (then the slide is not finished)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            first = f.readline()
+        if first.startswith(_RECORD_TAG):
+            record = json.loads(first[len(_RECORD_TAG) :])
+            return record if isinstance(record, dict) else None
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def _rows_files(out: Path) -> list[Path]:
+    """The committed rows files (temporary ones, named ``.NAME.vipsnorm-part-...``, left out)."""
+    return sorted(p for p in (out / ROWS_DIR).glob("*.csv") if not p.name.startswith("."))
 
 
 def rebuild_table(out_dir: str | os.PathLike[str]) -> Path:
@@ -863,13 +1073,19 @@ def rebuild_table(out_dir: str | os.PathLike[str]) -> Path:
         A slide's rows cannot be read (the table is left as it was).
     """
     out = Path(out_dir)
-    rows: list[dict] = []
-    for part in sorted((out / ROWS_DIR).glob("*.csv")):
-        try:
-            rows.extend(read_table(part))
-        except (OSError, csv.Error, UnicodeDecodeError) as exc:
-            raise OutputError(part, f"cannot read these patch rows ({exc}); the table was not rewritten") from None
-    return write_table(out / TABLE, rows)
+    table = out / TABLE
+    with atomic_path(table) as temp:
+        with open(temp, "w", newline="", encoding="utf-8") as f:  # slide by slide: never every row in memory
+            writer = csv.DictWriter(f, fieldnames=TABLE_COLUMNS, extrasaction="ignore")
+            writer.writeheader()
+            for part in _rows_files(out):
+                try:
+                    rows = _read_rows(part)[1]
+                except (OSError, csv.Error, UnicodeDecodeError, ValueError) as exc:
+                    cause = f"cannot read these patch rows ({exc}); the table was not rewritten"
+                    raise OutputError(part, cause) from None
+                writer.writerows(rows)
+    return table
 
 
 def _row_name(row: dict) -> str:
@@ -877,21 +1093,90 @@ def _row_name(row: dict) -> str:
     return row["key"].rsplit("_", 3)[0]
 
 
+#: The columns of the manifest of ``vipsnorm patches`` (default ``OUT.manifest.csv``): one row per slide
+#: and run (see :func:`extract_slides`).
+MANIFEST_COLUMNS = (
+    "run", "time", "input", "input_size", "input_mtime_ns", "output", "output_size", "status", "error",
+    "patches", "level", "mpp", "method", "params", "reference", "config", "seconds", "worker",
+)  # fmt: skip
+#: A temporary output (``.NAME.vipsnorm-part-XXXXXXXX[.EXT]``): what NAME is.
+_PART_NAME = re.compile(r"\.(?P<stem>.+)" + re.escape(PART_MARKER) + r"[0-9a-f]{8}(\.[^./]*)?")
+_SHARD_STEM = re.compile(r"(?P<name>.+)-\d{6}")
+
+
 class _SlideTask(NamedTuple):
-    """One slide of a batch: its position in the inputs, its path and its output name."""
+    """One slide of a batch: its position in the inputs, its path and output name, and the input's size
+    and mtime when the batch was planned (None: it could not be read)."""
 
     index: int
     path: str
     name: str
+    size: int | None = None
+    mtime_ns: int | None = None
 
 
 def _extract_group(job: tuple, group: list[_SlideTask]) -> list[tuple[int, SlideResult]]:
     """A batch task (on a worker): :func:`extract_slide` for each slide of the group."""
-    out, patch_job, method, params, options = job
-    return [
-        (t.index, extract_slide(t.path, out, patch_job, method, params=params, options=options, name=t.name))
-        for t in group
-    ]
+    out, patch_job, method, params, options, config = job
+    worker = worker_id()
+    done = []
+    for t in group:
+        result = extract_slide(
+            t.path, out, patch_job, method, params=params, options=options, name=t.name, config=config
+        )
+        result.worker = worker
+        done.append((t.index, result))
+    return done
+
+
+def _finished(out: Path, task: _SlideTask, config: str) -> dict | None:
+    """The record of ``task``'s slide if it is finished and nothing changed since: its rows file records
+    ``config``, this input (absolute path) with the size and mtime it has now, and outputs that are all
+    still there (a folder of patches with its marker; shards with their recorded sizes)."""
+    record = _read_record(out / ROWS_DIR / f"{task.name}.csv")
+    if record is None or task.size is None:
+        return None
+    if record.get("config") != config or record.get("input") != os.path.abspath(task.path):
+        return None
+    if record.get("input_size") != task.size or record.get("input_mtime_ns") != task.mtime_ns:
+        return None
+    try:
+        for name, size in record.get("outputs", ()):
+            where = out / name
+            if size is None:
+                if not (where / _FolderWriter.MARKER).is_file():
+                    return None
+            elif where.stat().st_size != size:
+                return None
+    except (OSError, TypeError, ValueError):  # an output gone, or a record not of this form
+        return None
+    return record
+
+
+def _remove_parts(out: Path, names: set[str]) -> None:
+    """Delete what runs killed while writing the slides ``names`` into ``out`` left behind: temporary
+    patch folders and shards, a folder being replaced (``.old``), a rows file being written, and a
+    table being written. Those of other slides are left alone (another run may be writing them)."""
+    names = names | {Path(TABLE).stem}
+    for folder in (out, out / ROWS_DIR):
+        try:
+            with os.scandir(folder) as it:
+                entries = [e for e in it if e.name.startswith(".") and PART_MARKER in e.name]
+        except OSError:
+            continue
+        for entry in entries:
+            match = _PART_NAME.fullmatch(entry.name)
+            if match is None:
+                continue
+            stem = match["stem"]
+            shard = _SHARD_STEM.fullmatch(stem)
+            if stem not in names and (shard is None or shard["name"] not in names):
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
 
 
 def extract_slides(
@@ -903,56 +1188,149 @@ def extract_slides(
     params: Params | None = None,
     options: Options = Options(),
     on_result: Callable[[SlideResult], None] | None = None,
+    manifest: str | os.PathLike[str] | None = None,
+    overwrite: bool = False,
+    reference: str = "",
+    keep_patches: bool = True,
     client=None,
     scheduler: str | None = None,
     workers: int | None = None,
 ) -> list[SlideResult]:
-    """:func:`extract_slide` for every slide through the batch engine (one task per slide: in this
-    process for a single slide or ``workers=0``, else on a Dask cluster, as :func:`vipsnorm.batch.runner`
-    chooses), then the coordinates table ``OUT/patches.csv`` (rows of earlier runs kept for the slides
-    not done again). Results come back in input order; ``on_result`` sees each as it ends.
+    """:func:`extract_slide` for every slide not finished before, through the batch engine, each result
+    recorded in the manifest as it arrives; then the coordinates table ``OUT/patches.csv``.
 
-    Two inputs with the same output name (``a/x.svs`` and ``b/x.tif``) would overwrite each other: the
-    second is an error.
+    Parameters
+    ----------
+    paths : sequence of path-like
+        The slides. Two with the same output name (``a/x.svs`` and ``b/x.tif``) would overwrite each
+        other: the second is an error.
+    out_dir : path-like
+        The output folder (created if missing).
+    job, method, params, options
+        As for :func:`extract_slide`.
+    on_result : callable, optional
+        Called in this process with each :class:`SlideResult` as it is recorded (``skipped`` ones first).
+    manifest : path-like, optional
+        The CSV manifest (:data:`MANIFEST_COLUMNS`; default ``OUT.manifest.csv`` beside ``OUT``, as
+        :func:`vipsnorm.batch.default_manifest`). One row per slide is appended as its result arrives.
+    overwrite : bool
+        Redo every slide, even those finished before.
+    reference : str
+        What the manifest names as the reference (a file, for the record).
+    keep_patches : bool
+        False: drop each result's ``patches`` and ``files`` once ``on_result`` has seen it (``count``
+        stays), so that a batch of many slides does not hold every patch in memory.
+    client, scheduler, workers
+        Where the slides run (one task each): one child process for a single slide, this process for
+        ``workers=0``, else on a Dask cluster, as :func:`vipsnorm.batch.runner` chooses.
+
+    Returns
+    -------
+    list of SlideResult
+        In input order: ``ok``, ``error``, or ``skipped`` (finished before).
+
+    Raises
+    ------
+    OutputError
+        The manifest cannot be opened (or another run holds it, or it is not a patches manifest), or a
+        slide's committed rows cannot be read for the table.
+
+    Notes
+    -----
+    **Resume.** What decides that a slide is finished is its rows file, ``OUT/.vipsnorm-rows/NAME.csv``,
+    not the manifest: the worker that writes the outputs commits it (see :func:`extract_slide`: the old
+    file deleted before the outputs are renamed into place, the new one written after, atomically),
+    so it is finished exactly when its outputs are complete, whatever is killed when (this process,
+    a worker, or both), and even when the manifest row of a finished slide was lost with its process.
+    A slide is skipped when that file records the same :func:`patch_config`, this input (absolute path)
+    with its current size and mtime, and outputs that still exist (shards with their sizes). Temporary
+    outputs of a killed run (``.NAME.vipsnorm-part-...``) are deleted for this run's slides when it
+    starts and ends. The manifest is the log of what each run did (``skipped`` rows repeat the record).
     """
     from ..batch import runner as batch_runner
 
-    out = Path(out_dir)
+    out = Path(os.path.abspath(out_dir))
+    manifest_path = Path(os.path.abspath(manifest)) if manifest is not None else default_manifest(out)
     out.mkdir(parents=True, exist_ok=True)
+    config = patch_config(job, method, params, options)
+    run_id = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ-") + secrets.token_hex(2)
+    normalized = method is not None and job.format != "coords"
+    shared = {"run": run_id, "method": method.name if normalized else "", "reference": reference, "config": config}
     results: dict[int, SlideResult] = {}
-    claimed: dict[str, str] = {}
-    tasks: list[_SlideTask] = []
-    for index, path in enumerate(paths):
-        name = output_name(path)
-        if name in claimed:
-            results[index] = SlideResult(
-                input=Path(path),
-                name=name,
-                status="error",
-                error=f"{path}: has the same output name ({name}) as {claimed[name]}; rename one of them",
+
+    create_manifest(manifest_path, MANIFEST_COLUMNS)
+    with Manifest.open(manifest_path) as book:
+        if "patches" not in book.header:
+            raise OutputError(
+                manifest_path, "is not a manifest of vipsnorm patches (no 'patches' column); choose another --manifest"
             )
-            if on_result is not None:
-                on_result(results[index])
-        else:
-            claimed[name] = str(path)
-            tasks.append(_SlideTask(index, str(path), name))
 
-    def collect(done: list[tuple[int, SlideResult]]) -> None:
-        for index, result in done:
-            results[index] = result
-            if on_result is not None:
-                on_result(result)
+        def collect(done: list[tuple[int, SlideResult]]) -> None:
+            rows = []
+            for index, result in done:
+                results[index] = result
+                rows.append({**_manifest_row(result, out, fixed=params is not None), **shared})
+            book.append(rows)
+            for _, result in done:
+                if on_result is not None:
+                    on_result(result)
+                if not keep_patches:
+                    result.patches, result.files = [], []
 
-    def fail(task: _SlideTask, cause: str) -> tuple[int, SlideResult]:
-        error = f"{task.path}: {cause}"
-        return task.index, SlideResult(input=Path(task.path), name=task.name, status="error", error=error)
+        def error(task: _SlideTask, cause: str) -> tuple[int, SlideResult]:
+            result = SlideResult(input=Path(task.path), name=task.name, status="error", error=f"{task.path}: {cause}")
+            result.config, result.input_size, result.input_mtime_ns = config, task.size, task.mtime_ns
+            return task.index, result
 
-    if tasks:
-        engine = batch_runner(len(tasks), client, scheduler, workers)
+        claimed: dict[str, str] = {}
+        todo: list[_SlideTask] = []
+        early: list[tuple[int, SlideResult]] = []
+        for index, path in enumerate(paths):
+            task = _SlideTask(index, str(path), output_name(path), *file_stat(str(path)))
+            if task.name in claimed:
+                early.append(error(task, f"has the same output name ({task.name}) as {claimed[task.name]}; rename one of them"))
+                continue
+            claimed[task.name] = task.path
+            record = None if overwrite else _finished(out, task, config)
+            if record is None:
+                todo.append(task)
+            else:
+                early.append((index, SlideResult.skipped(task.path, task.name, record)))
+            if len(early) >= 10000:
+                collect(early)
+                early = []
+        collect(early)
+        _remove_parts(out, set(claimed))
         try:
-            engine.run(_extract_group, (out, job, method, params, options), [[t] for t in tasks], collect, fail)
+            if todo:
+                engine = batch_runner(len(todo), client, scheduler, workers)
+                try:
+                    engine.run(
+                        _extract_group, (out, job, method, params, options, config), [[t] for t in todo], collect, error
+                    )
+                finally:
+                    engine.close()
         finally:
-            engine.close()
-    ordered = [results[i] for i in sorted(results)]
-    rebuild_table(out)
-    return ordered
+            _remove_parts(out, set(claimed))
+        rebuild_table(out)
+    return [results[i] for i in sorted(results)]
+
+
+def _manifest_row(result: SlideResult, out: Path, fixed: bool) -> dict:
+    """A slide's manifest row (without the columns every row of a run shares)."""
+    ok = result.status == "ok"
+    return {
+        "input": os.path.abspath(result.input),
+        "input_size": result.input_size,
+        "input_mtime_ns": result.input_mtime_ns,
+        "output": ";".join(str(out / name) for name, _ in result.outputs),
+        "output_size": result.output_size,
+        "status": result.status,
+        "error": result.error,
+        "patches": None if result.status == "error" else result.count,
+        "level": result.level,
+        "mpp": result.mpp,
+        "params": result.params.to_json() if ok and not fixed and result.params is not None else "",
+        "seconds": round(result.seconds, 3) if result.status != "skipped" else None,
+        "worker": result.worker,
+    }

@@ -1,0 +1,307 @@
+"""``vipsnorm patches`` resumes and keeps a manifest: a rerun skips the slides an earlier run finished
+with the same settings from the same input (nothing is recomputed), other settings, ``--overwrite``
+and a modified input redo a slide, bad slides are errors while the others go on, and a run killed at
+any step of a slide's commit never leaves that slide looking finished."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from vipsnorm.batch import default_manifest, read_manifest
+from vipsnorm.cli import main as vipsnorm_main
+from vipsnorm.io.write import PART_MARKER
+from vipsnorm.training import patches as patches_module
+from vipsnorm.training.patches import MANIFEST_COLUMNS, ROWS_DIR, TABLE, read_table
+
+FAST = ("--size", 64, "--random", 3, "--workers", 0)
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    """``vipsnorm patches ARGV`` through the main command line."""
+    code = vipsnorm_main(["patches", *(str(a) for a in argv)])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def manifest_rows(out: Path) -> list[dict]:
+    return read_manifest(default_manifest(out))
+
+
+def last_run(out: Path) -> dict[str, dict]:
+    """The rows of the latest run in the manifest, by input file name."""
+    rows = manifest_rows(out)
+    return {Path(r["input"]).name: r for r in rows if r["run"] == rows[-1]["run"]}
+
+
+def fingerprint(out: Path) -> dict[str, tuple[int, int]]:
+    """Inode and mtime of every file and folder below ``out`` except the table (rebuilt by every run,
+    which changes ``out`` itself): what a redo changes (outputs are written anew and renamed into place)."""
+    return {str(p.relative_to(out)): (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.rglob("*") if p.name != TABLE}
+
+
+def no_part_files(folder: Path) -> bool:
+    return not [p for p in folder.rglob("*") if PART_MARKER in p.name]
+
+
+@pytest.fixture
+def two_slides(small_slide, tmp_path) -> list[Path]:
+    """Two slides of this test's own (copies: their mtimes may be changed)."""
+    paths = [tmp_path / "in" / "a.tif", tmp_path / "in" / "b.tif"]
+    paths[0].parent.mkdir()
+    for path in paths:
+        shutil.copyfile(small_slide, path)
+    return paths
+
+
+def test_a_rerun_skips_finished_slides_and_recomputes_nothing(two_slides, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    code, stdout, stderr = run(capsys, *two_slides, "-o", out, *FAST, "--method", "equalize")
+    assert code == 0, stderr
+    assert "6 patches from 2 of 2 slides: 2 patched, 0 failed, 0 skipped" in stderr
+    assert f"manifest: {default_manifest(out)}" in stderr
+    first_table = read_table(out / TABLE)
+    before = fingerprint(out)
+    rows = manifest_rows(out)
+    assert list(rows[0]) == list(MANIFEST_COLUMNS)
+    assert [r["status"] for r in rows] == ["ok", "ok"]
+    for row, slide in zip(rows, two_slides):
+        assert row["input"] == str(slide) and row["output"] == str(out / slide.stem)
+        assert (row["input_size"], row["input_mtime_ns"]) == (str(slide.stat().st_size), str(slide.stat().st_mtime_ns))
+        assert row["patches"] == "3" and row["level"] == "0" and float(row["mpp"]) == pytest.approx(0.25)
+        assert row["method"] == "equalize" and '"method": "equalize"' in row["params"] and len(row["config"]) == 16
+        assert int(row["output_size"]) == sum(p.stat().st_size for p in (out / slide.stem).glob("*.png"))
+        assert float(row["seconds"]) > 0 and row["worker"] == "in-process"
+
+    # the rerun opens no slide: anything that did would fail here
+    def no_slide(*args, **kwargs):
+        raise AssertionError("a finished slide was opened again")
+
+    monkeypatch.setattr(patches_module, "open_slide", no_slide)
+    code, stdout, stderr = run(capsys, *two_slides, "-o", out, *FAST, "--method", "equalize")
+    assert code == 0, stderr
+    assert stdout.count("skip   ") == 2 and "3 patches (finished by an earlier run)" in stdout
+    assert "6 patches from 2 of 2 slides: 0 patched, 0 failed, 2 skipped (done before)" in stderr
+    assert fingerprint(out) == before  # not one output written again
+    assert read_table(out / TABLE) == first_table  # the skipped slides keep their rows
+    rows = manifest_rows(out)
+    assert [r["status"] for r in rows] == ["ok", "ok", "skipped", "skipped"] and rows[0]["run"] != rows[2]["run"]
+    for ok, skipped in zip(rows[:2], rows[2:]):
+        same = ("input", "input_size", "input_mtime_ns", "output", "output_size", "patches", "level", "mpp", "config")
+        assert {k: skipped[k] for k in same} == {k: ok[k] for k in same}
+        assert skipped["params"] == "" and skipped["seconds"] == ""
+
+
+def test_other_settings_redo_and_options_without_effect_do_not(two_slides, tmp_path, capsys):
+    out = tmp_path / "out"
+    a, b = two_slides
+    assert run(capsys, a, b, "-o", out, *FAST)[0] == 0
+    old_keys = {r["key"] for r in read_table(out / TABLE)}
+    before = fingerprint(out)
+    # png ignores --quality and random patches ignore --stride: nothing to redo
+    assert run(capsys, a, b, "-o", out, *FAST, "--quality", 50, "--stride", 100)[0] == 0
+    assert {r["status"] for r in last_run(out).values()} == {"skipped"} and fingerprint(out) == before
+    # another seed places other patches: both slides redone, their old files replaced
+    code, stdout, _ = run(capsys, a, b, "-o", out, *FAST, "--seed", 5)
+    assert code == 0 and stdout.count("ok     ") == 2
+    assert {r["status"] for r in last_run(out).values()} == {"ok"}
+    table = read_table(out / TABLE)
+    assert len(table) == 6 and not {r["key"] for r in table} & old_keys
+    for slide in (a, b):
+        assert sorted(p.stem for p in (out / slide.stem).glob("*.png")) == sorted(
+            r["key"] for r in table if r["slide"] == str(slide)
+        )
+        assert fingerprint(out)[slide.stem] != before[slide.stem]  # a new folder, renamed into place
+    # a method (or another one) changes the pixels: redone
+    configs = set()
+    for method in ("equalize", "stretch"):
+        assert run(capsys, a, "-o", out, *FAST, "--seed", 5, "--method", method)[0] == 0
+        (row,) = last_run(out).values()
+        assert row["status"] == "ok" and row["method"] == method
+        configs.add(row["config"])
+    assert len(configs) == 2
+    # the same settings again: skipped
+    assert run(capsys, a, "-o", out, *FAST, "--seed", 5, "--method", "stretch")[0] == 0
+    assert [r["status"] for r in last_run(out).values()] == ["skipped"]
+
+
+def test_overwrite_redoes_finished_slides(two_slides, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run(capsys, *two_slides, "-o", out, *FAST)[0] == 0
+    table = read_table(out / TABLE)
+    before = fingerprint(out)
+    code, stdout, _ = run(capsys, *two_slides, "-o", out, *FAST, "--overwrite")
+    assert code == 0 and stdout.count("ok     ") == 2
+    assert {r["status"] for r in last_run(out).values()} == {"ok"}
+    after = fingerprint(out)
+    for slide in two_slides:
+        assert after[slide.stem] != before[slide.stem]
+        assert after[f"{ROWS_DIR}/{slide.stem}.csv"] != before[f"{ROWS_DIR}/{slide.stem}.csv"]
+    assert read_table(out / TABLE) == table  # the same settings give the same patches
+
+
+def test_an_input_modified_after_the_first_run_is_redone(two_slides, tmp_path, capsys):
+    out = tmp_path / "out"
+    a, b = two_slides
+    assert run(capsys, a, b, "-o", out, *FAST)[0] == 0
+    st = a.stat()
+    os.utime(a, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # same bytes, another mtime
+    assert run(capsys, a, b, "-o", out, *FAST)[0] == 0
+    rows = last_run(out)
+    assert (rows["a.tif"]["status"], rows["b.tif"]["status"]) == ("ok", "skipped")
+    assert rows["a.tif"]["input_mtime_ns"] == str(st.st_mtime_ns + 10**9)
+    # another slide under the same name (other bytes and size): redone
+    from vipsnorm.synth import write_synthetic_slide
+
+    write_synthetic_slide(b, 1024, 1024, seed=7)
+    assert run(capsys, a, b, "-o", out, *FAST)[0] == 0
+    rows = last_run(out)
+    assert (rows["a.tif"]["status"], rows["b.tif"]["status"]) == ("skipped", "ok")
+    assert all(int(r["x"]) <= 1024 - 64 for r in read_table(out / TABLE) if r["slide"] == str(b))
+    # an input now missing is an error, and its old outputs are not counted as finished
+    a.unlink()
+    code, _, stderr = run(capsys, a, b, "-o", out, *FAST)
+    rows = last_run(out)
+    assert code == 1 and (rows["a.tif"]["status"], rows["b.tif"]["status"]) == ("error", "skipped")
+    assert str(a) in rows["a.tif"]["error"] and "error  " in stderr
+
+
+def test_bad_slides_are_errors_and_the_others_go_on(shared_data, two_slides, tmp_path, capsys):
+    bad = [shared_data / "bad" / name for name in ("truncated.jpg", "unopenable.tiff", "unreadable.svs")]
+    out = tmp_path / "out"
+    inputs = [two_slides[0], *bad, two_slides[1]]
+    code, _, stderr = run(capsys, *inputs, "-o", out, *FAST)
+    assert code == 1
+    assert "6 patches from 2 of 5 slides: 2 patched, 3 failed, 0 skipped" in stderr
+    rows = last_run(out)
+    assert [rows[p.name]["status"] for p in inputs] == ["ok", "error", "error", "error", "ok"]
+    for path in bad:
+        row = rows[path.name]
+        assert row["error"].startswith(f"{path}: ") and row["patches"] == "" and row["output"] == ""
+        assert row["input_size"] == str(path.stat().st_size)
+        assert f"error  {path}: " in stderr
+    assert {r["slide"] for r in read_table(out / TABLE)} == {str(p) for p in two_slides}
+    assert not any((out / p.stem).exists() or (out / ROWS_DIR / f"{p.stem}.csv").exists() for p in bad)
+    # a rerun tries the bad slides again and skips the good ones
+    code, _, stderr = run(capsys, *inputs, "-o", out, *FAST)
+    rows = last_run(out)
+    assert code == 1 and [rows[p.name]["status"] for p in inputs] == ["skipped", "error", "error", "error", "skipped"]
+    assert "0 patched, 3 failed, 2 skipped" in stderr and len(read_table(out / TABLE)) == 6
+
+
+def test_the_table_is_complete_after_resuming_and_leftovers_are_removed(two_slides, tmp_path, capsys):
+    """A run that did one slide, then one with both: the table holds both. Leftovers of a killed run
+    (a temporary folder, a rows file being written) are removed, and never enter the table."""
+    out = tmp_path / "out"
+    a, b = two_slides
+    assert run(capsys, a, "-o", out, *FAST)[0] == 0
+    leftovers = [out / f".b{PART_MARKER}0123abcd", out / ROWS_DIR / f".b{PART_MARKER}0123abcd.csv"]
+    leftovers[0].mkdir()
+    (leftovers[0] / "b_L0_0_0.png").write_bytes(b"half a patch")
+    shutil.copyfile(out / ROWS_DIR / "a.csv", leftovers[1])  # would double a's rows if it were read
+    # of a slide of no run here (another run may be writing them): left alone, and never read
+    others = [out / f".c{PART_MARKER}0123abcd", out / ROWS_DIR / f".c{PART_MARKER}0123abcd.csv"]
+    others[0].mkdir()
+    shutil.copyfile(out / ROWS_DIR / "a.csv", others[1])
+    assert run(capsys, a, b, "-o", out, *FAST)[0] == 0
+    assert [r["status"] for r in last_run(out).values()] == ["skipped", "ok"]
+    table = read_table(out / TABLE)
+    assert [r["slide"] for r in table] == [str(a)] * 3 + [str(b)] * 3
+    assert all((out / r["file"]).is_file() for r in table)
+    assert not any(p.exists() for p in leftovers) and all(p.exists() for p in others)
+    # a table cut short or deleted is rebuilt whole by a run that redoes nothing
+    (out / TABLE).unlink()
+    assert run(capsys, a, b, "-o", out, *FAST)[0] == 0
+    assert read_table(out / TABLE) == table
+
+
+def test_the_manifest_path_and_a_manifest_of_another_command(two_slides, tmp_path, capsys):
+    out = tmp_path / "out"
+    elsewhere = tmp_path / "logs" / "p.csv"
+    elsewhere.parent.mkdir()
+    assert run(capsys, two_slides[0], "-o", out, *FAST, "--manifest", elsewhere)[0] == 0
+    assert not default_manifest(out).exists() and [r["status"] for r in read_manifest(elsewhere)] == ["ok"]
+    # resuming does not depend on the manifest: the slide's own record says it is finished
+    assert run(capsys, two_slides[0], "-o", out, *FAST)[0] == 0
+    assert [r["status"] for r in manifest_rows(out)] == ["skipped"]
+    # a manifest of 'vipsnorm normalize' is not appended to
+    normalized = tmp_path / "norm"
+    assert vipsnorm_main(["normalize", str(two_slides[0]), "-o", str(normalized), "--workers", "0"]) == 0
+    code, _, stderr = run(capsys, two_slides[1], "-o", out, *FAST, "--manifest", default_manifest(normalized))
+    assert code == 2 and "is not a manifest of vipsnorm patches" in stderr
+    assert str(default_manifest(normalized)) in stderr
+
+
+_KILLED = 9
+_KILL_SCRIPT = textwrap.dedent(
+    """
+    import os, sys
+    from vipsnorm.cli import main
+
+    kill_at, calls, real = int(sys.argv[1]), [0], os.replace
+
+    def replace(src, dst):  # the process dies instead of the kill_at-th rename, as by SIGKILL: no cleanup
+        calls[0] += 1
+        if calls[0] == kill_at:
+            os._exit({killed})
+        real(src, dst)
+
+    os.replace = replace
+    sys.exit(main(["patches", *sys.argv[2:]]))
+    """
+).format(killed=_KILLED)
+
+
+_COMMON = ("--format", "tar", "--shard-size", 2, "--size", 64, "--random", 4, "--workers", 0)
+_SETTINGS = {"A": ("--seed", 1), "B": ("--seed", 2)}
+
+
+@pytest.fixture(scope="module")
+def clean_runs(tmp_path_factory, small_slide) -> tuple[Path, dict[str, Path]]:
+    """A slide and the output folders of uninterrupted runs with settings A and B (2 shards each)."""
+    folder = tmp_path_factory.mktemp("kill")
+    slide = folder / "s.tif"
+    shutil.copyfile(small_slide, slide)
+    outs = {}
+    for which, settings in _SETTINGS.items():
+        outs[which] = folder / f"clean-{which}"
+        code = vipsnorm_main(["patches", *(str(a) for a in (slide, "-o", outs[which], *_COMMON, *settings))])
+        assert code == 0
+    return slide, outs
+
+
+def _state(out: Path) -> tuple[list[dict], dict[str, bytes]]:
+    return read_table(out / TABLE), {p.name: p.read_bytes() for p in out.glob("*.tar")}
+
+
+@pytest.mark.parametrize("first", ["A", "B"])
+@pytest.mark.parametrize("kill_at", [1, 2, 3, 4])
+def test_a_run_killed_during_a_commit_never_leaves_a_slide_looking_finished(clean_runs, tmp_path, capsys, kill_at, first):
+    """Settings A are committed; a run with settings B dies at its 1st to 4th rename (shard 0, shard 1,
+    the rows file, the table), as if killed there. Whatever was renamed by then, a rerun with A (the
+    old settings: half its shards may be B's now) or with B ends with exactly the outputs and table of
+    an uninterrupted run, and skips the slide only if B's commit was complete."""
+    slide, clean = clean_runs
+    expected = {which: _state(folder) for which, folder in clean.items()}
+    assert expected["A"] != expected["B"] and len(expected["A"][1]) == 2
+    out = tmp_path / "out"
+    shutil.copytree(clean["A"], out)
+    argv = [str(a) for a in (slide, "-o", out, *_COMMON, *_SETTINGS["B"])]
+    killed = subprocess.run([sys.executable, "-c", _KILL_SCRIPT, str(kill_at), *argv], capture_output=True, text=True)
+    assert killed.returncode == _KILLED, killed.stderr
+    b_committed = kill_at > 3  # the 3rd rename commits the rows file
+
+    second = "A" if first == "B" else "B"
+    first_status = "skipped" if first == "B" and b_committed else "ok"
+    for which, status in ((first, first_status), (second, "ok"), (second, "skipped")):
+        assert run(capsys, slide, "-o", out, *_COMMON, *_SETTINGS[which])[0] == 0
+        (row,) = last_run(out).values()
+        assert row["status"] == status, (which, row)
+        assert _state(out) == expected[which]
+        assert no_part_files(out)
