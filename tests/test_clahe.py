@@ -409,3 +409,20 @@ def test_engine_fits_clahe_on_the_2x_level_unless_exact(clahe_slide, monkeypatch
     small = fit_slide(slide, Clahe(region=256), Options())  # 256-px regions: fitted on level 0
     assert seen == [(1536, (3072, 2304)), (3072, (3072, 2304)), (3072, (3072, 2304))]
     assert fast.grid == exact.grid and fast != exact and small.grid == (12, 9)
+
+
+@pytest.mark.parametrize("mode", ["luminance", "rgb"])
+def test_fit_apply_array_is_fit_array_then_apply_array(mode):
+    rgb = data.astronaut()[60:316, 40:296]
+    cases = [
+        (rgb, (8, 8)),
+        (np.ascontiguousarray(rgb[:101, :67]), (8, 8)),  # padded by reflection
+        (rgb[::3, ::2], (3, 5)),
+        (data.moon()[:90, :120], (4, 4)),
+        (rgb[:7, :5], (8, 8)),  # regions of a single pixel
+        (rgb, (40, 3)),  # more than 65536 keys in rgb mode
+    ]
+    for array, grid in cases:
+        method = Clahe(2.5, grid=grid, mode=mode)
+        expected = method.apply_array(array, method.fit_array(array))
+        np.testing.assert_array_equal(method.fit_apply_array(array), expected, err_msg=f"{array.shape} {grid}")

@@ -310,3 +310,48 @@ def test_match_sends_source_glass_to_target_glass_monotonically():
     kept = Match(Sample.from_array(tgt)).fit(source).luts().astype(int)
     assert abs(kept[2][250] - 250) <= 1
     np.testing.assert_allclose(anchor_glass(np.arange(256.0), 200, 200)[200:], np.arange(200, 256))
+
+
+# --- the numpy fast paths of training patches ------------------------------------------------------
+
+
+def _patches() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(3)
+    rgb = data.astronaut()[100:356, 120:376]
+    return {
+        "rgb": rgb,
+        "grey": data.camera()[:200, :131],
+        "grey (h, w, 1)": data.camera()[:90, :70, np.newaxis],
+        "odd rgb": np.ascontiguousarray(rgb[:97, :53]),
+        "strided rgb": rgb[::2, 1::3],
+        "noise": rng.integers(0, 256, (33, 65, 3), dtype=np.uint8),
+        "one pixel": rng.integers(0, 256, (1, 1, 3), dtype=np.uint8),
+    }
+
+
+@pytest.mark.filterwarnings("ignore:equalize. flat histogram")  # (one pixel)
+@pytest.mark.parametrize("mode", ["luminance", "rgb"])
+def test_equalize_fit_apply_array_is_fit_then_apply(mode):
+    method = Equalize(mode)
+    for name, patch in _patches().items():
+        _, expected = _fit_apply(method, patch)
+        np.testing.assert_array_equal(method.fit_apply_array(patch), expected, err_msg=name)
+    flat = np.full((20, 30, 3), 77, np.uint8)
+    with pytest.warns(RuntimeWarning, match="flat"):
+        np.testing.assert_array_equal(method.fit_apply_array(flat), flat)
+    with pytest.raises(TypeError, match="uint8"):
+        method.fit_apply_array(flat.astype(np.float32))
+
+
+def test_histograms_count_the_kept_pixels_of_every_row():
+    from vipsnorm.methods._hist import histograms
+
+    rng = np.random.default_rng(5)
+    for patch in _patches().values():
+        keep = rng.random(patch.shape[:2]) < 0.3
+        kept = patch.reshape(-1, 1 if patch.ndim == 2 else patch.shape[-1])[keep.reshape(-1)]
+        rows = [kept[:, b] for b in range(kept.shape[1])]
+        rows = rows + [luma_array(kept)] if kept.shape[1] == 3 else rows * 4
+        expected = np.array([np.bincount(r, minlength=256) for r in rows], dtype=np.float64)
+        np.testing.assert_array_equal(histograms(patch, keep), expected)
+        np.testing.assert_array_equal(histograms(patch), histograms(patch, np.ones(patch.shape[:2], bool)))

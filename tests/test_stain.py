@@ -425,3 +425,49 @@ def test_degenerate_inputs(case):
 def test_eosin_only_message():
     with pytest.raises(StainSeparationError, match="one stain only"):
         Macenko().fit(Sample.from_array(_synthetic(0.0, stains=(E, E))))
+
+
+def _run_array_reference(array, steps):
+    """:func:`run_array` as first written: every step on the stacked bands, in its plain order."""
+    from vipsnorm.methods._stain import N16, Lut, Recomb
+
+    x = array
+    for step in steps:
+        if isinstance(step, Lut):
+            t = step.table
+            x = t[0][x] if t.shape[0] == 1 else np.stack([t[b][x[..., b]] for b in range(3)], axis=-1)
+        elif isinstance(step, Recomb):
+            m = step.matrix
+            x64 = [x[..., b].astype(np.float64) for b in range(3)]
+            x = np.stack([(m[r, 0] * x64[0] + m[r, 1] * x64[1]) + m[r, 2] * x64[2] for r in range(3)], axis=-1)
+            x = x.astype(np.float32)
+        else:
+            x = np.clip(np.trunc(x), 0, N16 - 1).astype(np.uint16)
+    return x
+
+
+def test_run_array_equals_the_plain_pipeline(shared_data):
+    from vipsnorm.methods._stain import Lut, Recomb, ToIndex, run_array
+
+    rng = np.random.default_rng(11)
+    image = rng.integers(0, 256, (150, 130, 3), dtype=np.uint8)  # more pixels than one step
+    params = Macenko().fit(Sample.from_array(_tile(shared_data, TILES[0])))
+    rein = Reinhard(Reinhard().fit_target([Sample.from_array(_tile(shared_data, TILES[1]))]), glass=None)
+    wild = [  # far below 0 and above 65535 before ToIndex, some rounded up to an integer by float32
+        Lut(rng.normal(0, 3e4, (3, 256)).astype(np.float32)),
+        Recomb(rng.normal(0, 2.0, (3, 3))),
+        ToIndex(),
+        Lut(rng.integers(0, 256, (1, 65536)).astype(np.uint8)),
+    ]
+    for steps in (params.steps(), rein.fit(Sample.from_array(image)).steps(), wild, wild[:2], wild[:1]):
+        np.testing.assert_array_equal(run_array(image, steps), _run_array_reference(image, steps))
+
+
+def test_output_table_is_the_formula_at_every_index():
+    from vipsnorm.methods.stain import N16, _output_table
+
+    j = np.arange(N16)[np.newaxis, :] + 0.5
+    for io, scale, offset in [(240.0, 11200.0, 0.06), (255.0, 11500.0, 0.0), (200.0, 1e6, 0.4), (37.0, 15000.0, 1.7),
+                              (0.5, -9000.0, 0.1)]:  # (the last: no staircase, every entry computed)
+        expected = np.floor(np.minimum(io * np.exp(-(j / np.array([[scale]]) - offset)), 255.0)).astype(np.uint8)[0]
+        np.testing.assert_array_equal(_output_table(io, scale, offset), expected)

@@ -26,38 +26,74 @@ __all__ = [
 LUMA_WEIGHTS = (4899, 9617, 1868)  # / 2**14
 _SHIFT = 14
 
+#: Values per step of the numpy paths over whole images: a step's 8-byte temporaries (np.take's intp
+#: copy of its indices, float64) take 120 KiB, below glibc's 128 KiB mmap threshold. Larger ones are
+#: mapped, page-faulted and unmapped on every call, which costs more than the arithmetic on a 256 px
+#: patch (1.7 us a 4 KiB page, measured).
+STEP = 15_360
+
 
 def luma_array(rgb: np.ndarray) -> np.ndarray:
     """BT.601 luma of an ``(..., 3)`` uint8 array, as uint8 (``(..., 1)`` arrays pass through)."""
     if rgb.shape[-1] == 1:
         return rgb[..., 0]
-    r, g, b = (rgb[..., i].astype(np.int32) for i in range(3))
-    return ((LUMA_WEIGHTS[0] * r + LUMA_WEIGHTS[1] * g + LUMA_WEIGHTS[2] * b + (1 << (_SHIFT - 1))) >> _SHIFT).astype(
-        np.uint8
-    )
+    flat = rgb.reshape(-1, rgb.shape[-1])
+    out = np.empty(flat.shape[0], np.uint8)
+    for start in range(0, flat.shape[0], 2 * STEP):  # int32 temporaries of 120 KiB
+        out[start : start + 2 * STEP] = _luma(flat[start : start + 2 * STEP])
+    return out.reshape(rgb.shape[:-1])
 
 
-_ROW_OFFSETS = (np.arange(4, dtype=np.uint16) * 256)[:, np.newaxis]
+def _luma(rgb: np.ndarray) -> np.ndarray:
+    # the fixed-point formula, in place in int32
+    y = rgb[..., 0].astype(np.int32)
+    y *= LUMA_WEIGHTS[0]
+    for band in (1, 2):
+        term = rgb[..., band].astype(np.int32)
+        term *= LUMA_WEIGHTS[band]
+        y += term
+    y += 1 << (_SHIFT - 1)
+    y >>= _SHIFT
+    return y.astype(np.uint8)
+
+
+def counts(values: np.ndarray, keep: np.ndarray | None = None) -> np.ndarray:
+    """Histogram (256 int64 counts) of a uint8 array of any shape, of the values where ``keep`` (a
+    uint16 array of its shape, 256 for a kept value and 0 for the others) is 256 if given.
+
+    ``np.add.at``: as fast as ``np.bincount``, without its intp copy of the values."""
+    if keep is None:
+        out = np.zeros(256, np.int64)
+        np.add.at(out, values, 1)
+        return out
+    out = np.zeros(512, np.int64)  # dropped values land in bins 0..255
+    np.add.at(out, np.add(values, keep, dtype=np.uint16), 1)
+    return out[256:]
+
+
+def take(table: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """``table[index]`` for a 1-D ``table`` and an unsigned integer ``index`` whose every value is in
+    range: ``np.take`` (faster than fancy indexing) in steps of :data:`STEP` values, so that it converts
+    only a step's indices to intp at a time."""
+    out = np.empty(index.shape, table.dtype)
+    flat, into = index.reshape(-1), out.reshape(-1)
+    for start in range(0, flat.shape[0], STEP):
+        np.take(table, flat[start : start + STEP], out=into[start : start + STEP], mode="wrap")
+    return out
 
 
 def histograms(pixels: np.ndarray, keep: np.ndarray | None = None) -> np.ndarray:
-    """(4, 256) R, G, B, Y counts of a uint8 ``(h, w)`` / ``(h, w, 1)`` / ``(h, w, 3)`` array, in one
-    ``bincount``; only the pixels where ``keep`` is True, if given. Grey fills all four rows."""
+    """(4, 256) R, G, B, Y counts of a uint8 ``(h, w)`` / ``(h, w, 1)`` / ``(h, w, 3)`` array, counted
+    row by row; only the pixels where ``keep`` is True, if given. Grey fills all four rows."""
     bands = 1 if pixels.ndim == 2 else pixels.shape[-1]
     if bands not in (1, 3):
         raise ValueError(f"expected 1 or 3 bands, got {bands}")
     flat = pixels.reshape(-1, bands)
-    index = np.empty((4, flat.shape[0]), np.uint16)
-    if bands == 3:
-        index[:3] = flat.T
-        index[3] = luma_array(flat)
-    else:
-        index[:] = flat[:, 0]
-    index += _ROW_OFFSETS
-    if keep is None:
-        return np.bincount(index.ravel(), minlength=1024).reshape(4, 256).astype(np.float64)
-    index += keep.reshape(-1).astype(np.uint16) * 1024  # dropped pixels land in bins 0..1023
-    return np.bincount(index.ravel(), minlength=2048)[1024:].reshape(4, 256).astype(np.float64)
+    if keep is not None:
+        keep = keep.reshape(-1).astype(bool).astype(np.uint16) << 8
+    rows = [counts(flat[:, b], keep) for b in range(bands)]
+    rows = rows + [counts(luma_array(flat), keep)] if bands == 3 else rows * 4
+    return np.array(rows, dtype=np.float64)
 
 
 def luma_image(image: pyvips.Image) -> pyvips.Image:
@@ -144,12 +180,45 @@ def apply_luts_array(array: np.ndarray, luts: np.ndarray, space: str) -> np.ndar
     luts = np.asarray(luts, dtype=np.uint8).reshape(-1, 256)
     squeeze = array.ndim == 2
     a = array[..., np.newaxis] if squeeze else array
+    if a.dtype != np.uint8 or a.ndim < 2:  # not an image: fancy indexing (its errors, negative indices)
+        out = _apply_luts_indexing(a, luts, space)
+    elif space == "luminance" and a.shape[-1] == 3:
+        out = add_luma_change(a, luts[0], luma_array(a))
+    elif space == "rgb" and a.shape[-1] == 3:
+        out = np.empty(a.shape, np.uint8)
+        for b in range(3):
+            out[..., b] = take(luts[b], a[..., b])
+    else:
+        out = take(luts[0], a)
+    return out[..., 0] if squeeze else out
+
+
+def _apply_luts_indexing(a: np.ndarray, luts: np.ndarray, space: str) -> np.ndarray:
     if space == "luminance" and a.shape[-1] == 3:
         y = luma_array(a)
         delta = luts[0].astype(np.int16)[y] - y.astype(np.int16)
-        out = np.clip(a.astype(np.int16) + delta[..., np.newaxis], 0, 255).astype(np.uint8)
-    elif space == "rgb" and a.shape[-1] == 3:
-        out = np.stack([luts[i][a[..., i]] for i in range(3)], axis=-1)
-    else:
-        out = luts[0][a]
-    return out[..., 0] if squeeze else out
+        return np.clip(a.astype(np.int16) + delta[..., np.newaxis], 0, 255).astype(np.uint8)
+    if space == "rgb" and a.shape[-1] == 3:
+        return np.stack([luts[i][a[..., i]] for i in range(3)], axis=-1)
+    return luts[0][a]
+
+
+def add_luma_change(rgb: np.ndarray, lut: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """``clip(rgb + lut[y] - y, 0, 255)``: the luma ``y`` of a ``(..., 3)`` uint8 array mapped by the
+    uint8 ``lut``, its change added to every band (hue and chroma kept, as in YCbCr)."""
+    return add_change(rgb, take(lut, y), y)
+
+
+def add_change(rgb: np.ndarray, new: np.ndarray, old: np.ndarray) -> np.ndarray:
+    """``clip(rgb + (new - old), 0, 255)`` as uint8, for a ``(..., 3)`` uint8 array and the new and old
+    uint8 values (luma) of its pixels, the change added to every band (in steps of whole rows)."""
+    out = np.empty(rgb.shape, np.uint8)
+    step = max(1, 4 * STEP * rgb.shape[0] // max(rgb.size, 1))  # rows: int16 temporaries of 120 KiB
+    for start in range(0, rgb.shape[0], step):
+        part = rgb[start : start + step].astype(np.int16)
+        change = new[start : start + step].astype(np.int16)
+        change -= old[start : start + step]
+        for b in range(rgb.shape[-1]):  # band by band: one broadcast over the band axis is slower
+            part[..., b] += change
+        out[start : start + step] = np.clip(part, 0, 255, out=part)
+    return out

@@ -30,6 +30,8 @@ from dataclasses import dataclass
 import numpy as np
 import pyvips
 
+from ._hist import STEP
+
 __all__ = [
     "HE_REF",
     "MAX_C_REF",
@@ -148,21 +150,70 @@ def run_image(image: pyvips.Image, steps: list[Step]) -> pyvips.Image:
 
 
 def run_array(array: np.ndarray, steps: list[Step]) -> np.ndarray:
-    """Run ``steps`` on a ``(..., 3)`` numpy array, with the arithmetic of :func:`run_image`."""
-    x = array
-    for step in steps:
+    """Run ``steps`` on a ``(..., 3)`` numpy array, with the arithmetic of :func:`run_image`.
+
+    The pixels go through band by band (``np.take`` lookups, no stacking of the bands between steps), in
+    steps of :data:`~._hist.STEP` pixels (float64 temporaries below glibc's mmap threshold). Two
+    shortcuts give the same values: a small float32 table followed by a ``Recomb`` is read in float64
+    (the values ``Recomb`` casts it to), and a ``Recomb`` followed by ``ToIndex`` clips in float64 before
+    rounding to float32 (0 and 65535 are float32 values, so clipping before or after the rounding is the
+    same, and the uint16 cast truncates as ``ToIndex`` does).
+    """
+    if not steps:
+        return array
+    plan = []
+    for i, step in enumerate(steps):
+        following = steps[i + 1] if i + 1 < len(steps) else None
         if isinstance(step, Lut):
             t = step.table
-            x = t[0][x] if t.shape[0] == 1 else np.stack([t[b][x[..., b]] for b in range(3)], axis=-1)
+            if t.dtype == np.float32 and t.shape[-1] <= 256 and isinstance(following, Recomb):
+                t = t.astype(np.float64)
+            plan.append(("lut", t))
         elif isinstance(step, Recomb):
-            m = step.matrix
-            x64 = [x[..., b].astype(np.float64) for b in range(3)]
-            # libvips accumulates left to right in double, then stores float
-            x = np.stack([(m[r, 0] * x64[0] + m[r, 1] * x64[1]) + m[r, 2] * x64[2] for r in range(3)], axis=-1)
-            x = x.astype(np.float32)
-        else:
-            x = np.clip(np.trunc(x), 0, N16 - 1).astype(np.uint16)
-    return x
+            plan.append(("recomb", step.matrix, isinstance(following, ToIndex)))
+        elif not (i > 0 and isinstance(steps[i - 1], Recomb)):  # else done by that Recomb
+            plan.append(("index",))
+    flat = array.reshape(-1, array.shape[-1])
+    n = flat.shape[0]
+    out = None
+    for start in range(0, max(n, 1), STEP):
+        planes = [flat[start : start + STEP, b] for b in range(flat.shape[1])]
+        for op in plan:
+            planes = _run_step(op, planes)
+        if out is None:
+            out = np.empty((n, len(planes)), planes[0].dtype)
+        for b, plane in enumerate(planes):
+            out[start : start + STEP, b] = plane
+    return out.reshape(array.shape[:-1] + (out.shape[1],))
+
+
+def _run_step(op: tuple, planes: list[np.ndarray]) -> list[np.ndarray]:
+    if op[0] == "lut":
+        t = op[1]
+        return [_lookup(t[0] if t.shape[0] == 1 else t[b], x) for b, x in enumerate(planes)]
+    if op[0] == "recomb":
+        # libvips accumulates left to right in double, then stores float
+        m, to_index = op[1], op[2]
+        x = [p if p.dtype == np.float64 else p.astype(np.float64) for p in planes[:3]]
+        term = np.empty_like(x[0])
+        out = []
+        for r in range(3):
+            acc = np.multiply(x[0], m[r, 0])
+            acc += np.multiply(x[1], m[r, 1], out=term)
+            acc += np.multiply(x[2], m[r, 2], out=term)
+            if to_index:
+                out.append(np.clip(acc, 0, N16 - 1, out=acc).astype(np.float32).astype(np.uint16))
+            else:
+                out.append(acc.astype(np.float32))
+        return out
+    return [np.clip(np.trunc(x), 0, N16 - 1).astype(np.uint16) for x in planes]
+
+
+def _lookup(table: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """``table[index]``; by ``np.take`` (faster) when every value of the index's dtype is in range."""
+    if index.dtype.kind == "u" and table.shape[0] > np.iinfo(index.dtype).max:
+        return np.take(table, index, mode="wrap")
+    return table[index]
 
 
 def blend_image(weight: pyvips.Image, a: pyvips.Image, b: pyvips.Image) -> pyvips.Image:

@@ -26,6 +26,7 @@ on pixels whose interpolated value falls on (or within float error of) a half-in
 from __future__ import annotations
 
 import base64
+import functools
 import math
 import warnings
 import zlib
@@ -35,7 +36,7 @@ from typing import Sequence
 import numpy as np
 import pyvips
 
-from ._hist import luma_array, luma_image
+from ._hist import STEP, add_change, luma_array, luma_image
 from .base import Method, Params, Sample
 
 __all__ = ["Clahe", "ClaheParams", "clahe_luts", "grid_geometry"]
@@ -54,8 +55,6 @@ _BINS = 256
 _REGIONS_PER_PASS = 65536 // _BINS
 #: Interpolation cells one ``maplut`` can key (its LUT holds at most 65536 entries).
 _CELLS_PER_LUT = 65536 // _BINS
-#: Above this many pixels, :meth:`Clahe.apply_array` works in row chunks of about this many pixels.
-_CHUNK_PIXELS = 1 << 22
 
 
 # --------------------------------------------------------------------------------------------------
@@ -97,20 +96,42 @@ def clahe_luts(hist: np.ndarray, clip_limit: float, area: int) -> np.ndarray:
     ndarray, shape (..., 256), uint8
         ``round_half_even(cumsum(clipped) * float32(255 / area))``, in float32 as OpenCV.
     """
-    h = np.asarray(hist, dtype=np.int64).copy()
+    hist = np.asarray(hist)
+    out = np.empty(hist.shape, np.uint8)
+    rows, into = hist.reshape(-1, _BINS), out.reshape(-1, _BINS)
+    per = max(1, STEP // _BINS)  # regions per step: int64 temporaries of 120 KiB
+    for start in range(0, rows.shape[0], per):
+        into[start : start + per] = _clahe_luts(rows[start : start + per], clip_limit, area)
+    return out
+
+
+def _clahe_luts(hist: np.ndarray, clip_limit: float, area: int) -> np.ndarray:
+    h = np.array(hist, dtype=np.int64)
     if clip_limit > 0:
         clip = max(int(clip_limit * area / _BINS), 1)
-        excess = np.maximum(h - clip, 0).sum(axis=-1)
+        excess = h - clip
+        excess = np.maximum(excess, 0, out=excess).sum(axis=-1)
         np.minimum(h, clip, out=h)
-        batch = excess // _BINS
-        residual = (excess - batch * _BINS)[..., np.newaxis]
+        batch, residual = np.divmod(excess, _BINS)
         h += batch[..., np.newaxis]
-        i = np.arange(_BINS)
-        step = np.maximum(_BINS // np.maximum(residual, 1), 1)
-        h += (i % step == 0) & (i // step < residual)
+        h += np.take(_residual_bins(), residual, axis=0)
     scale = np.float32(_BINS - 1) / np.float32(area)
-    lut = np.rint(np.cumsum(h, axis=-1).astype(np.float32) * scale)
-    return np.clip(lut, 0, 255).astype(np.uint8)
+    lut = np.cumsum(h, axis=-1, out=h).astype(np.float32)
+    lut *= scale
+    np.rint(lut, out=lut)
+    return np.clip(lut, 0, 255, out=lut)
+
+
+@functools.lru_cache(maxsize=1)
+def _residual_bins() -> np.ndarray:
+    """(256, 256) uint8: the bins that get one more count when ``r`` counts remain to be spread (row
+    ``r``): one every ``256 // r`` bins from 0, ``r`` of them (OpenCV's rule)."""
+    r = np.arange(_BINS)[:, np.newaxis]
+    i = np.arange(_BINS)
+    step = np.maximum(_BINS // np.maximum(r, 1), 1)
+    table = ((i % step == 0) & (i // step < r)).astype(np.uint8)
+    table.flags.writeable = False
+    return table
 
 
 def _reflect101(index: np.ndarray, size: int) -> np.ndarray:
@@ -334,26 +355,46 @@ class Clahe(Method):
         """The in-memory twin of :meth:`fit_level` for an ``(h, w)`` / ``(h, w, 1)`` / ``(h, w, 3)`` uint8
         array: numpy only, the same histograms (so the same params)."""
         a = _check_array(array)
+        height, width, _ = a.shape
+        grid, tile, mode, luts = self._fit_luts_array(a, mpp)
+        return self._encode(luts, width, height, grid, tile, mode)
+
+    def fit_apply_array(self, array: np.ndarray, *, mpp: float | Sequence[float] | None = None) -> np.ndarray:
+        """:meth:`fit_array` then :meth:`apply_array` on the same array, bit for bit, without encoding
+        and decoding the params' LUTs and with one luma in luminance mode (training patches)."""
+        squeeze = np.asarray(array).ndim == 2
+        a = _check_array(array)
+        y = luma_array(a) if self._mode(a.shape[-1]) == "luminance" else None
+        grid, tile, mode, luts = self._fit_luts_array(a, mpp, y)
+        out = _map_array(a, luts, grid, tile, mode, y)
+        return out[..., 0] if squeeze else out
+
+    def _fit_luts_array(self, a: np.ndarray, mpp, y: np.ndarray | None = None):
+        """``(grid, tile, mode, luts)`` of an ``(h, w, bands)`` uint8 array (``y``: its luma, if known)."""
         height, width, bands = a.shape
         grid = self.grid_for(width, height, mpp)
         mode = self._mode(bands)
         tw, th, pad_x, pad_y = grid_geometry(width, height, grid)
-        planes = [luma_array(a)] if mode == "luminance" else [a[..., b] for b in range(bands)]
-        rows = _reflect101(np.arange(height + pad_y), height)
-        cols = _reflect101(np.arange(width + pad_x), width)
-        hist = np.stack([_region_histograms_array(p[np.ix_(rows, cols)], grid, (tw, th)) for p in planes])
-        return self._params(hist, width, height, grid, (tw, th), mode)
+        if mode == "luminance":
+            planes = (luma_array(a) if y is None else y)[..., np.newaxis]
+        else:
+            planes = a
+        hist = _region_histograms_array(planes, grid, (tw, th), (pad_x, pad_y))
+        return grid, (tw, th), mode, self._luts(hist, tw * th)
 
     def _mode(self, bands: int) -> str:
         return "grey" if bands == 1 else self.mode
 
     def _params(self, hist, width, height, grid, tile, mode) -> ClaheParams:
-        area = tile[0] * tile[1]
+        return self._encode(self._luts(hist, tile[0] * tile[1]), width, height, grid, tile, mode)
+
+    def _luts(self, hist: np.ndarray, area: int) -> np.ndarray:
         if all(np.count_nonzero(h.sum(axis=(0, 1))) <= 1 for h in hist):
-            warnings.warn("clahe: every pixel has the same value; left unchanged", RuntimeWarning, stacklevel=3)
-            luts = np.broadcast_to(np.arange(_BINS, dtype=np.uint8), hist.shape)
-        else:
-            luts = clahe_luts(hist, self.clip_limit, area)
+            warnings.warn("clahe: every pixel has the same value; left unchanged", RuntimeWarning, stacklevel=4)
+            return np.broadcast_to(np.arange(_BINS, dtype=np.uint8), hist.shape)
+        return clahe_luts(hist, self.clip_limit, area)
+
+    def _encode(self, luts, width, height, grid, tile, mode) -> ClaheParams:
         return ClaheParams(
             width=int(width),
             height=int(height),
@@ -398,25 +439,8 @@ class Clahe(Method):
         a = _check_array(array)
         height, width, bands = a.shape
         _check_size(width, height, params)
-        luts = params.lut_array()
         mode, bands = _apply_mode(params, bands)
-        cols, rows = params.grid
-        _, tx1, tx2, xa = _axis_cells(width, params.tile[0], cols)
-        _, ty1, ty2, ya = _axis_cells(height, params.tile[1], rows)
-        out = np.empty_like(a)
-        step = max(1, _CHUNK_PIXELS // max(width, 1))
-        for y0 in range(0, height, step):
-            sl = slice(y0, min(y0 + step, height))
-            rows_ = (ty1[sl], ty2[sl], ya[sl])
-            if mode == "luminance":
-                y = luma_array(a[sl])
-                new = _interp_array(y, luts[0], rows_, (tx1, tx2, xa))
-                delta = new.astype(np.int16) - y.astype(np.int16)
-                out[sl] = np.clip(a[sl].astype(np.int16) + delta[..., np.newaxis], 0, 255)
-            else:
-                for b in range(bands):
-                    lut = luts[b if mode == "rgb" else 0]
-                    out[sl, :, b] = _interp_array(a[sl, :, b], lut, rows_, (tx1, tx2, xa))
+        out = _map_array(a, params.lut_array(), params.grid, params.tile, mode)
         return out[..., 0] if squeeze else out
 
 
@@ -460,32 +484,132 @@ def _apply_mode(params: ClaheParams, bands: int) -> tuple[str, int]:
 # helpers: numpy
 
 
-def _region_histograms_array(plane: np.ndarray, grid: tuple[int, int], tile: tuple[int, int]) -> np.ndarray:
-    """(rows, cols, 256) counts of a padded ``(rows*th, cols*tw)`` uint8 plane."""
+def _region_histograms_array(
+    planes: np.ndarray, grid: tuple[int, int], tile: tuple[int, int], pad: tuple[int, int]
+) -> np.ndarray:
+    """(channels, rows, cols, 256) region counts of ``(h, w, channels)`` uint8 planes, padded at the right
+    and bottom by ``pad`` (``BORDER_REFLECT_101``, as OpenCV).
+
+    Each value is keyed ``(channel, region row, region col) * 256 + value`` (uint16, or int32 past
+    65536 bins) and counted by ``np.add.at``, a few rows of regions (or of pixels) at a time.
+    """
     cols, rows = grid
     tw, th = tile
-    col_key = (np.arange(cols * tw) // tw).astype(np.int64) * _BINS
-    out = np.empty((rows, cols, _BINS), np.int64)
-    for r in range(rows):
-        block = plane[r * th : (r + 1) * th]
-        keys = (block.astype(np.int64) + col_key).ravel()
-        out[r] = np.bincount(keys, minlength=cols * _BINS).reshape(cols, _BINS)
-    return out
+    height, width, channels = planes.shape
+    if pad != (0, 0):
+        ys = _reflect101(np.arange(rows * th), height)
+        xs = _reflect101(np.arange(cols * tw), width)
+        planes = planes[ys[:, np.newaxis], xs]
+    out = np.zeros(channels * rows * cols * _BINS, np.int64)
+    row_values = cols * tw * channels
+    per = max(1, min(rows, 4 * STEP // (th * row_values)))  # region rows at a time: keys of 120 KiB
+    sub = max(1, 4 * STEP // row_values)  # pixel rows at a time, within a larger region row
+    for r0 in range(0, rows, per):
+        n = min(per, rows - r0)
+        keys = _region_keys(r0, n, grid, tw, channels)
+        block = planes[r0 * th : (r0 + n) * th].reshape(n, th, cols * tw, channels)
+        for y0 in range(0, th, sub):
+            np.add.at(out, np.add(block[:, y0 : y0 + sub], keys, dtype=keys.dtype), 1)
+    return out.reshape(channels, rows, cols, _BINS)
 
 
-def _interp_array(values: np.ndarray, lut: np.ndarray, rows, cols) -> np.ndarray:
-    """OpenCV's bilinear interpolation of the region LUTs ``lut[rows, cols, 256]`` at every pixel."""
-    ty1, ty2, ya = rows
-    tx1, tx2, xa = cols
-    v = values.astype(np.intp)
-    xa_ = xa[np.newaxis, :]
-    xa1 = np.float32(1.0) - xa_
-    ya_ = ya[:, np.newaxis]
-    ya1 = np.float32(1.0) - ya_
-    top = lut[ty1[:, None], tx1[None, :], v].astype(np.float32) * xa1 + lut[ty1[:, None], tx2[None, :], v] * xa_
-    bottom = lut[ty2[:, None], tx1[None, :], v].astype(np.float32) * xa1 + lut[ty2[:, None], tx2[None, :], v] * xa_
-    res = top * ya1 + bottom * ya_
-    return np.clip(np.rint(res), 0, 255).astype(np.uint8)
+@functools.lru_cache(maxsize=32)
+def _region_keys(r0: int, n: int, grid: tuple[int, int], tw: int, channels: int) -> np.ndarray:
+    """The keys of :func:`_region_histograms_array` for the region rows ``r0 .. r0 + n``, shape
+    ``(n, 1, cols * tw, channels)``: ``((channel * rows + region row) * cols + region col) * 256``."""
+    cols, rows = grid
+    region = (r0 + np.arange(n))[:, np.newaxis] * cols + np.arange(cols * tw)[np.newaxis, :] // tw
+    keys = (region[:, :, np.newaxis] + np.arange(channels) * (rows * cols)) * _BINS
+    keys = keys.astype(np.uint16 if channels * rows * cols * _BINS <= 1 << 16 else np.int32)[:, np.newaxis]
+    keys.flags.writeable = False
+    return keys
+
+
+def _map_array(
+    a: np.ndarray, luts: np.ndarray, grid: tuple[int, int], tile: tuple[int, int], mode: str, y=None
+) -> np.ndarray:
+    """OpenCV's bilinear interpolation of the region LUTs ``luts[channel, row, col, 256]`` at every pixel
+    of an ``(h, w, bands)`` uint8 array, as :meth:`Clahe.apply_array` (``y``: the luma, if known).
+
+    Each band (or the luma) is one ``(h, w * k)`` plane of values; each of the four regions around a
+    pixel is one ``np.take`` from the flat float32 LUTs at ``value + base``, the base indexing the region
+    (and the band's LUTs in ``rgb`` mode). The arithmetic is OpenCV's, in float32, in its order.
+    """
+    height, width, bands = a.shape
+    if mode == "luminance":
+        plane = luma_array(a) if y is None else y
+        k = 1
+    else:
+        plane = a.reshape(height, width * bands)
+        k = bands
+    table = luts.astype(np.float32).reshape(-1)
+    geometry = _interp_geometry(height, width, tile, grid, k, mode == "rgb")
+    xa1, xa, ya1, ya = geometry.weights
+    out = np.empty((height, width * k), np.uint8)
+    step = max(1, STEP // (width * k))
+    top, bottom, other = (np.empty((min(step, height), width * k), np.float32) for _ in range(3))
+    for y0 in range(0, height, step):
+        sl = slice(y0, min(y0 + step, height))
+        v = plane[sl]
+        t, b, o = top[: sl.stop - y0], bottom[: sl.stop - y0], other[: sl.stop - y0]
+        i11, i12, i21, i22 = (np.add(v, base, dtype=base.dtype) for base in geometry.bases(sl))
+        np.take(table, i11, out=t, mode="wrap")
+        np.take(table, i12, out=o, mode="wrap")
+        t *= xa1
+        o *= xa
+        t += o  # the top row of regions
+        np.take(table, i21, out=b, mode="wrap")
+        np.take(table, i22, out=o, mode="wrap")
+        b *= xa1
+        o *= xa
+        b += o  # the bottom row
+        t *= ya1[sl]
+        b *= ya[sl]
+        t += b
+        # OpenCV clips to 0..255 here; a convex combination of LUT values needs no clipping after rint
+        out[sl] = np.rint(t, out=t)
+    if mode == "luminance":
+        return add_change(a, out, plane)
+    return out.reshape(height, width, k)
+
+
+class _Geometry:
+    """Where each pixel of an image size and grid finds its four region LUTs, and its weights.
+
+    The flat LUT index of region ``(row, col)`` of band ``c`` is ``((c * rows + row) * cols + col) * 256``
+    in ``rgb`` mode (every band indexes the one LUT set otherwise), stored per pixel column and per pixel
+    row and summed (:meth:`bases`); images up to :attr:`KEEP` values keep the sums.
+    """
+
+    KEEP = 1 << 18
+
+    def __init__(self, height: int, width: int, tile, grid, k: int, rgb: bool):
+        cols, rows = grid
+        _, tx1, tx2, xa = _axis_cells(width, tile[0], cols)
+        _, ty1, ty2, ya = _axis_cells(height, tile[1], rows)
+        dtype = np.uint16 if k * rows * cols * _BINS <= 1 << 16 else np.int32
+        band = np.arange(k) * (rows * cols * _BINS if rgb else 0)
+        self.columns = [(tx[:, np.newaxis] * _BINS + band).reshape(-1).astype(dtype) for tx in (tx1, tx2)]
+        self.rows = [(ty * (cols * _BINS)).astype(dtype)[:, np.newaxis] for ty in (ty1, ty2)]
+        xa = np.repeat(xa, k)  # one weight per value of a row of k bands
+        one = np.float32(1.0)
+        #: ``1 - a``, ``a`` across and ``1 - b``, ``b`` down (float32, as OpenCV)
+        self.weights = (one - xa, xa, (one - ya)[:, np.newaxis], ya[:, np.newaxis])
+        self.kept = self._bases(slice(0, height)) if height * width * k <= self.KEEP else None
+        for array in self.columns + self.rows + list(self.weights) + (self.kept or []):
+            array.flags.writeable = False
+
+    def _bases(self, rows: slice) -> list[np.ndarray]:
+        return [r[rows] + c for r in self.rows for c in self.columns]  # top left, top right, bottom ...
+
+    def bases(self, rows: slice) -> list[np.ndarray]:
+        """The flat LUT index, less the value, of the four regions around each pixel of ``rows``."""
+        return [b[rows] for b in self.kept] if self.kept is not None else self._bases(rows)
+
+
+@functools.lru_cache(maxsize=4)
+def _interp_geometry(height: int, width: int, tile, grid, k: int, rgb: bool) -> _Geometry:
+    return _Geometry(height, width, tile, grid, k, rgb)
 
 
 # --------------------------------------------------------------------------------------------------

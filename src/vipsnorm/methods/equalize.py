@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ._hist import add_luma_change, apply_luts_array, counts, luma_array
 from .base import LutMethod, LutParams, Sample
 
 __all__ = ["Equalize", "EqualizeParams", "equalize_lut"]
@@ -69,8 +70,28 @@ class Equalize(LutMethod):
 
     def fit(self, sample: Sample) -> EqualizeParams:
         rgb = self.mode == "rgb" and sample.bands == 3
-        rows = [sample.hist[i] for i in range(3)] if rgb else [sample.hist[3]]
+        luts = self._luts(sample.hist[:3] if rgb else sample.hist[3:])
+        return EqualizeParams(space="rgb" if rgb else "luminance", lut=tuple(map(tuple, luts.tolist())))
+
+    def fit_apply_array(self, array: np.ndarray) -> np.ndarray:
+        """Fit on every pixel of a uint8 ``(h, w)``, ``(h, w, 1)`` or ``(h, w, 3)`` array and apply to it:
+        ``apply_array(array, fit(Sample.from_array(array)))`` bit for bit, counting only the histograms
+        the mode needs and the luma once, without a :class:`Sample` or params (training patches)."""
+        a = np.asarray(array)
+        if a.dtype != np.uint8:
+            raise TypeError(f"expected uint8 pixels, got {a.dtype}")
+        if not (a.ndim == 2 or (a.ndim == 3 and a.shape[-1] in (1, 3))):
+            raise ValueError(f"expected an (h, w), (h, w, 1) or (h, w, 3) array, not shape {a.shape}")
+        if a.ndim == 2 or a.shape[-1] == 1:
+            return apply_luts_array(a, self._luts([counts(a)]), "luminance")
+        if self.mode == "rgb":
+            return apply_luts_array(a, self._luts([counts(a[..., b]) for b in range(3)]), "rgb")
+        y = luma_array(a)
+        return add_luma_change(a, self._luts([counts(y)])[0], y)
+
+    @staticmethod
+    def _luts(rows) -> np.ndarray:
+        """(k, 256) uint8 equalization LUTs of k histograms (warns about flat ones)."""
         if any(np.count_nonzero(r) <= 1 for r in rows):
-            warnings.warn("equalize: flat histogram; left unchanged", RuntimeWarning, stacklevel=2)
-        luts = tuple(tuple(int(v) for v in equalize_lut(r)) for r in rows)
-        return EqualizeParams(space="rgb" if rgb else "luminance", lut=luts)
+            warnings.warn("equalize: flat histogram; left unchanged", RuntimeWarning, stacklevel=3)
+        return np.stack([equalize_lut(r) for r in rows])

@@ -11,6 +11,7 @@ estimate the stain vectors), or one fitted on reference images with :meth:`Macen
 
 from __future__ import annotations
 
+import functools
 from abc import abstractmethod
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +20,7 @@ import numpy as np
 import pyvips
 
 from ..errors import InvalidReferenceError, NoTissueError, StainSeparationError, UnsupportedImageError
+from ._hist import STEP, take
 from ._stain import (
     HE_REF,
     LAB_C,
@@ -123,7 +125,7 @@ def _extreme_directions(odhat: np.ndarray, plane: np.ndarray, alpha: float) -> t
     """The unit OD directions at the ``alpha`` and ``100 - alpha`` percentiles of angle in ``plane``."""
     proj = odhat @ plane
     phi = np.arctan2(proj[:, 1], proj[:, 0])
-    lo, hi = np.percentile(phi, [alpha, 100 - alpha])
+    lo, hi = np.percentile(phi, [alpha, 100 - alpha], overwrite_input=True)
     return plane @ np.array([np.cos(lo), np.sin(lo)]), plane @ np.array([np.cos(hi), np.sin(hi)])
 
 
@@ -144,7 +146,7 @@ def _max_concentrations(he: np.ndarray, od: np.ndarray, method: str) -> np.ndarr
     maxima are those of the concentrations it scales, whichever method found ``he``.
     """
     concentrations = np.linalg.pinv(he) @ od.T
-    max_c = np.percentile(concentrations, 99, axis=1)
+    max_c = np.percentile(concentrations, 99, axis=1, overwrite_input=True)
     if not np.all(max_c > 1e-6):
         raise StainSeparationError(
             None, f"{method}: a stain has no positive concentration (99th percentiles {max_c.tolist()})"
@@ -196,8 +198,16 @@ def macenko_stains(
     around +-pi. Concentrations are the least-squares solution over *all* pixels, as the reference.
     """
     pixels = np.asarray(pixels).reshape(-1, 3)
-    od = od_lut(io)[pixels]
-    odhat = od[(od >= beta).all(axis=1)]
+    table = od_lut(io)
+    if pixels.dtype == np.uint8:  # the threshold applied to the 256 values, not to every pixel's OD
+        dark = table >= beta
+        keep = take(dark, pixels[:, 0])
+        keep &= take(dark, pixels[:, 1])
+        keep &= take(dark, pixels[:, 2])
+        odhat = take(table, pixels[keep])
+    else:
+        od = table[pixels]
+        odhat = od[(od >= beta).all(axis=1)]
     if odhat.shape[0] < MIN_STAINED_PIXELS:
         raise NoTissueError(
             None,
@@ -214,7 +224,11 @@ def macenko_stains(
     if angle < MIN_STAIN_ANGLE:
         raise _one_stain("macenko", angle, "the two stain directions are")
     he = _order_he(v_lo, v_hi)
-    return he, _max_concentrations(he, od, "macenko"), int(odhat.shape[0])
+    stained = int(odhat.shape[0])
+    if pixels.dtype == np.uint8:
+        del odhat  # the OD of every pixel only now: fewer large arrays alive at once
+        od = take(table, pixels)
+    return he, _max_concentrations(he, od, "macenko"), stained
 
 
 def vahadane_stains(
@@ -412,9 +426,64 @@ def _stain_matrix_steps(params: StainParams) -> list:
     d = he @ (np.asarray(params.max_c) / np.asarray(params.target_max_c) * k)
     scale = (N16 - 1) / (od_black + offset)
     table1 = (od_lut(io)[np.newaxis, :] + d[:, np.newaxis]).astype(np.float32)
-    centres = (np.arange(N16)[np.newaxis, :] + 0.5) / scale[:, np.newaxis] - offset[:, np.newaxis]
-    table2 = np.floor(np.minimum(io * np.exp(-centres), 255.0)).astype(np.uint8)
+    table2 = np.stack([_output_table(io, scale[b], offset[b]) for b in range(3)])
     return [Lut(table1), Recomb(np.diag(scale) @ m), ToIndex(), Lut(table2)]
+
+
+def _output_values(j: np.ndarray, io: float, scale: float, offset: float) -> np.ndarray:
+    """``floor(min(io exp(-((j + 0.5) / scale - offset)), 255))`` of int64 indices ``j`` (float64)."""
+    x = np.divide(j + 0.5, scale)
+    x -= offset
+    np.negative(x, out=x)
+    np.exp(x, out=x)
+    x *= io
+    np.minimum(x, 255.0, out=x)
+    return np.floor(x, out=x)
+
+
+def _output_table(io: float, scale: float, offset: float) -> np.ndarray:
+    """The 65536-entry uint8 table of :func:`_output_values` (the last LUT of the stain pipeline).
+
+    The values fall with ``j`` (for a positive scale, consecutive centres ``(j + 0.5) / scale - offset``
+    are far more than a rounding error apart), so the table is a staircase: for each level ``k`` the
+    first index below it is estimated from ``ln(io / k)`` and then found exactly among the values of
+    its neighbours. An estimate that misses by more than that (never seen) falls back to every entry.
+    """
+    last = N16 - 1
+    step = 1.0 / scale if scale > 0 else np.inf
+    span = max(abs(offset), (last + 1) * step, 1.0)
+    if io > 0 and np.isfinite(io) and np.isfinite(scale) and scale > 0 and np.isfinite(offset) and step > 1e-9 * span:
+        levels = np.arange(1, 256, dtype=np.float64)
+        with np.errstate(all="ignore"):
+            guess = np.floor((np.log(io / levels) + offset) * scale + 0.5)
+        if np.all(np.isfinite(guess)):
+            lo = np.clip(guess.astype(np.int64) - 2, 0, last)
+            window = np.minimum(lo[:, np.newaxis] + np.arange(4), last)  # lo .. lo + 3
+            above = _output_values(window, io, scale, offset) >= levels[:, np.newaxis]
+            # first index below level k: within the window, or the window does not bracket it
+            ok = (above[:, 0] | (window[:, 0] == 0)) & (~above[:, -1] | (window[:, -1] == last))
+            if np.all(ok):
+                first = np.where(above[:, -1], last + 1, window[:, 0] + above.sum(axis=1))
+                bounds = np.concatenate([[0], first[::-1], [last + 1]])
+                return np.repeat(np.arange(255, -1, -1, dtype=np.uint8), np.diff(bounds))
+    table = np.empty(N16, np.uint8)
+    for start in range(0, N16, STEP):  # float64 temporaries below glibc's mmap threshold
+        table[start : start + STEP] = _output_values(np.arange(start, min(start + STEP, N16)), io, scale, offset)
+    return table
+
+
+def _steps(params: StainParams | ReinhardParams) -> list:
+    """``params.steps()``, kept for the last few params: the patches of a slide share theirs, and its
+    tables cost more than mapping a 256 px patch (Reinhard's: 10 ms)."""
+    try:
+        return _kept_steps(params)
+    except TypeError:  # params made by hand with lists: not hashable
+        return params.steps()
+
+
+@functools.lru_cache(maxsize=4)
+def _kept_steps(params: StainParams | ReinhardParams) -> list:
+    return params.steps()
 
 
 class _StainMatrixMethod(Method):
@@ -464,7 +533,7 @@ class _StainMatrixMethod(Method):
         return run_image(image, params.steps())
 
     def apply_array(self, array: np.ndarray, params: StainParams) -> np.ndarray:
-        return run_array(_check_array(array, self.name), params.steps())
+        return run_array(_check_array(array, self.name), _steps(params))
 
 
 class Macenko(_StainMatrixMethod):
@@ -793,11 +862,12 @@ class Reinhard(Method):
 
     def apply_array(self, array: np.ndarray, params: ReinhardParams) -> np.ndarray:
         array = _check_array(array, self.name)
-        out = run_array(array, params.steps())
+        out = run_array(array, _steps(params))
         table = params.weight_table()
         if table is None:
             return out
-        return blend_array(table[0][array.min(axis=-1)], out, array)
+        darkest = np.minimum(np.minimum(array[..., 0], array[..., 1]), array[..., 2])  # min(axis=-1), faster
+        return blend_array(take(table[0], darkest), out, array)
 
 
 # --- inspect -------------------------------------------------------------------------------------

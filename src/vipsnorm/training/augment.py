@@ -4,8 +4,10 @@ Each transform is thin, in the style of albumentations and torchvision v2: :meth
 takes its random parameters from an explicit :class:`numpy.random.Generator`, then a pure function of
 this module (:func:`stretch`, :func:`equalize`, :func:`clahe`, :func:`match`, :func:`stain_jitter`) maps
 the image with the same numpy code path the method applies to slides (``fit`` on
-:meth:`Sample.from_array <vipsnorm.methods.Sample.from_array>` or ``fit_array``, then ``apply_array``).
-So an augmentation at fixed parameters *is* the method on that patch: nothing is re-implemented.
+:meth:`Sample.from_array <vipsnorm.methods.Sample.from_array>` or ``fit_array``, then ``apply_array``;
+for equalization and CLAHE their ``fit_apply_array``, the two in one call, bit for bit, without building
+the statistics and parameters a slide needs). So an augmentation at fixed parameters *is* the method on
+that patch: nothing is re-implemented.
 
 Transforms are plain callables ``t(image, rng=None)``: they work in ``torchvision.transforms.Compose``
 (which calls ``t(image)``, drawing from the transform's own generator, made from ``seed``) and in
@@ -91,21 +93,21 @@ def stretch(image: np.ndarray, low: float = 2.0, high: float = 98.0, mode: str =
 
 
 def equalize(image: np.ndarray, mode: str = "luminance") -> np.ndarray:
-    """:class:`~vipsnorm.methods.Equalize` ``(mode)`` fitted on the patch and applied to it (OpenCV's
-    ``equalizeHist`` per channel in ``rgb`` mode, on the BT.601 luma in ``luminance`` mode)."""
+    """:class:`~vipsnorm.methods.Equalize` ``(mode)`` fitted on the patch and applied to it
+    (``fit_apply_array``): OpenCV's ``equalizeHist`` per channel in ``rgb`` mode, on the BT.601 luma in
+    ``luminance`` mode."""
     image = _image(image)
-    method = Equalize(mode)
-    return method.apply_array(image, _quiet(lambda: method.fit(Sample.from_array(image))))
+    return _quiet(lambda: Equalize(mode).fit_apply_array(image))
 
 
 def clahe(
     image: np.ndarray, clip_limit: float = 2.0, grid: tuple[int, int] = (8, 8), mode: str = "luminance"
 ) -> np.ndarray:
-    """:class:`~vipsnorm.methods.Clahe` on the patch (``fit_array`` then ``apply_array``): OpenCV's
-    ``createCLAHE(clip_limit, grid)`` per channel (``rgb``) or on the luma (``luminance``)."""
+    """:class:`~vipsnorm.methods.Clahe` on the patch (``fit_apply_array``: ``fit_array`` then
+    ``apply_array``): OpenCV's ``createCLAHE(clip_limit, grid)`` per channel (``rgb``) or on the luma
+    (``luminance``)."""
     image = _image(image)
-    method = Clahe(clip_limit=clip_limit, grid=grid, mode=mode)
-    return method.apply_array(image, _quiet(lambda: method.fit_array(image)))
+    return _quiet(lambda: Clahe(clip_limit=clip_limit, grid=grid, mode=mode).fit_apply_array(image))
 
 
 def match(image: np.ndarray, reference: Sample, mode: str = "rgb") -> np.ndarray:
@@ -187,10 +189,10 @@ def stain_jitter(
     target[:2] = np.where(norms > 1e-6, moved / np.maximum(norms, 1e-6), w[:2])
     target_max_c = max_c * np.array([scale[0], scale[1], 1.0])
     params = MacenkoParams(
-        he=tuple(tuple(float(v) for v in row) for row in w),
-        max_c=tuple(float(v) for v in max_c),
-        target_he=tuple(tuple(float(v) for v in row) for row in target),
-        target_max_c=tuple(float(v) for v in target_max_c),
+        he=tuple(map(tuple, w.tolist())),
+        max_c=tuple(max_c.tolist()),
+        target_he=tuple(map(tuple, target.tolist())),
+        target_max_c=tuple(target_max_c.tolist()),
         io=float(io),
     )
     try:
