@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import csv
 import os
+import signal
+import subprocess
 import sys
+import time
 import textwrap
 import types
 from pathlib import Path
@@ -15,6 +18,7 @@ import pytest
 import pyvips
 
 from vipsnorm.batch import normalize_batch
+from vipsnorm.batch import child as child_module
 from vipsnorm.batch.child import ChildRunner
 from vipsnorm.batch.run import SCHEDULER_ENV, default_manifest
 
@@ -23,6 +27,7 @@ from vipsnorm.batch.run import SCHEDULER_ENV, default_manifest
 _MODULE = '''
 import os
 import signal
+import time
 from pathlib import Path
 
 from vipsnorm.methods import Stretch
@@ -30,6 +35,15 @@ from vipsnorm.methods import Stretch
 
 def crash_on(job, items):
     item = items[0]
+    with open(Path(job, "runs"), "a") as f:  # one line per run of a file, by any process
+        f.write(item.name + "\\n")
+    if item.name == "exit":
+        os._exit(5)
+    if item.name == "unpicklable":
+        return [lambda: None]
+    if item.name == "slow":
+        time.sleep(30)
+        Path(job, "slow-finished").touch()
     if item.name == "crash":
         os.kill(os.getpid(), signal.SIGSEGV)
     if item.name == "once" and not Path(job, "crashed-once").exists():
@@ -67,6 +81,10 @@ def _items(*names: str) -> list[SimpleNamespace]:
     return [SimpleNamespace(index=i, name=name) for i, name in enumerate(names)]
 
 
+def _runs(folder: Path) -> list[str]:
+    return (folder / "runs").read_text().split()
+
+
 def _run(fn, job, groups) -> tuple[ChildRunner, list]:
     results: list = []
     runner = ChildRunner()
@@ -88,6 +106,79 @@ def test_a_crash_costs_only_its_file(crashy, tmp_path):
     assert by_name["a"] != os.getpid() and by_name["b"] != os.getpid()  # run in another process
     assert by_name["a"] != by_name["b"]  # b ran in a fresh child after the crash
     assert runner.description == "1 worker process"
+
+
+def test_an_exit_or_an_unsendable_result_is_an_error_without_a_retry(crashy, tmp_path):
+    _, results = _run(crashy.crash_on, str(tmp_path), [_items("exit", "unpicklable", "b")])
+    assert results[0] == ("exit", "the worker process ended on this file (exit status 5)")
+    assert results[1][0] == "unpicklable"
+    assert results[1][1].startswith("the task failed in the worker process (its result cannot be sent back")
+    assert results[2][0] == "b" and isinstance(results[2][1], int)
+    assert _runs(tmp_path) == ["exit", "unpicklable", "b"]  # each run once: only a signal is worth a retry
+
+
+def test_after_a_crash_a_file_never_runs_in_the_caller(crashy, tmp_path, monkeypatch):
+    # a crash, then no new child can start (out of processes, say): the files are errors, and never
+    # run in this process, where the crash would take the whole batch down
+    starts = []
+    real = child_module._Child
+
+    def child_that_starts_once(payload):
+        starts.append(1)
+        if len(starts) > 1:
+            raise child_module._Unusable("cannot start it: [Errno 11] Resource temporarily unavailable")
+        return real(payload)
+
+    monkeypatch.setattr(child_module, "_Child", child_that_starts_once)
+    _, results = _run(crashy.crash_on, str(tmp_path), [_items("a", "crash", "b")])
+    assert results[0][0] == "a" and results[0][1] != os.getpid()
+    assert [name for name, _ in results[1:]] == ["crash", "b"]
+    assert all(cause.startswith("no worker process could be started for this file") for _, cause in results[1:])
+    assert _runs(tmp_path) == ["a", "crash"]
+
+
+def test_the_child_ends_when_its_parent_is_killed(crashy, tmp_path):
+    # the parent runs a file that takes 30 s and is killed; its child must not finish the file alone
+    script = (
+        "import sys, types; sys.path.insert(0, sys.argv[1]); import vipsnorm_test_crashy as m\n"
+        "from vipsnorm.batch.child import ChildRunner\n"
+        "item = types.SimpleNamespace(index=0, name='slow')\n"
+        "ChildRunner().run(m.crash_on, sys.argv[2], [[item]], print, print)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script, str(crashy.__file__).rsplit("/", 1)[0], str(tmp_path)])
+    deadline = time.monotonic() + 30
+    while not (tmp_path / "runs").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _runs(tmp_path) == ["slow"]
+    children = _children(parent.pid)
+    assert len(children) == 1
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while _alive(children[0]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(children[0])
+    assert not (tmp_path / "slow-finished").exists()
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            fields = dict(line.split(":\t", 1) for line in status.read_text().splitlines() if ":\t" in line)
+        except OSError:  # ended meanwhile
+            continue
+        if fields.get("PPid", "").strip() == str(pid):
+            found.append(int(status.parent.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"  # a zombie (not yet reaped by init) has ended
+    except FileNotFoundError:
+        return False
 
 
 def test_a_file_whose_child_died_once_is_retried(crashy, tmp_path):

@@ -3,6 +3,7 @@ and agreement between the streaming pyvips path and the numpy path (on a generat
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -426,3 +427,12 @@ def test_fit_apply_array_is_fit_array_then_apply_array(mode):
         method = Clahe(2.5, grid=grid, mode=mode)
         expected = method.apply_array(array, method.fit_array(array))
         np.testing.assert_array_equal(method.fit_apply_array(array), expected, err_msg=f"{array.shape} {grid}")
+
+
+def test_apply_array_takes_params_holding_lists():
+    # params made by hand (or read from JSON by other code) may hold lists: they must map as tuples do
+    a = np.random.default_rng(0).integers(0, 256, (64, 80, 3), dtype=np.uint8)
+    method = Clahe(grid=(4, 4))
+    params = method.fit_array(a)
+    listed = dataclasses.replace(params, grid=list(params.grid), tile=list(params.tile))
+    np.testing.assert_array_equal(method.apply_array(a, listed), method.apply_array(a, params))

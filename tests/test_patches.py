@@ -352,7 +352,7 @@ def test_bad_slides_one_line_each_and_the_others_go_on(small_slide, glass_slide,
     assert f"ok     {small_slide}" in stdout and "5 patches from 1 of 4 slides: 1 patched, 3 failed, 0 skipped" in stderr
     assert {r["slide"] for r in table(out)} == {str(small_slide)}
     assert sorted(p.name for p in out.iterdir()) == [".vipsnorm-rows", "patches.csv", "small"]  # nothing of the bad ones
-    assert sorted(p.name for p in (out / ".vipsnorm-rows").iterdir()) == ["small.csv"]
+    assert sorted(p.name for p in (out / ".vipsnorm-rows").iterdir()) == [".table.lock", "small.csv"]
     assert no_part_files(out)
 
 

@@ -98,6 +98,21 @@ def test_a_rerun_skips_finished_slides_and_recomputes_nothing(two_slides, tmp_pa
         assert skipped["params"] == "" and skipped["seconds"] == ""
 
 
+def test_a_single_slide_in_its_worker_process_resumes_too(two_slides, tmp_path, capsys):
+    # the default engine for one slide: one child process (the other tests run in this one)
+    out = tmp_path / "out"
+    argv = (two_slides[0], "-o", out, "--size", 64, "--random", 3, "--method", "equalize")
+    code, _, stderr = run(capsys, *argv)
+    assert code == 0, stderr
+    (row,) = manifest_rows(out)
+    assert row["status"] == "ok" and row["worker"].startswith("worker process ")
+    assert row["worker"] != f"worker process {os.getpid()}"
+    before = fingerprint(out)
+    code, stdout, stderr = run(capsys, *argv)
+    assert code == 0 and "0 patched, 0 failed, 1 skipped" in stderr, stderr
+    assert fingerprint(out) == before and [r["status"] for r in manifest_rows(out)] == ["ok", "skipped"]
+
+
 def test_other_settings_redo_and_options_without_effect_do_not(two_slides, tmp_path, capsys):
     out = tmp_path / "out"
     a, b = two_slides
@@ -236,6 +251,14 @@ def test_the_manifest_path_and_a_manifest_of_another_command(two_slides, tmp_pat
     code, _, stderr = run(capsys, two_slides[1], "-o", out, *FAST, "--manifest", default_manifest(normalized))
     assert code == 2 and "is not a manifest of vipsnorm patches" in stderr
     assert str(default_manifest(normalized)) in stderr
+    # ... nor the other way round
+    code = vipsnorm_main(["normalize", str(two_slides[1]), "-o", str(normalized), "--workers", "0", "--manifest", str(elsewhere)])
+    assert code == 2 and "is a manifest of vipsnorm patches" in capsys.readouterr().err
+    # an empty file (made by hand, or a run killed as it created it) becomes a patches manifest
+    empty = tmp_path / "logs" / "empty.csv"
+    empty.touch()
+    assert run(capsys, two_slides[1], "-o", tmp_path / "out2", *FAST, "--manifest", empty)[0] == 0
+    assert list(read_manifest(empty)[0]) == list(MANIFEST_COLUMNS)
 
 
 _KILLED = 9
@@ -258,41 +281,55 @@ _KILL_SCRIPT = textwrap.dedent(
 ).format(killed=_KILLED)
 
 
-_COMMON = ("--format", "tar", "--shard-size", 2, "--size", 64, "--random", 4, "--workers", 0)
+_COMMON = {
+    "tar": ("--format", "tar", "--shard-size", 2, "--size", 64, "--random", 4, "--workers", 0),
+    "png": ("--format", "png", "--size", 64, "--random", 4, "--workers", 0),
+}
 _SETTINGS = {"A": ("--seed", 1), "B": ("--seed", 2)}
 
 
 @pytest.fixture(scope="module")
-def clean_runs(tmp_path_factory, small_slide) -> tuple[Path, dict[str, Path]]:
-    """A slide and the output folders of uninterrupted runs with settings A and B (2 shards each)."""
+def clean_runs(tmp_path_factory, small_slide) -> tuple[Path, dict[tuple[str, str], Path]]:
+    """A slide and the output folders of uninterrupted runs with settings A and B, in each format (2
+    shards each, or a folder of 4 patches)."""
     folder = tmp_path_factory.mktemp("kill")
     slide = folder / "s.tif"
     shutil.copyfile(small_slide, slide)
     outs = {}
-    for which, settings in _SETTINGS.items():
-        outs[which] = folder / f"clean-{which}"
-        code = vipsnorm_main(["patches", *(str(a) for a in (slide, "-o", outs[which], *_COMMON, *settings))])
-        assert code == 0
+    for fmt, common in _COMMON.items():
+        for which, settings in _SETTINGS.items():
+            outs[fmt, which] = folder / f"clean-{fmt}-{which}"
+            code = vipsnorm_main(["patches", *(str(a) for a in (slide, "-o", outs[fmt, which], *common, *settings))])
+            assert code == 0
     return slide, outs
 
 
 def _state(out: Path) -> tuple[list[dict], dict[str, bytes]]:
-    return read_table(out / TABLE), {p.name: p.read_bytes() for p in out.glob("*.tar")}
+    """The table and every output file (shards, or the patches in the slide's folder)."""
+    files = {
+        str(p.relative_to(out)): p.read_bytes()
+        for p in out.rglob("*")
+        if p.is_file() and p.name != TABLE and not any(part.startswith(".") for part in p.relative_to(out).parts)
+    }
+    return read_table(out / TABLE), files
 
 
+@pytest.mark.parametrize("fmt", ["tar", "png"])
 @pytest.mark.parametrize("first", ["A", "B"])
 @pytest.mark.parametrize("kill_at", [1, 2, 3, 4])
-def test_a_run_killed_during_a_commit_never_leaves_a_slide_looking_finished(clean_runs, tmp_path, capsys, kill_at, first):
-    """Settings A are committed; a run with settings B dies at its 1st to 4th rename (shard 0, shard 1,
-    the rows file, the table), as if killed there. Whatever was renamed by then, a rerun with A (the
-    old settings: half its shards may be B's now) or with B ends with exactly the outputs and table of
-    an uninterrupted run, and skips the slide only if B's commit was complete."""
+def test_a_run_killed_during_a_commit_never_leaves_a_slide_looking_finished(clean_runs, tmp_path, capsys, kill_at, first, fmt):
+    """Settings A are committed; a run with settings B dies at its 1st to 4th rename (tar: shard 0,
+    shard 1; png: the old folder aside, the new folder in; then the rows file and the table), as if
+    killed there. Whatever was renamed by then, a rerun with A (the old settings: half its shards may
+    be B's now) or with B ends with exactly the outputs and table of an uninterrupted run, and skips
+    the slide only if B's commit was complete."""
     slide, clean = clean_runs
-    expected = {which: _state(folder) for which, folder in clean.items()}
-    assert expected["A"] != expected["B"] and len(expected["A"][1]) == 2
+    common = _COMMON[fmt]
+    expected = {which: _state(clean[fmt, which]) for which in _SETTINGS}
+    assert expected["A"] != expected["B"] and len(expected["A"][1]) == (2 if fmt == "tar" else 4)
     out = tmp_path / "out"
-    shutil.copytree(clean["A"], out)
-    argv = [str(a) for a in (slide, "-o", out, *_COMMON, *_SETTINGS["B"])]
+    shutil.copytree(clean[fmt, "A"], out)
+    argv = [str(a) for a in (slide, "-o", out, *common, *_SETTINGS["B"])]
     killed = subprocess.run([sys.executable, "-c", _KILL_SCRIPT, str(kill_at), *argv], capture_output=True, text=True)
     assert killed.returncode == _KILLED, killed.stderr
     b_committed = kill_at > 3  # the 3rd rename commits the rows file
@@ -300,7 +337,7 @@ def test_a_run_killed_during_a_commit_never_leaves_a_slide_looking_finished(clea
     second = "A" if first == "B" else "B"
     first_status = "skipped" if first == "B" and b_committed else "ok"
     for which, status in ((first, first_status), (second, "ok"), (second, "skipped")):
-        assert run(capsys, slide, "-o", out, *_COMMON, *_SETTINGS[which])[0] == 0
+        assert run(capsys, slide, "-o", out, *common, *_SETTINGS[which])[0] == 0
         (row,) = last_run(out).values()
         assert row["status"] == status, (which, row)
         assert _state(out) == expected[which]

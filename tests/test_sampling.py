@@ -88,6 +88,7 @@ def test_sample_is_reproducible_and_seed_dependent(large_slide):
 
 def test_tiles_read_on_threads_give_the_sequential_sample(large_slide, monkeypatch):
     slide = vipsnorm.open(large_slide)
+    monkeypatch.setattr(sampling, "_cores", lambda: 4)  # threads even on a one-core machine
     threaded = sample_slide(slide, n_tiles=64, seed=4, pixels=5000)
     monkeypatch.setattr(sampling, "SAMPLE_THREADS", 1)
     sequential = sample_slide(slide, n_tiles=64, seed=4, pixels=5000)

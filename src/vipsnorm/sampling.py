@@ -380,16 +380,28 @@ def _sample_tiles(
     # Tiles are read by a few threads (libvips decodes, and numpy counts, without holding the GIL for
     # most of the time) and used in order, so the result does not depend on the threads. Not for the
     # OpenSlide backend, whose tiles come through Python callbacks.
-    threads = min(SAMPLE_THREADS, os.cpu_count() or 1) if slide.backend == "libvips" else 1
+    order = sorted(chosen)
+    threads = min(SAMPLE_THREADS, _cores()) if slide.backend == "libvips" else 1
     with ThreadPoolExecutor(threads) if threads > 1 else nullcontext() as pool:
-        results = pool.map(read, sorted(chosen)) if pool is not None else map(read, sorted(chosen))
-        for tile_hist, tissue_pixels in results:
-            hist += tile_hist
-            if tissue_pixels is not None:
-                kept.append(tissue_pixels[rng.random(tissue_pixels.shape[0]) < keep_rate])
+        # a few tiles ahead of the one being added, never all of them in memory
+        window = 4 * threads
+        for start in range(0, len(order), window):
+            part = order[start : start + window]
+            for tile_hist, tissue_pixels in pool.map(read, part) if pool is not None else map(read, part):
+                hist += tile_hist
+                if tissue_pixels is not None:
+                    kept.append(tissue_pixels[rng.random(tissue_pixels.shape[0]) < keep_rate])
     if not pixels:
         return hist, None
     return hist, _limit(np.concatenate(kept) if kept else np.zeros((0, mask.bands), np.uint8), pixels, seed)
+
+
+def _cores() -> int:
+    """Cores this process may run on (its affinity, where the system tells it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def _tissue_pixels_array(pixels: np.ndarray, mask: TissueMask) -> np.ndarray:

@@ -41,7 +41,7 @@ try:
 except ImportError:  # Windows: no advisory lock
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["COLUMNS", "Manifest", "Finished", "read_manifest", "create_manifest"]
+__all__ = ["COLUMNS", "Manifest", "Finished", "read_manifest"]
 
 COLUMNS = (
     "run", "time", "input", "input_size", "input_mtime_ns", "output", "output_size", "status", "error",
@@ -84,40 +84,6 @@ def read_manifest(path: str | os.PathLike[str]) -> list[dict[str, str]]:
     return [dict(zip(header, row)) for row in reader if len(row) == len(header)]
 
 
-def create_manifest(path: str | os.PathLike[str], columns: Sequence[str]) -> bool:
-    """Create an empty manifest at ``path`` whose header is ``columns`` (another command's rows, such
-    as ``vipsnorm patches``'), unless a file is there already; :meth:`Manifest.open` then keeps that
-    header. Returns True if it was created.
-
-    The file is created and its header written under the same advisory lock as :meth:`Manifest.open`
-    takes, so a run opening it at that instant is refused rather than finding it empty.
-
-    Raises
-    ------
-    OutputError
-        The file cannot be created.
-    ValueError
-        ``columns`` lack one that :meth:`Manifest.open` needs.
-    """
-    missing = _REQUIRED - set(columns)
-    if missing:
-        raise ValueError(f"a manifest needs the columns {sorted(missing)}")
-    path = Path(path)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    except FileExistsError:
-        return False
-    except OSError as exc:
-        raise OutputError(path, f"cannot create the manifest ({exc.strerror or exc}); choose another --manifest") from None
-    try:
-        if fcntl is not None:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        os.write(fd, (",".join(columns) + "\n").encode())
-    finally:
-        os.close(fd)  # releases the lock
-    return True
-
-
 def _clean(value) -> str:
     """A field: text on one line (rows are lines), floats short."""
     if value is None:
@@ -150,14 +116,25 @@ class Manifest:
         self._synced = time.monotonic()
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str], *, sync_seconds: float = 1.0) -> "Manifest":
+    def open(
+        cls, path: str | os.PathLike[str], *, sync_seconds: float = 1.0, columns: Sequence[str] = COLUMNS
+    ) -> "Manifest":
         """Open (or create) the manifest at ``path`` for appending, after reading what it holds.
+
+        ``columns`` is the header written into a new (or empty) manifest, under the lock: another
+        command's rows, such as ``vipsnorm patches``' (they must include the columns resuming needs).
+        An existing manifest keeps its own header.
 
         Raises
         ------
         OutputError
             The file cannot be opened, another run holds it, or it is not a vipsnorm manifest.
+        ValueError
+            ``columns`` lack one that resuming needs.
         """
+        missing = _REQUIRED - set(columns)
+        if missing:
+            raise ValueError(f"a manifest needs the columns {sorted(missing)}")
         path = Path(path)
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -181,8 +158,8 @@ class Manifest:
             header, reader = _rows(file)
             finished: dict[str, Finished] = {}
             if header is None:
-                header = list(COLUMNS)
-                file.write(",".join(COLUMNS) + "\n")
+                header = list(columns)
+                file.write(",".join(columns) + "\n")
                 file.flush()
             else:
                 if not _REQUIRED <= set(header):

@@ -420,6 +420,8 @@ def normalize_batch(
     summary = BatchSummary(manifest=manifest_path)
 
     with Manifest.open(manifest_path) as book:
+        if "patches" in book.header:
+            raise OutputError(manifest_path, "is a manifest of vipsnorm patches, not of normalize; choose another --manifest")
         bar = _Progress(len(items), progress)
 
         def record(rows: list[dict]) -> None:
@@ -453,12 +455,12 @@ def normalize_batch(
             folders = {out_root.joinpath(*i.rel_dir.split("/")) if i.rel_dir else out_root for i in todo}
             remove_part_files(folders)
             engine = _engine(len(todo), _fits_one_task(todo), client, scheduler, workers)
-            summary.engine = engine.description
             try:
                 job = NormalizeJob(str(out_root), method, params, options)
                 fail = lambda item, cause: _error_row(item, f"{item.input}: {cause}")  # noqa: E731
                 engine.run(normalize_items, job, _group(todo, engine.threads()), record, fail)
             finally:
+                summary.engine = engine.description  # after the run: a child runner may fall back here
                 engine.close()
                 remove_part_files(folders)
         finally:

@@ -543,7 +543,8 @@ def _map_array(
         plane = a.reshape(height, width * bands)
         k = bands
     table = luts.astype(np.float32).reshape(-1)
-    geometry = _interp_geometry(height, width, tile, grid, k, mode == "rgb")
+    # (tuples of ints: params made by hand may hold lists, which do not hash)
+    geometry = _interp_geometry(height, width, tuple(map(int, tile)), tuple(map(int, grid)), k, mode == "rgb")
     xa1, xa, ya1, ya = geometry.weights
     out = np.empty((height, width * k), np.uint8)
     step = max(1, STEP // (width * k))

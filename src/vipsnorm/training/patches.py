@@ -72,8 +72,13 @@ from pathlib import Path
 import numpy as np
 import pyvips
 
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory lock
+    fcntl = None  # type: ignore[assignment]
+
 from ..batch.inputs import file_stat
-from ..batch.manifest import Manifest, create_manifest
+from ..batch.manifest import COLUMNS, Manifest
 from ..batch.run import config_hash, default_manifest, worker_id
 from ..engine import Options, build_method, fit_slide, load_reference
 from ..errors import (
@@ -1067,6 +1072,9 @@ def rebuild_table(out_dir: str | os.PathLike[str]) -> Path:
     """``OUT/patches.csv`` from the rows every slide committed (``OUT/.vipsnorm-rows/NAME.csv``, written
     with its outputs), in name order: every slide patched into ``OUT``, by this run or an earlier one.
 
+    Runs rebuilding the table of one ``OUT`` take turns (an advisory lock), so the temporary table of
+    one is never taken for a killed run's leftover by another, which deletes those.
+
     Raises
     ------
     OutputError
@@ -1074,29 +1082,39 @@ def rebuild_table(out_dir: str | os.PathLike[str]) -> Path:
     """
     out = Path(out_dir)
     table = out / TABLE
-    with atomic_path(table) as temp:
-        with open(temp, "w", newline="", encoding="utf-8") as f:  # slide by slide: never every row in memory
-            writer = csv.DictWriter(f, fieldnames=TABLE_COLUMNS, extrasaction="ignore")
-            writer.writeheader()
-            for part in _rows_files(out):
-                try:
-                    rows = _read_rows(part)[1]
-                except (OSError, csv.Error, UnicodeDecodeError, ValueError) as exc:
-                    cause = f"cannot read these patch rows ({exc}); the table was not rewritten"
-                    raise OutputError(part, cause) from None
-                writer.writerows(rows)
+    with _table_lock(out):
+        _remove_parts(out, {table.stem}, folders=(out,))  # whoever wrote these was killed: it held the lock
+        with atomic_path(table) as temp:
+            with open(temp, "w", newline="", encoding="utf-8") as f:  # slide by slide: never every row in memory
+                writer = csv.DictWriter(f, fieldnames=TABLE_COLUMNS, extrasaction="ignore")
+                writer.writeheader()
+                for part in _rows_files(out):
+                    try:
+                        rows = _read_rows(part)[1]
+                    except (OSError, csv.Error, UnicodeDecodeError, ValueError) as exc:
+                        cause = f"cannot read these patch rows ({exc}); the table was not rewritten"
+                        raise OutputError(part, cause) from None
+                    writer.writerows(rows)
     return table
 
 
-def _row_name(row: dict) -> str:
-    """The output name of a table row: its key without the ``_L<level>_<x0>_<y0>`` end."""
-    return row["key"].rsplit("_", 3)[0]
+@contextlib.contextmanager
+def _table_lock(out: Path):
+    """Hold the advisory lock of ``OUT``'s table (``OUT/.vipsnorm-rows/.table.lock``; none on Windows)."""
+    folder = out / ROWS_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / ".table.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 #: The columns of the manifest of ``vipsnorm patches`` (default ``OUT.manifest.csv``): one row per slide
 #: and run (see :func:`extract_slides`).
-MANIFEST_COLUMNS = (
-    "run", "time", "input", "input_size", "input_mtime_ns", "output", "output_size", "status", "error",
+MANIFEST_COLUMNS = COLUMNS[:9] + (
     "patches", "level", "mpp", "method", "params", "reference", "config", "seconds", "worker",
 )  # fmt: skip
 #: A temporary output (``.NAME.vipsnorm-part-XXXXXXXX[.EXT]``): what NAME is.
@@ -1153,12 +1171,12 @@ def _finished(out: Path, task: _SlideTask, config: str) -> dict | None:
     return record
 
 
-def _remove_parts(out: Path, names: set[str]) -> None:
+def _remove_parts(out: Path, names: set[str], folders: Sequence[Path] | None = None) -> None:
     """Delete what runs killed while writing the slides ``names`` into ``out`` left behind: temporary
-    patch folders and shards, a folder being replaced (``.old``), a rows file being written, and a
-    table being written. Those of other slides are left alone (another run may be writing them)."""
-    names = names | {Path(TABLE).stem}
-    for folder in (out, out / ROWS_DIR):
+    patch folders and shards, a folder being replaced (``.old``) and a rows file being written (the
+    table's, :func:`rebuild_table` deletes under its lock). Those of other slides are left alone
+    (another run may be writing them)."""
+    for folder in (out, out / ROWS_DIR) if folders is None else folders:
         try:
             with os.scandir(folder) as it:
                 entries = [e for e in it if e.name.startswith(".") and PART_MARKER in e.name]
@@ -1258,8 +1276,7 @@ def extract_slides(
     shared = {"run": run_id, "method": method.name if normalized else "", "reference": reference, "config": config}
     results: dict[int, SlideResult] = {}
 
-    create_manifest(manifest_path, MANIFEST_COLUMNS)
-    with Manifest.open(manifest_path) as book:
+    with Manifest.open(manifest_path, columns=MANIFEST_COLUMNS) as book:
         if "patches" not in book.header:
             raise OutputError(
                 manifest_path, "is not a manifest of vipsnorm patches (no 'patches' column); choose another --manifest"
