@@ -8,6 +8,7 @@ from __future__ import annotations
 import inspect
 import os
 import time
+from typing import Any
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,7 @@ __all__ = [
     "fit_files",
     "check_fit",
     "sample_file",
+    "summarize_file",
     "fit_reference",
     "normalize_file",
     "output_path",
@@ -320,18 +322,44 @@ def sample_file(
     return result, sample
 
 
+def _fitter(method_name: str, method_options: dict | None) -> Method:
+    """The method instance whose ``summarize`` and ``fit_target`` (or ``fit``) make a dataset reference."""
+    method_options = method_options or {}
+    if METHODS[method_name].target_type is not None:
+        return _target_fitter(method_name, method_options)
+    return build_method(method_name, **method_options)
+
+
+def summarize_file(
+    path: str | os.PathLike[str], method_name: str, options: Options = Options(), method_options: dict | None = None
+) -> tuple[Result, Any]:
+    """:func:`sample_file`, then the method's :meth:`~vipsnorm.methods.Method.summarize` of the sample:
+    the few numbers (or pixel-less histograms) :func:`fit_reference` needs of this input, so that a
+    dataset fit never holds every input's sampled pixels. An input the method cannot use (a stain
+    method on an unstained slide, say) is an error result, with no summary."""
+    result, sample = sample_file(path, method_name, options)
+    if sample is None:
+        return result, None
+    start = time.perf_counter()
+    try:
+        summary = _fitter(method_name, method_options).summarize(sample)
+    except VipsnormError as exc:
+        result.status, result.error, summary = "error", str(exc.about(path)), None
+    result.seconds += time.perf_counter() - start
+    return result, summary
+
+
 def fit_reference(
-    method_name: str, samples: list[Sample], inputs: tuple[str, ...], method_options: dict | None = None
+    method_name: str, samples: list, inputs: tuple[str, ...], method_options: dict | None = None
 ) -> Reference:
-    """One reference from the samples of many inputs (the second half of :func:`fit_files`)."""
+    """One reference from the samples of many inputs, or their summaries (:func:`summarize_file`; the
+    second half of :func:`fit_files`)."""
     cls = check_fit(method_name)
     if not samples:
         raise InvalidReferenceError(None, "no input could be sampled; no reference written")
-    method_options = method_options or {}
+    fitter = _fitter(method_name, method_options)
     if cls.target_type is not None:
-        fitter = _target_fitter(method_name, method_options)
         return Reference(target=fitter.fit_target(samples), inputs=inputs, method=method_name)
-    fitter = build_method(method_name, **method_options)
     pooled = Sample.pooled(samples, source=f"pooled tissue histograms of {len(samples)} images")
     return Reference(params=fitter.fit(pooled), inputs=inputs)
 
@@ -344,17 +372,19 @@ def fit_files(
     For methods that map onto a target (match, the stain methods) the reference is that target, built
     by the method's ``fit_target`` from every input's sample (match: the tissue histograms pooled, each
     input weighted equally). For the other methods it is their parameters fitted on the pooled sample,
-    to be applied unchanged to every image. :func:`vipsnorm.batch.fit_batch` runs the same two steps
-    (:func:`sample_file` on each input, then :func:`fit_reference`) in parallel.
+    to be applied unchanged to every image. Each input is summarized as soon as it is sampled
+    (:func:`summarize_file`: a stain method keeps its stain vectors, not its pixels), and an input the
+    method cannot use is an error result while the others go on. :func:`vipsnorm.batch.fit_batch` runs
+    the same two steps (:func:`summarize_file` on each input, then :func:`fit_reference`) in parallel.
     """
     method_options = method_options or {}
     check_fit(method_name, method_options)  # before any file is read
-    samples: list[Sample] = []
+    summaries: list = []
     results: list[Result] = []
     for path in paths:
-        result, sample = sample_file(path, method_name, options)
+        result, summary = summarize_file(path, method_name, options, method_options)
         results.append(result)
-        if sample is not None:
-            samples.append(sample)
+        if summary is not None:
+            summaries.append(summary)
     inputs = tuple(str(r.input) for r in results if r.status == "ok")
-    return fit_reference(method_name, samples, inputs, method_options), results
+    return fit_reference(method_name, summaries, inputs, method_options), results

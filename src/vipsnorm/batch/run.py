@@ -26,9 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..engine import Options, Result, check_fit, fit_reference, normalize_file, sample_file
+from ..engine import Options, Result, check_fit, fit_reference, normalize_file, summarize_file
 from ..errors import InvalidReferenceError, OutputError, VipsnormError
-from ..methods import Method, Params, Sample
+from ..methods import Method, Params
 from ..reference import Reference
 from .child import WORKER_ENV, ChildRunner
 from .inputs import Entry, Item, discover, file_stat, group, output_folder, plan, remove_part_files
@@ -137,16 +137,18 @@ def normalize_items(job: NormalizeJob, items: Sequence[Item]) -> list[dict]:
     return rows
 
 
-def sample_items(job: tuple[str, Options], items: Sequence[Item]) -> list[tuple[int, Result, Sample | None]]:
-    """The fitting sample of each item (``vipsnorm fit``): ``(index, result, sample or None)``."""
-    method_name, options = job
+def sample_items(job: tuple[str, Options, dict], items: Sequence[Item]) -> list[tuple[int, Result, object]]:
+    """The fitting summary of each item (``vipsnorm fit``): ``(index, result, summary or None)``, where
+    the summary is the method's :meth:`~vipsnorm.methods.Method.summarize` of the item's sample (a few
+    numbers, or histograms: never the sampled pixels, which would all be sent to the client)."""
+    method_name, options, method_options = job
     out = []
     for item in items:
         try:
-            result, sample = sample_file(item.input, method_name, options)
+            result, summary = summarize_file(item.input, method_name, options, method_options)
         except Exception as exc:  # as above
-            result, sample = Result(Path(item.input), status="error", error=_internal(item, exc)), None
-        out.append((item.index, result, sample))
+            result, summary = Result(Path(item.input), status="error", error=_internal(item, exc)), None
+        out.append((item.index, result, summary))
     return out
 
 
@@ -483,9 +485,9 @@ def fit_batch(
     workers: int | None = None,
     progress: bool | None = False,
 ) -> tuple[Reference, list[Result]]:
-    """:func:`vipsnorm.engine.fit_files` over many inputs in parallel: each input's sample is taken
-    by a worker (:func:`vipsnorm.engine.sample_file`), then the samples are combined here, in input
-    order, by :func:`vipsnorm.engine.fit_reference` (the same result as ``fit_files``).
+    """:func:`vipsnorm.engine.fit_files` over many inputs in parallel: each input is sampled and
+    summarized by a worker (:func:`vipsnorm.engine.summarize_file`), then the summaries are combined
+    here, in input order, by :func:`vipsnorm.engine.fit_reference` (the same result as ``fit_files``).
 
     Inputs, ``client``, ``scheduler``, ``workers`` and ``progress`` are as for :func:`normalize_batch`.
 
@@ -502,7 +504,7 @@ def fit_batch(
     entries = _discover_or_fail(inputs, lists, include, exclude)
     items = [Item(i, e.path, "", "", *file_stat(e.path), e.error) for i, e in enumerate(entries)]
     results: list[Result | None] = [None] * len(items)
-    samples: list[Sample | None] = [None] * len(items)
+    summaries: list = [None] * len(items)
     todo = []
     for item in items:
         if item.error is not None:
@@ -513,8 +515,8 @@ def fit_batch(
     bar.update(len(items) - len(todo))
 
     def collect(out: list) -> None:
-        for index, result, sample in out:
-            results[index], samples[index] = result, sample
+        for index, result, summary in out:
+            results[index], summaries[index] = result, summary
         bar.update(len(out))
 
     def fail(item: Item, cause: str):
@@ -523,14 +525,15 @@ def fit_batch(
     try:
         engine = _engine(len(todo), _fits_one_task(todo), client, scheduler, workers)
         try:
-            engine.run(sample_items, (method_name, options), _group(todo, engine.threads()), collect, fail)
+            job = (method_name, options, method_options)
+            engine.run(sample_items, job, _group(todo, engine.threads()), collect, fail)
         finally:
             engine.close()
     finally:
         bar.close()
     final = [r for r in results if r is not None]
-    ok = [i for i, r in enumerate(results) if r is not None and r.status == "ok" and samples[i] is not None]
+    ok = [i for i, r in enumerate(results) if r is not None and r.status == "ok" and summaries[i] is not None]
     inputs_ok = tuple(str(results[i].input) for i in ok)
-    reference = fit_reference(method_name, [samples[i] for i in ok], inputs_ok, method_options)
+    reference = fit_reference(method_name, [summaries[i] for i in ok], inputs_ok, method_options)
     return reference, final
 

@@ -197,9 +197,18 @@ class Method(ABC):
     #: Spatial methods (clahe) are fitted on the whole level-0 image by ``fit_level``, not on a Sample.
     spatial: ClassVar[bool] = False
 
-    def fit_target(self, samples: list[Sample]):
-        """The target that the samples of one or many reference images define (``vipsnorm fit``)."""
+    def fit_target(self, samples: list):
+        """The target that the samples of one or many reference images define (``vipsnorm fit``); each
+        item a :class:`Sample` or its :meth:`summarize`."""
         raise TypeError(f"method {self.name!r} maps onto no target")
+
+    def summarize(self, sample: Sample):
+        """What :meth:`fit_target` (or the pooling of a dataset fit) needs of one input's sample, small
+        enough to hold for every input of a dataset: ``vipsnorm fit`` computes it where the input was
+        sampled (a worker) and keeps only this. Default: the sample without its :attr:`Sample.pixels`.
+
+        Raises the method's errors for an input it cannot use (a stain method on one stain, say)."""
+        return sample if sample.pixels is None else dataclasses.replace(sample, pixels=None)
 
     @abstractmethod
     def fit(self, sample: Sample) -> Params:

@@ -57,6 +57,8 @@ __all__ = [
     "ReinhardParams",
     "ReinhardTarget",
     "stain_summary",
+    "StainSummary",
+    "LabSummary",
     "macenko_stains",
     "vahadane_stains",
     "MIN_STAINED_PIXELS",
@@ -74,6 +76,27 @@ SAMPLE_PIXELS = 2_000_000
 LEARN_PIXELS = 200_000
 
 Matrix = tuple[tuple[float, ...], ...]
+
+
+@dataclass(frozen=True)
+class StainSummary:
+    """One input's stains for a dataset target (:meth:`Macenko.summarize`): ``he`` (3, 2) optical-density
+    vectors of hematoxylin and eosin as columns, ``max_c`` their 99th-percentile concentrations,
+    ``stained`` the pixels they were found on."""
+
+    he: np.ndarray
+    max_c: np.ndarray
+    stained: int
+    source: str = ""
+
+
+@dataclass(frozen=True)
+class LabSummary:
+    """One input's CIELAB tissue statistics for a dataset target (:meth:`Reinhard.summarize`)."""
+
+    mean: np.ndarray
+    std: np.ndarray
+    source: str = ""
 
 
 def _floats(values) -> tuple:
@@ -516,16 +539,23 @@ class _StainMatrixMethod(Method):
     def fit(self, sample: Sample) -> StainParams:
         return self._params(*self._fit_pixels(sample))
 
-    def fit_target(self, samples: list[Sample]) -> MacenkoTarget:
+    def summarize(self, sample: Sample) -> "StainSummary":
+        """This input's stain vectors and 99th-percentile concentrations (what :meth:`fit_target` takes
+        the medians of), instead of its pixels."""
+        he, max_c, stained = self._fit_pixels(sample)
+        return StainSummary(he=he, max_c=max_c, stained=stained, source=sample.source)
+
+    def fit_target(self, samples: list) -> MacenkoTarget:
         """The median stain vectors (each renormalized to unit length) and median max concentrations of
-        ``samples`` (one sample: that image's own stains)."""
+        ``samples`` (each a :class:`Sample` or its :meth:`summarize`; one sample: that image's own
+        stains)."""
         if not samples:
             raise ValueError("no samples to fit a target on")
-        fits = [self._fit_pixels(s) for s in samples]
-        he = np.median([f[0] for f in fits], axis=0)
+        fits = [s if isinstance(s, StainSummary) else self.summarize(s) for s in samples]
+        he = np.median([f.he for f in fits], axis=0)
         he /= np.linalg.norm(he, axis=0, keepdims=True)
-        max_c = np.median([f[1] for f in fits], axis=0)
-        source = samples[0].source if len(samples) == 1 else f"median of {len(samples)} images"
+        max_c = np.median([f.max_c for f in fits], axis=0)
+        source = fits[0].source if len(fits) == 1 else f"median of {len(fits)} images"
         return MacenkoTarget(he=_floats(he.T), max_c=_floats(max_c), source=source or "image")
 
     def apply(self, image: pyvips.Image, params: StainParams) -> pyvips.Image:
@@ -838,15 +868,22 @@ class Reinhard(Method):
             glass=_glass_levels(self.glass, sample),
         )
 
-    def fit_target(self, samples: list[Sample]) -> ReinhardTarget:
-        """The median of the samples' Lab means and the median of their Lab standard deviations."""
+    def summarize(self, sample: Sample) -> "LabSummary":
+        """This input's CIELAB tissue mean and standard deviation (what :meth:`fit_target` takes the
+        medians of), instead of its pixels."""
+        mean, std = self._stats(sample)
+        return LabSummary(mean=mean, std=std, source=sample.source)
+
+    def fit_target(self, samples: list) -> ReinhardTarget:
+        """The median of the samples' Lab means and the median of their Lab standard deviations (each
+        item a :class:`Sample` or its :meth:`summarize`)."""
         if not samples:
             raise ValueError("no samples to fit a target on")
-        stats = [self._stats(s) for s in samples]
-        source = samples[0].source if len(samples) == 1 else f"median of {len(samples)} images"
+        stats = [s if isinstance(s, LabSummary) else self.summarize(s) for s in samples]
+        source = stats[0].source if len(stats) == 1 else f"median of {len(stats)} images"
         return ReinhardTarget(
-            mean=_floats(np.median([m for m, _ in stats], axis=0)),
-            std=_floats(np.median([s for _, s in stats], axis=0)),
+            mean=_floats(np.median([s.mean for s in stats], axis=0)),
+            std=_floats(np.median([s.std for s in stats], axis=0)),
             source=source or "image",
         )
 
