@@ -10,6 +10,7 @@ import pytest
 import pyvips
 
 import vipsnorm
+from vipsnorm.errors import InvalidReferenceError
 from vipsnorm.engine import Options, fit_files, summarize_file
 from vipsnorm.methods import Macenko, Match, Reinhard, Sample, Vahadane
 from vipsnorm.methods.stain import SAMPLE_PIXELS, LabSummary, StainSummary
@@ -42,6 +43,23 @@ def test_summaries_give_the_target_of_the_samples(shared_data, method):
     assert all(isinstance(s, kinds[type(method)]) for s in summaries)
 
 
+@pytest.mark.parametrize("cls", [Macenko, Vahadane, Reinhard], ids=lambda c: c.name)
+def test_dataset_targets_are_the_medians_of_each_inputs_own_fit(shared_data, cls):
+    # an independent path: each tile's own fit (its params hold its stains, or its CIELAB statistics)
+    samples = [_sample(shared_data, name) for name in TILES]
+    if cls is Reinhard:
+        fitter = Reinhard(Reinhard().fit_target(samples[:1]))
+        fits = [fitter.fit(s) for s in samples]
+        expected = {"mean": np.median([f.mean for f in fits], axis=0), "std": np.median([f.std for f in fits], axis=0)}
+    else:
+        fits = [cls().fit(s) for s in samples]
+        he = np.median([np.asarray(f.he) for f in fits], axis=0)
+        expected = {"he": he / np.linalg.norm(he, axis=1, keepdims=True), "max_c": np.median([f.max_c for f in fits], axis=0)}
+    target = cls().fit_target([cls().summarize(s) for s in samples])
+    for name, value in expected.items():
+        np.testing.assert_allclose(np.asarray(getattr(target, name)), value, rtol=1e-12, atol=1e-12)
+
+
 def _write(path, pixels: np.ndarray) -> str:
     pyvips.Image.new_from_array(pixels).copy(interpretation="srgb").pngsave(str(path))
     return str(path)
@@ -61,6 +79,9 @@ def test_an_input_a_stain_method_cannot_use_is_an_error_and_the_others_fit(share
     assert reference.to_dict() == alone.to_dict()
     result, summary = summarize_file(bad, "macenko")
     assert result.status == "error" and summary is None
+    with pytest.raises(InvalidReferenceError) as caught:  # nothing usable: say why, naming the file
+        fit_files([bad], "macenko")
+    assert str(caught.value).startswith("no input could be used; no reference written: " + bad + ": macenko: ")
 
 
 def test_summarize_file_uses_the_method_options(shared_data):

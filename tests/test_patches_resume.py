@@ -342,3 +342,20 @@ def test_a_run_killed_during_a_commit_never_leaves_a_slide_looking_finished(clea
         assert row["status"] == status, (which, row)
         assert _state(out) == expected[which]
         assert no_part_files(out)
+
+
+def test_a_slide_named_like_the_table_and_a_killed_runs_table(small_slide, tmp_path, capsys):
+    # a slide called "patches" has parts named like the table's; neither cleanup takes the other's
+    slide = tmp_path / "in" / "patches.tif"
+    slide.parent.mkdir()
+    shutil.copyfile(small_slide, slide)
+    out = tmp_path / "out"
+    out.mkdir()
+    table_part = out / f".patches{PART_MARKER}0123abcd.csv"  # a killed run's temporary table
+    slide_part = out / f".patches{PART_MARKER}4567cdef"  # a killed run's temporary patch folder
+    slide_part.mkdir()
+    table_part.write_text("partial")
+    code, _, stderr = run(capsys, slide, "-o", out, *FAST)
+    assert code == 0, stderr
+    assert not table_part.exists() and not slide_part.exists() and no_part_files(out)
+    assert {r["slide"] for r in read_table(out / TABLE)} == {str(slide)} and (out / "patches").is_dir()

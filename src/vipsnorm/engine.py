@@ -9,7 +9,7 @@ import inspect
 import os
 import time
 from typing import Any
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -350,13 +350,19 @@ def summarize_file(
 
 
 def fit_reference(
-    method_name: str, samples: list, inputs: tuple[str, ...], method_options: dict | None = None
+    method_name: str,
+    samples: list,
+    inputs: tuple[str, ...],
+    method_options: dict | None = None,
+    errors: Sequence[str] = (),
 ) -> Reference:
     """One reference from the samples of many inputs, or their summaries (:func:`summarize_file`; the
-    second half of :func:`fit_files`)."""
+    second half of :func:`fit_files`). ``errors``: why the other inputs could not be used (the first
+    two are named when none could)."""
     cls = check_fit(method_name)
     if not samples:
-        raise InvalidReferenceError(None, "no input could be sampled; no reference written")
+        why = f": {'; '.join(errors[:2])}" + (f"; and {len(errors) - 2} more" if len(errors) > 2 else "") if errors else ""
+        raise InvalidReferenceError(None, f"no input could be used; no reference written{why}")
     fitter = _fitter(method_name, method_options)
     if cls.target_type is not None:
         return Reference(target=fitter.fit_target(samples), inputs=inputs, method=method_name)
@@ -387,4 +393,5 @@ def fit_files(
         if summary is not None:
             summaries.append(summary)
     inputs = tuple(str(r.input) for r in results if r.status == "ok")
-    return fit_reference(method_name, summaries, inputs, method_options), results
+    errors = [r.error for r in results if r.status != "ok" and r.error]
+    return fit_reference(method_name, summaries, inputs, method_options, errors), results

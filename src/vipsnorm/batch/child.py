@@ -13,7 +13,8 @@ caller's main script). Two pipes carry pickled messages: the task function and i
 then one file at a time; the child answers with the function's result, and a death between a request
 and its answer is a crash on that file. A third pipe is only held open by this process: when this
 process dies (killed, say), the child sees it close and ends itself at once, so that it never goes on
-writing outputs that no manifest will record.
+writing outputs that no manifest will record (unless this process forked a copy of itself that still
+holds the pipe: use spawn or forkserver with libvips anyway).
 """
 
 from __future__ import annotations
@@ -191,7 +192,13 @@ class ChildRunner:
         deaths: list[_Died] = []
         while True:
             if self._child is None:
-                self._child = _Child(payload)
+                try:
+                    self._child = _Child(payload)
+                except _Unusable as exc:
+                    if not deaths:
+                        raise
+                    cause = f"the worker process died on this file ({deaths[-1]}) and no new one could be started ({exc})"
+                    return [fail(item, cause)]
                 self._started = True
             try:
                 status, value = self._child.call(("run", item))
@@ -272,5 +279,8 @@ def _serve(read_fd: int, write_fd: int) -> int:
 def main() -> int:
     """Entry point of the child (``python -c`` :data:`_START` ``REQUESTS ANSWERS LIFE``)."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)  # Ctrl-C in the terminal: end quietly with the parent
-    threading.Thread(target=_watch, args=(int(sys.argv[3]),), daemon=True).start()
-    return _serve(int(sys.argv[1]), int(sys.argv[2]))
+    fds = [int(a) for a in sys.argv[1:4]]
+    for fd in fds:  # inherited through pass_fds: never pass them on (a helper a codec starts, say)
+        os.set_inheritable(fd, False)
+    threading.Thread(target=_watch, args=(fds[2],), daemon=True).start()
+    return _serve(fds[0], fds[1])

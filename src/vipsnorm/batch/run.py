@@ -534,6 +534,7 @@ def fit_batch(
     final = [r for r in results if r is not None]
     ok = [i for i, r in enumerate(results) if r is not None and r.status == "ok" and summaries[i] is not None]
     inputs_ok = tuple(str(results[i].input) for i in ok)
-    reference = fit_reference(method_name, [summaries[i] for i in ok], inputs_ok, method_options)
+    errors = [r.error for r in final if r.status != "ok" and r.error]
+    reference = fit_reference(method_name, [summaries[i] for i in ok], inputs_ok, method_options, errors)
     return reference, final
 

@@ -1082,8 +1082,12 @@ def rebuild_table(out_dir: str | os.PathLike[str]) -> Path:
     """
     out = Path(out_dir)
     table = out / TABLE
-    with _table_lock(out):
-        _remove_parts(out, {table.stem}, folders=(out,))  # whoever wrote these was killed: it held the lock
+    with _table_lock(out) as locked:
+        if locked:  # a temporary table now is a killed run's: a live one would hold the lock
+            for leftover in out.glob(f".{glob.escape(table.stem)}{PART_MARKER}*{table.suffix}"):
+                if _PART_NAME.fullmatch(leftover.name) and leftover.is_file():
+                    with contextlib.suppress(FileNotFoundError):
+                        leftover.unlink()
         with atomic_path(table) as temp:
             with open(temp, "w", newline="", encoding="utf-8") as f:  # slide by slide: never every row in memory
                 writer = csv.DictWriter(f, fieldnames=TABLE_COLUMNS, extrasaction="ignore")
@@ -1100,14 +1104,23 @@ def rebuild_table(out_dir: str | os.PathLike[str]) -> Path:
 
 @contextlib.contextmanager
 def _table_lock(out: Path):
-    """Hold the advisory lock of ``OUT``'s table (``OUT/.vipsnorm-rows/.table.lock``; none on Windows)."""
-    folder = out / ROWS_DIR
-    folder.mkdir(parents=True, exist_ok=True)
-    fd = os.open(folder / ".table.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    """Hold the advisory lock of ``OUT``'s table (``OUT/.vipsnorm-rows/.table.lock``); yields False
+    where there is none (Windows)."""
+    if fcntl is None:
+        yield False
+        return
+    lock = out / ROWS_DIR / ".table.lock"
     try:
-        if fcntl is not None:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise OutputError(lock, f"cannot create the table's lock ({exc.strerror or exc})") from None
+    try:
+        try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
+        except OSError as exc:  # no locks on this file system (some NFS set-ups)
+            raise OutputError(lock, f"cannot lock the table ({exc.strerror or exc})") from None
+        yield True
     finally:
         os.close(fd)  # releases the lock
 
@@ -1171,12 +1184,12 @@ def _finished(out: Path, task: _SlideTask, config: str) -> dict | None:
     return record
 
 
-def _remove_parts(out: Path, names: set[str], folders: Sequence[Path] | None = None) -> None:
+def _remove_parts(out: Path, names: set[str]) -> None:
     """Delete what runs killed while writing the slides ``names`` into ``out`` left behind: temporary
-    patch folders and shards, a folder being replaced (``.old``) and a rows file being written (the
-    table's, :func:`rebuild_table` deletes under its lock). Those of other slides are left alone
-    (another run may be writing them)."""
-    for folder in (out, out / ROWS_DIR) if folders is None else folders:
+    patch folders and shards, a folder being replaced (``.old``) and a rows file being written (not a
+    temporary table: :func:`rebuild_table` deletes those under its lock). Those of other slides are left
+    alone (another run may be writing them)."""
+    for folder in (out, out / ROWS_DIR):
         try:
             with os.scandir(folder) as it:
                 entries = [e for e in it if e.name.startswith(".") and PART_MARKER in e.name]
@@ -1184,8 +1197,8 @@ def _remove_parts(out: Path, names: set[str], folders: Sequence[Path] | None = N
             continue
         for entry in entries:
             match = _PART_NAME.fullmatch(entry.name)
-            if match is None:
-                continue
+            if match is None or (folder == out and entry.name.endswith(Path(TABLE).suffix)):
+                continue  # (a .csv here is the table's, even of a slide named like the table)
             stem = match["stem"]
             shard = _SHARD_STEM.fullmatch(stem)
             if stem not in names and (shard is None or shard["name"] not in names):
