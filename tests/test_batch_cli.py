@@ -109,7 +109,7 @@ def test_fit_over_a_folder(folder, tmp_path, capsys):
     data = json.loads((tmp_path / "ref.json").read_text())
     assert data["kind"] == "target" and len(data["inputs"]) == 3
     assert "fitted on 3 of 3 inputs" in stdout
-    assert sorted(os.listdir(tmp_path)) == ["in", "ref.json"]  # fitting writes no manifest
+    assert sorted(os.listdir(tmp_path)) == ["in", "ref.inputs.jsonl", "ref.json"]  # no manifest: the kept summaries
 
 
 def test_resume_only_skips_outputs_where_this_run_puts_them(tmp_path, capsys):

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from . import __version__
 from .batch import SCHEDULER_ENV, fit_batch, normalize_batch
+from .batch.fitcache import default_cache
 from ._options import add_engine_options, add_method_options, method_options
 from .engine import FORMATS, Options, build_method, load_reference, shares_target
 from .errors import InvalidReferenceError, VipsnormError
@@ -94,8 +95,8 @@ def _add_fit_options(p: argparse.ArgumentParser) -> None:
 def _add_batch_options(p: argparse.ArgumentParser, normalize: bool) -> None:
     g = p.add_argument_group(
         "batch",
-        "Inputs run in parallel on Dask: by default a local cluster sized to the machine (or this process\n"
-        f"alone when the batch is a single task); --scheduler or ${SCHEDULER_ENV} for a running cluster.",
+        "Inputs run in parallel on Dask: by default a local cluster sized to the machine (or one worker\n"
+        f"process when the batch is a single task); --scheduler or ${SCHEDULER_ENV} for a running cluster.",
     )
     g.add_argument(
         "--list",
@@ -120,6 +121,17 @@ def _add_batch_options(p: argparse.ArgumentParser, normalize: bool) -> None:
         default=None,
         help="progress bar on stderr (default: only when stderr is a terminal)",
     )
+    if not normalize:
+        g.add_argument(
+            "--cache",
+            type=Path,
+            metavar="JSONL",
+            help="where each input's summary is kept as it is made, so that a rerun samples only new or changed "
+            "inputs (default: REF.inputs.jsonl beside -o REF.json)",
+        )
+        g.add_argument(
+            "--overwrite", action="store_true", help="sample every input again, even those the cache holds"
+        )
     if normalize:
         g.add_argument(
             "--manifest",
@@ -297,6 +309,7 @@ def _normalize(args) -> int:
 def _fit(args) -> int:
     _check_inputs(args)
     options = _options(args)
+    cache = args.cache if args.cache is not None else default_cache(args.output)
     reference, results = fit_batch(
         args.inputs,
         args.method,
@@ -305,16 +318,22 @@ def _fit(args) -> int:
         lists=args.list,
         include=args.include,
         exclude=args.exclude,
+        cache=cache,
+        overwrite=args.overwrite,
         scheduler=args.scheduler,
         workers=args.workers,
         progress=args.progress,
     )
     for result in results:
-        if result.status != "ok":
+        if result.status == "error":
             print(f"error  {result.error}", file=sys.stderr)
     save_reference(reference, args.output)
-    failed = sum(r.status != "ok" for r in results)
-    print(f"{args.method} reference fitted on {len(results) - failed} of {len(results)} inputs -> {args.output}")
+    failed = sum(r.status == "error" for r in results)
+    kept = sum(r.status == "skipped" for r in results)
+    print(
+        f"{args.method} reference fitted on {len(results) - failed} of {len(results)} inputs "
+        f"({kept} summarized by an earlier run, kept in {cache}) -> {args.output}"
+    )
     return 1 if failed else 0
 
 

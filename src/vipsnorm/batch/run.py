@@ -480,6 +480,8 @@ def fit_batch(
     lists: Sequence[str | os.PathLike[str]] = (),
     include: Sequence[str] | None = None,
     exclude: Sequence[str] = (),
+    cache: str | os.PathLike[str] | None = None,
+    overwrite: bool = False,
     client=None,
     scheduler: str | None = None,
     workers: int | None = None,
@@ -490,14 +492,21 @@ def fit_batch(
     here, in input order, by :func:`vipsnorm.engine.fit_reference` (the same result as ``fit_files``).
 
     Inputs, ``client``, ``scheduler``, ``workers`` and ``progress`` are as for :func:`normalize_batch`.
+    With ``cache`` (a JSON-lines file, see :mod:`vipsnorm.batch.fitcache`), every summary is kept there
+    as it arrives, and inputs an earlier fit with the same settings summarized, unchanged since, are not
+    sampled again (their results have status ``skipped``); ``overwrite`` samples everything again.
 
     Raises
     ------
     InvalidReferenceError
-        No input could be sampled.
+        No input could be used.
+    OutputError
+        The cache cannot be opened, or another fit holds it.
     ValueError
         Unknown method or option, no input.
     """
+    from .fitcache import SummaryCache, fit_config
+
     method_options = method_options or {}
     check_fit(method_name, method_options)  # before any work
     _check_engine(client, scheduler, workers)
@@ -505,36 +514,48 @@ def fit_batch(
     items = [Item(i, e.path, "", "", *file_stat(e.path), e.error) for i, e in enumerate(entries)]
     results: list[Result | None] = [None] * len(items)
     summaries: list = [None] * len(items)
-    todo = []
-    for item in items:
-        if item.error is not None:
-            results[item.index] = Result(Path(item.input), status="error", error=item.error)
-        else:
-            todo.append(item)
-    bar = _Progress(len(items), progress)
-    bar.update(len(items) - len(todo))
-
-    def collect(out: list) -> None:
-        for index, result, summary in out:
-            results[index], summaries[index] = result, summary
-        bar.update(len(out))
-
-    def fail(item: Item, cause: str):
-        return item.index, Result(Path(item.input), status="error", error=f"{item.input}: {cause}"), None
-
+    book = None
+    if cache is not None:
+        book = SummaryCache.open(cache, fit_config(method_name, method_options, options), reuse=not overwrite)
     try:
-        engine = _engine(len(todo), _fits_one_task(todo), client, scheduler, workers)
+        todo = []
+        for item in items:
+            kept = None if book is None or item.error is not None else book.get(item.input, item.size, item.mtime_ns)
+            if item.error is not None:
+                results[item.index] = Result(Path(item.input), status="error", error=item.error)
+            elif kept is not None:
+                results[item.index], summaries[item.index] = Result(Path(item.input), status="skipped"), kept
+            else:
+                todo.append(item)
+        bar = _Progress(len(items), progress)
+        bar.update(len(items) - len(todo))
+        by_index = {item.index: item for item in todo}
+
+        def collect(out: list) -> None:
+            for index, result, summary in out:
+                results[index], summaries[index] = result, summary
+                if book is not None and result.status == "ok":
+                    book.add(by_index[index].input, by_index[index].size, by_index[index].mtime_ns, summary)
+            bar.update(len(out))
+
+        def fail(item: Item, cause: str):
+            return item.index, Result(Path(item.input), status="error", error=f"{item.input}: {cause}"), None
+
         try:
-            job = (method_name, options, method_options)
-            engine.run(sample_items, job, _group(todo, engine.threads()), collect, fail)
+            engine = _engine(len(todo), _fits_one_task(todo), client, scheduler, workers)
+            try:
+                job = (method_name, options, method_options)
+                engine.run(sample_items, job, _group(todo, engine.threads()), collect, fail)
+            finally:
+                engine.close()
         finally:
-            engine.close()
+            bar.close()
     finally:
-        bar.close()
+        if book is not None:
+            book.close()
     final = [r for r in results if r is not None]
-    ok = [i for i, r in enumerate(results) if r is not None and r.status == "ok" and summaries[i] is not None]
+    ok = [i for i, r in enumerate(results) if r is not None and r.status in ("ok", "skipped") and summaries[i] is not None]
     inputs_ok = tuple(str(results[i].input) for i in ok)
-    errors = [r.error for r in final if r.status != "ok" and r.error]
+    errors = [r.error for r in final if r.status == "error" and r.error]
     reference = fit_reference(method_name, [summaries[i] for i in ok], inputs_ok, method_options, errors)
     return reference, final
-
