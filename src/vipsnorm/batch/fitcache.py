@@ -26,11 +26,7 @@ from ..engine import Options
 from ..errors import OutputError
 from ..methods import Sample
 from ..methods.stain import LabSummary, StainSummary
-
-try:
-    import fcntl
-except ImportError:  # Windows: no advisory lock
-    fcntl = None  # type: ignore[assignment]
+from ._locks import open_locked
 
 __all__ = ["SummaryCache", "default_cache", "fit_config"]
 
@@ -95,16 +91,13 @@ class SummaryCache:
             It cannot be opened, or another fit holds it.
         """
         path = Path(path)
+        fd, _ = open_locked(
+            path,
+            os.O_RDWR | os.O_APPEND,
+            cannot_open="cannot open the file of fitted inputs ({})",
+            busy="another vipsnorm fit is using this file; wait for it to end",
+        )
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
-        except OSError as exc:
-            raise OutputError(path, f"cannot open the file of fitted inputs ({exc.strerror or exc})") from None
-        try:
-            if fcntl is not None:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    raise OutputError(path, "another vipsnorm fit is using this file; wait for it to end") from None
             with open(os.dup(fd), "rb") as f:
                 data = f.read()
             if data and not data.endswith(b"\n"):  # a line cut short by a kill: drop it before appending

@@ -56,7 +56,7 @@ DEFAULT_INCLUDE = (
 #: Whole-slide formats: always one task each, however small the file (an MRXS's pixels are elsewhere).
 SLIDE_SUFFIXES = frozenset({".svs", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm"})
 #: A temporary output left by a killed write (:func:`vipsnorm.io.write.atomic_path`).
-PART_FILE = re.compile(r"^\..*" + re.escape(PART_MARKER) + r"[0-9a-f]{8}(\.[^./]*)?$")
+PART_FILE = re.compile(r"^\.(?P<stem>.*)" + re.escape(PART_MARKER) + r"[0-9a-f]{8}(\.[^./]*)?$")
 
 
 @dataclass(frozen=True)

@@ -34,12 +34,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 from ..errors import OutputError
+from ._locks import open_locked
 from .inputs import Item
-
-try:
-    import fcntl
-except ImportError:  # Windows: no advisory lock
-    fcntl = None  # type: ignore[assignment]
 
 __all__ = ["COLUMNS", "Manifest", "Finished", "read_manifest"]
 
@@ -136,18 +132,13 @@ class Manifest:
         if missing:
             raise ValueError(f"a manifest needs the columns {sorted(missing)}")
         path = Path(path)
+        fd, _ = open_locked(
+            path,
+            os.O_RDWR,
+            cannot_open="cannot open the manifest ({}); choose another --manifest",
+            busy="another vipsnorm run is writing this manifest; wait for it to end or choose another --manifest",
+        )
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as exc:
-            cause = f"cannot open the manifest ({exc.strerror or exc}); choose another --manifest"
-            raise OutputError(path, cause) from None
-        try:
-            if fcntl is not None:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    cause = "another vipsnorm run is writing this manifest; wait for it to end or choose another --manifest"
-                    raise OutputError(path, cause) from None
             _drop_torn_tail(fd)
             # file names are bytes on POSIX: names that are not UTF-8 round-trip as surrogate escapes
             file = os.fdopen(fd, "r+", encoding="utf-8", errors="surrogateescape", newline="")

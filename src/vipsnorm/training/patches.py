@@ -72,12 +72,8 @@ from pathlib import Path
 import numpy as np
 import pyvips
 
-try:
-    import fcntl
-except ImportError:  # Windows: no advisory lock
-    fcntl = None  # type: ignore[assignment]
-
-from ..batch.inputs import file_stat
+from ..batch._locks import open_locked
+from ..batch.inputs import PART_FILE, file_stat
 from ..batch.manifest import COLUMNS, Manifest
 from ..batch.run import config_hash, default_manifest, worker_id
 from ..engine import Options, build_method, fit_slide, load_reference
@@ -1085,7 +1081,7 @@ def rebuild_table(out_dir: str | os.PathLike[str]) -> Path:
     with _table_lock(out) as locked:
         if locked:  # a temporary table now is a killed run's: a live one would hold the lock
             for leftover in out.glob(f".{glob.escape(table.stem)}{PART_MARKER}*{table.suffix}"):
-                if _PART_NAME.fullmatch(leftover.name) and leftover.is_file():
+                if PART_FILE.fullmatch(leftover.name) and leftover.is_file():
                     with contextlib.suppress(FileNotFoundError):
                         leftover.unlink()
         with atomic_path(table) as temp:
@@ -1106,21 +1102,14 @@ def rebuild_table(out_dir: str | os.PathLike[str]) -> Path:
 def _table_lock(out: Path):
     """Hold the advisory lock of ``OUT``'s table (``OUT/.vipsnorm-rows/.table.lock``); yields False
     where there is none (Windows)."""
-    if fcntl is None:
-        yield False
-        return
     lock = out / ROWS_DIR / ".table.lock"
     try:
         lock.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as exc:
-        raise OutputError(lock, f"cannot create the table's lock ({exc.strerror or exc})") from None
+        raise OutputError(lock, f"cannot lock the table ({exc.strerror or exc})") from None
+    fd, locked = open_locked(lock, os.O_RDWR, cannot_open="cannot lock the table ({})", busy=None)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        except OSError as exc:  # no locks on this file system (some NFS set-ups)
-            raise OutputError(lock, f"cannot lock the table ({exc.strerror or exc})") from None
-        yield True
+        yield locked
     finally:
         os.close(fd)  # releases the lock
 
@@ -1130,8 +1119,6 @@ def _table_lock(out: Path):
 MANIFEST_COLUMNS = COLUMNS[:9] + (
     "patches", "level", "mpp", "method", "params", "reference", "config", "seconds", "worker",
 )  # fmt: skip
-#: A temporary output (``.NAME.vipsnorm-part-XXXXXXXX[.EXT]``): what NAME is.
-_PART_NAME = re.compile(r"\.(?P<stem>.+)" + re.escape(PART_MARKER) + r"[0-9a-f]{8}(\.[^./]*)?")
 _SHARD_STEM = re.compile(r"(?P<name>.+)-\d{6}")
 
 
@@ -1196,7 +1183,7 @@ def _remove_parts(out: Path, names: set[str]) -> None:
         except OSError:
             continue
         for entry in entries:
-            match = _PART_NAME.fullmatch(entry.name)
+            match = PART_FILE.fullmatch(entry.name)
             if match is None or (folder == out and entry.name.endswith(Path(TABLE).suffix)):
                 continue  # (a .csv here is the table's, even of a slide named like the table)
             stem = match["stem"]
