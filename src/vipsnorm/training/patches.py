@@ -92,6 +92,7 @@ from ..methods import Method, Params
 from ..reference import Reference
 from ..methods.clahe import ClaheParams, grid_geometry
 from ..sampling import TissueMask, overview, tissue_mask
+from .colour_table import colour_table as shared_colour_table, per_pixel
 
 __all__ = [
     "Patch",
@@ -541,22 +542,30 @@ class PatchReader:
 
     Notes
     -----
-    The lazy normalized image of each level is built once and kept; each :meth:`read` computes only its
-    window with a fresh ``pyvips.Region`` (in the calling thread; several threads may read at once).
-    OpenSlide-backed slides read the raw window with OpenSlide's ``read_region`` and map it with
-    ``method.apply_array``, the method's numpy twin of its pipeline (tested equal for the LUT methods
-    and Macenko), except CLAHE, whose numpy twin needs the whole level: it is fetched from the lazy
-    pipeline there too.
+    Each :meth:`read` computes only its window with a fresh ``pyvips.Region`` (in the calling thread;
+    several threads may read at once). A per-pixel method (every method but CLAHE) maps the raw window
+    through a :class:`~.colour_table.ColourTable` of the fit: the method's own pipeline, run once per
+    colour the slide shows and then looked up, several times cheaper per patch than the pipeline and
+    equal to it bit for bit (``colour_table=False``: the lazy pipeline on every window). CLAHE's
+    windows are fetched from the lazy normalized image of the level, built once and kept. On
+    OpenSlide-backed slides the raw level-0 window comes from OpenSlide's ``read_region``; without
+    the table it is mapped by ``method.apply_array``, the method's numpy twin of its pipeline (tested
+    equal for the LUT methods and Macenko).
     """
 
-    def __init__(self, slide: Slide, method: Method | None = None, params: Params | None = None):
+    def __init__(
+        self, slide: Slide, method: Method | None = None, params: Params | None = None, *, colour_table: bool = True
+    ):
         if (method is None) != (params is None):
             raise ValueError("give both the method and its fitted params, or neither (raw pixels)")
         if params is not None and params.method != method.name:
             raise ValueError(f"the params are for {params.method}, not {method.name}")
         self.slide, self.method, self.params = slide, method, params
         self._images: dict[int, pyvips.Image] = {}
+        self._raw_images: dict[int, pyvips.Image] = {}
         self._numpy_path = slide.backend == "openslide" and not (method is not None and method.spatial)
+        # per-pixel methods share the same params at every level (params_at_level): one table serves all
+        self._table = colour_table and per_pixel(method)
 
     def level_image(self, level: int) -> pyvips.Image:
         """The lazy (normalized) image of ``level``."""
@@ -591,10 +600,24 @@ class PatchReader:
             raw = self.slide.read_region(level, x, y, width, height)  # OpenSlide, straight
             if self.method is None:
                 return raw
+            if self._table and raw.shape[-1] == 3:
+                return shared_colour_table(self.method, self.params)(raw)
             return self.method.apply_array(raw, params_at_level(self.slide, self.params, level))
-        image = self.level_image(level)
+        if self._table:
+            raw_image = self._raw_images.get(level)
+            if raw_image is None:
+                raw_image = self.slide.level_image(level)
+                if raw_image.bands == 3:  # a zero fourth band: the fetched bytes are the table's indices
+                    raw_image = raw_image.bandjoin_const([0])
+                raw_image = self._raw_images.setdefault(level, raw_image)
+            if raw_image.bands == 4:
+                raw = self._fetch(raw_image, x, y, width, height, copy=False)  # the table makes a new array
+                return shared_colour_table(self.method, self.params).map_rgbx(raw)
+        return self._fetch(self.level_image(level), x, y, width, height)
+
+    def _fetch(self, image: pyvips.Image, x: int, y: int, width: int, height: int, copy: bool = True) -> np.ndarray:
         data = self.slide.decode(lambda: pyvips.Region.new(image).fetch(x, y, width, height))
-        return np.frombuffer(bytearray(data), np.uint8).reshape(height, width, image.bands)
+        return np.frombuffer(bytearray(data) if copy else data, np.uint8).reshape(height, width, image.bands)
 
     def read_patch(self, patch: Patch) -> np.ndarray:
         """The pixels of ``patch`` (of this slide)."""
