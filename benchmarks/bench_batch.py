@@ -185,17 +185,24 @@ def _ensure(workdir: Path, name: str, code: str, *args: str) -> Path:
 def _run_child(case: str, dataset: Path, out: Path, method: str) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", case, "--dataset", str(dataset), "--out", str(out),
            "--method", method]  # fmt: skip
+    import resource
+
     load_before = os.getloadavg()[0]
     t0 = time.perf_counter()
+    cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=bench_core._child_env())
+    cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     process_seconds = time.perf_counter() - t0
+    # user + system CPU of the case's process and every process it waited for (its Dask workers), from
+    # start to exit: imports and cluster start included. Steadier than wall time on a shared machine.
+    process_cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"case {case!r} failed (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     record = json.loads(lines[-1])
     if record["ok"] != record["files"]:
         raise RuntimeError(f"case {case!r}: {record['ok']} of {record['files']} files ok\n{proc.stderr}")
-    record.update(process_seconds=process_seconds, loadavg_1min=[load_before, os.getloadavg()[0]])
+    record.update(process_seconds=process_seconds, process_cpu_seconds=process_cpu, loadavg_1min=[load_before, os.getloadavg()[0]])
     return record
 
 
@@ -217,14 +224,16 @@ def _markdown(results: dict[str, dict[str, dict]], machine: dict, args) -> str:
         lines += [
             f"**{name}** ({n} files)",
             "",
-            "| case | job s | cluster start s | work s | files/s (work) | work x floor | job x floor |",
-            "|---|---:|---:|---:|---:|---:|---:|",
+            "| case | job s | cluster start s | work s | files/s (work) | work x floor | job x floor | process CPU s | CPU x floor |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for case, r in cases.items():
             job = r["seconds"] + r["startup_seconds"]
+            cpu = r.get("process_cpu_seconds", float("nan"))
             lines.append(
                 f"| {case} | {job:.2f} | {r['startup_seconds']:.2f} | {r['seconds']:.2f} | {n / r['seconds']:.1f} | "
-                f"{r['seconds'] / floor['seconds']:.2f} | {job / floor['seconds']:.2f} |"
+                f"{r['seconds'] / floor['seconds']:.2f} | {job / floor['seconds']:.2f} | {cpu:.2f} | "
+                f"{cpu / floor.get('process_cpu_seconds', float('nan')):.2f} |"
             )
         one, two, noop = cases.get("1 worker"), cases.get("2 workers"), cases.get("no-op, 1 worker")
         lines.append("")
@@ -249,6 +258,8 @@ def _markdown(results: dict[str, dict[str, dict]], machine: dict, args) -> str:
             else:
                 verdict = "one task per slide; the goal is for small images"
             lines.append(f"- engine overhead per file (no-op tasks, same grouping, 1 worker): **{per_file:.3f} ms** ({verdict})")
+        lines.append("- process CPU s: user + system time of the case's process and its workers, start to exit (imports, "
+                     "cluster start and data listing included): the steadier figure on a shared machine")
         lines.append("")
     loads = [v for cases in results.values() for r in cases.values() for v in r["loadavg_1min"]]
     lines.append(f"1-minute load average around the cases: {min(loads):.1f} to {max(loads):.1f} on {machine['cores']} cores"

@@ -13,6 +13,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pyvips
 
 from . import __version__
@@ -20,6 +21,8 @@ from .errors import FlatImageError, InvalidReferenceError, OutputError, Unreadab
 from .io.slide import BACKENDS, DEFAULT_MAX_PIXELS, Slide, open_slide
 from .io.write import COMPRESSIONS, IMAGE_SUFFIXES, write_image, write_pyramid
 from .methods import METHODS, Method, Params, Sample
+from .methods.base import LutMethod
+from .methods._hist import luma_array
 from .reference import Reference, load_reference_json
 from .sampling import STRATEGIES, sample_slide
 
@@ -186,8 +189,9 @@ def _check_output(inp: Path, out: Path, options: Options) -> None:
             raise OutputError(out, "output already exists and --no-overwrite was given")
 
 
-def _sample(slide: Slide, options: Options, pixels: int = 0) -> Sample:
-    """The pixels to fit on, as ``options`` say; a flat sample is an error, never a division by zero."""
+def _sample(slide: Slide, options: Options, pixels: int = 0, luma: bool = True) -> Sample:
+    """The pixels to fit on, as ``options`` say; a flat sample is an error, never a division by zero.
+    ``luma`` False: the Y row may be left uncounted (:attr:`Method.needs_luma`)."""
     sample = sample_slide(
         slide,
         strategy=options.strategy,
@@ -195,9 +199,13 @@ def _sample(slide: Slide, options: Options, pixels: int = 0) -> Sample:
         seed=options.seed,
         tissue=options.tissue,
         pixels=pixels,
+        luma=luma,
     )
     if sample.is_flat():
-        value = int(sample.hist[3].argmax())
+        if sample.luma_counted:
+            value = int(sample.hist[3].argmax())
+        else:  # the luma of the one colour, as it would have been counted
+            value = int(luma_array(sample.hist[:3].argmax(axis=1).astype(np.uint8))[()])
         raise FlatImageError(slide.path, f"image is flat (every sampled pixel is {value}): nothing to normalize")
     return sample
 
@@ -216,7 +224,7 @@ def fit_slide(slide: Slide, method: Method, options: Options) -> Params:
         return slide.decode(
             lambda: method.fit_level(slide.level_image(level), mpp=slide.mpp, size=slide.dimensions)
         )
-    return method.fit(_sample(slide, options, method.sample_pixels))
+    return method.fit(_sample(slide, options, method.sample_pixels, method.needs_luma))
 
 
 def normalize_file(
@@ -259,7 +267,13 @@ def normalize_file(
             elif params.method != method.name:
                 raise InvalidReferenceError(None, f"reference holds {params.method} parameters, not {method.name}")
             result.params = params
-            image = method.apply(slide.level_image(0), params)
+            image = slide.level_image(0)
+            if type(method).apply is LutMethod.apply and getattr(params, "space", None) == "luminance" and image.bands == 3:
+                # a small image held decoded: its luma in numpy (counted by the fit already, if there was
+                # one) instead of again in libvips
+                image = method.apply(image, params, luma=slide.decoded_luma())
+            else:
+                image = method.apply(image, params)
             if slide.is_slide and options.format in ("auto", "tiff"):
                 description = f"vipsnorm {__version__} method={method.name} source={slide.path.name}"
                 slide.decode(

@@ -184,6 +184,7 @@ def sample_slide(
     seed: int = 0,
     tissue: bool | None = None,
     pixels: int = 0,
+    luma: bool = True,
 ) -> Sample:
     """Histograms of the pixels to fit on (and, if asked, a subsample of those pixels themselves).
 
@@ -202,6 +203,10 @@ def sample_slide(
         Also gather up to this many of the sampled pixels in :attr:`Sample.pixels` (a uniform random
         subsample of the same tissue pixels; every pixel when there are fewer), for methods fitted on
         pixel colours. 0: histograms only.
+    luma : bool
+        False: the Y row of a colour image may be left uncounted (NaN, see :attr:`Sample.luma_counted`)
+        where counting it is extra work (a small image held in memory), for a fit that does not read it
+        (:attr:`~vipsnorm.methods.Method.needs_luma`).
 
     Raises
     ------
@@ -216,10 +221,13 @@ def sample_slide(
             # A slide without tissue masking: the overview level stands for the whole.
             image, array = slide.level_image(slide.best_level_for_downsample(8.0)), None
         else:
-            image, array = slide.level_image(0), slide.decoded_pixels()
+            image, array = slide.level_image(0), None
         source = f"all pixels, {image.width}x{image.height}"
-        if array is not None:  # a small image, decoded in memory
-            hist = _histograms_in_memory(image, array)
+        if slide.holds_decoded():  # a small image, decoded in memory
+            # numpy only for what libvips' band counts do not give: the luma (kept by the slide, for
+            # a luminance apply) and the pixels
+            array = slide.decoded_pixels() if pixels else None
+            hist = _histograms_in_memory(image, slide.decoded_luma() if luma else None)
             kept = _limit(_subsampled(array, pixels).reshape(-1, image.bands), pixels, seed) if pixels else None
             return Sample(hist, image.bands, source, pixels=kept)
         hist = slide.decode(lambda: _masked_histograms(image, None))
@@ -251,9 +259,11 @@ def sample_slide(
     return Sample(hist, view.shape[-1], source, background, kept)
 
 
-def _histograms_in_memory(image: pyvips.Image, array: np.ndarray) -> np.ndarray:
-    """(4, 256) histograms (R, G, B, Y) of every pixel of an in-memory ``image`` whose pixels are
-    ``array``: the counts :func:`_masked_histograms` gives without a mask.
+def _histograms_in_memory(image: pyvips.Image, luma: np.ndarray | None) -> np.ndarray:
+    """(4, 256) histograms (R, G, B, Y) of every pixel of an in-memory ``image`` whose luma
+    (:func:`~vipsnorm.methods._hist.luma_array`) is ``luma``: the counts :func:`_masked_histograms`
+    gives without a mask. ``luma`` None (colour): the Y row is left uncounted, NaN
+    (:attr:`Sample.luma_counted`).
 
     libvips counts the bands of an image already in memory faster than numpy, and numpy computes the
     luma faster than libvips, so each does its part. Measured on 512x512 tiles (CPU time): 1.7 ms, against
@@ -262,7 +272,9 @@ def _histograms_in_memory(image: pyvips.Image, array: np.ndarray) -> np.ndarray:
     counts = image.hist_find().numpy().reshape(256, image.bands).T
     if image.bands == 1:
         return np.repeat(counts, 4, axis=0).astype(np.float64)
-    return np.vstack([counts, _luma_counts(array)]).astype(np.float64)
+    if luma is None:
+        return np.vstack([counts, np.full((1, 256), np.nan)])
+    return np.vstack([counts, _value_counts(luma)]).astype(np.float64)
 
 
 #: Pixels per step of :func:`_luma_counts`: every temporary stays below glibc's 128 KiB mmap threshold.
@@ -278,6 +290,16 @@ def _luma_counts(array: np.ndarray) -> np.ndarray:
     counts = np.zeros(256, np.int64)
     for start in range(0, flat.shape[0], _LUMA_STEP):
         counts += np.bincount(luma_array(flat[start : start + _LUMA_STEP]), minlength=256)
+    return counts
+
+
+def _value_counts(values: np.ndarray) -> np.ndarray:
+    """Histogram of a uint8 array, :data:`_LUMA_STEP` values at a time (``np.bincount``'s intp copy
+    stays small)."""
+    flat = values.reshape(-1)
+    counts = np.zeros(256, np.int64)
+    for start in range(0, flat.shape[0], _LUMA_STEP):
+        counts += np.bincount(flat[start : start + _LUMA_STEP], minlength=256)
     return counts
 
 

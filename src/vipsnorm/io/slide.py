@@ -123,6 +123,17 @@ class Slide(ABC):
         (stream it through :meth:`level_image`). Read-only."""
         return None
 
+    def holds_decoded(self) -> bool:
+        """Whether :meth:`decoded_pixels` gives an array (level 0 is held decoded in memory), without
+        copying it out."""
+        return False
+
+    def decoded_luma(self) -> np.ndarray | None:
+        """The BT.601 luma (:func:`~vipsnorm.methods._hist.luma_array`) of :meth:`decoded_pixels` as an
+        ``(h, w)`` uint8 array, computed once and kept while the slide is open, when level 0 is held
+        decoded in colour; ``None`` otherwise. Read-only."""
+        return None
+
     def read_region(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
         """Pixels of a window of ``level`` as an ``(h, w, bands)`` uint8 array (bounded size)."""
         image = self.level_image(level)
@@ -196,6 +207,7 @@ class VipsSlide(Slide):
         self.loader = first.get("vips-loader")
         self._levels: dict[int, pyvips.Image] = {}
         self._memory: pyvips.Image | None = None  # level 0 decoded, in the processing format
+        self._luma: np.ndarray | None = None  # its luma, once asked for (decoded_luma)
         fields = set(first.get_fields())
         self._load: list[dict] = [{}]
         levels = [Level(first.width, first.height, 1.0)]
@@ -248,6 +260,18 @@ class VipsSlide(Slide):
             return self._memory
         return super().level_image(level)
 
+    def holds_decoded(self) -> bool:
+        return self._memory is not None
+
+    def decoded_luma(self) -> np.ndarray | None:
+        if self._luma is None and self._memory is not None and self._memory.bands == 3:
+            from ..methods._hist import luma_array
+
+            luma = luma_array(self.decoded_pixels())
+            luma.flags.writeable = False
+            self._luma = luma
+        return self._luma
+
     def decoded_pixels(self) -> np.ndarray | None:
         image = self._memory
         if image is None:
@@ -260,6 +284,7 @@ class VipsSlide(Slide):
     def close(self) -> None:
         self._levels.clear()
         self._memory = None
+        self._luma = None
 
     def _fits_in_memory(self) -> bool:
         """True for an ordinary image small enough to be decoded once into memory by :meth:`probe`."""

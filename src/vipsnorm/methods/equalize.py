@@ -68,6 +68,10 @@ class Equalize(LutMethod):
             raise ValueError(f"equalize mode must be 'luminance' or 'rgb', not {mode!r}")
         self.mode = mode
 
+    @property
+    def needs_luma(self) -> bool:
+        return self.mode == "luminance"  # rgb: R, G and B of a colour image (a grey one has Y in every row)
+
     def fit(self, sample: Sample) -> EqualizeParams:
         rgb = self.mode == "rgb" and sample.bands == 3
         luts = self._luts(sample.hist[:3] if rgb else sample.hist[3:])

@@ -86,6 +86,10 @@ class Match(LutMethod):
             raise ValueError(f"match mode must be 'rgb' or 'luminance', not {mode!r}")
         self.target, self.mode = target, mode
 
+    @property
+    def needs_luma(self) -> bool:
+        return self.mode == "luminance"  # rgb: R, G and B of a colour image (a grey one has Y in every row)
+
     def fit_target(self, samples: list[Sample]) -> Sample:
         """The palette of one image, or the tissue histograms of many pooled, each weighing the same."""
         if len(samples) == 1:

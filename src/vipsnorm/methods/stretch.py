@@ -67,6 +67,10 @@ class Stretch(LutMethod):
             raise ValueError(f"stretch mode must be 'joint' or 'rgb', not {mode!r}")
         self.low, self.high, self.mode = float(low), float(high), mode
 
+    @property
+    def needs_luma(self) -> bool:
+        return False  # colour: R, G and B (joint: their sum); grey: every row is the grey histogram
+
     def fit(self, sample: Sample) -> StretchParams:
         if self.mode == "rgb" and sample.bands == 3:
             rows = [sample.hist[i] for i in range(3)]
