@@ -36,6 +36,7 @@ import numpy as np
 
 from ..errors import VipsnormError
 from ..methods import Clahe, Equalize, Macenko, Match, Sample, Stretch
+from ..methods._hist import band_keys, keyed_counts, take_keyed
 from ..methods.stain import MacenkoParams, macenko_stains
 from ..synth import DEFAULT_STAINS
 
@@ -97,7 +98,13 @@ def equalize(image: np.ndarray, mode: str = "luminance") -> np.ndarray:
     (``fit_apply_array``): OpenCV's ``equalizeHist`` per channel in ``rgb`` mode, on the BT.601 luma in
     ``luminance`` mode."""
     image = _image(image)
-    return _quiet(lambda: Equalize(mode).fit_apply_array(image))
+    method = Equalize(mode)
+    if mode == "rgb" and image.ndim == 3 and image.shape[-1] == 3:
+        # fit_apply_array's rgb path, with each value keyed by its band once: the keys are counted (the
+        # three histograms in one pass) and then mapped through the three LUTs (one table) alike
+        keys = band_keys(image)
+        return take_keyed(_quiet(lambda: method._luts(keyed_counts(keys))), keys, image.shape)
+    return _quiet(lambda: method.fit_apply_array(image))
 
 
 def clahe(
