@@ -187,7 +187,7 @@ def _lut_image(lut: np.ndarray) -> pyvips.Image:
     return image
 
 
-def apply_luts_image(image: pyvips.Image, luts: np.ndarray, space: str) -> pyvips.Image:
+def apply_luts_image(image: pyvips.Image, luts: np.ndarray, space: str, luma: np.ndarray | None = None) -> pyvips.Image:
     """Apply uint8 LUTs lazily.
 
     Parameters
@@ -199,10 +199,19 @@ def apply_luts_image(image: pyvips.Image, luts: np.ndarray, space: str) -> pyvip
     space : {"joint", "rgb", "luminance"}
         ``joint``: the one LUT on every band. ``rgb``: LUT ``i`` on band ``i``. ``luminance``: the LUT maps
         luma Y to Y'; every band gets ``Y' - Y`` added (hue and chroma kept, as in YCbCr).
+    luma : ndarray, optional
+        ``(h, w)`` uint8: the luma of ``image`` already computed in numpy (:func:`luma_array`, equal bit
+        for bit to :func:`luma_image`), used by a luminance apply instead of computing it again in
+        libvips (about 1 ms less on a 512x512 image held in memory).
     """
     luts = np.asarray(luts, dtype=np.uint8).reshape(-1, 256)
     if space == "luminance" and image.bands == 3:
-        y = luma_image(image)
+        if luma is None:
+            y = luma_image(image)
+        elif luma.shape != (image.height, image.width) or luma.dtype != np.uint8:
+            raise ValueError(f"luma must be uint8 of shape {(image.height, image.width)}, not {luma.dtype} {luma.shape}")
+        else:  # (pyvips keeps a reference to the array's buffer)
+            y = pyvips.Image.new_from_memory(luma.data, image.width, image.height, 1, "uchar")
         delta = luts[0].astype(np.int16) - np.arange(256, dtype=np.int16)
         # a 3-band delta LUT saves libvips a band broadcast in the add (measured 1.4x faster)
         return (image + y.maplut(_lut_image(np.stack([delta] * 3)))).cast("uchar")

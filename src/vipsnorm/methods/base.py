@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import numpy as np
 import pyvips
 
-from ._hist import _lut_image, apply_luts_array, apply_luts_image, histograms
+from ._hist import apply_luts_array, apply_luts_image, histograms
 
 __all__ = ["Sample", "Params", "LutParams", "Method", "LutMethod", "ROWS"]
 
@@ -254,14 +254,7 @@ class LutMethod(Method):
         :meth:`~vipsnorm.io.slide.Slide.decoded_luma`), used by a luminance apply instead of computing
         it again in libvips: the same pixels (the two lumas are equal bit for bit), about 1 ms less on a
         512x512 tile."""
-        if luma is not None and params.space == "luminance" and image.bands == 3:
-            if luma.shape != (image.height, image.width) or luma.dtype != np.uint8:
-                raise ValueError(f"luma must be uint8 of shape {(image.height, image.width)}, not {luma.dtype} {luma.shape}")
-            # apply_luts_image's luminance branch, with luma_image(image) replaced by these values
-            delta = np.asarray(params.luts(), dtype=np.uint8).reshape(-1, 256)[0].astype(np.int16) - np.arange(256, dtype=np.int16)
-            y = pyvips.Image.new_from_memory(luma.data, image.width, image.height, 1, "uchar")
-            return (image + y.maplut(_lut_image(np.stack([delta] * 3)))).cast("uchar")
-        return apply_luts_image(image, params.luts(), params.space)
+        return apply_luts_image(image, params.luts(), params.space, luma)
 
     def apply_array(self, array: np.ndarray, params: LutParams) -> np.ndarray:
         return apply_luts_array(array, params.luts(), params.space)
