@@ -17,8 +17,10 @@ all of them), side by side in one run, ``--repeat`` times in rotation:
     ``PatchReader(slide).read_patch(p)``: a libvips ``Region`` fetch of the window, in the calling
     thread, as a numpy array (no normalization).
 ``vipsnorm macenko``
-    The same window of the lazy Macenko-normalized level (fitted once per slide; the fit, a fixed cost
-    of about a second, is reported on its own and not in the rate).
+    The same window normalized by Macenko (fitted once per slide; the fit, a fixed cost of about a
+    second, is reported on its own and not in the rate): ``PatchReader(slide, method, params)``, which
+    maps the raw window through the fit's colour table, filled as patches show new colours (it starts
+    empty in each case's fresh process, so the rate includes filling it).
 ``vipsnorm equalize``
     Extra: a LUT method, for comparison.
 

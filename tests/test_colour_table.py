@@ -169,3 +169,27 @@ def test_spatial_methods_and_bad_arrays_are_refused(small_slide, reference):
     np.testing.assert_array_equal(
         table.map_rgbx(np.zeros((2, 2, 4), np.uint8)), table(np.zeros((2, 2, 3), np.uint8))
     )
+
+
+def test_a_huge_clahe_clip_limit_clips_nothing_and_does_not_overflow():
+    """A clip limit whose clip exceeds 2**31 (int32) is the same as one that clips nothing."""
+    from vipsnorm.training import augment
+
+    image = synthetic_slide(64, 64, seed=3).numpy()
+    np.testing.assert_array_equal(augment.clahe(image, clip_limit=1e10), augment.clahe(image, clip_limit=1e4))
+
+
+def test_datasets_use_tables_only_when_every_fit_has_one(small_slide, tmp_path):
+    """More distinct fits than a process keeps tables would drop and refill them on every read: the
+    dataset's readers then run the pipeline."""
+    from vipsnorm.training.datasets import PatchSource
+    from vipsnorm.training.patches import Patch
+
+    patches = [Patch(slide=str(small_slide), level=0, x=100, y=100, x0=100, y0=100, size=32)]
+    source = PatchSource(patches, method="stretch")
+    assert source._reader(str(small_slide))._table
+    source.params.update({f"other{i}": params for i, params in enumerate(
+        build_method("stretch").fit(vipsnorm.methods.Sample.from_array(synthetic_slide(64, 64, seed=s).numpy()))
+        for s in range(ct.MAX_TABLES))})
+    source.close()
+    assert not source._reader(str(small_slide))._table

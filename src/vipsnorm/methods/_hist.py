@@ -211,7 +211,7 @@ def apply_luts_image(image: pyvips.Image, luts: np.ndarray, space: str, luma: np
         elif luma.shape != (image.height, image.width) or luma.dtype != np.uint8:
             raise ValueError(f"luma must be uint8 of shape {(image.height, image.width)}, not {luma.dtype} {luma.shape}")
         else:  # (pyvips keeps a reference to the array's buffer)
-            y = pyvips.Image.new_from_memory(luma.data, image.width, image.height, 1, "uchar")
+            y = pyvips.Image.new_from_memory(np.ascontiguousarray(luma).data, image.width, image.height, 1, "uchar")
         delta = luts[0].astype(np.int16) - np.arange(256, dtype=np.int16)
         # a 3-band delta LUT saves libvips a band broadcast in the add (measured 1.4x faster)
         return (image + y.maplut(_lut_image(np.stack([delta] * 3)))).cast("uchar")

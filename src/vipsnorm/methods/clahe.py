@@ -109,7 +109,8 @@ def clahe_luts(hist: np.ndarray, clip_limit: float, area: int) -> np.ndarray:
 
 def _clahe_luts(hist: np.ndarray, clip_limit: float, area: int, dtype=np.int64) -> np.ndarray:
     if clip_limit > 0:
-        clip = max(int(clip_limit * area / _BINS), 1)
+        # (no bin holds more than the area: a larger clip clips nothing, and would overflow int32)
+        clip = min(max(int(clip_limit * area / _BINS), 1), area)
         h = np.minimum(hist, clip, dtype=dtype, casting="unsafe")
         # the clipped excess, sum(max(hist - clip, 0)), is what the clipping removed
         excess = hist.sum(axis=-1, dtype=np.int64)

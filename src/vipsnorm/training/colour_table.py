@@ -112,7 +112,7 @@ class ColourTable:
             current = entries.take(index)
             for start in range(0, index.size, _MAX_FILL):
                 part = current[start : start + _MAX_FILL]  # a view: filled in place
-                todo = part < _FILLED
+                todo = entries.take(index[start : start + _MAX_FILL]) < _FILLED  # (an earlier part may have filled some)
                 where = index[start : start + _MAX_FILL][todo]
                 # one representative per distinct colour: each position writes a mark holding its
                 # number, and the position that reads back its own mark computes the colour for all
@@ -121,7 +121,7 @@ class ColourTable:
                 first = (entries.take(where) & _POSITION) == positions
                 out = self._compute(colours[start : start + _MAX_FILL][todo][first]).astype(np.uint32)
                 entries[where[first]] = out[:, 0] | (out[:, 1] << 8) | (out[:, 2] << 16) | _FILLED
-                part[todo] = entries.take(where)
+                part[:] = entries.take(index[start : start + _MAX_FILL])
             return current
 
     def __call__(self, rgb: np.ndarray) -> np.ndarray:

@@ -44,6 +44,7 @@ from ..engine import Options, fit_slide
 from ..io.slide import open_slide
 from ..methods import Method, Params
 from .augment import takes_rng
+from .colour_table import MAX_TABLES
 from .patches import Patch, PatchReader, read_table, resolve_normalization
 
 __all__ = ["PatchSource", "PatchDataset", "KerasPatchDataset", "patches_from_table", "ForkedWorkerError"]
@@ -214,7 +215,10 @@ class PatchSource:
                 # dropped, not closed: a thread may still be reading it; it is released with its last reference
                 self._readers.popitem(last=False)
             opened = open_slide(slide, max_pixels=self.options.max_pixels, backend=self.options.backend)
-            reader = PatchReader(opened, self.method, self.params.get(slide))
+            # one colour table per slide fit; with more fits than a process keeps tables, they would
+            # be dropped and refilled over and over: the pipeline is then cheaper
+            tables = len(set(map(repr, self.params.values()))) <= MAX_TABLES
+            reader = PatchReader(opened, self.method, self.params.get(slide), colour_table=tables)
             self._readers[slide] = (opened, reader)
             return reader
 

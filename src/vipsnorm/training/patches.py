@@ -65,6 +65,7 @@ import tarfile
 import threading
 import time
 import zlib
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -531,6 +532,33 @@ def params_at_level(slide: Slide, params: Params, level: int) -> Params:
     return dataclasses.replace(params, width=lvl.width, height=lvl.height, tile=(tw, th))
 
 
+#: Regions kept per thread (see :func:`_thread_region`), and the largest window read through a kept one.
+_REGIONS_PER_THREAD = 8
+_KEPT_REGION_PIXELS = 1 << 20
+_THREAD = threading.local()
+
+
+def _thread_region(image: pyvips.Image) -> pyvips.Region:
+    """A ``pyvips.Region`` of ``image`` for the calling thread, kept for its next windows: making one
+    costs about a tenth of a 256 px fetch. Each thread keeps its few most recent ones (with their
+    images), so a region is only ever used and freed by the thread that made it (libvips keeps its
+    buffers per thread), and windows larger than :data:`_KEPT_REGION_PIXELS` use a region of their own,
+    so no large buffer is held."""
+    cache = getattr(_THREAD, "regions", None)
+    if cache is None:
+        cache = _THREAD.regions = OrderedDict()
+    key = id(image)
+    hit = cache.get(key)
+    if hit is not None and hit[0] is image:
+        cache.move_to_end(key)
+        return hit[1]
+    region = pyvips.Region.new(image)
+    cache[key] = (image, region)  # the image is held: its id is not reused while it is here
+    while len(cache) > _REGIONS_PER_THREAD:
+        cache.popitem(last=False)
+    return region
+
+
 class PatchReader:
     """Windows of one open slide, normalized by fitted ``params`` of ``method`` (or raw without them).
 
@@ -543,8 +571,8 @@ class PatchReader:
 
     Notes
     -----
-    Each :meth:`read` computes only its window with a ``pyvips.Region`` of the calling thread (made
-    once per thread and level; several threads may read at once). A per-pixel method (every method but CLAHE) maps the raw window
+    Each :meth:`read` computes only its window with a ``pyvips.Region`` of the calling thread (kept per
+    thread for the next windows; several threads may read at once). A per-pixel method (every method but CLAHE) maps the raw window
     through a :class:`~.colour_table.ColourTable` of the fit: the method's own pipeline, run once per
     colour the slide shows and then looked up, several times cheaper per patch than the pipeline and
     equal to it bit for bit (``colour_table=False``: the lazy pipeline on every window). CLAHE's
@@ -564,7 +592,6 @@ class PatchReader:
         self.slide, self.method, self.params = slide, method, params
         self._images: dict[int, pyvips.Image] = {}
         self._raw_images: dict[int, pyvips.Image] = {}
-        self._local = threading.local()
         self._numpy_path = slide.backend == "openslide" and not (method is not None and method.spatial)
         # per-pixel methods share the same params at every level (params_at_level): one table serves all
         self._table = colour_table and per_pixel(method)
@@ -618,13 +645,7 @@ class PatchReader:
         return self._fetch(self.level_image(level), x, y, width, height)
 
     def _fetch(self, image: pyvips.Image, x: int, y: int, width: int, height: int, copy: bool = True) -> np.ndarray:
-        # one Region per thread and image, kept: making one costs about a tenth of a 256 px fetch
-        regions = getattr(self._local, "regions", None)
-        if regions is None:
-            regions = self._local.regions = {}
-        region = regions.get(id(image))
-        if region is None:  # (the images live as long as the reader: their ids are not reused)
-            region = regions[id(image)] = pyvips.Region.new(image)
+        region = _thread_region(image) if width * height <= _KEPT_REGION_PIXELS else pyvips.Region.new(image)
         data = self.slide.decode(lambda: region.fetch(x, y, width, height))
         return np.frombuffer(bytearray(data) if copy else data, np.uint8).reshape(height, width, image.bands)
 
