@@ -15,8 +15,8 @@ import vipsnorm
 import vipsnorm.io.slide as slide_module
 from vipsnorm.engine import build_method, load_reference, normalize_file
 from vipsnorm.errors import UnreadableImageError, UnsupportedImageError
-from vipsnorm.methods._hist import luma_array, luma_image
-from vipsnorm.sampling import _LUMA_STEP, _luma_counts, sample_slide
+from vipsnorm.methods._hist import STEP, counts, luma_array, luma_image
+from vipsnorm.sampling import sample_slide
 from vipsnorm.synth import synthetic_slide, write_synthetic_slide
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -249,7 +249,8 @@ def test_luma_image_is_exact_for_every_colour():
     np.testing.assert_array_equal(luma_image(pyvips.Image.new_from_array(cube)).numpy(), luma_array(cube))
 
 
-@pytest.mark.parametrize("n", [1, 7, _LUMA_STEP - 1, _LUMA_STEP, _LUMA_STEP + 1, 3 * _LUMA_STEP + 5])
+@pytest.mark.parametrize("n", [1, 7, 2 * STEP - 1, 2 * STEP, 2 * STEP + 1, 6 * STEP + 5])
 def test_luma_counts_in_steps(n):
+    """The luma row of a small image's sample: luma in steps, then counted (what the fit uses)."""
     rgb = np.random.default_rng(n).integers(0, 256, (n, 1, 3), dtype=np.uint8)
-    np.testing.assert_array_equal(_luma_counts(rgb), np.bincount(luma_array(rgb).reshape(-1), minlength=256))
+    np.testing.assert_array_equal(counts(luma_array(rgb)), np.bincount(luma_array(rgb).reshape(-1), minlength=256))

@@ -29,7 +29,7 @@ import pyvips
 
 from .errors import NoTissueError
 from .io.slide import Slide
-from .methods._hist import histograms, luma_array, luma_image, percentile
+from .methods._hist import counts as value_counts, histograms, luma_image, percentile
 from .methods.base import Sample
 
 __all__ = ["TissueMask", "tissue_mask", "saturation", "sample_slide", "STRATEGIES", "MIN_TISSUE_PIXELS"]
@@ -274,33 +274,7 @@ def _histograms_in_memory(image: pyvips.Image, luma: np.ndarray | None) -> np.nd
         return np.repeat(counts, 4, axis=0).astype(np.float64)
     if luma is None:
         return np.vstack([counts, np.full((1, 256), np.nan)])
-    return np.vstack([counts, _value_counts(luma)]).astype(np.float64)
-
-
-#: Pixels per step of :func:`_luma_counts`: every temporary stays below glibc's 128 KiB mmap threshold.
-#: Larger ones are mapped and unmapped on every call, and on a 512x512 tile their page faults cost more
-#: than the arithmetic (luma and bincount of the whole tile at once: 3.0 ms CPU; in steps: 0.9 ms).
-_LUMA_STEP = 15_360
-
-
-def _luma_counts(array: np.ndarray) -> np.ndarray:
-    """Histogram of the luma (:func:`~vipsnorm.methods._hist.luma_array`) of an ``(h, w, 3)`` uint8
-    array, computed :data:`_LUMA_STEP` pixels at a time."""
-    flat = array.reshape(-1, 3)
-    counts = np.zeros(256, np.int64)
-    for start in range(0, flat.shape[0], _LUMA_STEP):
-        counts += np.bincount(luma_array(flat[start : start + _LUMA_STEP]), minlength=256)
-    return counts
-
-
-def _value_counts(values: np.ndarray) -> np.ndarray:
-    """Histogram of a uint8 array, :data:`_LUMA_STEP` values at a time (``np.bincount``'s intp copy
-    stays small)."""
-    flat = values.reshape(-1)
-    counts = np.zeros(256, np.int64)
-    for start in range(0, flat.shape[0], _LUMA_STEP):
-        counts += np.bincount(flat[start : start + _LUMA_STEP], minlength=256)
-    return counts
+    return np.vstack([counts, value_counts(luma)]).astype(np.float64)
 
 
 def _subsample_step(width: int, height: int, n: int) -> int:
