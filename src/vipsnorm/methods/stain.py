@@ -38,6 +38,7 @@ from ._stain import (
     lab_f_inverse,
     linear_to_srgb,
     od_lut,
+    pair_sum,
     rgb_to_lab,
     run_array,
     run_image,
@@ -427,7 +428,8 @@ class VahadaneParams(StainParams):
 
 
 def _stain_matrix_steps(params: StainParams) -> list:
-    """``out = floor(min(Io exp(-M OD), 255))`` as LUT -> recomb -> ushort index -> LUT.
+    """``out = floor(min(Io exp(-M OD), 255))`` as LUT -> recomb (one :class:`PairSum`) -> ushort index
+    -> LUT.
 
     The index of band ``b`` is ``s_b (OD'_b + o_b)``: the offset ``o`` (which keeps optical densities
     down to ``ln(Io / 255)``, i.e. output 255, above index 0) lies in the range of ``M`` (a combination
@@ -450,7 +452,7 @@ def _stain_matrix_steps(params: StainParams) -> list:
     scale = (N16 - 1) / (od_black + offset)
     table1 = (od_lut(io)[np.newaxis, :] + d[:, np.newaxis]).astype(np.float32)
     table2 = np.stack([_output_table(io, scale[b], offset[b]) for b in range(3)])
-    return [Lut(table1), Recomb(np.diag(scale) @ m), ToIndex(), Lut(table2)]
+    return [pair_sum(table1, np.diag(scale) @ m), ToIndex(), Lut(table2)]
 
 
 def _output_values(j: np.ndarray, io: float, scale: float, offset: float) -> np.ndarray:
@@ -756,8 +758,7 @@ def _reinhard_steps(params: ReinhardParams) -> list:
     xyz_table = (lab_f_inverse(centres / s2 + _F_LO) * WHITE_D65[:, np.newaxis]).astype(np.float32)
     srgb_table = np.floor(linear_to_srgb(centres / (N16 - 1)) * 255.0 + 0.5).astype(np.uint8)
     return [
-        Lut(lin),
-        Recomb(np.diag(s1) @ xyzn),
+        pair_sum(lin, np.diag(s1) @ xyzn),
         ToIndex(),
         Lut(f_table),
         Recomb(s2 * a),
