@@ -431,11 +431,13 @@ def test_eosin_only_message():
 
 def _run_array_reference(array, steps):
     """:func:`run_array` as first written: every step on the stacked bands, in its plain order."""
-    from vipsnorm.methods._stain import N16, Lut, PairSum, Recomb
+    from vipsnorm.methods._stain import N16, ColumnMix, Lut, PairSum, Recomb
 
     x = array
     for step in steps:
-        if isinstance(step, PairSum):
+        if isinstance(step, ColumnMix):
+            x = np.stack([step.diagonal[k][x[..., k]] + step.column[k][x[..., step.source]] for k in range(3)], axis=-1)
+        elif isinstance(step, PairSum):
             pair = x[..., 0].astype(np.int64) + 256 * x[..., 1].astype(np.int64)
             if sys.byteorder == "big":
                 pair = 256 * x[..., 0].astype(np.int64) + x[..., 1].astype(np.int64)
@@ -496,6 +498,36 @@ def test_pair_sum_is_the_table_and_matrix_it_replaces():
         )
     with pytest.raises(ValueError, match="uchar RGB"):
         run_image(pyvips.Image.new_from_array(image[..., :1].copy()), [fused])
+
+
+def test_column_mix_is_the_table_and_matrix_it_replaces():
+    """ColumnMix equals Lut + Recomb up to float32 rounding, the libvips and numpy paths agree bit for
+    bit, and Reinhard's written-out Lab map is K^-1 diag(scale) K."""
+    from vipsnorm.methods._stain import LAB_K, ColumnMix, Lut, Recomb, ToIndex, column_mix, run_array, run_image
+
+    rng = np.random.default_rng(6)
+    image = rng.integers(0, 65536, (90, 70, 3)).astype(np.uint16)
+    table = rng.normal(0, 1.0, (3, 65536)).astype(np.float32)
+    for source in range(3):
+        matrix = np.diag(rng.normal(0, 3e4, 3))
+        matrix[[k for k in range(3) if k != source], source] = rng.normal(0, 3e4, 2)
+        mix = column_mix(table, matrix)
+        assert isinstance(mix, ColumnMix) and mix.source == source and not mix.column[source].any()
+        plain = run_array(image, [Lut(table), Recomb(matrix)]).astype(np.float64)
+        got = run_array(image, [mix])
+        np.testing.assert_allclose(got, plain, rtol=1e-5, atol=1e-5 * np.abs(plain).max())
+        lazy = run_image(pyvips.Image.new_from_array(image), [mix, ToIndex()]).numpy()
+        np.testing.assert_array_equal(lazy, run_array(image, [mix, ToIndex()]))
+    np.testing.assert_array_equal(column_mix(table, np.eye(3) * 2).diagonal, (2.0 * table).astype(np.float32))
+    with pytest.raises(ValueError, match="more than one column"):
+        column_mix(table, np.ones((3, 3)))
+    rein = Reinhard(Reinhard().fit_target([Sample.from_array(image[..., :3].astype(np.uint8) // 2 + 60)]), glass=None)
+    params = rein.fit(Sample.from_array(image.astype(np.uint8)))
+    scale, _ = params.lab_map()
+    assert any(isinstance(step, ColumnMix) for step in params.steps())
+    s_l, s_a, s_b = scale
+    written = np.array([[s_a, s_l - s_a, 0.0], [0.0, s_l, 0.0], [0.0, s_l - s_b, s_b]])
+    np.testing.assert_allclose(written, np.linalg.solve(LAB_K, np.diag(scale) @ LAB_K), atol=1e-12)
 
 
 def test_output_table_is_the_formula_at_every_index():

@@ -37,6 +37,7 @@ from ._stain import (
     lab_f,
     lab_f_inverse,
     linear_to_srgb,
+    column_mix,
     od_lut,
     pair_sum,
     rgb_to_lab,
@@ -746,7 +747,10 @@ def _reinhard_steps(params: ReinhardParams) -> list:
     into the table of ``f`` (``f + d`` with ``A d = t + offset / s``).
     """
     scale, shift = params.lab_map()
-    a = np.linalg.solve(LAB_K, np.diag(scale) @ LAB_K)
+    # K^-1 diag(scale) K, written out: f'_y takes f_y alone, f'_x and f'_z a multiple of f_y (zeros
+    # exactly, so that the map is a ColumnMix)
+    s_l, s_a, s_b = (float(v) for v in scale)
+    a = np.array([[s_a, s_l - s_a, 0.0], [0.0, s_l, 0.0], [0.0, s_l - s_b, s_b]])
     t = np.linalg.solve(LAB_K, scale * LAB_C + shift - LAB_C)
     xyzn = RGB_TO_XYZ / WHITE_D65[:, np.newaxis]
     s1 = (N16 - 1) / xyzn.sum(axis=1)  # white (1, 1, 1) -> the last index
@@ -760,8 +764,7 @@ def _reinhard_steps(params: ReinhardParams) -> list:
     return [
         pair_sum(lin, np.diag(s1) @ xyzn),
         ToIndex(),
-        Lut(f_table),
-        Recomb(s2 * a),
+        column_mix(f_table, s2 * a),
         ToIndex(),
         Lut(xyz_table),
         Recomb((N16 - 1) * np.linalg.inv(RGB_TO_XYZ)),
