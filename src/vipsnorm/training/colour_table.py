@@ -28,7 +28,7 @@ import pyvips
 
 from ..methods import Method, Params
 
-__all__ = ["ColourTable", "colour_table", "per_pixel", "MAX_TABLES"]
+__all__ = ["ColourTable", "colour_table", "table_key", "per_pixel", "MAX_TABLES"]
 
 #: Tables kept per process (each up to 64 MiB, usually a fraction of it resident).
 MAX_TABLES = 4
@@ -141,8 +141,10 @@ class ColourTable:
     def _map(self, pixels: np.ndarray) -> np.ndarray:
         index = _index(pixels)
         values = self._entries.take(index)
-        missing = values < _FILLED
-        if missing.any():
+        if values.min() < _FILLED:  # (a reduction: no mask of the whole patch when nothing is missing)
+            # positions, not a boolean mask: a patch usually misses a few hundred of its 65536 colours,
+            # and two masked selections over the whole patch cost more than the lookups (0.1 ms)
+            missing = np.flatnonzero(values < _FILLED)
             values[missing] = self._fill(index[missing], pixels.reshape(-1, pixels.shape[-1])[missing, :3])
         # band by band from the byte view: twice as fast as one copy of the (n, 4)[:, :3] slice
         entries = values.view(np.uint8).reshape(-1, 4)
@@ -157,10 +159,17 @@ _TABLES: OrderedDict[tuple, ColourTable] = OrderedDict()
 _TABLES_LOCK = threading.Lock()
 
 
-def colour_table(method: Method, params: Params) -> ColourTable:
+def table_key(method: Method, params: Params) -> tuple:
+    """What identifies a table: the method's class and the params' repr (apply depends on the params
+    alone, all frozen tuples and floats). A caller that asks often keeps it (a repr costs 10 us)."""
+    return (type(method), repr(params))
+
+
+def colour_table(method: Method, params: Params, key: tuple | None = None) -> ColourTable:
     """The process's table for ``method`` fitted as ``params`` (made, or reused when the same fit asked
-    for one before); at most :data:`MAX_TABLES` are kept, the least recently used dropped."""
-    key = (type(method), repr(params))  # apply depends on the params alone (all frozen tuples and floats)
+    for one before); at most :data:`MAX_TABLES` are kept, the least recently used dropped. ``key``:
+    :func:`table_key` of the two, if the caller has it."""
+    key = table_key(method, params) if key is None else key
     with _TABLES_LOCK:
         table = _TABLES.get(key)
         if table is None:

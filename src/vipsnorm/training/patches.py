@@ -94,7 +94,7 @@ from ..methods import Method, Params
 from ..reference import Reference
 from ..methods.clahe import ClaheParams, grid_geometry
 from ..sampling import TissueMask, overview, tissue_mask
-from .colour_table import colour_table as shared_colour_table, per_pixel
+from .colour_table import colour_table as shared_colour_table, per_pixel, table_key
 
 __all__ = [
     "Patch",
@@ -595,6 +595,7 @@ class PatchReader:
         self._numpy_path = slide.backend == "openslide" and not (method is not None and method.spatial)
         # per-pixel methods share the same params at every level (params_at_level): one table serves all
         self._table = colour_table and per_pixel(method)
+        self._table_key = table_key(method, params) if self._table else None
 
     def level_image(self, level: int) -> pyvips.Image:
         """The lazy (normalized) image of ``level``."""
@@ -630,7 +631,7 @@ class PatchReader:
             if self.method is None:
                 return raw
             if self._table and raw.shape[-1] == 3:
-                return shared_colour_table(self.method, self.params)(raw)
+                return shared_colour_table(self.method, self.params, self._table_key)(raw)
             return self.method.apply_array(raw, params_at_level(self.slide, self.params, level))
         if self._table:
             raw_image = self._raw_images.get(level)
@@ -641,7 +642,7 @@ class PatchReader:
                 raw_image = self._raw_images.setdefault(level, raw_image)
             if raw_image.bands == 4:
                 raw = self._fetch(raw_image, x, y, width, height, copy=False)  # the table makes a new array
-                return shared_colour_table(self.method, self.params).map_rgbx(raw)
+                return shared_colour_table(self.method, self.params, self._table_key).map_rgbx(raw)
         return self._fetch(self.level_image(level), x, y, width, height)
 
     def _fetch(self, image: pyvips.Image, x: int, y: int, width: int, height: int, copy: bool = True) -> np.ndarray:
