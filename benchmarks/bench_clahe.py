@@ -12,10 +12,11 @@ Cases
     The floor: ``vipsnorm.open(slide).level_image(0)`` written as a pyramid (``write_pyramid``: tiled
     BigTIFF, tile 256, JPEG Q90). Nothing is computed.
 ``clahe``
-    What ``vipsnorm normalize --method clahe`` does: ``params = Clahe(...).fit_level(level, mpp=mpp,
-    size=level0_size)`` on the 2x pyramid level (one streaming pass over a quarter of the pixels; see
-    ``Clahe.fit_downsample``) then ``write_pyramid(Clahe(...).apply(level0, params))``; the fit time is
-    reported separately. Region 1024 px, clip limit 2, luminance mode.
+    What ``vipsnorm normalize --method clahe`` does: ``params = vipsnorm.engine.fit_slide(slide, Clahe(...),
+    options)``, i.e. ``Clahe.fit_level`` on the 2x pyramid level (one streaming pass over a quarter of the
+    pixels, in two concurrent halves read by two loaders of the level; see ``Clahe.fit_downsample``),
+    then ``write_pyramid(Clahe(...).apply(level0, params))``; the fit time is reported separately. Region
+    1024 px, clip limit 2, luminance mode.
 ``clahe --sample exact``
     The same, fitted on level 0 (exact region histograms: one more full-resolution pass).
 ``clahe --mode rgb``
@@ -70,6 +71,7 @@ def _child(case: str, slide: str, out_dir: str, crop: int) -> None:
     import pyvips
 
     import vipsnorm
+    from vipsnorm.engine import Options, fit_slide
     from vipsnorm.io.write import write_pyramid
     from vipsnorm.methods._hist import luma_image
     from vipsnorm.methods.clahe import Clahe
@@ -88,10 +90,11 @@ def _child(case: str, slide: str, out_dir: str, crop: int) -> None:
     elif case.startswith("clahe"):
         mode = "rgb" if case.endswith("rgb") else "luminance"
         method = Clahe(clip_limit=CLIP, region=REGION, mode=mode)
-        # as vipsnorm.engine.fit_slide: the 2x level where the regions are large enough, level 0 if exact
+        # vipsnorm.engine.fit_slide, as the CLI: the 2x level where the regions are large enough (level 0
+        # if exact), counted in two concurrent halves from two loaders of it
         level = 0 if "exact" in case else s.best_level_for_downsample(method.fit_downsample(*s.dimensions, s.mpp))
         record["fit_level_downsample"] = s.levels[level].downsample
-        params = method.fit_level(s.level_image(level), mpp=s.mpp, size=s.dimensions)
+        params = fit_slide(s, method, Options(strategy="exact" if "exact" in case else "tiles"))
         record["fit_seconds"] = time.perf_counter() - t0
         record["fit_cpu_seconds"] = _cpu() - cpu0
         record["regions"] = list(params.grid)

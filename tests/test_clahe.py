@@ -357,6 +357,39 @@ def clahe_slide(tmp_path_factory):
     return slide, level0, level0.numpy()
 
 
+@pytest.mark.parametrize("region, mode", [(300, "luminance"), (700, "rgb"), (1100, "luminance")])
+def test_fit_from_independent_loaders_counts_the_same(clahe_slide, region, mode):
+    """Counting bands of regions concurrently from other loaders of the level gives the same params, on
+    level 0 (exact) and on the 2x level (reduced), with more instances than one pass needs."""
+    from vipsnorm.engine import Options, fit_slide
+
+    slide, level0, _ = clahe_slide
+    method = Clahe(clip_limit=2.0, region=region, mode=mode)
+    copies = [slide.independent_level_image(0) for _ in range(3)]
+    assert all(c is not None and c is not level0 for c in copies)
+    assert method.fit_level(level0, copies=copies) == method.fit_level(level0)
+    level = slide.best_level_for_downsample(2.0)
+    reduced = slide.level_image(level)
+    copy = slide.independent_level_image(level)
+    assert (copy.width, copy.height) == (reduced.width, reduced.height)
+    one = method.fit_level(reduced, size=slide.dimensions)
+    assert method.fit_level(reduced, size=slide.dimensions, copies=[copy]) == one
+    # what normalize does (two loaders on a machine with two cores or more)
+    assert fit_slide(slide, method, Options(strategy="exact")) == method.fit_level(level0)
+    with pytest.raises(ValueError, match="copies must have"):
+        method.fit_level(level0, copies=[reduced])
+
+
+def test_no_independent_loader_for_pixels_held_in_memory(tmp_path):
+    import vipsnorm
+
+    path = tmp_path / "small.png"
+    pyvips.Image.new_from_array(np.random.default_rng(0).integers(0, 256, (64, 80, 3), dtype=np.uint8)).pngsave(str(path))
+    with vipsnorm.open(path) as small:
+        assert small.holds_decoded()
+        assert small.independent_level_image(0) is None
+
+
 def test_slide_streaming_equals_in_memory_and_opencv(clahe_slide):
     slide, level0, pixels = clahe_slide
     method = Clahe(clip_limit=2.0, region_um=200)  # 800 px at 0.25 um/px
@@ -465,7 +498,7 @@ def test_reduced_fit_on_the_2x_level_is_close_to_exact(clahe_slide):
     reduced = method.fit_level(slide.level_image(1), size=slide.dimensions)
     assert (reduced.grid, reduced.tile, reduced.width, reduced.height) == (exact.grid, exact.tile, 3072, 2304)
     tw, th, px, py = grid_geometry(3072, 2304, exact.grid)
-    counts = _region_histograms_image(_pad_image(luma_image(level0), px, py), exact.grid, (tw, th))[0]
+    counts = _region_histograms_image([_pad_image(luma_image(level0), px, py)], exact.grid, (tw, th))[0]
     d = np.abs(reduced.lut_array()[0].astype(int) - exact.lut_array()[0].astype(int))
     weighted = float((d * counts).sum() / counts.sum())  # mean |difference| over the slide's pixels
     assert 0 < weighted <= 1.5 and d[counts > 0].max() <= 8, (weighted, d[counts > 0].max())

@@ -24,7 +24,7 @@ from .methods import METHODS, Method, Params, Sample
 from .methods.base import LutMethod
 from .methods._hist import luma_array
 from .reference import Reference, load_reference_json
-from .sampling import STRATEGIES, sample_slide
+from .sampling import STRATEGIES, _cores, sample_slide
 
 __all__ = [
     "Options",
@@ -221,9 +221,13 @@ def fit_slide(slide: Slide, method: Method, options: Options) -> Params:
         level = 0
         if options.strategy != "exact":
             level = slide.best_level_for_downsample(method.fit_downsample(*slide.dimensions, slide.mpp))
-        return slide.decode(
-            lambda: method.fit_level(slide.level_image(level), mpp=slide.mpp, size=slide.dimensions)
-        )
+        def fit_level() -> Params:
+            # another loader of the level, to count half of it on a thread of its own (see fit_level)
+            copy = slide.independent_level_image(level) if _cores() > 1 else None
+            copies = () if copy is None else (copy,)
+            return method.fit_level(slide.level_image(level), mpp=slide.mpp, size=slide.dimensions, copies=copies)
+
+        return slide.decode(fit_level)
     return method.fit(_sample(slide, options, method.sample_pixels, method.needs_luma))
 
 

@@ -117,6 +117,13 @@ class Slide(ABC):
         """Lazy pixels of ``level`` in the processing format (uchar, 1 or 3 bands)."""
         return to_processing(self._level(level), str(self.path))
 
+    def independent_level_image(self, level: int = 0) -> pyvips.Image | None:
+        """The pixels of :meth:`level_image` from a loader of their own (not shared with it, nor cached),
+        for a pass that reads part of a level while another part is read from :meth:`level_image`:
+        libvips decodes one loaded TIFF's tiles one at a time. ``None`` where that gains nothing (the
+        pixels are in memory, or come through OpenSlide)."""
+        return None
+
     def decoded_pixels(self) -> np.ndarray | None:
         """Level 0 in the processing format as an ``(h, w, bands)`` uint8 array, when the slide holds it
         decoded in memory (small ordinary images, see :data:`SMALL_IMAGE_PIXELS`); ``None`` otherwise
@@ -259,6 +266,15 @@ class VipsSlide(Slide):
         if level == 0 and self._memory is not None:
             return self._memory
         return super().level_image(level)
+
+    def independent_level_image(self, level: int = 0) -> pyvips.Image | None:
+        if level == 0 and self._memory is not None:
+            return None
+        self.level_image(level)  # opened (and checked) as usual first
+        loaded = pyvips.Image.new_from_file(
+            str(self.path), fail_on=self._fail_on(), revalidate=True, **self._load[level]
+        )
+        return to_processing(loaded, str(self.path))
 
     def holds_decoded(self) -> bool:
         return self._memory is not None
