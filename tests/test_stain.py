@@ -500,6 +500,30 @@ def test_pair_sum_is_the_table_and_matrix_it_replaces():
         run_image(pyvips.Image.new_from_array(image[..., :1].copy()), [fused])
 
 
+def test_pair_sum_numpy_path_without_the_table_is_the_table():
+    """A small array is mapped by adding the two terms per pixel, without building the 65536-entry
+    table (stain jitter makes a fit per patch); a large one through the table: the same float32 values,
+    bit for bit, on every (R, G) pair."""
+    from vipsnorm.methods._stain import _PAIR_TABLE_PIXELS, pair_sum, run_array
+
+    rng = np.random.default_rng(8)
+    r, g = np.meshgrid(np.arange(256, dtype=np.uint8), np.arange(256, dtype=np.uint8))
+    image = np.stack([r, g, rng.integers(0, 256, (256, 256), dtype=np.uint8)], axis=-1)
+    table, matrix = rng.normal(0, 3e4, (3, 256)).astype(np.float32), rng.normal(0, 2.0, (3, 3))
+    small = pair_sum(table, matrix)
+    per_pixel = np.concatenate([run_array(image[i : i + 16], [small]) for i in range(0, 256, 16)])
+    assert "rg" not in small.__dict__  # never built
+    assert 256 * 256 < _PAIR_TABLE_PIXELS
+    big = pair_sum(table, matrix)
+    big.rg  # built: the numpy path then reads it
+    np.testing.assert_array_equal(run_array(image, [big]), per_pixel)
+    large = np.tile(image, (5, 1, 1))  # above _PAIR_TABLE_PIXELS: builds the table
+    assert large.shape[0] * large.shape[1] >= _PAIR_TABLE_PIXELS
+    fresh = pair_sum(table, matrix)
+    np.testing.assert_array_equal(run_array(large, [fresh])[:256], per_pixel)
+    assert "rg" in fresh.__dict__
+
+
 def test_column_mix_is_the_table_and_matrix_it_replaces():
     """ColumnMix equals Lut + Recomb up to float32 rounding, the libvips and numpy paths agree bit for
     bit, and Reinhard's written-out Lab map is K^-1 diag(scale) K."""

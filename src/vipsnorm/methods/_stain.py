@@ -1,6 +1,6 @@
 """Colour arithmetic of the stain methods, and the one per-pixel pipeline both backends run.
 
-A stain method's apply step is a short chain of three kinds of steps, described once as data and run
+A stain method's apply step is a short chain of steps of five kinds, described once as data and run
 by two small interpreters, so the lazy pyvips path and the numpy path cannot drift apart:
 
 ``Lut(table)``
@@ -10,13 +10,14 @@ by two small interpreters, so the lazy pyvips path and the numpy path cannot dri
     does).
 ``ToIndex()``
     float -> ushort: truncated towards zero and clipped to 0..65535 (libvips' ``cast``).
-``PairSum(rg, b)``
+``PairSum(r, g, b)``
     A per-channel table followed by a 3x3 matrix, on uchar RGB, as two lookups and one add: band ``k``
     is ``rg[k, R + 256 G] + b[k, B]`` (float32 tables, float32 sum). The (R, G) pair of a pixel is read
     as one ushort (its two bytes, reinterpreted), so one ``maplut`` of a 65536-entry table does what
     three table reads and six multiply-adds do in ``Lut`` + ``Recomb``; a ``recomb`` costs libvips
-    about 7 ns a pixel, more than the decode (measured on a 8192 px square, 2 cores: Macenko's whole map
-    10.3 -> 5.2 CPU ns a pixel). Built by :func:`pair_sum` from the ``Lut`` and ``Recomb`` it replaces;
+    about 7 ns a pixel, more than the decode (measured on a 8192 px square in memory, 2 cores: Macenko's
+    whole map 12.2 -> 7.4 CPU ns a pixel, reading the input included). Built by :func:`pair_sum` from
+    the ``Lut`` and ``Recomb`` it replaces;
     the sums round once more to float32 than ``Recomb``'s (a difference of about one part in 10^7).
 ``ColumnMix(diagonal, column, source)``
     A ``Lut`` followed by a ``Recomb`` whose matrix is diagonal but for one column (Reinhard's Lab map
@@ -38,6 +39,7 @@ torchstain's numpy backend copies): L in [0, 100], a and b unscaled. Optical den
 
 from __future__ import annotations
 
+import functools
 import sys
 from dataclasses import dataclass
 
@@ -149,10 +151,25 @@ class ToIndex:
 
 @dataclass(frozen=True, eq=False)
 class PairSum:
-    """Band ``k`` of the output: ``rg[k, R + 256 G] + b[k, B]`` of a uchar RGB input (float32)."""
+    """Band ``k`` of the output: ``rg[k, R + 256 G] + b[k, B]`` of a uchar RGB input (float32), where
+    ``rg[k, R + 256 G] = float32(r[k, R] + g[k, G])`` (the sum in float64).
 
-    rg: np.ndarray  # (3, 65536) float32, indexed by R + 256 G
+    ``r``, ``g`` are the R and G terms (``(3, 256)`` float64: a matrix column times a table row), ``b``
+    the B term (float32). The 65536-entry :attr:`rg` is built on first use (0.4 ms; libvips needs it),
+    so that a fit made for one patch (stain jitter draws one per patch) does not pay for it: the numpy
+    path adds the two terms per pixel instead, with the same float64 sum and rounding.
+    """
+
+    r: np.ndarray  # (3, 256) float64, indexed by R
+    g: np.ndarray  # (3, 256) float64, indexed by G
     b: np.ndarray  # (3, 256) float32, indexed by B
+
+    @functools.cached_property
+    def rg(self) -> np.ndarray:
+        """(3, 65536) float32, indexed by the ushort of a pixel's bytes R, G (this machine's order)."""
+        rg = (self.r[:, _PAIR_R] + self.g[:, _PAIR_G]).astype(np.float32)
+        rg.flags.writeable = False
+        return rg
 
 
 def pair_sum(table: np.ndarray, matrix: np.ndarray) -> PairSum:
@@ -165,15 +182,20 @@ def pair_sum(table: np.ndarray, matrix: np.ndarray) -> PairSum:
     t = np.asarray(table, dtype=np.float64).reshape(-1, 256)
     t = np.broadcast_to(t, (3, 256))
     m = np.asarray(matrix, dtype=np.float64).reshape(3, 3)
-    r, g = t[0][_PAIR_R], t[1][_PAIR_G]  # every (R, G) pair, in the order of its ushort index
-    rg = np.stack([m[k, 0] * r + m[k, 1] * g for k in range(3)]).astype(np.float32)
+    r = np.stack([m[k, 0] * t[0] for k in range(3)])
+    g = np.stack([m[k, 1] * t[1] for k in range(3)])
     b = np.stack([m[k, 2] * t[2] for k in range(3)]).astype(np.float32)
-    return PairSum(rg, b)
+    return PairSum(r, g, b)
 
 
 # R and G of each ushort index of a pixel's first two bytes, in this machine's byte order.
 _PAIR_INDEX = np.arange(N16, dtype=np.uint16).view(np.uint8).reshape(N16, 2)
 _PAIR_R, _PAIR_G = _PAIR_INDEX[:, 0].copy(), _PAIR_INDEX[:, 1].copy()
+_PAIR_R.flags.writeable = False
+_PAIR_G.flags.writeable = False
+#: Pixels from which the numpy path looks pairs up in :attr:`PairSum.rg` (building it if need be)
+#: rather than adding the two terms per pixel: about where building the table costs what it saves.
+_PAIR_TABLE_PIXELS = 1 << 18
 
 
 @dataclass(frozen=True, eq=False)
@@ -246,9 +268,9 @@ def run_array(array: np.ndarray, steps: list[Step]) -> np.ndarray:
     for i, step in enumerate(steps):
         following = steps[i + 1] if i + 1 < len(steps) else None
         if isinstance(step, PairSum):
-            plan.append(("pair", step))
+            plan.append(("pair", step, int(np.prod(array.shape[:-1])), isinstance(following, ToIndex)))
         elif isinstance(step, ColumnMix):
-            plan.append(("mix", step))
+            plan.append(("mix", step, isinstance(following, ToIndex)))
         elif isinstance(step, Lut):
             t = step.table
             if t.dtype == np.float32 and t.shape[-1] <= 256 and isinstance(following, Recomb):
@@ -256,7 +278,7 @@ def run_array(array: np.ndarray, steps: list[Step]) -> np.ndarray:
             plan.append(("lut", t))
         elif isinstance(step, Recomb):
             plan.append(("recomb", step.matrix, isinstance(following, ToIndex)))
-        elif not (i > 0 and isinstance(steps[i - 1], Recomb)):  # else done by that Recomb
+        elif not (i > 0 and isinstance(steps[i - 1], (Recomb, PairSum, ColumnMix))):  # else done by it
             plan.append(("index",))
     flat = array.reshape(-1, array.shape[-1])
     n = flat.shape[0]
@@ -274,25 +296,36 @@ def run_array(array: np.ndarray, steps: list[Step]) -> np.ndarray:
 
 def _run_step(op: tuple, planes: list[np.ndarray]) -> list[np.ndarray]:
     if op[0] == "pair":
-        step = op[1]
+        step, total, to_index = op[1], op[2], op[3]
         if len(planes) != 3 or planes[0].dtype != np.uint8:
             raise ValueError("PairSum maps uint8 RGB")
-        low, high = (planes[0], planes[1]) if sys.byteorder == "little" else (planes[1], planes[0])
-        index = np.left_shift(high, 8, dtype=np.uint16)
-        index |= low
         out = []
+        if "rg" in step.__dict__ or total >= _PAIR_TABLE_PIXELS:  # the table, built or worth building
+            low, high = (planes[0], planes[1]) if sys.byteorder == "little" else (planes[1], planes[0])
+            index = np.left_shift(high, 8, dtype=np.uint16)
+            index |= low
+            for k in range(3):
+                x = np.take(step.rg[k], index)
+                x += np.take(step.b[k], planes[2])
+                out.append(_to_index(x) if to_index else x)
+            return out
+        # the same float64 sum of the two terms, rounded to float32, per pixel (each index converted to
+        # intp once, not once per take)
+        r, g, b = (p.astype(np.intp) for p in planes)
         for k in range(3):
-            x = np.take(step.rg[k], index)
-            x += np.take(step.b[k], planes[2])
-            out.append(x)
+            x = np.take(step.r[k], r)
+            x += np.take(step.g[k], g)
+            x = x.astype(np.float32)
+            x += np.take(step.b[k], b)
+            out.append(_to_index(x) if to_index else x)
         return out
     if op[0] == "mix":
-        step = op[1]
+        step, to_index = op[1], op[2]
         out = []
         for k in range(3):
             x = _lookup(step.diagonal[k], planes[k])
             x += _lookup(step.column[k], planes[step.source])
-            out.append(x)
+            out.append(_to_index(x) if to_index else x)
         return out
     if op[0] == "lut":
         t = op[1]
@@ -313,6 +346,12 @@ def _run_step(op: tuple, planes: list[np.ndarray]) -> list[np.ndarray]:
                 out.append(acc.astype(np.float32))
         return out
     return [np.clip(np.trunc(x), 0, N16 - 1).astype(np.uint16) for x in planes]
+
+
+def _to_index(x: np.ndarray) -> np.ndarray:
+    """``ToIndex`` of a float32 plane, in place where it can: clipping to 0..65535 before truncating is
+    truncating then clipping (both bounds are integers), and the uint16 cast truncates."""
+    return np.clip(x, 0, N16 - 1, out=x).astype(np.uint16)
 
 
 def _lookup(table: np.ndarray, index: np.ndarray) -> np.ndarray:
