@@ -259,8 +259,29 @@ def test_apply_weight_block_equals_zoomed_weights(monkeypatch, mode):
     method = Clahe(grid=(6, 9), mode=mode)  # odd-sized regions (68 x 34), padded image
     params = method.fit_array(rgb)
     block = method.apply(_vips(rgb), params).numpy()
+    np.testing.assert_array_equal(method.apply(_vips(rgb), params, lean=True).numpy(), block)  # no block
     monkeypatch.setattr(clahe, "_BLOCK_BYTES", 0)
     np.testing.assert_array_equal(method.apply(_vips(rgb), params).numpy(), block)
+    grey_fit = Clahe(grid=(1, 5)).fit_array(rgb[..., 1])  # a grey fit on three bands (k = 3), a 1xN grid
+    monkeypatch.setattr(clahe, "_BLOCK_BYTES", 64 << 20)
+    blocked = Clahe(grid=(1, 5)).apply(_vips(rgb), grey_fit).numpy()
+    np.testing.assert_array_equal(Clahe(grid=(1, 5)).apply(_vips(rgb), grey_fit, lean=True).numpy(), blocked)
+
+
+def test_patch_readers_keep_no_weight_block(monkeypatch, clahe_slide):
+    """A patch reader's CLAHE images take lean weights (readers are kept in numbers by datasets)."""
+    from vipsnorm.methods import clahe
+    from vipsnorm.training.patches import PatchReader
+
+    slide, level0, _ = clahe_slide
+    method = Clahe(clip_limit=2.0, region=700)
+    params = method.fit_level(level0)
+    leans = []
+    original = clahe._weight_image
+    monkeypatch.setattr(clahe, "_weight_image", lambda *a, **k: leans.append(a[2] if len(a) > 2 else k.get("lean")) or original(*a, **k))
+    window = PatchReader(slide, method, params).read(0, 300, 200, 128)
+    assert leans == [True]
+    np.testing.assert_array_equal(window, method.apply(level0, params).crop(300, 200, 128, 128).numpy())
 
 
 @pytest.mark.parametrize("mode", ["luminance", "rgb"])

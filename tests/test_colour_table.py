@@ -111,6 +111,27 @@ def test_repeated_colours_in_one_patch_are_computed_once(reference):
     np.testing.assert_array_equal(out, expected[np.random.default_rng(1).integers(0, 3, (300, 300))])
 
 
+def test_empty_arrays_map_to_empty_arrays(reference):
+    method = make("macenko", reference)
+    params = method.fit(vipsnorm.methods.Sample.from_array(synthetic_slide(256, 256, seed=4).numpy()))
+    table = ColourTable(method, params)
+    assert table(np.zeros((0, 5, 3), np.uint8)).shape == (0, 5, 3)
+    assert table.map_rgbx(np.zeros((0, 4, 4), np.uint8)).shape == (0, 4, 3)
+    assert table.filled == 0
+
+
+def test_reader_follows_a_replaced_fit(small_slide, reference):
+    """The reader keeps its table key only while its method and params are the same objects."""
+    method = make("stretch", reference)
+    slide = vipsnorm.open(small_slide)
+    fits = [method.fit(vipsnorm.methods.Sample.from_array(synthetic_slide(128, 128, seed=s).numpy())) for s in (1, 2)]
+    reader = PatchReader(slide, method, fits[0])
+    first = reader.read(0, 10, 20, 64)
+    reader.params = fits[1]
+    np.testing.assert_array_equal(reader.read(0, 10, 20, 64), PatchReader(slide, method, fits[1]).read(0, 10, 20, 64))
+    assert not np.array_equal(first, reader.read(0, 10, 20, 64))
+
+
 def test_threads_filling_one_table_agree(small_slide, reference):
     """Eight threads reading overlapping windows through one fresh table: every window equals the
     pipeline's (marks of one filler are never read as colours by another)."""

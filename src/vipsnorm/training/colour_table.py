@@ -141,7 +141,7 @@ class ColourTable:
     def _map(self, pixels: np.ndarray) -> np.ndarray:
         index = _index(pixels)
         values = self._entries.take(index)
-        if values.min() < _FILLED:  # (a reduction: no mask of the whole patch when nothing is missing)
+        if values.size and values.min() < _FILLED:  # (a reduction: no mask of the whole patch when nothing is missing)
             # positions, not a boolean mask: a patch usually misses a few hundred of its 65536 colours,
             # and two masked selections over the whole patch cost more than the lookups (0.1 ms)
             missing = np.flatnonzero(values < _FILLED)

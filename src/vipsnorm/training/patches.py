@@ -595,7 +595,7 @@ class PatchReader:
         self._numpy_path = slide.backend == "openslide" and not (method is not None and method.spatial)
         # per-pixel methods share the same params at every level (params_at_level): one table serves all
         self._table = colour_table and per_pixel(method)
-        self._table_key = table_key(method, params) if self._table else None
+        self._table_for: tuple = (None, None, None)  # (method, params, key) the key was made for
 
     def level_image(self, level: int) -> pyvips.Image:
         """The lazy (normalized) image of ``level``."""
@@ -603,7 +603,11 @@ class PatchReader:
         if image is None:
             image = self.slide.level_image(level)
             if self.method is not None:
-                image = self.method.apply(image, params_at_level(self.slide, self.params, level))
+                params = params_at_level(self.slide, self.params, level)
+                # a reader (one per slide, many kept by a dataset) holds its images: CLAHE's lean
+                # weights keep no block of weights in memory with each
+                lean = {"lean": True} if self.method.spatial else {}
+                image = self.method.apply(image, params, **lean)
             image = self._images.setdefault(level, image)
         return image
 
@@ -631,7 +635,7 @@ class PatchReader:
             if self.method is None:
                 return raw
             if self._table and raw.shape[-1] == 3:
-                return shared_colour_table(self.method, self.params, self._table_key)(raw)
+                return self._colour_table()(raw)
             return self.method.apply_array(raw, params_at_level(self.slide, self.params, level))
         if self._table:
             raw_image = self._raw_images.get(level)
@@ -642,8 +646,17 @@ class PatchReader:
                 raw_image = self._raw_images.setdefault(level, raw_image)
             if raw_image.bands == 4:
                 raw = self._fetch(raw_image, x, y, width, height, copy=False)  # the table makes a new array
-                return shared_colour_table(self.method, self.params, self._table_key).map_rgbx(raw)
+                return self._colour_table().map_rgbx(raw)
         return self._fetch(self.level_image(level), x, y, width, height)
+
+    def _colour_table(self):
+        """The process's colour table of this reader's fit; its key (a repr of the params, 10 us) is kept
+        while ``method`` and ``params`` stay the same objects."""
+        method, params, key = self._table_for
+        if method is not self.method or params is not self.params:
+            key = table_key(self.method, self.params)
+            self._table_for = (self.method, self.params, key)
+        return shared_colour_table(self.method, self.params, key)
 
     def _fetch(self, image: pyvips.Image, x: int, y: int, width: int, height: int, copy: bool = True) -> np.ndarray:
         region = _thread_region(image) if width * height <= _KEPT_REGION_PIXELS else pyvips.Region.new(image)
