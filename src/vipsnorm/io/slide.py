@@ -315,7 +315,13 @@ class VipsSlide(Slide):
         """
         if self._fits_in_memory() and self._memory is None:
             try:
-                self._memory = to_processing(self._level(0), str(self.path)).copy_memory()
+                # a sequential loader: a random-access one decodes into a buffer of its own first, and
+                # copy_memory then copies that (measured 0.35 ms CPU of 2.2 on a 512x512 JPEG); called
+                # by name, since the header told which loader reads the file
+                loaded = pyvips.Operation.call(
+                    self.loader, str(self.path), fail_on=self._fail_on(), revalidate=True, access="sequential", **self._load[0]
+                )
+                self._memory = to_processing(loaded, str(self.path)).copy_memory()
             except (VipsnormError, pyvips.Error):
                 # Not convertible (refused by level_image later), or not decodable: stream as before,
                 # from a fresh load, so that what fails and its message are what they always were.
