@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import pyvips
 
 import vipsnorm
 from vipsnorm import sampling
@@ -65,6 +66,23 @@ def test_all_glass_slide_has_no_tissue(tmp_path):
     path = write_synthetic_slide(tmp_path / "glass.tif", 2048, 2048, tissue=0.0)
     with pytest.raises(vipsnorm.NoTissueError, match="glass.tif: no tissue"):
         sample_slide(vipsnorm.open(path))
+
+
+def test_grey_slide_stored_as_rgb_is_masked_as_grey():
+    # no chroma, so no saturation to threshold: the intensity rule of a grey slide, by the darkest channel
+    grey = synthetic_slide(1024, 1024, tissue=0.4, seed=2).colourspace("b-w").numpy()
+    rgb = np.repeat(grey[..., np.newaxis], 3, axis=-1)
+    one, three = tissue_mask(grey), tissue_mask(rgb)
+    assert (one.rule, three.rule) == ("intensity", "intensity")
+    assert three.threshold == one.threshold and np.array_equal(three.mask, one.mask)
+    assert abs(three.fraction - 0.4) < 0.2
+    np.testing.assert_array_equal(_tissue_pixels_array(rgb, three), _tissue_pixels_array(grey, one))
+    image = sampling._tissue_pixels_image(pyvips.Image.new_from_array(rgb), three).numpy()
+    np.testing.assert_array_equal(image.astype(bool), _tissue_pixels_array(rgb, three))
+    # grey glass stored as RGB is still glass
+    glass = np.clip(np.random.default_rng(0).normal(240, 2, (256, 256)), 0, 255).astype(np.uint8)
+    with pytest.raises(vipsnorm.NoTissueError):
+        tissue_mask(np.repeat(glass[..., np.newaxis], 3, axis=-1))
 
 
 def test_tinted_all_glass_is_still_glass():

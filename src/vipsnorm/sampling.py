@@ -46,6 +46,8 @@ _MIN_THRESHOLD, _MAX_THRESHOLD = 0.05, 0.5
 _MIN_SEPARATION = 0.06
 #: Grey slides: tissue is darker than glass by at least this many levels.
 _MIN_GREY_SEPARATION = 12
+#: A colour image whose channels differ by at most this many levels (on 99.9% of its overview) is grey.
+_GREY_SPREAD = 2
 
 
 @dataclass(frozen=True)
@@ -58,15 +60,26 @@ class TissueMask:
     downsample : float
         Level-0 pixels per overview pixel.
     threshold : float
-        Saturation threshold (colour: tissue if saturation > threshold) or grey level threshold (grey:
-        tissue if value < threshold).
+        Saturation threshold (rule ``"saturation"``: tissue if saturation > threshold) or grey level
+        threshold (rule ``"intensity"``: tissue if the value, the darkest channel of a colour image, is
+        below threshold).
     bands : int
+    rule : {"saturation", "intensity"}
+        Default: saturation for colour, intensity for grey. A grey image stored as RGB (no chroma)
+        uses intensity.
     """
 
     mask: np.ndarray
     downsample: float
     threshold: float
     bands: int
+    rule: str = ""
+
+    def __post_init__(self):
+        if not self.rule:
+            object.__setattr__(self, "rule", "saturation" if self.bands == 3 else "intensity")
+        if self.rule not in ("saturation", "intensity"):
+            raise ValueError(f"rule must be 'saturation' or 'intensity', not {self.rule!r}")
 
     @property
     def fraction(self) -> float:
@@ -106,13 +119,20 @@ def tissue_mask(overview: np.ndarray, downsample: float = 1.0, path=None) -> Tis
     """Separate tissue from white glass on a low-resolution overview.
 
     Colour: Otsu's threshold on HSV saturation, bounded to [0.05, 0.5]. Grey: Otsu on intensity, tissue
-    darker. A threshold that does not separate two distinct classes (an all-glass slide, whose
-    saturation is only noise) yields :class:`NoTissueError`.
+    darker; a grey image stored as RGB (every channel within :data:`_GREY_SPREAD` levels of the others
+    on 99.9% of the overview) is grey, by its darkest channel. A threshold that does not separate two
+    distinct classes (an all-glass slide, whose saturation is only noise) yields :class:`NoTissueError`.
     """
     if overview.ndim == 2:
         overview = overview[..., np.newaxis]
     bands = overview.shape[-1]
+    rule = "saturation" if bands == 3 else "intensity"
     if bands == 3:
+        mx, mn = _max_min(overview)
+        if np.percentile(mx - mn, 99.9) <= _GREY_SPREAD:  # no chroma: grey, whatever the band count
+            rule = "intensity"
+            overview = mn.astype(np.uint8)[..., np.newaxis]
+    if rule == "saturation":
         s = saturation(overview)
         t = min(max(_otsu(s), _MIN_THRESHOLD), _MAX_THRESHOLD)
         mask = s > t
@@ -128,16 +148,18 @@ def tissue_mask(overview: np.ndarray, downsample: float = 1.0, path=None) -> Tis
             mask = np.zeros_like(mask)
     if mask.sum() < 16:
         raise NoTissueError(path, "no tissue found (all glass?): nothing to fit the normalization on")
-    return TissueMask(mask, downsample, float(t), bands)
+    return TissueMask(mask, downsample, float(t), bands, rule)
 
 
 def _tissue_pixels_image(image: pyvips.Image, mask: TissueMask) -> pyvips.Image:
     """Lazy uchar 0/1 image: 1 where a pixel counts as tissue under ``mask``'s per-pixel rule."""
-    if image.bands == 3:
+    if image.bands == 3 and mask.rule == "saturation":
         mx = image[0].maxpair(image[1]).maxpair(image[2])
         mn = image[0].minpair(image[1]).minpair(image[2])
         # (mx - mn) / mx > t  <=>  (mx - mn) > t * mx  (mx >= 0)
         tissue = (mx - mn) > (mx * mask.threshold)
+    elif image.bands == 3:
+        tissue = image[0].minpair(image[1]).minpair(image[2]) < mask.threshold
     else:
         tissue = image < mask.threshold
     return tissue & 1
@@ -406,5 +428,7 @@ def _tissue_pixels_array(pixels: np.ndarray, mask: TissueMask) -> np.ndarray:
         pixels = pixels[..., np.newaxis]
     if pixels.shape[-1] == 3:
         mx, mn = _max_min(pixels)
-        return (mx - mn) > mx * np.float32(mask.threshold)
+        if mask.rule == "saturation":
+            return (mx - mn) > mx * np.float32(mask.threshold)
+        return mn < mask.threshold
     return pixels[..., 0] < mask.threshold
