@@ -18,6 +18,7 @@ from vipsnorm.methods import (
     StretchParams,
     params_from_dict,
 )
+from vipsnorm.errors import UnsupportedImageError
 from vipsnorm.methods._hist import luma_array, luma_image, percentile
 from vipsnorm.methods.equalize import equalize_lut
 from vipsnorm.methods.match import match_lut
@@ -88,6 +89,35 @@ def test_luma_matches_opencv_fixed_point():
 def test_percentile_from_histogram_equals_numpy(n, q):
     values = np.random.default_rng(n).integers(0, 256, n)
     assert percentile(np.bincount(values, minlength=256), q) == pytest.approx(np.percentile(values, q), abs=1e-9)
+
+
+def test_pooled_min_max_is_the_sets_extremes():
+    # pooled samples weigh each pixel below 1: the extremes must still be the lowest and highest value seen
+    rng = np.random.default_rng(0)
+    images = [rng.integers(50, 201, (300, 300, 3)).astype(np.uint8) for _ in range(3)]
+    images[1][0, 0, 0] = 250
+    pooled = Sample.pooled([Sample.from_array(im) for im in images])
+    params = Stretch(0, 100, mode="rgb").fit(pooled)
+    whole = Stretch(0, 100, mode="rgb").fit(Sample.from_array(np.concatenate(images)))
+    assert params == whole
+    assert params.hi[0] == 250 and params.lo[0] == 50
+    assert percentile(np.array([0.0, 1 / 3, 0, 2 / 3]), 100) == 3 and percentile(np.array([0.0, 1 / 3, 2 / 3]), 0) == 1
+
+
+def test_per_channel_luts_on_a_grey_image_are_refused():
+    rgb = data.astronaut()
+    grey = rgb[..., 1].copy()
+    params = Equalize(mode="rgb").fit(Sample.from_array(rgb))
+    with pytest.raises(UnsupportedImageError, match="per channel"):
+        Equalize(mode="rgb").apply_array(grey, params)
+    with pytest.raises(UnsupportedImageError, match="per channel"):
+        Equalize(mode="rgb").apply(pyvips.Image.new_from_array(grey), params)
+    # per-channel LUTs fitted on a grey image are the same three tables: they apply to grey
+    params = Equalize(mode="rgb").fit(Sample.from_array(grey))
+    np.testing.assert_array_equal(Equalize(mode="rgb").apply_array(grey, params), Equalize().apply_array(grey, params))
+    # one joint LUT applies to grey as before
+    params = Stretch(2, 98).fit(Sample.from_array(rgb))
+    assert Stretch(2, 98).apply_array(grey, params).shape == grey.shape
 
 
 # --- references ----------------------------------------------------------------------------------

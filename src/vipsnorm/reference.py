@@ -60,6 +60,9 @@ class Reference:
 def save_reference(reference: Reference, path: str | os.PathLike[str]) -> Path:
     """Write ``reference`` as JSON (atomically)."""
     path = Path(path)
+    saved = reference.params if reference.params is not None else reference.target
+    if isinstance(saved, Params) and not saved.is_finite():  # never a reference every later apply fails on
+        raise InvalidReferenceError(path, "the fitted reference holds values that are not finite numbers (NaN or infinity); not written")
     with atomic_path(path) as temp:
         temp.write_text(json.dumps(reference.to_dict(), indent=1) + "\n")
     return path

@@ -153,6 +153,9 @@ def percentile(counts: np.ndarray, q: float) -> float:
     total = counts.sum()
     if total <= 0:
         raise ValueError("empty histogram")
+    if q <= 0 or q >= 100:  # the extremes exactly, also for fractional counts (pooled samples)
+        present = np.flatnonzero(counts > 0)
+        return float(present[0] if q <= 0 else present[-1])
     cum = np.cumsum(counts)
     position = (total - 1) * q / 100.0 if total >= 1 else 0.0
     below = np.floor(position)

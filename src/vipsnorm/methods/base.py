@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 import numpy as np
 import pyvips
 
+from ..errors import UnsupportedImageError
 from ._hist import apply_luts_array, apply_luts_image, histograms
 
 __all__ = ["Sample", "Params", "LutParams", "Method", "LutMethod", "ROWS"]
@@ -178,7 +179,14 @@ class Params:
         unknown = set(data) - set(fields)
         if unknown:
             raise ValueError(f"unknown {cls.method} parameters: {sorted(unknown)}")
+        for key, value in data.items():
+            if not _finite(value):
+                raise ValueError(f"{cls.method} parameter {key!r} holds a value that is not a finite number (NaN or infinity)")
         return cls(**{k: _tupled(v) for k, v in data.items()})
+
+    def is_finite(self) -> bool:
+        """True when every number the parameters hold is finite (no NaN, no infinity)."""
+        return _finite(_jsonable(dataclasses.asdict(self)))
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict())
@@ -254,10 +262,23 @@ class LutMethod(Method):
         :meth:`~vipsnorm.io.slide.Slide.decoded_luma`), used by a luminance apply instead of computing
         it again in libvips: the same pixels (the two lumas are equal bit for bit), about 1 ms less on a
         512x512 tile."""
-        return apply_luts_image(image, params.luts(), params.space, luma)
+        return apply_luts_image(image, _luts_for(params, image.bands, self.name), params.space, luma)
 
     def apply_array(self, array: np.ndarray, params: LutParams) -> np.ndarray:
-        return apply_luts_array(array, params.luts(), params.space)
+        bands = 1 if array.ndim == 2 else array.shape[-1]
+        return apply_luts_array(array, _luts_for(params, bands, self.name), params.space)
+
+
+def _luts_for(params: LutParams, bands: int, method: str) -> np.ndarray:
+    """``params.luts()``, refusing per-channel LUTs that differ for a grey image (which channel's?)."""
+    luts = params.luts()
+    if bands == 1 and luts.shape[0] > 1 and not (luts == luts[:1]).all():
+        raise UnsupportedImageError(
+            None,
+            f"{method} parameters fitted per channel (mode rgb) on colour images cannot be applied to a grey "
+            "image: fit them on grey images, or use mode luminance",
+        )
+    return luts
 
 
 def _jsonable(value):
@@ -274,3 +295,14 @@ def _tupled(value):
     if isinstance(value, list):
         return tuple(_tupled(v) for v in value)
     return value
+
+
+def _finite(value) -> bool:
+    """False when ``value`` (a JSON-like nest of dicts, lists and scalars) holds a NaN or an infinity."""
+    if isinstance(value, dict):
+        return all(_finite(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return all(_finite(v) for v in value)
+    if isinstance(value, (float, np.floating)):
+        return bool(np.isfinite(value))
+    return True
