@@ -397,7 +397,8 @@ def _few_stained(count=50):
 DEGENERATE = {
     "all white": (_white(), NoTissueError, NoTissueError),
     "too few tissue pixels": (_few_stained(), NoTissueError, NoTissueError),
-    "blank black tile": (np.zeros((64, 64, 3), np.uint8), StainSeparationError, None),
+    # black is grey: Reinhard would only shift it to the target's mean colour
+    "blank black tile": (np.zeros((64, 64, 3), np.uint8), StainSeparationError, UnsupportedImageError),
     "eosin only": (_synthetic(0.0, stains=(E, E)), StainSeparationError, None),
 }
 
@@ -562,3 +563,66 @@ def test_output_table_is_the_formula_at_every_index():
                               (0.5, -9000.0, 0.1)]:  # (the last: no staircase, every entry computed)
         expected = np.floor(np.minimum(io * np.exp(-(j / np.array([[scale]]) - offset)), 255.0)).astype(np.uint8)[0]
         np.testing.assert_array_equal(_output_table(io, scale, offset), expected)
+
+
+def test_eosin_only_strong_staining_is_one_stain_not_glass():
+    # eosin alone leaves red almost clear: its pixels fail Macenko's every-channel OD threshold, which
+    # must not read as a blank slide
+    rng = np.random.default_rng(3)
+    c = rng.uniform(0.2, 1.5, (128, 128))
+    img = np.clip(240 * np.exp(-c[..., None] * E) + rng.normal(0, 1.5, (128, 128, 3)), 0, 255).astype(np.uint8)
+    with pytest.raises(StainSeparationError, match="one stain only"):
+        Macenko().fit(Sample.from_array(img))
+
+
+def _pale_tile():
+    # tissue by the count (darkest channel 195-204 < 205) but all of it above glass protection's level
+    rng = np.random.default_rng(0)
+    channels = [rng.integers(195, 205, (64, 64)), rng.integers(215, 235, (64, 64)), rng.integers(225, 245, (64, 64))]
+    return np.stack(channels, -1).astype(np.uint8)
+
+
+def test_reinhard_pale_tile_is_no_tissue_not_nan():
+    sample = Sample.from_array(_pale_tile())
+    with pytest.raises(NoTissueError, match="too pale"):
+        Reinhard(PALETTE).fit(sample)
+    with pytest.raises(NoTissueError, match="too pale"):
+        Reinhard().fit_target([sample])
+    params = Reinhard(PALETTE, glass=None).fit(sample)  # without glass protection every pixel counts
+    assert np.all(np.isfinite(params.mean)) and np.all(np.isfinite(params.std))
+
+
+def test_reinhard_refuses_grey_stored_as_rgb():
+    grey = _synthetic()[..., 1]
+    rgb = np.repeat(grey[..., np.newaxis], 3, axis=-1)
+    with pytest.raises(UnsupportedImageError, match="grey stored as RGB"):
+        Reinhard(PALETTE).fit(Sample.from_array(rgb))
+    with pytest.raises(UnsupportedImageError, match="grey stored as RGB"):  # nor a target that would take colour out
+        Reinhard().fit_target([Sample.from_array(rgb)])
+
+
+def test_params_json_with_nan_is_refused(tmp_path):
+    from vipsnorm.reference import Reference, load_reference_json, save_reference
+
+    params = Reinhard(PALETTE).fit(Sample.from_array(_synthetic()))
+    bad = dataclasses.replace(params, mean=(float("nan"), 0.0, 0.0))
+    assert params.is_finite() and not bad.is_finite()
+    with pytest.raises(InvalidReferenceError, match="not finite"):
+        save_reference(Reference(params=bad), tmp_path / "bad.json")
+    assert not (tmp_path / "bad.json").exists()
+    data = json.loads(params.to_json())
+    data["std"][1] = float("inf")
+    (tmp_path / "inf.json").write_text(json.dumps({"kind": "params", "params": data}))
+    with pytest.raises(InvalidReferenceError, match="not a finite number"):
+        load_reference_json(tmp_path / "inf.json")
+
+
+def test_reference_image_errors_name_the_reference(tmp_path):
+    from vipsnorm.engine import load_reference
+
+    grey = np.repeat(_synthetic()[..., 1:2], 3, axis=-1)
+    path = tmp_path / "grey-reference.png"
+    pyvips.Image.new_from_array(grey).copy(interpretation="srgb").pngsave(str(path))
+    with pytest.raises(UnsupportedImageError, match="grey stored as RGB") as info:
+        load_reference(path, "reinhard")
+    assert info.value.path == path

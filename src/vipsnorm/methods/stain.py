@@ -69,6 +69,9 @@ __all__ = [
 
 #: Fewer stained pixels than this (after the optical-density threshold) cannot be fitted.
 MIN_STAINED_PIXELS = 100
+#: Reinhard: sampled pixels whose channels differ by at most this many levels (99.9% of them) are a
+#: grey image stored as RGB (refused, as a grey image is).
+GREY_SPREAD = 2
 #: Two fitted stain vectors closer than this (degrees) are one stain: H and E cannot be separated.
 #: Real H&E tiles give 20-45 degrees; an eosin-only tile about 2.
 MIN_STAIN_ANGLE = 5.0
@@ -234,6 +237,18 @@ def macenko_stains(
         od = table[pixels]
         odhat = od[(od >= beta).all(axis=1)]
     if odhat.shape[0] < MIN_STAINED_PIXELS:
+        # stained in some channel but not in all: one stain that leaves a channel clear (eosin alone
+        # barely absorbs red), not glass
+        dark = table >= beta
+        coloured = int(np.count_nonzero(dark[pixels].any(axis=-1)))
+        if coloured >= MIN_STAINED_PIXELS:
+            raise StainSeparationError(
+                None,
+                f"macenko: {coloured} of {pixels.shape[0]} pixels are stained in some channel, but only "
+                f"{odhat.shape[0]} in every channel (optical density >= beta={beta:g}; need {MIN_STAINED_PIXELS}): "
+                "one stain only, which leaves a channel clear (eosin alone barely absorbs red), or very pale "
+                "staining; hematoxylin and eosin cannot be separated: use --method reinhard or match",
+            )
         raise NoTissueError(
             None,
             f"macenko: only {odhat.shape[0]} of {pixels.shape[0]} pixels are stained (optical density >= "
@@ -806,7 +821,26 @@ def _tissue(pixels: np.ndarray, method: str, glass: tuple[float, float] | None) 
             f"{method}: only {n} of {pixels.shape[0]} pixels are tissue (darkest channel below 205); need "
             f"at least {MIN_STAINED_PIXELS}: the image is blank or all glass",
         )
-    return pixels if glass is None else pixels[darkest < glass[1]]
+    if np.percentile(np.ptp(pixels, axis=1), 99.9) <= GREY_SPREAD:
+        # a grey image stored as RGB has no chroma to map: Reinhard would tint it with the target's mean
+        # colour, or, as a target, take the colour out of every image
+        raise UnsupportedImageError(
+            None,
+            f"stain normalization ({method}) needs a colour image; this one is grey stored as RGB "
+            f"(its channels differ by at most {GREY_SPREAD} levels)",
+        )
+    if glass is None:
+        return pixels
+    kept = pixels[darkest < glass[1]]
+    if kept.shape[0] < MIN_STAINED_PIXELS:
+        # glass protection keeps the pixels at or above ``high`` as they are, and they are not counted
+        raise NoTissueError(
+            None,
+            f"{method}: only {kept.shape[0]} of {pixels.shape[0]} pixels are darker than the glass "
+            f"protection level (darkest channel below {glass[1]:g}); need at least {MIN_STAINED_PIXELS}: "
+            "the image is too pale to fit on",
+        )
+    return kept
 
 
 class Reinhard(Method):
