@@ -147,11 +147,14 @@ def load_reference(
         raise InvalidReferenceError(
             path, f"method {method!r} maps onto no reference image; give a parameters JSON from 'vipsnorm fit'"
         )
-    with open_slide(path, max_pixels=options.max_pixels, backend=options.backend) as slide:
-        sample = _sample(slide, options, cls.sample_pixels)
-    sample = Sample(sample.hist, sample.bands, f"{path.name}: {sample.source}", sample.background, sample.pixels)
-    fitter = _target_fitter(method, method_options)
-    return Reference(target=fitter.fit_target([sample]), inputs=(str(path),), method=method)
+    try:
+        with open_slide(path, max_pixels=options.max_pixels, backend=options.backend) as slide:
+            sample = _sample(slide, options, cls.sample_pixels)
+        sample = Sample(sample.hist, sample.bands, f"{path.name}: {sample.source}", sample.background, sample.pixels)
+        target = _target_fitter(method, method_options).fit_target([sample])
+    except VipsnormError as exc:  # the methods do not know the file: name the reference
+        raise exc.about(path) from exc
+    return Reference(target=target, inputs=(str(path),), method=method)
 
 
 def _target_fitter(method: str, method_options: dict) -> Method:
@@ -225,7 +228,9 @@ def fit_slide(slide: Slide, method: Method, options: Options) -> Params:
             # another loader of the level, to count half of it on a thread of its own (see fit_level)
             copy = slide.independent_level_image(level) if _cores() > 1 else None
             copies = () if copy is None else (copy,)
-            return method.fit_level(slide.level_image(level), mpp=slide.mpp, size=slide.dimensions, copies=copies)
+            return method.fit_level(
+                slide.level_image(level), mpp=slide.mpp, size=slide.dimensions, copies=copies, flat="error"
+            )
 
         return slide.decode(fit_level)
     return method.fit(_sample(slide, options, method.sample_pixels, method.needs_luma))

@@ -37,6 +37,7 @@ from typing import Sequence
 import numpy as np
 import pyvips
 
+from ..errors import FlatImageError
 from ._hist import STEP, add_change, luma_array, luma_image
 from .base import Method, Params, Sample
 
@@ -322,6 +323,7 @@ class Clahe(Method):
         mpp: float | Sequence[float] | None = None,
         size: tuple[int, int] | None = None,
         copies: Sequence[pyvips.Image] = (),
+        flat: str = "warn",
     ) -> ClaheParams:
         """Fit on a (lazy) uchar 1- or 3-band pyvips image, in bounded memory.
 
@@ -345,7 +347,12 @@ class Clahe(Method):
             loaded TIFF one at a time, so a single pass keeps about 1.2 of 2 cores busy, and two
             instances nearly two (a generated 20,000 px slide's 2x level: 0.65 -> 0.43 s to decode).
             The counts are the same.
+        flat : {"warn", "error"}
+            An image whose every pixel has one value: identity LUTs with a warning, or
+            :class:`~vipsnorm.errors.FlatImageError` (the command line's choice, as for the other methods).
         """
+        if flat not in ("warn", "error"):
+            raise ValueError(f"flat must be 'warn' or 'error', not {flat!r}")
         _check_image(image)
         for copy in copies:
             if (copy.width, copy.height, copy.bands, copy.format) != (image.width, image.height, image.bands, image.format):
@@ -359,7 +366,7 @@ class Clahe(Method):
             hist = _region_histograms_image([_pad_image(plane, pad_x, pad_y) for plane in planes], grid, (tw, th))
         else:
             hist = _region_histograms_reduced(planes, (width, height), grid, (tw, th))
-        return self._params(hist, width, height, grid, (tw, th), mode)
+        return self._encode(self._luts(hist, tw * th, flat), width, height, grid, (tw, th), mode)
 
     def fit_downsample(self, width: int, height: int, mpp: float | Sequence[float] | None = None) -> float:
         """The largest pyramid downsample that :meth:`fit_level` can fit a ``width`` x ``height`` level 0
@@ -406,11 +413,13 @@ class Clahe(Method):
     def _mode(self, bands: int) -> str:
         return "grey" if bands == 1 else self.mode
 
-    def _params(self, hist, width, height, grid, tile, mode) -> ClaheParams:
-        return self._encode(self._luts(hist, tile[0] * tile[1]), width, height, grid, tile, mode)
-
-    def _luts(self, hist: np.ndarray, area: int) -> np.ndarray:
+    def _luts(self, hist: np.ndarray, area: int, flat: str = "warn") -> np.ndarray:
         if all(np.count_nonzero(h.sum(axis=(0, 1))) <= 1 for h in hist):
+            if flat == "error":
+                values = sorted({int(np.flatnonzero(h.sum(axis=(0, 1)))[0]) for h in hist if h.any()})
+                raise FlatImageError(
+                    None, f"image is flat (every pixel is {'/'.join(map(str, values))}): nothing to normalize"
+                )
             warnings.warn("clahe: every pixel has the same value; left unchanged", RuntimeWarning, stacklevel=4)
             return np.broadcast_to(np.arange(_BINS, dtype=np.uint8), hist.shape)
         return clahe_luts(hist, self.clip_limit, area)
