@@ -97,6 +97,8 @@ def inputs(tmp_path_factory) -> Path:
     # A JPEG cut short: libvips opens the header and, unless told to fail, fills the rest with grey.
     big = synthetic_slide(1024, 1024, seed=5, tissue=0.7).jpegsave_buffer(Q=90)
     (d / "truncated-generated.jpg").write_bytes(big[: len(big) * 6 // 10])
+    # ... and one that still ends with an end-of-image marker: libjpeg only warns, and fills with grey
+    (d / "truncated-eoi.jpg").write_bytes(big[: len(big) // 2] + b"\xff\xd9")
     return d
 
 
@@ -113,6 +115,7 @@ CASES = {
     "unopenable.tiff": Case("shared", "unopenable.tiff", ("cannot open", "not an image"), UnreadableImageError),
     "unreadable.svs": Case("shared", "unreadable.svs", ("cannot decode",), UnreadableImageError),
     "truncated-generated.jpg": Case("gen", "truncated-generated.jpg", ("premature end", "truncated"), UnreadableImageError),
+    "truncated-eoi.jpg": Case("gen", "truncated-eoi.jpg", ("premature end",), UnreadableImageError),
     "empty": Case("gen", "empty.svs", ("empty",), UnreadableImageError),
     "random-bytes.svs": Case("gen", "random.svs", ("not an image",), UnreadableImageError),
     "text.jpg": Case("gen", "text.jpg", ("not an image",), UnreadableImageError),

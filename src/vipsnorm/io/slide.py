@@ -249,8 +249,10 @@ class VipsSlide(Slide):
 
     def _fail_on(self) -> str:
         # tiffload reports a tile that fails to decompress only as a warning (and gives black pixels),
-        # so TIFF-based slides must fail on warnings; JPEG warnings are harmless.
-        return "warning" if self.loader.startswith("tiffload") else "error"
+        # and libjpeg a JPEG cut short that still ends with an end-of-image marker ("premature end of
+        # data segment": the rest filled with grey), so TIFF and JPEG fail on warnings. libpng's
+        # warnings (a known-incorrect sRGB profile, say) leave the pixels whole.
+        return "warning" if self.loader.startswith(("tiffload", "jpegload")) else "error"
 
     def _level(self, level: int) -> pyvips.Image:
         # Each level is opened once per Slide and shared (a JPEG is decoded once for probe, fit and
