@@ -44,8 +44,7 @@ def images(tmp_path_factory) -> dict[str, Path]:
     found: dict[str, Path] = {}
     if DATA.is_dir():
         for name in ("tiles/kather-template.jpg", "tiles/henorm-example1.png", "tiles/histolab-source-low.png",
-                     "tiles/torchstain-source.png", "images/sample.jpg", "images/rgba.png", "images/1bit.tif",
-                     "images/multi-channel-z-series.ome.tif"):
+                     "tiles/torchstain-source.png", "images/sample.jpg", "images/rgba.png", "images/1bit.tif"):
             found[name] = DATA / name
     tile = synthetic_slide(320, 240, seed=11, tissue=0.7)
     grey = tile.colourspace("b-w")

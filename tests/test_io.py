@@ -100,7 +100,7 @@ def test_jpeg2000_svs_falls_back_to_openslide(tmp_path):
 @needs_data
 @pytest.mark.parametrize(
     "name,bands",
-    [("images/rgba.png", 3), ("images/1bit.tif", 1), ("images/multi-channel-z-series.ome.tif", 1), ("images/sample.jpg", 3)],
+    [("images/rgba.png", 3), ("images/1bit.tif", 1), ("images/sample.jpg", 3)],
 )
 def test_pixels_become_uchar_grey_or_rgb(name, bands):
     image = vipsnorm.open(DATA / name).level_image(0)
@@ -119,10 +119,26 @@ def test_alpha_is_flattened_on_white():
 
 
 @needs_data
-def test_signed_8bit_is_shifted_not_clipped():
-    raw = pyvips.Image.new_from_file(str(DATA / "images" / "multi-channel-z-series.ome.tif")).numpy().astype(int)
-    out = vipsnorm.open(DATA / "images" / "multi-channel-z-series.ome.tif").level_image(0).numpy().astype(int)
-    np.testing.assert_array_equal(out, raw + 128)
+def test_signed_8bit_is_shifted_not_clipped(tmp_path):
+    # one plane of the shared signed 8-bit OME-TIFF
+    raw = pyvips.Image.new_from_file(str(DATA / "images" / "multi-channel-z-series.ome.tif"))
+    assert raw.format == "char"
+    raw.tiffsave(str(tmp_path / "plane.tif"))
+    out = vipsnorm.open(tmp_path / "plane.tif").level_image(0).numpy().astype(int)
+    np.testing.assert_array_equal(out, raw.numpy().astype(int) + 128)
+
+
+@needs_data
+def test_multi_plane_tiff_is_refused_not_cut_to_its_first_plane(tmp_path):
+    with pytest.raises(vipsnorm.UnsupportedImageError, match="holds 15 planes of 439x167"):
+        vipsnorm.open(DATA / "images" / "multi-channel-z-series.ome.tif")
+    # a generated stack of equal pages
+    page = pyvips.Image.new_from_array(np.arange(64 * 48, dtype=np.uint8).reshape(48, 64) % 251)
+    stack = pyvips.Image.arrayjoin([page, page], across=1).copy()
+    stack.set_type(pyvips.GValue.gint_type, "page-height", 48)
+    stack.tiffsave(str(tmp_path / "stack.tif"))
+    with pytest.raises(vipsnorm.UnsupportedImageError, match="holds 2 planes of 64x48"):
+        vipsnorm.open(tmp_path / "stack.tif")
 
 
 def test_16bit_is_scaled_over_the_full_range(tmp_path):
@@ -149,6 +165,15 @@ def test_float_pixels_are_refused_clearly(tmp_path):
     pyvips.Image.new_from_array(np.ones((4, 4), np.float32)).tiffsave(str(path))
     with pytest.raises(vipsnorm.UnsupportedImageError, match=r"f\.tif: float pixels"):
         vipsnorm.open(path).level_image(0)
+    # RGB float: libvips calls every one scRGB (linear, 0..1), whatever range its writer used
+    import tifffile
+
+    rgb = np.random.default_rng(0).random((40, 60, 3)).astype(np.float32)
+    for scale in (1, 255, 65535):
+        path = tmp_path / f"rgb{scale}.tif"
+        tifffile.imwrite(path, rgb * scale, photometric="rgb")
+        with pytest.raises(vipsnorm.UnsupportedImageError, match="float pixels have no defined range"):
+            vipsnorm.open(path).level_image(0)
 
 
 def test_jpeg_resolution_is_not_a_pixel_size(tmp_path):

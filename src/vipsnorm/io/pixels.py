@@ -46,13 +46,12 @@ def to_processing(image: pyvips.Image, path: str | None = None) -> pyvips.Image:
 
     fmt = image.format
     if fmt in ("float", "double", "complex", "dpcomplex", "int", "uint"):
-        if image.interpretation == "scrgb" and fmt == "float":
-            image = image.colourspace("srgb")
-            fmt = image.format
-        else:
-            raise UnsupportedImageError(
-                path, f"{fmt} pixels have no defined range; convert to 8- or 16-bit first"
-            )
+        # (libvips labels every 3-band float TIFF scRGB, linear light in 0..1, whatever range and
+        # transfer its writer meant: 0..1 sRGB, 0..255 and 0..65535 are all seen; converting would
+        # guess, so float is refused as the other types without a defined range are)
+        raise UnsupportedImageError(
+            path, f"{fmt} pixels have no defined range; convert to 8- or 16-bit first"
+        )
 
     interpretation = image.interpretation
     if interpretation in _COLOUR_SPACES_TO_SRGB:

@@ -237,6 +237,16 @@ class VipsSlide(Slide):
                 levels.append(Level(w, h, float(ds)))
         if osr is not None:
             associated = tuple(sorted(osr.associated_images))
+        elif self.loader.startswith("tiffload") and len(levels) == 1 and first.get_typeof("n-pages") and first.get("n-pages") > 1:
+            # Pages of one size that are not a pyramid are planes (channels, z-slices, time points: a
+            # multi-plane OME-TIFF, a stack). Normalizing the first alone would drop the rest unseen.
+            second = pyvips.Image.new_from_file(str(path), page=1, revalidate=True)
+            if (second.width, second.height) == (first.width, first.height):
+                raise UnsupportedImageError(
+                    path,
+                    f"holds {first.get('n-pages')} planes of {first.width}x{first.height} (channels, z-slices or "
+                    "time points): vipsnorm normalizes one grey or RGB image; split the planes into files first",
+                )
         self.levels = tuple(levels)
         self.associated = associated
         # a description that states the pixel size (Aperio "MPP =", OME-XML) beats resolution tags
