@@ -6,6 +6,7 @@ batch nor leave anything behind, and through the API, which must raise the right
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -25,6 +26,7 @@ from vipsnorm.errors import (
     FlatImageError,
     ImageTooLargeError,
     NoTissueError,
+    OutputError,
     UnreadableImageError,
     VipsnormError,
 )
@@ -277,6 +279,30 @@ def test_api_glass_slide(glass_slide, tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_clahe_refuses_an_all_glass_slide(tmp_path):
+    """clahe alone normalized an all-glass slide "ok" while every other method found no tissue."""
+    from vipsnorm.synth import write_synthetic_slide
+
+    glass = write_synthetic_slide(tmp_path / "glass.tif", 2048, 2048, tissue=0.0)
+    out = tmp_path / "out"
+    out.mkdir()
+    for method in ("clahe", "stretch"):
+        result = normalize_file(glass, out, build_method(method))
+        assert result.status == "error" and result.output is None, method
+        assert result.error.startswith(f"{glass}: no tissue found"), result.error
+    assert os.listdir(out) == []
+    # tissue masking off: fitted on every pixel, as asked
+    result = normalize_file(glass, out, build_method("clahe"), options=Options(tissue=False))
+    assert result.status == "ok", result.error
+
+
+def test_clahe_tissue_check_leaves_the_fit_unchanged(small_slide):
+    with vipsnorm.open(small_slide) as slide:
+        checked = fit_slide(slide, build_method("clahe"), Options())
+        unchecked = fit_slide(slide, build_method("clahe"), Options(tissue=False))
+    assert json.dumps(checked.to_dict(), sort_keys=True) == json.dumps(unchecked.to_dict(), sort_keys=True)
+
+
 # --------------------------------------------------------------------------------------------------
 # failures during the final write
 
@@ -395,3 +421,57 @@ def test_an_output_never_overwrites_another_input_of_the_run(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "another input of this run" in err
     assert second.read_bytes() == before
+
+
+def test_atomic_path_cleanup_failure_never_hides_the_error(tmp_path, monkeypatch):
+    """On a read-only file system deleting the temporary file fails too (EROFS): that must not replace
+    the error that made the write fail."""
+
+    def unlink(self, missing_ok=False):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self))
+
+    monkeypatch.setattr(Path, "unlink", unlink)
+    with pytest.raises(RuntimeError, match="boom"):
+        with atomic_path(tmp_path / "out.png"):
+            raise RuntimeError("boom")
+    image = pyvips.Image.black(32, 32, bands=3)
+    with pytest.raises(OutputError) as info:
+        write_image(image, tmp_path / "gone" / "x.png")
+    assert str(info.value).startswith(f"{tmp_path / 'gone' / 'x.png'}: cannot write the output")
+    assert "No such file or directory" in str(info.value)
+
+
+_FILE_SIZE_LIMIT = """
+import json, os, resource, signal, sys
+from vipsnorm.engine import Options, build_method, normalize_file
+
+# every file this process writes stops at 64 kB: a disk that fills up during the save
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))
+results = []
+for path, out in zip(sys.argv[1::2], sys.argv[2::2]):
+    r = normalize_file(path, out, build_method("stretch"), options=Options(compression="deflate"))
+    results.append([r.status, r.error])
+print(json.dumps(results))
+"""
+
+
+def test_a_failing_output_is_an_output_error_not_a_decode_error(inputs, small_slide, tmp_path):
+    """Disk full during the save (the save also reads the input, lazily) was reported as "cannot decode
+    pixels" of the input; it is an error of the output, named with its cause."""
+    pytest.importorskip("resource")
+    import subprocess
+    import sys
+
+    outs = [tmp_path / "image", tmp_path / "slide"]
+    for out in outs:
+        out.mkdir()
+    argv = [str(inputs / "good2.png"), str(outs[0]), str(small_slide), str(outs[1])]
+    done = subprocess.run([sys.executable, "-c", _FILE_SIZE_LIMIT, *argv], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    (image_status, image_error), (slide_status, slide_error) = json.loads(done.stdout)
+    assert image_status == slide_status == "error"
+    for error, expected in ((image_error, outs[0] / "good2.png"), (slide_error, outs[1] / "small.tif")):
+        assert error == f"{expected}: cannot write the output (write error: File too large)"
+    for out in outs:
+        assert os.listdir(out) == []  # nor a part file

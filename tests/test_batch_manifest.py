@@ -146,6 +146,9 @@ def test_config_hash_changes_with_every_setting():
         config_hash(vipsnorm.Stretch(), vipsnorm.Stretch().fit(Sample.from_array(write_png_array())), Options()),
     }
     assert base not in others and len(others) == 5
+    # the default compression (None) writes what "jpeg" did before None existed: runs begun then resume
+    assert base == config_hash(vipsnorm.Stretch(), None, Options(compression="jpeg"))
+    assert base != config_hash(vipsnorm.Stretch(), None, Options(compression="deflate"))
     target = Sample.from_array(np.arange(256, dtype=np.uint8).reshape(16, 16))
     other = Sample.from_array(np.arange(1, 257, dtype=np.uint16).clip(0, 255).astype(np.uint8).reshape(16, 16))
     assert config_hash(vipsnorm.Match(target), None, Options()) != config_hash(vipsnorm.Match(other), None, Options())

@@ -70,12 +70,47 @@ def test_help(command, capsys):
     assert info.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith("usage: vipsnorm")
-    if command in ([], ["normalize"], ["fit"]):
+    if command in ([], ["normalize"]):
         for name in METHOD_NAMES:
             assert name in out
     if not command:
         for sub in ("normalize", "fit", "inspect", "demo"):
             assert sub in out
+
+
+def test_fit_help_offers_only_what_fit_fits(capsys):
+    """clahe is fitted on each image: 'fit' neither lists it nor its options, and states its own default."""
+    with pytest.raises(SystemExit):
+        main(["fit", "--help"])
+    out = capsys.readouterr().out
+    for name in METHOD_NAMES:
+        assert (name in out) == (name != "clahe"), name
+    for option in ("--clip-limit", "--grid", "--region"):
+        assert option not in out
+    assert "default: match" in out and "default: equalize" not in out
+
+
+def test_normalize_help_says_which_methods_take_an_image_reference(capsys):
+    with pytest.raises(SystemExit):
+        main(["normalize", "--help"])
+    out = capsys.readouterr().out
+    reference = " ".join(out.split("--reference REF", 2)[2].split("fitting:")[0].split())
+    for name in ("match", "reinhard", "macenko", "vahadane"):
+        assert name in reference
+    assert "image" in reference and "clahe takes none" in reference
+    assert "match for 'fit'" not in " ".join(out.split())
+
+
+@pytest.mark.parametrize("command", ["normalize", "fit"])
+@pytest.mark.parametrize("tiles", ["0", "-4"])
+def test_tiles_must_be_positive(command, tiles, tile, tmp_path, capsys):
+    out = tmp_path / ("out" if command == "normalize" else "ref.json")
+    with pytest.raises(SystemExit) as info:
+        main([command, str(tile), "-o", str(out), "--tiles", tiles, "--workers", "0"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--tiles" in err and "1 or more" in err and "internal error" not in err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_version(capsys):
@@ -324,3 +359,106 @@ def test_a_palette_reference_is_never_ignored(tmp_path, capsys):
     assert main(args + ["--method", "equalize"]) == 2
     assert "is a match target; --method equalize cannot use it" in capsys.readouterr().err
     assert main(args) == 0  # the JSON says which method it is for
+
+
+# --------------------------------------------------------------------------------------------------
+# options that cannot apply are refused, never ignored
+
+
+@pytest.mark.parametrize("given", [["--mode", "rgb"], ["--low", "30", "--high", "60"], ["--method", "stretch", "--low", "5"]])
+def test_params_reference_refuses_method_options(given, tile, tmp_path, capsys):
+    """A parameters JSON fixes the method's options: giving them again would be silently ignored."""
+    params_json = tmp_path / "params.json"
+    assert run(capsys, "fit", "--method", "stretch", tile, "-o", params_json, "--workers", "0")[0] == 0
+    rc, _, stderr = run(capsys, "normalize", tile, "-o", tmp_path / "out", "--reference", params_json, *given, "--workers", "0")
+    assert rc == 2
+    (line,) = stderr.splitlines()
+    assert str(params_json) in line and "fitted stretch parameters" in line
+    assert all(option in line for option in given if option.startswith("--") and option != "--method")
+    assert not (tmp_path / "out" / tile.name).exists()
+    # the defaults are not "given": the reference alone, or with its own method, still applies
+    for extra in ([], ["--method", "stretch"]):
+        rc, _, stderr = run(capsys, "normalize", tile, "-o", tmp_path / "ok", "--reference", params_json, *extra, "--workers", "0")
+        assert rc == 0, stderr
+
+
+def test_fit_refuses_options_the_method_does_not_take(tile, tmp_path, capsys):
+    ref = tmp_path / "m.json"
+    rc, _, stderr = run(capsys, "fit", tile, "-o", ref, "--method", "macenko", "--mode", "rgb", "--grid", "2x2", "--low", "5", "--workers", "0")
+    assert rc == 2 and "method 'macenko' does not take --grid, --low, --mode" in stderr
+    assert not ref.exists()
+    rc, _, stderr = run(capsys, "fit", tile, "-o", ref, "--method", "reinhard", "--clip-limit", "3", "--workers", "0")
+    assert rc == 2 and "does not take --clip-limit" in stderr
+    rc, _, stderr = run(capsys, "fit", tile, "-o", ref, "--method", "match", "--mode", "bogus", "--workers", "0")
+    assert rc == 2 and "bogus" in stderr
+    assert not ref.exists()
+    # options the method takes are still accepted (and used)
+    assert run(capsys, "fit", tile, "-o", ref, "--method", "match", "--mode", "luminance", "--workers", "0")[0] == 0
+    rc, _, stderr = run(capsys, "fit", tile, "-o", ref, "--method", "stretch", "--mode", "rgb", "--low", "5", "--workers", "0")
+    assert rc == 0, stderr
+    saved = json.loads(ref.read_text())["params"]
+    assert saved["method"] == "stretch" and saved["low"] == 5 and saved["space"] == "rgb"
+
+
+def test_clahe_with_a_reference_says_clahe_takes_none(tile, target, tmp_path, capsys):
+    params_json = tmp_path / "params.json"
+    assert run(capsys, "fit", "--method", "stretch", tile, "-o", params_json, "--workers", "0")[0] == 0
+    for reference in (target, params_json):
+        rc, _, stderr = run(capsys, "normalize", tile, "-o", tmp_path / "out", "--method", "clahe", "--reference", reference)
+        assert rc == 2
+        assert f"{reference}: method 'clahe' takes no reference" in stderr
+        assert "parameters JSON" not in stderr
+    assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# -o: a folder for normalize, a JSON file for fit
+
+
+def test_fit_never_writes_over_an_input(tile, tmp_path, capsys):
+    """`vipsnorm fit k.jpg -o k.jpg` turned the image into JSON."""
+    image = tmp_path / "k.jpg"
+    image.write_bytes(tile.read_bytes())
+    before = image.read_bytes()
+    rc, _, stderr = run(capsys, "fit", image, "-o", image, "--workers", "0")
+    assert rc == 2 and f"{image}: is an input of this fit" in stderr
+    assert image.read_bytes() == before
+    listed = tmp_path / "list.json"
+    listed.write_text(f"{image}\n")
+    rc, _, stderr = run(capsys, "fit", "--list", listed, "-o", listed, "--workers", "0")
+    assert rc == 2 and "is a --list file" in stderr and listed.read_text() == f"{image}\n"
+    rc, _, stderr = run(capsys, "fit", image, "-o", tmp_path / "c.json", "--cache", tmp_path / "c.json", "--workers", "0")
+    assert rc == 2 and "is the --cache file" in stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["k.jpg", "list.json"]
+
+
+def test_fit_output_must_be_a_json_file(tile, tmp_path, capsys):
+    for name in ("ref.jpg", "ref", "ref.json.tmp"):
+        rc, _, stderr = run(capsys, "fit", tile, "-o", tmp_path / name, "--workers", "0")
+        assert rc == 2 and ".json" in stderr and len(stderr.splitlines()) == 1, stderr
+    folder = tmp_path / "d"
+    folder.mkdir()
+    rc, _, stderr = run(capsys, "fit", tile, "-o", folder, "--workers", "0")
+    assert rc == 2 and f"{folder}: is a folder" in stderr and "vipsnorm-part" not in stderr
+    rc, _, stderr = run(capsys, "fit", tile, "-o", tmp_path / "missing" / "ref.json", "--workers", "0")
+    assert rc == 2 and "does not exist" in stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"] and list(folder.iterdir()) == []
+
+
+def test_fit_again_replaces_the_reference(tile, photo, tmp_path, capsys):
+    ref = tmp_path / "ref.json"
+    assert run(capsys, "fit", tile, "-o", ref, "--method", "stretch", "--workers", "0")[0] == 0
+    first = json.loads(ref.read_text())
+    rc, _, stderr = run(capsys, "fit", tile, photo, "-o", ref, "--method", "equalize", "--workers", "0")
+    assert rc == 0, stderr
+    second = json.loads(ref.read_text())
+    assert first["params"]["method"] == "stretch" and second["params"]["method"] == "equalize"
+
+
+def test_normalize_output_that_is_a_file(tile, tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("junk\n")
+    rc, _, stderr = run(capsys, "normalize", tile, "-o", afile, "--workers", "0")
+    assert rc == 2
+    assert stderr == f"error  {afile}: is a file, not a folder: -o names the output folder (created if missing)\n"
+    assert afile.read_text() == "junk\n"

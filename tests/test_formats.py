@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -91,3 +92,62 @@ def test_match_to_a_reference_image(tmp_path):
     gap_after = np.abs(np.percentile(after, q, axis=0) - np.percentile(goal, q, axis=0)).mean()
     # a very dark source has few distinct values, so its top quantiles land coarsely (measured 104 -> 2.8)
     assert gap_after < 4 and gap_after < gap_before / 20
+
+
+# --------------------------------------------------------------------------------------------------
+# ordinary images written as TIFF, and formats too small for the image
+
+
+def _tiff_page(path: Path):
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages[0]
+        return page.compression.name, page.predictor, len(tif.pages)
+
+
+@pytest.mark.parametrize("source", ["png", "tif"])
+def test_ordinary_tiff_output_honours_compression_and_quality(source, tmp_path):
+    """--compression and --quality were ignored for ordinary images written as TIFF (always deflate)."""
+    from vipsnorm.synth import synthetic_slide
+
+    pixels = synthetic_slide(384, 256, seed=2, tissue=0.7).numpy()
+    src = tmp_path / f"in.{source}"
+    image = pyvips.Image.new_from_array(pixels).copy(interpretation="srgb")
+    image.pngsave(str(src)) if source == "png" else image.tiffsave(str(src), compression="lzw")
+    args = ["normalize", str(src), "--method", "stretch", "--workers", "0"] + (["--format", "tiff"] if source == "png" else [])
+
+    def normalized(name: str, *extra: str) -> Path:
+        assert main([*args, "-o", str(tmp_path / name), *extra]) == 0
+        return tmp_path / name / "in.tif"
+
+    default = normalized("default")
+    assert _tiff_page(default) == ("ADOBE_DEFLATE", tifffile.PREDICTOR.HORIZONTAL, 1)  # lossless by default
+    assert _tiff_page(normalized("lzw", "--compression", "lzw"))[:2] == ("LZW", tifffile.PREDICTOR.HORIZONTAL)
+    assert _tiff_page(normalized("none", "--compression", "none"))[0] == "NONE"
+    low = normalized("q20", "--compression", "jpeg", "--quality", "20")
+    high = normalized("q95", "--compression", "jpeg", "--quality", "95")
+    assert _tiff_page(low)[0] == _tiff_page(high)[0] == "JPEG"
+    assert low.stat().st_size < high.stat().st_size * 0.6  # the quality is used
+    lossless = pyvips.Image.new_from_file(str(default)).numpy()
+    for path in (tmp_path / "lzw" / "in.tif", tmp_path / "none" / "in.tif"):
+        np.testing.assert_array_equal(pyvips.Image.new_from_file(str(path)).numpy(), lossless)
+    assert np.abs(pyvips.Image.new_from_file(str(high)).numpy().astype(int) - lossless).mean() < 3
+
+
+@pytest.mark.parametrize("fmt, width, limit", [("jpeg", 65501, 65500), ("webp", 16384, 16383)])
+@pytest.mark.parametrize("kind", ["image", "slide"])
+def test_too_large_for_the_format_is_refused_before_any_work(fmt, width, limit, kind, tmp_path, capsys):
+    """libvips failed only in the save, reported as "cannot decode pixels" of the input."""
+    src = tmp_path / ("wide.tif" if kind == "slide" else "wide.png")
+    wide = pyvips.Image.black(width, 32, bands=3).cast("uchar")
+    if kind == "slide":
+        wide.tiffsave(str(src), tile=True, pyramid=True, compression="deflate")
+    else:
+        wide.pngsave(str(src))
+    assert vipsnorm.open(src).is_slide == (kind == "slide")
+    out = tmp_path / "out"
+    assert main(["normalize", str(src), "-o", str(out), "--format", fmt, "--method", "stretch", "--workers", "0"]) == 1
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error")]
+    suffix = ".jpg" if fmt == "jpeg" else ".webp"
+    assert line.startswith(f"error  {out / ('wide' + suffix)}: ")
+    assert f"at most {limit} px a side" in line and f"{width}x32" in line and "--format tiff" in line
+    assert "decode" not in line and os.listdir(out) == []

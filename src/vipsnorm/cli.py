@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -13,7 +14,7 @@ from .batch import SCHEDULER_ENV, fit_batch, normalize_batch
 from .batch.fitcache import default_cache
 from ._options import add_engine_options, add_method_options, method_options
 from .engine import FORMATS, Options, build_method, load_reference, shares_target
-from .errors import InvalidReferenceError, VipsnormError
+from .errors import InvalidReferenceError, OutputError, VipsnormError
 from .io.slide import BACKENDS, DEFAULT_MAX_PIXELS
 from .io.write import COMPRESSIONS
 from .methods import METHODS, Macenko, stain_summary
@@ -57,15 +58,55 @@ methods:
 """
 
 
-def _add_fit_options(p: argparse.ArgumentParser) -> None:
+#: The methods 'vipsnorm fit' makes a dataset reference for (clahe is fitted on each image's own layout).
+_FIT_METHODS = sorted(name for name, cls in METHODS.items() if not cls.spatial)
+
+
+def _fit_method(name: str) -> str:
+    """``fit --method``: any method name, so that clahe is refused by :func:`~vipsnorm.engine.check_fit`
+    with the reason; the usage and the help list only the methods it fits."""
+    if name not in METHODS:
+        raise argparse.ArgumentTypeError(f"invalid choice: {name!r} (choose from {', '.join(_FIT_METHODS)})")
+    return name
+
+
+def _positive_int(text: str) -> int:
+    """A count of 1 or more, for argparse."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, not {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
+    return value
+
+
+def _add_fit_options(p: argparse.ArgumentParser, fit: bool = False) -> None:
     g = p.add_argument_group("fitting")
-    g.add_argument(
-        "--method",
-        choices=sorted(METHODS),
-        help="normalization method (default: equalize; match when --reference is an image or a palette "
-        "JSON; the fitted method when --reference is a parameters JSON; match for 'fit')",
-    )
+    if fit:
+        g.add_argument(
+            "--method",
+            type=_fit_method,
+            metavar="{" + ",".join(_FIT_METHODS) + "}",
+            help="what to fit (default: match): match, its tissue palette; reinhard, macenko or vahadane, "
+            "their stain target; stretch or equalize, their parameters, applied unchanged to every image",
+        )
+    else:
+        g.add_argument(
+            "--method",
+            choices=sorted(METHODS),
+            help="normalization method (default: equalize; match when --reference is an image or a palette "
+            "JSON; the fitted method when --reference is a parameters JSON)",
+        )
     add_method_options(g)
+    if fit:
+        # clahe's options stay accepted, to be refused by check_fit with the reason, but are not offered:
+        # no method that 'fit' fits takes them
+        for action in g._group_actions:
+            if action.dest in ("clip_limit", "grid", "region", "region_um"):
+                action.help = argparse.SUPPRESS
+            elif action.dest == "mode":
+                action.help = "channels: joint|rgb (stretch), luminance|rgb (equalize, match)"
     g.add_argument(
         "--sample",
         choices=STRATEGIES,
@@ -73,7 +114,7 @@ def _add_fit_options(p: argparse.ArgumentParser) -> None:
         help="slides: fit on random full-resolution tissue tiles (default), the low-resolution level, "
         "or every tissue pixel (exact, one extra full pass). Ordinary images always use every pixel.",
     )
-    g.add_argument("--tiles", type=int, default=256, help="number of tiles sampled (default: %(default)s)")
+    g.add_argument("--tiles", type=_positive_int, default=256, help="number of tiles sampled (default: %(default)s)")
     g.add_argument("--seed", type=int, default=0, help="which tiles are sampled (default: %(default)s)")
     g.add_argument(
         "--no-tissue-mask", action="store_true", help="fit slides on all pixels, glass included (not recommended)"
@@ -171,14 +212,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--reference",
         metavar="REF",
-        help="match: target image or JSON from 'vipsnorm fit'; other methods: a JSON of fitted parameters "
-        "applied unchanged to every input",
+        help="match, reinhard, macenko, vahadane: an image or slide whose tissue is the target, or a target "
+        "JSON from 'vipsnorm fit'; stretch, equalize: a parameters JSON from 'vipsnorm fit', applied "
+        "unchanged to every input (its method and options are the fitted ones); clahe takes none",
     )
     _add_fit_options(p)
     g = p.add_argument_group("output")
     g.add_argument("--format", choices=FORMATS, default="auto", help="auto: pyramidal TIFF for slides, input format for images")
-    g.add_argument("--compression", choices=COMPRESSIONS, default="jpeg", help="pyramidal TIFF tiles (default: %(default)s; deflate/lzw are lossless)")
-    g.add_argument("--quality", type=int, default=90, help="JPEG/WebP quality (default: %(default)s)")
+    g.add_argument(
+        "--compression",
+        choices=COMPRESSIONS,
+        help="TIFF outputs: jpeg (lossy, --quality), deflate or lzw (lossless), none (default: jpeg for slide "
+        "pyramids, deflate for ordinary images written as TIFF)",
+    )
+    g.add_argument("--quality", type=int, default=90, help="JPEG/WebP quality, and TIFF's with --compression jpeg (default: %(default)s)")
     overwrite = g.add_mutually_exclusive_group()
     overwrite.add_argument(
         "--overwrite", action="store_true", help="redo every input, even those the manifest records as finished"
@@ -194,11 +241,19 @@ def _parser() -> argparse.ArgumentParser:
         help="fit one reference (palette or parameters) over many images",
         description="Fit one reference over every INPUT and save it as JSON. With --method match (default) it is "
         "the pooled tissue palette that 'normalize --method match --reference' maps every image onto; with "
-        "stretch/equalize it is their parameters, applied unchanged to every image.",
+        "reinhard, macenko or vahadane the stain target they map onto; with stretch/equalize it is their "
+        "parameters, applied unchanged to every image.",
     )
     p.add_argument("inputs", nargs="*", metavar="INPUT", help="slides, images, or folders of them (searched recursively)")
-    p.add_argument("-o", "--output", required=True, type=Path, metavar="REF.json")
-    _add_fit_options(p)
+    p.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        type=Path,
+        metavar="REF.json",
+        help="the reference, a JSON file (replaced if it exists; never one of the inputs)",
+    )
+    _add_fit_options(p, fit=True)
     _add_batch_options(p, normalize=False)
     p.set_defaults(method="match")
 
@@ -264,9 +319,45 @@ def _check_inputs(args) -> None:
         raise ValueError(f"no input: give files or folders, or --list FILE (see 'vipsnorm {args.command} --help')")
 
 
+def _check_output_folder(out: Path) -> None:
+    """``normalize -o``: a folder, or a path to create one at."""
+    if out.exists() and not out.is_dir():
+        raise OutputError(out, "is a file, not a folder: -o names the output folder (created if missing)")
+
+
+def _check_reference_file(args) -> None:
+    """``fit -o``: a JSON file name in an existing folder, never a folder nor a file this fit reads (an
+    existing reference is replaced, as a rerun must)."""
+    out: Path = args.output
+    if out.is_dir():
+        raise OutputError(out, f"is a folder; -o names the reference's JSON file, such as {out / 'reference.json'}")
+    read = [("an input of this fit", p) for p in args.inputs] + [("a --list file", p) for p in args.list]
+    if args.cache is not None:  # written during the fit, so perhaps not there yet
+        read.append(("the --cache file", args.cache))
+    for what, path in read:
+        if _same_file(path, out):
+            raise OutputError(out, f"is {what}; writing the reference there would replace it: choose another -o")
+    if out.suffix.lower() != ".json":
+        raise OutputError(out, "the reference is written as JSON: give -o a file name ending in .json")
+    if not out.parent.is_dir():
+        raise OutputError(out, f"folder {out.parent} does not exist; create it or choose another -o")
+
+
+def _same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
+    """Whether paths ``a`` and ``b`` name one file (through links when both exist)."""
+    if os.path.isfile(a) and os.path.isfile(b):
+        return os.path.samefile(a, b)
+    return os.path.normcase(os.path.abspath(a)) == os.path.normcase(os.path.abspath(b))
+
+
 def _normalize(args) -> int:
     _check_inputs(args)
+    _check_output_folder(args.output)
     options = _options(args)
+    if args.reference and args.method and METHODS[args.method].spatial:
+        raise InvalidReferenceError(
+            args.reference, f"method {args.method!r} takes no reference: it is fitted on each image itself; leave out --reference"
+        )
     reference = None
     if args.reference:
         # an image reference is the target of the chosen method (default: match, its palette)
@@ -275,6 +366,16 @@ def _normalize(args) -> int:
     if params is not None:
         if args.method not in (None, params.method):
             raise InvalidReferenceError(args.reference, f"holds {params.method} parameters but --method is {args.method}")
+        build_method(params.method, **method_options(args))  # options the method takes at all
+        given = [k for k, v in method_options(args).items() if v is not None]
+        if given:  # never ignored silently: the fitted parameters already settle what they would
+            names = ", ".join("--" + k.replace("_", "-") for k in given)
+            raise InvalidReferenceError(
+                args.reference,
+                f"holds fitted {params.method} parameters, which fix what {names} would set: leave "
+                f"{'it' if len(given) == 1 else 'them'} out, or give {'it' if len(given) == 1 else 'them'} "
+                f"to 'vipsnorm fit --method {params.method}' and normalize with the new reference",
+            )
         method = build_method(params.method)
     else:
         name = args.method or (reference.method if reference is not None else "equalize")
@@ -308,6 +409,7 @@ def _normalize(args) -> int:
 
 def _fit(args) -> int:
     _check_inputs(args)
+    _check_reference_file(args)
     options = _options(args)
     cache = args.cache if args.cache is not None else default_cache(args.output)
     reference, results = fit_batch(

@@ -19,12 +19,12 @@ import pyvips
 from . import __version__
 from .errors import FlatImageError, InvalidReferenceError, OutputError, UnreadableImageError, VipsnormError
 from .io.slide import BACKENDS, DEFAULT_MAX_PIXELS, Slide, open_slide
-from .io.write import COMPRESSIONS, IMAGE_SUFFIXES, write_image, write_pyramid
+from .io.write import COMPRESSIONS, IMAGE_SUFFIXES, check_size, write_image, write_pyramid
 from .methods import METHODS, Method, Params, Sample
 from .methods.base import LutMethod
 from .methods._hist import luma_array
 from .reference import Reference, load_reference_json
-from .sampling import STRATEGIES, _cores, sample_slide
+from .sampling import STRATEGIES, _cores, overview, sample_slide, tissue_mask
 
 __all__ = [
     "Options",
@@ -49,13 +49,17 @@ _LOADER_SUFFIX = {"jpegload": ".jpg", "pngload": ".png", "webpload": ".webp", "t
 
 @dataclass(frozen=True)
 class Options:
-    """How to sample, fit and write. Defaults are what the command line uses."""
+    """How to sample, fit and write. Defaults are what the command line uses.
+
+    ``compression`` is that of TIFF outputs (see :data:`~vipsnorm.io.write.COMPRESSIONS`); ``None``:
+    JPEG (``quality``) for slide pyramids, deflate (lossless) for ordinary images written as TIFF.
+    """
 
     strategy: str = "tiles"
     n_tiles: int = 256
     seed: int = 0
     tissue: bool | None = None
-    compression: str = "jpeg"
+    compression: str | None = None
     quality: int = 90
     format: str = "auto"
     max_pixels: int = DEFAULT_MAX_PIXELS
@@ -65,7 +69,9 @@ class Options:
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}")
-        if self.compression not in COMPRESSIONS:
+        if self.n_tiles < 1:
+            raise ValueError(f"the number of tiles must be 1 or more, not {self.n_tiles}")
+        if self.compression is not None and self.compression not in COMPRESSIONS:
             raise ValueError(f"compression must be one of {COMPRESSIONS}")
         if self.format not in FORMATS:
             raise ValueError(f"format must be one of {FORMATS}")
@@ -104,10 +110,7 @@ def build_method(name: str, reference: Reference | None = None, **options) -> Me
     except KeyError:
         raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}") from None
     options = {k: v for k, v in options.items() if v is not None}
-    unknown = sorted(set(options) - _accepted_options(cls))
-    if unknown:
-        names = ", ".join("--" + k.replace("_", "-") for k in unknown)
-        raise ValueError(f"method {name!r} does not take {names}")
+    _check_taken(name, cls, options)
     if cls.target_type is None:
         return cls(**options)
     target = None
@@ -143,6 +146,10 @@ def load_reference(
     cls = METHODS.get(method)
     if cls is None:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    if cls.spatial:
+        raise InvalidReferenceError(
+            path, f"method {method!r} takes no reference: it is fitted on each image itself; leave out --reference"
+        )
     if cls.target_type is None:
         raise InvalidReferenceError(
             path, f"method {method!r} maps onto no reference image; give a parameters JSON from 'vipsnorm fit'"
@@ -167,6 +174,14 @@ def _target_fitter(method: str, method_options: dict) -> Method:
 def _accepted_options(cls: type[Method]) -> set[str]:
     """The option names a method's constructor takes (its target aside)."""
     return set(inspect.signature(cls.__init__).parameters) - {"self", "target"}
+
+
+def _check_taken(name: str, cls: type[Method], options: dict) -> None:
+    """Refuse options (given, not ``None``) that method ``name`` does not take: never ignored."""
+    unknown = sorted(set(options) - _accepted_options(cls))
+    if unknown:
+        names = ", ".join("--" + k.replace("_", "-") for k in unknown)
+        raise ValueError(f"method {name!r} does not take {names}")
 
 
 def output_path(slide: Slide, out_dir: Path, fmt: str, name: str | None = None) -> Path:
@@ -218,9 +233,22 @@ def fit_slide(slide: Slide, method: Method, options: Options) -> Params:
 
     Spatial methods (clahe) are fitted on a whole level: level 0 with ``--sample exact``, otherwise the
     coarsest pyramid level whose downsample the method can fit on faithfully (``fit_downsample``; level
-    0 when the slide has no such level).
+    0 when the slide has no such level). A slide must show tissue for them as for the others (unless
+    tissue masking is off), though they fit on every pixel.
+
+    Raises
+    ------
+    NoTissueError
+        A slide (tissue masked) where no tissue is found: all glass.
+    FlatImageError
+        Every pixel to fit on has the same value.
     """
     if method.spatial:
+        if slide.is_slide and options.tissue is not False:
+            # The verdict sampling gives every other method, on the same overview: without it an
+            # all-glass slide was normalized "ok" by clahe alone. Only checked, not used by the fit (the
+            # params are those of the level); the overview is small (2048 px a side at most).
+            tissue_mask(*overview(slide), slide.path)
         level = 0
         if options.strategy != "exact":
             level = slide.best_level_for_downsample(method.fit_downsample(*slide.dimensions, slide.mpp))
@@ -271,6 +299,7 @@ def normalize_file(
                     f"output {out} is another input of this run, or already written for one; "
                     "rename one of them or choose another -o folder",
                 )
+            check_size(out, *slide.dimensions)  # a JPEG or WebP too large: refused before any work
             if params is None:
                 params = fit_slide(slide, method, options)
             elif params.method != method.name:
@@ -283,6 +312,9 @@ def normalize_file(
                 image = method.apply(image, params, luma=slide.decoded_luma())
             else:
                 image = method.apply(image, params)
+            # The input is read lazily, during the save: slide.decode names it when its pixels fail to
+            # decode; a failure of the output itself (disk full, read-only folder) is an OutputError
+            # naming the output, which the writers raise and slide.decode lets through.
             if slide.is_slide and options.format in ("auto", "tiff"):
                 description = f"vipsnorm {__version__} method={method.name} source={slide.path.name}"
                 slide.decode(
@@ -290,13 +322,15 @@ def normalize_file(
                         image,
                         out,
                         mpp=slide.mpp,
-                        compression=options.compression,
+                        compression=options.compression or "jpeg",
                         quality=options.quality,
                         description=description,
                     )
                 )
             else:
-                slide.decode(lambda: write_image(image, out, quality=options.quality))
+                slide.decode(
+                    lambda: write_image(image, out, quality=options.quality, compression=options.compression)
+                )
             result.output = out
     except VipsnormError as exc:
         result.status, result.error = "error", str(exc.about(path))
@@ -314,15 +348,18 @@ def check_fit(method_name: str, method_options: dict | None = None) -> type[Meth
     Raises
     ------
     ValueError
-        An unknown method, a spatial one (fitted on each image's layout), or an option it does not take.
+        An unknown method, a spatial one (fitted on each image's layout), or an option it does not take
+        (refused as ``vipsnorm normalize`` refuses it, never ignored).
     """
     cls = METHODS.get(method_name)
     if cls is None:
         raise ValueError(f"unknown method {method_name!r}; choose from {', '.join(METHODS)}")
     if cls.spatial:
         raise ValueError(f"method {method_name!r} is fitted on each image's own layout; it has no dataset reference")
-    if cls.target_type is None and method_options:
-        build_method(method_name, **method_options)  # target methods: options they do not take are ignored
+    given = {k: v for k, v in (method_options or {}).items() if v is not None}
+    _check_taken(method_name, cls, given)
+    if given:  # and the values it takes must be valid (stretch: low < high; match: a known mode)
+        _fitter(method_name, given)
     return cls
 
 

@@ -211,11 +211,16 @@ def _canonical(value):
 def config_hash(method: Method, params: Params | None, options: Options) -> str:
     """What makes two runs' outputs the same: the method with its options and target, the fixed
     parameters if any, and every option but ``overwrite`` (16 hex digits of a SHA-256)."""
+    opts = {k: v for k, v in dataclasses.asdict(options).items() if k != "overwrite"}
+    if opts["compression"] is None:
+        # the default (JPEG pyramids, deflate ordinary TIFFs) writes what "jpeg", the default before
+        # None, wrote: the same hash, so that a run begun with an earlier version resumes
+        opts["compression"] = "jpeg"
     data = {
         "method": method.name,
         "state": _canonical(method),
         "params": None if params is None else params.to_dict(),
-        "options": {k: v for k, v in dataclasses.asdict(options).items() if k != "overwrite"},
+        "options": opts,
     }
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -15,31 +15,123 @@ from pathlib import Path
 
 import pyvips
 
-__all__ = ["atomic_path", "write_pyramid", "write_image", "COMPRESSIONS", "IMAGE_SUFFIXES", "PART_MARKER"]
+from ..errors import OutputError, one_line
+
+__all__ = [
+    "atomic_path",
+    "check_size",
+    "write_pyramid",
+    "write_image",
+    "COMPRESSIONS",
+    "IMAGE_SUFFIXES",
+    "MAX_SIDE",
+    "PART_MARKER",
+]
 
 COMPRESSIONS = ("jpeg", "deflate", "lzw", "none")
 #: Suffix -> saver for ordinary images.
 IMAGE_SUFFIXES = {".jpg": "jpeg", ".jpeg": "jpeg", ".png": "png", ".webp": "webp", ".tif": "tiff", ".tiff": "tiff"}
 #: Temporary outputs carry this in their name (``.NAME.vipsnorm-part-<8 hex digits>.EXT``).
 PART_MARKER = ".vipsnorm-part-"
+#: Saver -> the largest width or height it can write (libjpeg's JPEG_MAX_DIMENSION, libwebp's
+#: WEBP_MAX_DIMENSION). Checked before any work: libvips would fail only when the save starts.
+MAX_SIDE = {"jpeg": 65500, "webp": 16383}
+_FORMAT_NAMES = {"jpeg": "JPEG", "webp": "WebP"}
+# The libvips domains (first word of an error line) of the savers and of their output streams: a save
+# whose *first* error comes from one of them failed on the output side. libvips reads the input lazily
+# during the save, so a decode failure of the input is reported by the save too, but its first line
+# comes from the loader's domain (tiff2vips, VipsJpeg, ...): the first line is the root cause, later
+# ones (``vips2png: unable to write to target``) only say that the save then gave up. VipsJpeg is the
+# JPEG loader's and saver's: of its messages only "unable to write ..." is the output's.
+_SAVE_DOMAINS = ("vips2tiff", "vips2png", "vips2jpeg", "vips2webp", "tiffsave", "pngsave", "jpegsave", "webpsave", "wbuffer_write")
 
 # Metadata copied from the input that must not reach the output: vendor descriptions (an Aperio
 # ImageDescription makes OpenSlide read the output as Aperio with a stale pixel size), XMP/IPTC blocks.
 _DROP_FIELDS = ("image-description", "xmp-data", "iptc-data")
 
 
+def _temp_prefix(path: Path) -> Path:
+    """What every temporary name of ``path`` begins with (:func:`atomic_path`)."""
+    return path.with_name(f".{path.stem}{PART_MARKER}")
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it to ``path`` on success, delete it on failure."""
+    """Yield a temporary path beside ``path``; rename it to ``path`` on success, delete it on failure.
+
+    A failure to delete the temporary file (a read-only or vanished folder) never replaces the error
+    that made the write fail: that one is raised, and a part file left behind is deleted by the next
+    run over the folder (:func:`vipsnorm.batch.inputs.remove_part_files`).
+    """
     path = Path(path)
-    temp = path.with_name(f".{path.stem}{PART_MARKER}{secrets.token_hex(4)}{path.suffix}")
+    temp = Path(f"{_temp_prefix(path)}{secrets.token_hex(4)}{path.suffix}")
     try:
         yield temp
         os.replace(temp, path)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            temp.unlink()
+        try:
+            temp.unlink(missing_ok=True)
+        except OSError:  # EROFS, EACCES, EIO: the original error says what went wrong
+            pass
         raise
+
+
+def check_size(path: str | os.PathLike[str], width: int, height: int) -> None:
+    """Refuse, before any work, an image the format of ``path`` (by its suffix) cannot hold.
+
+    Raises
+    ------
+    OutputError
+        The image is wider or taller than the format allows (:data:`MAX_SIDE`: JPEG 65500 px, WebP
+        16383 px a side).
+    """
+    kind = IMAGE_SUFFIXES.get(Path(path).suffix.lower())
+    limit = MAX_SIDE.get(kind)
+    if limit is not None and max(width, height) > limit:
+        name = _FORMAT_NAMES[kind]
+        raise OutputError(
+            path,
+            f"{name} holds at most {limit} px a side and the image is {width}x{height} px; "
+            "write it as TIFF (--format tiff)",
+        )
+
+
+def _output_failure(exc: pyvips.Error, path: Path) -> str | None:
+    """Why a save failed on the output side (the file could not be created or written, the saver
+    refused the image), or ``None`` when its root cause is elsewhere: the input, read during the save.
+
+    libvips names the file it failed to open or write (``PATH: write error`` then ``system error: No
+    space left on device``); every other save-side failure comes from a saver's domain.
+    """
+    lines = [line.strip() for line in f"{exc.detail or ''}".splitlines() if line.strip()]
+    if not lines:
+        return None
+    first, prefix = lines[0], f"{_temp_prefix(path)}"
+    if first.startswith(prefix):  # the temporary name atomic_path gave libvips
+        rest = first[len(prefix) :]  # "<8 hex digits>.EXT: write error"
+        what = rest.split(": ", 1)[1] if ": " in rest else rest
+        if len(lines) > 1 and lines[1].startswith("system error:"):
+            what += ": " + lines[1].removeprefix("system error:").strip()
+        return what
+    domain = first.split(":", 1)[0]
+    if domain in _SAVE_DOMAINS or first.startswith("VipsJpeg: unable to write"):
+        return one_line(first)
+    return None
+
+
+@contextlib.contextmanager
+def _output_errors(path: Path) -> Iterator[None]:
+    """Failures of the output itself as :class:`OutputError` naming ``path``; a failure to decode
+    the (lazily read) input stays a ``pyvips.Error`` for the caller, who knows the input."""
+    try:
+        yield
+    except pyvips.Error as exc:
+        cause = _output_failure(exc, path)
+        if cause is None:
+            raise
+        raise OutputError(path, f"cannot write the output ({cause})") from exc
+    except OSError as exc:  # the rename into place, or our own edit of the written TIFF
+        raise OutputError(path, f"cannot write the output ({exc.strerror or exc})") from exc
 
 
 def _clean(image: pyvips.Image, keep_exif: bool) -> pyvips.Image:
@@ -70,7 +162,15 @@ def write_pyramid(
         JPEG (lossy, ``quality``) by default; deflate and LZW are lossless (horizontal predictor).
     description : str, optional
         Our own ImageDescription; the input's (vendor) description is never copied.
+
+    Raises
+    ------
+    OutputError
+        The output cannot be written (folder missing or read-only, disk full, ...).
+    pyvips.Error
+        The pixels of ``image`` (read lazily, during the save) cannot be decoded.
     """
+    path = Path(path)
     if compression not in COMPRESSIONS:
         raise ValueError(f"compression must be one of {COMPRESSIONS}, not {compression!r}")
     image = _clean(image, keep_exif=False)
@@ -91,11 +191,11 @@ def write_pyramid(
     if mpp is not None:
         # libvips takes resolution in pixels per millimetre and writes it in the unit asked for.
         options.update(xres=1000.0 / mpp[0], yres=1000.0 / mpp[1], resunit="cm")
-    with atomic_path(path) as temp:
+    with _output_errors(path), atomic_path(path) as temp:
         image.tiffsave(str(temp), **options)
         if mpp is None:
             _set_no_resolution_unit(temp)
-    return Path(path)
+    return path
 
 
 def _set_no_resolution_unit(path: Path) -> None:
@@ -125,20 +225,45 @@ def _set_no_resolution_unit(path: Path) -> None:
             (offset,) = struct.unpack("<Q", f.read(8))
 
 
-def write_image(image: pyvips.Image, path: str | os.PathLike[str], *, quality: int = 90) -> Path:
-    """Write an ordinary image in the format its suffix names (JPEG, PNG, WebP, TIFF)."""
+def write_image(
+    image: pyvips.Image, path: str | os.PathLike[str], *, quality: int = 90, compression: str | None = None
+) -> Path:
+    """Write an ordinary image in the format its suffix names (JPEG, PNG, WebP, TIFF).
+
+    Parameters
+    ----------
+    quality : int
+        JPEG and WebP quality, and that of TIFF with ``compression="jpeg"``.
+    compression : {"jpeg", "deflate", "lzw", "none"}, optional
+        TIFF only: as for :func:`write_pyramid`; default deflate (lossless, horizontal predictor).
+
+    Raises
+    ------
+    OutputError
+        The image is too large for the format (:func:`check_size`), or the output cannot be written.
+    pyvips.Error
+        The pixels of ``image`` (read lazily, during the save) cannot be decoded.
+    """
     path = Path(path)
     kind = IMAGE_SUFFIXES.get(path.suffix.lower())
     if kind is None:
         raise ValueError(f"cannot write {path.suffix!r}: use one of {sorted(IMAGE_SUFFIXES)}")
+    compression = compression or "deflate"
+    if compression not in COMPRESSIONS:
+        raise ValueError(f"compression must be one of {COMPRESSIONS}, not {compression!r}")
+    check_size(path, image.width, image.height)
     image = _clean(image, keep_exif=True)
-    with atomic_path(path) as temp:
+    with _output_errors(path), atomic_path(path) as temp:
         if kind == "jpeg":
             image.jpegsave(str(temp), Q=quality)
         elif kind == "png":
             image.pngsave(str(temp))
         elif kind == "webp":
             image.webpsave(str(temp), Q=quality)
+        elif compression == "jpeg":
+            image.tiffsave(str(temp), compression="jpeg", Q=quality)
+        elif compression in ("deflate", "lzw"):
+            image.tiffsave(str(temp), compression=compression, predictor="horizontal")
         else:
-            image.tiffsave(str(temp), compression="deflate", predictor="horizontal")
+            image.tiffsave(str(temp), compression="none")
     return path
