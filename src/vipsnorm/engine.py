@@ -245,10 +245,11 @@ def fit_slide(slide: Slide, method: Method, options: Options) -> Params:
     """
     if method.spatial:
         if slide.is_slide and options.tissue is not False:
-            # The verdict sampling gives every other method, on the same overview: without it an
-            # all-glass slide was normalized "ok" by clahe alone. Only checked, not used by the fit (the
-            # params are those of the level); the overview is small (2048 px a side at most).
-            tissue_mask(*overview(slide), slide.path)
+            # The verdict sampling gives every other method: without it an all-glass slide was
+            # normalized "ok" by clahe alone. Only checked, not used by the fit (the params are those of
+            # the level), so on an overview of 1024 px a side rather than sampling's 2048: 0.05 s
+            # against 0.2 s on a generated 20,000 px slide, where clahe's whole job is about 7 s.
+            tissue_mask(*overview(slide, max_size=1024), slide.path)
         level = 0
         if options.strategy != "exact":
             level = slide.best_level_for_downsample(method.fit_downsample(*slide.dimensions, slide.mpp))
