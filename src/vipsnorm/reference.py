@@ -20,6 +20,7 @@ from . import __version__
 from .errors import InvalidReferenceError
 from .io.write import atomic_path
 from .methods import METHODS, Params, Sample, params_from_dict
+from .methods.base import _json_kind, _shown
 
 __all__ = ["Reference", "save_reference", "load_reference_json"]
 
@@ -69,20 +70,45 @@ def save_reference(reference: Reference, path: str | os.PathLike[str]) -> Path:
 
 
 def load_reference_json(path: str | os.PathLike[str]) -> Reference:
-    """Read a reference written by :func:`save_reference` (``vipsnorm fit``)."""
+    """Read a reference written by :func:`save_reference` (``vipsnorm fit``).
+
+    Raises
+    ------
+    InvalidReferenceError
+        Naming the file: it cannot be read, is not JSON, or is not a reference (not a JSON object, an
+        unknown kind or method, a missing entry, or values no fit makes: wrong shapes, out of range,
+        NaN or infinity; the message names the entry).
+    """
     try:
         data = json.loads(Path(path).read_text())
-        inputs = tuple(data.get("inputs", ()))
-        if data["kind"] == "target":
+        if not isinstance(data, dict):
+            raise ValueError(f"the file holds {_json_kind(data)}, not an object")
+        inputs = data.get("inputs", [])
+        if not isinstance(inputs, list) or not all(isinstance(name, str) for name in inputs):
+            raise ValueError(f"'inputs' must be a list of file names, not {_shown(inputs)}")
+        inputs = tuple(inputs)
+        kind = data["kind"]
+        if kind == "target":
             method = data.get("method", "match")
-            if "sample" in data:
-                return Reference(target=Sample.from_dict(data["sample"]), inputs=inputs, method=method)
-            target_type = METHODS[method].target_type if method in METHODS else None
+            if not isinstance(method, str) or method not in METHODS:
+                raise ValueError(f"unknown method {_shown(method)}; known: {sorted(METHODS)}")
+            target_type = METHODS[method].target_type
             if target_type is None:
-                raise ValueError(f"no method {method!r} with a target")
-            return Reference(target=target_type.from_dict(data["target"]), inputs=inputs, method=method)
-        if data["kind"] == "params":
+                raise ValueError(f"method {method!r} maps onto no target")
+            if "sample" in data and target_type is not Sample:
+                raise ValueError(f"a 'sample' (histograms) is a match target, not a {method} one")
+            body = data["sample"] if target_type is Sample else data["target"]
+            return Reference(target=target_type.from_dict(body), inputs=inputs, method=method)
+        if kind == "params":
             return Reference(params=params_from_dict(data["params"]), inputs=inputs)
-        raise ValueError(f"unknown kind {data['kind']!r}")
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"unknown kind {_shown(kind)} (a reference is a 'target' or 'params')")
+    except KeyError as exc:
+        raise InvalidReferenceError(path, f"not a vipsnorm reference (no {exc.args[0]!r} entry){_REFIT}") from exc
+    except OSError as exc:
         raise InvalidReferenceError(path, f"not a vipsnorm reference ({exc})") from exc
+    except (ValueError, TypeError) as exc:
+        raise InvalidReferenceError(path, f"not a vipsnorm reference ({exc}){_REFIT}") from exc
+
+
+#: The fix for a reference that is not one (a hand-written or edited file), after its cause.
+_REFIT = "; write references with 'vipsnorm fit'"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import LutMethod, LutParams, Method, Params, Sample
+from .base import LutMethod, LutParams, Method, Params, Sample, _json_kind
 from .clahe import Clahe, ClaheParams
 from .equalize import Equalize, EqualizeParams
 from .match import Match, MatchParams
@@ -61,9 +61,17 @@ METHODS: dict[str, type[Method]] = {
 
 
 def params_from_dict(data: dict) -> Params:
-    """Rebuild fitted parameters saved with ``Params.to_dict()``."""
-    try:
-        method = METHODS[data["method"]]
-    except KeyError as exc:
-        raise ValueError(f"unknown method {data.get('method')!r}; known: {sorted(METHODS)}") from exc
-    return method.params_type.from_dict(data)
+    """Rebuild fitted parameters saved with ``Params.to_dict()``.
+
+    Raises
+    ------
+    ValueError
+        ``data`` is not a dict, names no known method, or holds values the method's
+        :meth:`Params.from_dict` refuses (the message names the field).
+    """
+    if not isinstance(data, dict):
+        raise ValueError(f"parameters must be a JSON object with a 'method', not {_json_kind(data)}")
+    name = data.get("method")
+    if not isinstance(name, str) or name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; known: {sorted(METHODS)}")
+    return METHODS[name].params_type.from_dict(data)

@@ -154,35 +154,112 @@ class Sample:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Sample":
+        """Rebuild a sample saved with :meth:`to_dict` (a ``match`` reference, a cached summary).
+
+        Raises
+        ------
+        ValueError
+            ``data`` is not what :meth:`to_dict` writes: not a dict, ``bands`` not 1 or 3, ``hist`` not
+            4 rows of 256 finite counts >= 0 each with some counts (the luma row of a colour sample may
+            be all NaN: uncounted, see :attr:`luma_counted`), ``background`` not 4 values in 0..255.
+        KeyError
+            ``hist`` or ``bands`` is missing.
+        """
+        if not isinstance(data, dict):
+            raise ValueError(f"a sample must be a JSON object, not {_json_kind(data)}")
+        bands = data["bands"]
+        if isinstance(bands, bool) or bands not in (1, 3):
+            raise ValueError(f"sample 'bands' must be 1 (grey) or 3 (colour), not {_shown(bands)}")
+        hist = _numbers(data["hist"], "sample 'hist'", "4 rows (R, G, B, luma Y) of 256 pixel counts >= 0", [(4, 256)], minimum=0)
+        counted = hist[:3] if bands == 3 and np.isnan(hist[3]).all() else hist  # an uncounted Y row: all NaN
+        if not np.isfinite(counted).all():
+            raise ValueError(
+                "sample 'hist' holds a count that is not a finite number (NaN or infinity); only the luma row "
+                "of a colour sample may be all NaN (uncounted)"
+            )
+        empty = [name for name, row in zip("RGBY", counted) if not row.sum() > 0]
+        if empty:
+            raise ValueError(f"sample 'hist' must hold pixel counts in every row; row(s) {', '.join(empty)} hold none")
         background = data.get("background")
-        return cls(
-            np.asarray(data["hist"], dtype=np.float64),
-            int(data["bands"]),
-            data.get("source", ""),
-            None if background is None else tuple(background),
-        )
+        if background is not None:
+            background = _numbers(
+                background, "sample 'background'", "4 numbers in 0..255 (the glass's median R, G, B, Y) or null",
+                [(4,)], minimum=0, maximum=255,
+            )
+            if not np.isfinite(background).all():
+                raise ValueError(f"sample 'background' holds a value that is not a finite number: {background.tolist()}")
+        source = data.get("source", "")
+        if not isinstance(source, str):
+            raise ValueError(f"sample 'source' must be a string, not {_shown(source)}")
+        return cls(hist, int(bands), source, None if background is None else tuple(background.tolist()))
 
 
 @dataclass(frozen=True)
 class Params:
-    """Base of every method's fitted parameters: frozen, JSON-serializable, holding every fitted value."""
+    """Base of every method's fitted parameters: frozen, JSON-serializable, holding every fitted value.
+
+    Parameters read from JSON are checked (:meth:`from_dict` calls :meth:`validate`): values of the
+    wrong shape or range raise :class:`ValueError` naming the field and what it must be, so that a
+    hand-written or tampered file is refused when it is read, not turned into a wrong image or an
+    internal error later. Parameters built in code (by a fit, or per patch by an augmentation) are not
+    checked on construction, which would cost 20-200 us each; call :meth:`validate` on hand-made ones.
+    NaN and infinities are left to :meth:`is_finite` (a fit that produced one is refused by
+    :func:`~vipsnorm.reference.save_reference`) and :meth:`from_dict`, which refuses them.
+    """
 
     method: ClassVar[str]
+
+    def validate(self) -> "Params":
+        """Raise ValueError when a value is not one the method's fit makes and its apply step takes
+        (the message names the field and what it must be); return the parameters unchanged."""
+        self._validate()
+        return self
+
+    def _validate(self) -> None:
+        """Raise ValueError when a value is not one the method's fit makes and its apply step takes.
+
+        Subclasses check their fields with :meth:`_field` (and :func:`_invalid` for relations between
+        fields), calling ``super()._validate()``.
+        """
+
+    def _field(self, name: str, expected: str, shapes, **bounds) -> np.ndarray:
+        """Field ``name`` as a float64 array, checked by :func:`_numbers` (``expected`` describes it)."""
+        return _numbers(getattr(self, name), _what(self, name), expected, shapes, **bounds)
+
+    def _choice(self, name: str, choices: tuple[str, ...]) -> str:
+        """Field ``name``, which must be one of the strings ``choices``."""
+        value = getattr(self, name)
+        if not isinstance(value, str) or value not in choices:
+            _invalid(self, name, "one of " + ", ".join(map(repr, choices)), _shown(value))
+        return value
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, **_jsonable(dataclasses.asdict(self))}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Params":
+        """Rebuild parameters saved with :meth:`to_dict`.
+
+        Raises
+        ------
+        ValueError
+            ``data`` is not a dict, names another method, holds unknown fields, a NaN or an infinity, or
+            a value :meth:`_validate` refuses; the message names the field.
+        """
+        name = getattr(cls, "method", cls.__name__)
+        if not isinstance(data, dict):
+            raise ValueError(f"{name} parameters must be a JSON object, not {_json_kind(data)}")
+        if data.get("method", name) != name:
+            raise ValueError(f"expected {name} parameters, not {_shown(data['method'])}")
         data = {k: v for k, v in data.items() if k != "method"}
         fields = {f.name: f for f in dataclasses.fields(cls)}
         unknown = set(data) - set(fields)
         if unknown:
-            raise ValueError(f"unknown {cls.method} parameters: {sorted(unknown)}")
+            raise ValueError(f"unknown {name} parameters: {sorted(unknown)}")
         for key, value in data.items():
             if not _finite(value):
-                raise ValueError(f"{cls.method} parameter {key!r} holds a value that is not a finite number (NaN or infinity)")
-        return cls(**{k: _tupled(v) for k, v in data.items()})
+                raise ValueError(f"{name} parameter {key!r} holds a value that is not a finite number (NaN or infinity)")
+        return cls(**{k: _tupled(v) for k, v in data.items()}).validate()
 
     def is_finite(self) -> bool:
         """True when every number the parameters hold is finite (no NaN, no infinity)."""
@@ -198,9 +275,28 @@ class LutParams(Params):
 
     space: str
 
+    #: The values of :attr:`space` the method's fit makes; ``"rgb"`` goes with three LUTs, the others one.
+    spaces: ClassVar[tuple[str, ...]] = ("luminance", "rgb")
+
     @abstractmethod
     def luts(self) -> np.ndarray:
         """uint8 LUTs, shape (1, 256) or (3, 256)."""
+
+    def _validate(self) -> None:
+        super()._validate()
+        self._choice("space", self.spaces)
+
+    def _rows(self, name: str, rows: int) -> None:
+        """Refuse ``rows`` LUTs (or values of field ``name``) that :attr:`space` does not take."""
+        want = 3 if self.space == "rgb" else 1
+        if rows != want:
+            _invalid(self, name, f"{want} row{'s' if want > 1 else ''} for space {self.space!r} (one per LUT)", f"{rows}")
+
+    def _lut_field(self, name: str = "lut") -> np.ndarray:
+        """Field ``name``: 1 or 3 LUTs (as :attr:`space` says) of 256 integers in 0..255."""
+        luts = self._field(name, "1 or 3 rows (LUTs) of 256 integers in 0..255", [(1, 256), (3, 256)], integer=True, minimum=0, maximum=255)
+        self._rows(name, luts.shape[0])
+        return luts
 
 
 class Method(ABC):
@@ -295,6 +391,76 @@ def _tupled(value):
     if isinstance(value, list):
         return tuple(_tupled(v) for v in value)
     return value
+
+
+def _numbers(value, what: str, expected: str, shapes, *, integer: bool = False, minimum=None, maximum=None, above=None, below=None) -> np.ndarray:
+    """``value`` as a float64 array, or ValueError ``"<what> must be <expected>; got ..."``.
+
+    Parameters
+    ----------
+    value
+        A number or a nest of sequences of numbers (booleans and strings are refused).
+    what, expected : str
+        Names the value (``"stretch parameter 'lo'"``) and says what it must be, for the message.
+    shapes : list of tuples
+        The shapes allowed (``()`` for a scalar).
+    integer : bool
+        Refuse floats (JSON ``1.0`` included): the values index or count.
+    minimum, maximum, above, below : float, optional
+        Bounds: inclusive (``minimum``, ``maximum``) and exclusive (``above``, ``below``).
+
+    Notes
+    -----
+    NaN and infinities pass the bounds: whether every value is finite is for :meth:`Params.is_finite`
+    and :meth:`Params.from_dict` (or the caller) to say, with their own message.
+    """
+    try:
+        array = np.asarray(value)
+    except ValueError:  # ragged nesting
+        array = np.asarray(None)
+    if array.dtype.kind not in "iuf":
+        raise ValueError(f"{what} must be {expected}; got {_shown(value)}")
+    if array.shape not in [tuple(s) for s in shapes]:
+        shown = repr(_jsonable(value))
+        raise ValueError(f"{what} must be {expected}; got shape {array.shape}" + (f": {shown}" if len(shown) <= 60 else ""))
+    if integer and array.dtype.kind == "f":
+        raise ValueError(f"{what} must be {expected}; got non-integers: {_shown(value)}")
+    array = array.astype(np.float64)
+    finite = np.isfinite(array)
+    for bound, outside, rule in (
+        (minimum, np.less, ">= {}"),
+        (maximum, np.greater, "<= {}"),
+        (above, np.less_equal, "> {}"),
+        (below, np.greater_equal, "< {}"),
+    ):
+        if bound is not None:
+            bad = finite & outside(array, bound)
+            if bad.any():
+                raise ValueError(f"{what} must be {expected}; got {array[bad][0]:g} (need {rule.format(bound)})")
+    return array
+
+
+def _invalid(params: "Params", name: str, expected: str, got: str):
+    """Raise the ValueError of field ``name`` of ``params``: what it must be, what it is."""
+    raise ValueError(f"{_what(params, name)} must be {expected}; got {got}")
+
+
+def _what(params: "Params", name: str) -> str:
+    return f"{getattr(params, 'method', type(params).__name__)} parameter {name!r}"
+
+
+def _shown(value, limit: int = 60) -> str:
+    """``repr(value)``, cut to ``limit`` characters."""
+    text = repr(_jsonable(value))
+    return text if len(text) <= limit else text[: limit - 4] + " ..."
+
+
+def _json_kind(value) -> str:
+    """What JSON calls the type of a decoded value (for "must be a JSON object, not ...")."""
+    for kind, name in ((bool, "boolean"), (dict, "object"), (list, "array"), (str, "string"), ((int, float), "number")):
+        if isinstance(value, kind):
+            return f"a JSON {name} ({_shown(value, 30)})"
+    return "null" if value is None else type(value).__name__
 
 
 def _finite(value) -> bool:

@@ -39,7 +39,7 @@ import pyvips
 
 from ..errors import FlatImageError
 from ._hist import STEP, add_change, luma_array, luma_image
-from .base import Method, Params, Sample
+from .base import Method, Params, Sample, _invalid
 
 __all__ = ["Clahe", "ClaheParams", "clahe_luts", "grid_geometry"]
 
@@ -210,6 +210,32 @@ class ClaheParams(Params):
         raw = np.frombuffer(zlib.decompress(base64.b64decode(self.luts)), dtype=np.uint8)
         cols, rows = self.grid
         return raw.reshape(-1, rows, cols, _BINS)
+
+    def _validate(self) -> None:
+        super()._validate()
+        size = "a positive integer (pixels of the image fitted on)"
+        width = int(self._field("width", size, [()], integer=True, minimum=1))
+        height = int(self._field("height", size, [()], integer=True, minimum=1))
+        grid = tuple(int(v) for v in self._field("grid", "2 positive integers (regions across, down)", [(2,)], integer=True, minimum=1))
+        tile = tuple(int(v) for v in self._field("tile", "2 positive integers (region width, height)", [(2,)], integer=True, minimum=1))
+        self._field("clip_limit", "a number >= 0 (0: no clipping)", [()], minimum=0)
+        mode = self._choice("mode", ("luminance", "rgb", "grey"))
+        expected = grid_geometry(width, height, grid)[:2]
+        if tile != expected:
+            _invalid(self, "tile", f"{expected}, the regions of a {grid[0]}x{grid[1]} grid on {width}x{height} pixels", str(tile))
+        channels = 3 if mode == "rgb" else 1
+        size = channels * grid[0] * grid[1] * _BINS
+        what = f"base64 of the zlib-compressed {channels}x{grid[1]}x{grid[0]}x{_BINS} uint8 LUTs ({size} bytes)"
+        if not isinstance(self.luts, str):
+            _invalid(self, "luts", what, repr(type(self.luts).__name__))
+        try:  # at most one byte more than expected is inflated: a bogus stream cannot fill the memory
+            inflate = zlib.decompressobj()
+            raw = inflate.decompress(base64.b64decode(self.luts, validate=True), size + 1)
+            complete = inflate.eof
+        except (ValueError, zlib.error) as exc:  # binascii.Error is a ValueError
+            _invalid(self, "luts", what, f"undecodable text ({exc})")
+        if len(raw) != size or not complete:
+            _invalid(self, "luts", what, f"{len(raw)} bytes" if complete else f"more than {size} bytes")
 
 
 # --------------------------------------------------------------------------------------------------

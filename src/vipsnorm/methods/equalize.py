@@ -41,6 +41,10 @@ class EqualizeParams(LutParams):
     def luts(self) -> np.ndarray:
         return np.asarray(self.lut, dtype=np.uint8)
 
+    def _validate(self) -> None:
+        super()._validate()
+        self._lut_field()
+
 
 class Equalize(LutMethod):
     """Global histogram equalization.

@@ -8,7 +8,7 @@ import numpy as np
 
 from ..errors import InvalidReferenceError
 from ._hist import extend_to_white
-from .base import LutMethod, LutParams, Sample
+from .base import LutMethod, LutParams, Sample, _invalid
 
 __all__ = ["Match", "MatchParams", "match_lut", "anchor_glass"]
 
@@ -61,6 +61,12 @@ class MatchParams(LutParams):
 
     def luts(self) -> np.ndarray:
         return np.asarray(self.lut, dtype=np.uint8)
+
+    def _validate(self) -> None:
+        super()._validate()
+        self._lut_field()
+        if not isinstance(self.target, str):
+            _invalid(self, "target", "a string (what the LUTs map onto)", repr(self.target))
 
 
 class Match(LutMethod):

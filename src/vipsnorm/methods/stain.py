@@ -46,7 +46,7 @@ from ._stain import (
     srgb_to_linear,
 )
 from ._vahadane import learn_dictionary
-from .base import Method, Params, Sample
+from .base import Method, Params, Sample, _invalid
 
 __all__ = [
     "Macenko",
@@ -81,6 +81,36 @@ SAMPLE_PIXELS = 2_000_000
 LEARN_PIXELS = 200_000
 
 Matrix = tuple[tuple[float, ...], ...]
+
+#: How far from 1 the length of a hematoxylin or eosin vector of a target or parameters may be: fits
+#: make unit vectors; a hand-written one, rounded to a few decimals, is well within this.
+UNIT_TOLERANCE = 0.1
+#: Hematoxylin and eosin vectors of fitted parameters closer than this (degrees) cannot be unmixed
+#: (fits refuse them below :data:`MIN_STAIN_ANGLE`).
+MIN_UNMIX_ANGLE = 1.0
+
+
+def _stain_vectors(params: Params, name: str, stains: tuple[int, ...]) -> np.ndarray:
+    """Field ``name`` of ``params``: ``stains`` rows of 3 optical densities, the first two (hematoxylin,
+    eosin) of unit length (:data:`UNIT_TOLERANCE`); a third row (:func:`~vipsnorm.training.augment.stain_jitter`'s
+    residual) may have any length.
+
+    Components are not required to be >= 0: Macenko's fit projects the pixels' optical densities on a
+    plane, and on colours other than H&E it makes unit vectors with negative components, which its
+    apply step maps as it always has.
+    """
+    what = "2 stain vectors (hematoxylin, eosin)" if stains == (2,) else f"{' or '.join(map(str, stains))} stain vectors (hematoxylin, eosin, then a residual)"
+    expected = f"{what} of 3 optical densities (R, G, B), hematoxylin and eosin of unit length"
+    he = params._field(name, expected, [(k, 3) for k in stains])
+    lengths = np.linalg.norm(he[:2], axis=1)
+    if (np.abs(lengths - 1.0) > UNIT_TOLERANCE).any():
+        _invalid(params, name, expected, f"lengths {[round(float(v), 4) for v in lengths]}")
+    return he
+
+
+def _concentrations(params: Params, name: str, stains: int) -> np.ndarray:
+    """Field ``name`` of ``params``: one maximum concentration > 0 per stain vector."""
+    return params._field(name, f"{stains} numbers > 0 (the maximum concentration of each stain vector)", [(stains,)], above=0)
 
 
 @dataclass(frozen=True)
@@ -371,6 +401,13 @@ class MacenkoTarget(Params):
         """The (3, 2) stain matrix, columns H, E."""
         return np.asarray(self.he, dtype=np.float64).T
 
+    def _validate(self) -> None:
+        super()._validate()
+        _stain_vectors(self, "he", (2,))
+        _concentrations(self, "max_c", 2)
+        if not isinstance(self.source, str):
+            _invalid(self, "source", "a string (where the target comes from)", repr(self.source))
+
 
 @dataclass(frozen=True)
 class StainParams(Params):
@@ -402,6 +439,21 @@ class StainParams(Params):
         """The per-pixel pipeline (see :mod:`._stain`)."""
         return _stain_matrix_steps(self)
 
+    def _validate(self) -> None:
+        super()._validate()
+        he = _stain_vectors(self, "he", (2, 3))
+        _concentrations(self, "max_c", len(he))
+        _stain_vectors(self, "target_he", (len(he),))
+        _concentrations(self, "target_max_c", len(he))
+        self._field("io", "a number > 0 (the transmitted light intensity, 240)", [()], above=0)
+        cosine = he[0] @ he[1] / (np.linalg.norm(he[0]) * np.linalg.norm(he[1]))
+        angle = float(np.degrees(np.arccos(np.clip(cosine, -1.0, 1.0))))
+        if angle < MIN_UNMIX_ANGLE:  # (NaN passes: is_finite's to refuse)
+            _invalid(
+                self, "he", f"hematoxylin and eosin vectors at least {MIN_UNMIX_ANGLE:g} degree apart (to unmix them)",
+                f"{angle:.2f} degrees",
+            )
+
 
 @dataclass(frozen=True)
 class MacenkoParams(StainParams):
@@ -420,6 +472,12 @@ class MacenkoParams(StainParams):
     alpha: float = 1.0
     beta: float = 0.15
     stained: int = 0
+
+    def _validate(self) -> None:
+        super()._validate()
+        self._field("alpha", "a percentile in [0, 50)", [()], minimum=0, below=50)
+        self._field("beta", "an optical density >= 0", [()], minimum=0)
+        self._field("stained", "a number of pixels (an integer >= 0)", [()], integer=True, minimum=0)
 
 
 @dataclass(frozen=True)
@@ -441,6 +499,12 @@ class VahadaneParams(StainParams):
     beta: float = 0.15
     regularizer: float = 0.1
     stained: int = 0
+
+    def _validate(self) -> None:
+        super()._validate()
+        self._field("beta", "an optical density >= 0", [()], minimum=0)
+        self._field("regularizer", "a number > 0 (the l1 penalty's weight)", [()], above=0)
+        self._field("stained", "a number of pixels (an integer >= 0)", [()], integer=True, minimum=0)
 
 
 def _stain_matrix_steps(params: StainParams) -> list:
@@ -707,6 +771,18 @@ class ReinhardTarget(Params):
     std: tuple[float, ...] = ()
     source: str = ""
 
+    def _validate(self) -> None:
+        super()._validate()
+        _lab_stats_fields(self, "mean", "std")
+        if not isinstance(self.source, str):
+            _invalid(self, "source", "a string (where the target comes from)", repr(self.source))
+
+
+def _lab_stats_fields(params: Params, mean: str, std: str) -> None:
+    """Fields ``mean`` and ``std`` of ``params``: CIELAB means (L, a, b) and standard deviations >= 0."""
+    params._field(mean, "3 numbers (the CIELAB means of L, a and b)", [(3,)])
+    params._field(std, "3 numbers >= 0 (the CIELAB standard deviations of L, a and b)", [(3,)], minimum=0)
+
 
 @dataclass(frozen=True)
 class ReinhardParams(Params):
@@ -729,6 +805,16 @@ class ReinhardParams(Params):
     target_mean: tuple[float, ...] = ()
     target_std: tuple[float, ...] = ()
     glass: tuple[float, float] | None = None
+
+    def _validate(self) -> None:
+        super()._validate()
+        _lab_stats_fields(self, "mean", "std")
+        _lab_stats_fields(self, "target_mean", "target_std")
+        if self.glass is not None:
+            expected = "null or (low, high) levels with 0 <= low < high <= 256"
+            low, high = self._field("glass", expected, [(2,)], minimum=0, maximum=256)
+            if not low < high and np.isfinite([low, high]).all():
+                _invalid(self, "glass", expected, f"({low:g}, {high:g})")
 
     def lab_map(self) -> tuple[np.ndarray, np.ndarray]:
         """``(scale, shift)``: ``Lab' = scale * Lab + shift``. A channel without spread is only shifted."""

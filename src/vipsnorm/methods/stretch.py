@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ._hist import percentile
-from .base import LutMethod, LutParams, Sample
+from .base import LutMethod, LutParams, Sample, _invalid
 
 __all__ = ["Stretch", "StretchParams", "stretch_lut"]
 
@@ -34,8 +34,22 @@ class StretchParams(LutParams):
     lo: tuple[float, ...] = (0.0,)
     hi: tuple[float, ...] = (255.0,)
 
+    spaces = ("joint", "rgb")
+
     def luts(self) -> np.ndarray:
         return np.stack([stretch_lut(lo, hi) for lo, hi in zip(self.lo, self.hi)])
+
+    def _validate(self) -> None:
+        super()._validate()
+        low = self._field("low", "a percentile in 0..100", [()], minimum=0, maximum=100)
+        self._field("high", f"a percentile in 0..100 above 'low' ({float(low):g})", [()], minimum=0, maximum=100, above=low)
+        expected = "1 or 3 input values in 0..255 (one per LUT)"
+        lo = self._field("lo", expected, [(1,), (3,)], minimum=0, maximum=255)
+        hi = self._field("hi", expected, [(1,), (3,)], minimum=0, maximum=255)
+        self._rows("lo", lo.size)
+        self._rows("hi", hi.size)
+        if (hi < lo).any():  # equal: a flat channel, left unchanged (stretch_lut's identity)
+            _invalid(self, "hi", "at least 'lo' in every channel (equal: a flat channel, left unchanged)", f"lo {lo.tolist()}, hi {hi.tolist()}")
 
 
 class Stretch(LutMethod):
