@@ -82,6 +82,21 @@ def test_clahe_at_fixed_clip_limit_is_the_method_and_opencv(tiles, mode):
         assert d.max() <= 1 and d.mean() <= 0.01, (d.max(), d.mean())
 
 
+@pytest.mark.parametrize("mode", ["rgb", "luminance"])
+def test_clahe_at_fixed_clip_limit_and_the_libvips_path_of_normalize_differ_on_halves_only(tiles, mode):
+    """What the documentation states: an augmentation at fixed parameters is the method's numpy path
+    (OpenCV's CLAHE, tested above); ``normalize --method clahe`` runs the libvips path, which rounds an
+    interpolated half up where the numpy path rounds it to even: one grey level up, on about 1% of values."""
+    import pyvips
+
+    for tile in tiles:
+        out = A.RandomClahe(clip_limit=2.0, grid=(8, 8), mode=mode)(tile)
+        method = Clahe(2.0, grid=(8, 8), mode=mode)
+        libvips = method.apply(pyvips.Image.new_from_array(tile), method.fit_array(tile)).numpy()
+        d = libvips.astype(np.int16) - out
+        assert set(np.unique(d)) <= {0, 1} and 0 < np.mean(d != 0) < 0.03, (np.unique(d), np.mean(d != 0))
+
+
 def test_histogram_match_is_the_method_and_skimage(tiles):
     from skimage import exposure
 

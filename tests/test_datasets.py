@@ -242,3 +242,124 @@ def test_keras_example_trains_and_saves_its_layers(keras, tmp_path, capsys):
         keras.ops.convert_to_numpy(model.predict(x, verbose=0)),
         atol=1e-6,
     )
+
+
+@pytest.fixture
+def rooted_table(two_slides, patches, tmp_path) -> tuple[Path, Path, list[str]]:
+    """A table naming the slides relative to a folder (as ``cd ROOT && vipsnorm patches s0.tif ...``
+    writes it): its path, the folder, and the slide names as the table writes them."""
+    import dataclasses
+
+    from vipsnorm.training.patches import write_table
+
+    root = tmp_path / "root"
+    root.mkdir()
+    names = []
+    for i, slide in enumerate(two_slides):
+        names.append(f"s{i}.tif")
+        (root / names[-1]).symlink_to(slide)
+    index = {str(s): i for i, s in enumerate(two_slides)}
+    rows = [dataclasses.replace(p, slide=names[index[p.slide]]).to_row() for p in patches]
+    return write_table(tmp_path / "patches.csv", rows), root, names
+
+
+def test_from_table_with_root_takes_labels_and_params_keyed_as_the_table_writes_them(
+    torch, rooted_table, patches, monkeypatch
+):
+    from vipsnorm.training import datasets
+    from vipsnorm.training.datasets import PatchDataset
+
+    table, root, names = rooted_table
+    rooted = [str(root / n) for n in names]
+    expected_labels = [0] * 6 + [1] * 6  # the fixture's patches: 6 of each slide, in order
+    for labels in ({names[0]: 0, names[1]: 1}, {rooted[0]: 0, rooted[1]: 1}, {names[0]: 0, rooted[1]: 1}):
+        ds = PatchDataset.from_table(table, labels=labels, root=root)
+        assert [p.slide for p in ds.patches] == [rooted[0]] * 6 + [rooted[1]] * 6
+        assert ds.labels == expected_labels
+    assert PatchDataset.from_table(table, labels=lambda p: p.slide, root=root).labels[0] == rooted[0]
+    with pytest.raises(ValueError, match="two different values"):
+        PatchDataset.from_table(table, labels={names[0]: 0, rooted[0]: 1, names[1]: 1}, root=root)
+    with pytest.raises(ValueError, match=r"no label for slide\(s\).*keyed by the patches' slide paths"):
+        PatchDataset.from_table(table, labels={names[0]: 0}, root=root)
+
+    # params keyed as in the table: used, nothing fitted
+    fitted = PatchDataset(patches, method="macenko").params
+    by_name = {names[i]: fitted[str(s)] for i, s in enumerate(dict.fromkeys(p.slide for p in patches))}
+
+    def no_fit(*args, **kwargs):
+        raise AssertionError("a slide with given params was fitted")
+
+    monkeypatch.setattr(datasets, "fit_slide", no_fit)
+    ds = PatchDataset.from_table(table, labels={names[0]: 0, names[1]: 1}, root=root, method="macenko", params=by_name)
+    assert ds.params == {rooted[i]: by_name[n] for i, n in enumerate(names)}
+    image, label = ds[7]
+    assert image.shape == (96, 96, 3) and label == 1
+    # a key that matches no slide while a slide has none: an error, not a silent fit
+    with pytest.raises(ValueError, match=r"params has entries for slide\(s\) \['s9.tif'\].*none for slide\(s\)"):
+        misspelt = {names[0]: by_name[names[0]], "s9.tif": by_name[names[1]]}
+        PatchDataset.from_table(table, root=root, method="macenko", params=misspelt)
+    with pytest.raises(ValueError, match=r"params has entries for slide\(s\) \['s0.tif', 's1.tif'\]"):
+        PatchDataset(datasets.patches_from_table(table, root), method="macenko", params=by_name)  # not from_table
+
+    # a table of absolute paths: keys are those paths, root or not
+    absolute = PatchDataset.from_table(table, root=root).patches
+    from vipsnorm.training.patches import write_table
+
+    write_table(table.parent / "abs.csv", [p.to_row() for p in absolute])
+    ds = PatchDataset.from_table(table.parent / "abs.csv", labels={rooted[0]: 0, rooted[1]: 1}, root=root / "elsewhere")
+    assert ds.labels == expected_labels and [p.slide for p in ds.patches] == [p.slide for p in absolute]
+
+
+def test_keras_from_table_with_root_takes_labels_keyed_as_the_table_writes_them(keras, rooted_table):
+    from vipsnorm.training.datasets import KerasPatchDataset
+
+    table, root, names = rooted_table
+    ds = KerasPatchDataset.from_table(table, labels={names[0]: 0, names[1]: 1}, root=root, batch_size=12, shuffle=False)
+    x, y = ds[0]
+    assert x.shape == (12, 96, 96, 3) and y.tolist() == [0] * 6 + [1] * 6
+
+
+class _TorchvisionCompose:
+    """``torchvision.transforms.Compose.__call__``, verbatim: calls ``t(img)``, no rng."""
+
+    def __init__(self, transforms):
+        self.transforms = transforms
+
+    def __call__(self, img):
+        for t in self.transforms:
+            img = t(img)
+        return img
+
+
+def test_a_seeded_dataset_warns_once_made_when_its_transform_takes_no_rng(torch, patches, monkeypatch):
+    import warnings
+
+    from vipsnorm.training import datasets
+    from vipsnorm.training.datasets import PatchDataset
+
+    monkeypatch.setattr(datasets, "_WARNED_NO_RNG", set())
+    members = [A.RandomStainJitter(seed=1), A.RandomStretch(seed=1)]
+    with pytest.warns(UserWarning, match="takes no rng keyword.*depend on the number of loader workers") as caught:
+        ds = PatchDataset(patches[:3], transform=_TorchvisionCompose(members), seed=0)
+    assert len(caught) == 1 and caught[0].filename == __file__  # the line that made the dataset
+    assert "vipsnorm.training.Compose" in str(caught[0].message)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ds[0], ds[1]  # not again per item, nor for another dataset with a transform of that type
+        PatchDataset(patches[:3], transform=_TorchvisionCompose(members[:1]), seed=1)
+        seeded = PatchDataset(patches[:3], transform=A.Compose(members), seed=0)  # passes the item's rng
+        PatchDataset(patches[:3], transform=members[0], seed=0)
+        PatchDataset(patches[:3], transform=_TorchvisionCompose(members))  # no seed: nothing promised
+    # what the warning is about: the item's draws depend on what was read before, unless rng is passed
+    first = [seeded[i] for i in (0, 1, 2)]
+    np.testing.assert_array_equal(seeded[2], first[2])
+    assert not np.array_equal(ds[2], ds[2])
+
+
+def test_a_negative_seed_is_refused_when_the_dataset_is_made(torch, patches):
+    from vipsnorm.training.datasets import PatchDataset
+
+    for bad in (-1, 1.5, "0", True):
+        with pytest.raises(ValueError, match="seed must be None or an integer >= 0"):
+            PatchDataset(patches[:2], transform=A.RandomStretch(), seed=bad)
+    assert PatchDataset(patches[:2], transform=A.RandomStretch(), seed=np.int64(3)).seed == 3

@@ -316,13 +316,14 @@ def _state(out: Path) -> tuple[list[dict], dict[str, bytes]]:
 
 @pytest.mark.parametrize("fmt", ["tar", "png"])
 @pytest.mark.parametrize("first", ["A", "B"])
-@pytest.mark.parametrize("kill_at", [1, 2, 3, 4])
+@pytest.mark.parametrize("kill_at", [1, 2, 3, 4, 5])
 def test_a_run_killed_during_a_commit_never_leaves_a_slide_looking_finished(clean_runs, tmp_path, capsys, kill_at, first, fmt):
-    """Settings A are committed; a run with settings B dies at its 1st to 4th rename (tar: shard 0,
-    shard 1; png: the old folder aside, the new folder in; then the rows file and the table), as if
-    killed there. Whatever was renamed by then, a rerun with A (the old settings: half its shards may
-    be B's now) or with B ends with exactly the outputs and table of an uninterrupted run, and skips
-    the slide only if B's commit was complete."""
+    """Settings A are committed; a run with settings B dies at its 1st to 5th rename (the list of the
+    slide's outputs at stake; tar: shard 0, shard 1; png: the old folder aside, the new folder in; then
+    the rows file and the table), as if killed there. Whatever was renamed by then, a rerun with A (the
+    old settings: half its shards may be B's now) or with B ends with exactly the outputs and table of
+    an uninterrupted run, and skips the slide only if B's commit was complete (or, with A, had not
+    begun)."""
     slide, clean = clean_runs
     common = _COMMON[fmt]
     expected = {which: _state(clean[fmt, which]) for which in _SETTINGS}
@@ -332,16 +333,144 @@ def test_a_run_killed_during_a_commit_never_leaves_a_slide_looking_finished(clea
     argv = [str(a) for a in (slide, "-o", out, *common, *_SETTINGS["B"])]
     killed = subprocess.run([sys.executable, "-c", _KILL_SCRIPT, str(kill_at), *argv], capture_output=True, text=True)
     assert killed.returncode == _KILLED, killed.stderr
-    b_committed = kill_at > 3  # the 3rd rename commits the rows file
+    a_intact = kill_at == 1  # A's rows file is deleted after the 1st rename
+    b_committed = kill_at > 4  # the 4th rename commits the rows file
 
     second = "A" if first == "B" else "B"
-    first_status = "skipped" if first == "B" and b_committed else "ok"
+    first_status = "skipped" if (first == "B" and b_committed) or (first == "A" and a_intact) else "ok"
     for which, status in ((first, first_status), (second, "ok"), (second, "skipped")):
         assert run(capsys, slide, "-o", out, *common, *_SETTINGS[which])[0] == 0
         (row,) = last_run(out).values()
         assert row["status"] == status, (which, row)
         assert _state(out) == expected[which]
         assert no_part_files(out)
+        assert not list((out / ROWS_DIR).glob("*.uncommitted"))
+
+
+# renames of a commit that changes the format, the last first: (old, new) -> the rows file's, and in all
+_FORMAT_CHANGES = {
+    # the list at stake, the new folder in, the rows file; the shards deleted (no rename); the table
+    ("tar", "png"): (3, 4),
+    # the list at stake, shard 0, shard 1, the rows file, the old folder aside (then deleted); the table
+    ("png", "tar"): (4, 6),
+}
+
+
+@pytest.mark.parametrize(
+    "old, new, kill_at", [(*pair, k) for pair, (_, n) in _FORMAT_CHANGES.items() for k in range(1, n + 1)]
+)
+def test_a_run_killed_while_changing_the_format_leaves_no_output_of_either_behind(
+    clean_runs, tmp_path, capsys, old, new, kill_at
+):
+    """Settings A in one format are committed; a run with A in the other format dies at each rename
+    of its commit. A rerun in the new format (skipped if the rows file was committed) and then one in
+    the old format each end with exactly the outputs of an uninterrupted run: no shard or folder of the
+    other format is left over, whatever was renamed or deleted by then."""
+    slide, clean = clean_runs
+    rows_at, _ = _FORMAT_CHANGES[old, new]
+    expected = {fmt: _state(clean[fmt, "A"]) for fmt in (old, new)}
+    out = tmp_path / "out"
+    shutil.copytree(clean[old, "A"], out)
+    argv = [str(a) for a in (slide, "-o", out, *_COMMON[new], *_SETTINGS["A"])]
+    killed = subprocess.run([sys.executable, "-c", _KILL_SCRIPT, str(kill_at), *argv], capture_output=True, text=True)
+    assert killed.returncode == _KILLED, killed.stderr
+    for fmt, status in ((new, "skipped" if kill_at > rows_at else "ok"), (old, "ok"), (new, "ok")):
+        assert run(capsys, slide, "-o", out, *_COMMON[fmt], *_SETTINGS["A"])[0] == 0
+        (row,) = last_run(out).values()
+        assert row["status"] == status, (fmt, row)
+        assert _state(out) == expected[fmt]
+        assert no_part_files(out) and not list((out / ROWS_DIR).glob("*.uncommitted"))
+
+
+def test_another_format_replaces_the_old_outputs_and_nothing_else(two_slides, tmp_path, capsys):
+    """A slide redone in another format loses the outputs of the old one (shards after a folder, a
+    folder after shards, shards beyond the new last one, all of them for coords) once the new ones are
+    committed; another slide's outputs and files that are not the slide's outputs stay."""
+    out = tmp_path / "out"
+    a, b = two_slides
+    tar = ("--format", "tar", "--shard-size", 2)
+    assert run(capsys, a, b, "-o", out, *FAST, *tar)[0] == 0
+    strangers = [out / "a-notes.tar", out / "a-0000001.tar", out / "a-000000.tar.bak", out / "a.txt", out / "ab"]
+    for path in strangers[:-1]:
+        path.write_bytes(b"not a patch")
+    strangers[-1].mkdir()
+    b_outputs = {p.name: p.read_bytes() for p in out.glob("b-*.tar")}
+    assert sorted(b_outputs) == ["b-000000.tar", "b-000001.tar"]
+
+    def a_outputs() -> list[str]:
+        return sorted(p.name for p in out.iterdir() if p.name.startswith("a") and p not in strangers)
+
+    def check(files: set[str]) -> None:
+        rows = [r for r in read_table(out / TABLE) if r["slide"] == str(a)]
+        assert len(rows) == 3 and {r["file"].split("/")[0] for r in rows} == files
+        assert {p.name: p.read_bytes() for p in out.glob("b-*.tar")} == b_outputs
+        assert all(p.exists() for p in strangers) and no_part_files(out)
+        assert not list((out / ROWS_DIR).glob("*.uncommitted"))
+
+    assert a_outputs() == ["a-000000.tar", "a-000001.tar"]
+    # tar -> png: the shards go
+    assert run(capsys, a, "-o", out, *FAST, "--format", "png")[0] == 0
+    assert a_outputs() == ["a"] and len(list((out / "a").glob("*.png"))) == 3
+    check({"a"})
+    # png -> tar: the folder goes
+    assert run(capsys, a, "-o", out, *FAST, "--format", "tar", "--shard-size", 1)[0] == 0
+    assert a_outputs() == ["a-000000.tar", "a-000001.tar", "a-000002.tar"]
+    check({"a-000000.tar", "a-000001.tar", "a-000002.tar"})
+    # fewer shards: those beyond the new last one go
+    assert run(capsys, a, "-o", out, *FAST, *tar)[0] == 0
+    assert a_outputs() == ["a-000000.tar", "a-000001.tar"]
+    check({"a-000000.tar", "a-000001.tar"})
+    # npy, then the table only: no file of the slide is left
+    assert run(capsys, a, "-o", out, *FAST, "--format", "npy")[0] == 0
+    assert a_outputs() == ["a"] and len(list((out / "a").glob("*.npy"))) == 3
+    assert run(capsys, a, "-o", out, *FAST, "--format", "coords")[0] == 0
+    assert a_outputs() == []
+    check({""})
+    (row,) = last_run(out).values()
+    assert row["status"] == "ok" and row["output"] == ""
+
+
+def test_another_input_under_the_same_output_name_is_refused_across_runs(small_slide, tmp_path, capsys):
+    """labA/x.tif, then labB/x.tif into one OUT: the second would replace the first's patches and rows,
+    so it is an error (one line naming both), unless --overwrite. The same input changed, or with other
+    settings, is redone; the same file by another path (a link) is not refused."""
+    lab_a, lab_b = tmp_path / "labA" / "x.tif", tmp_path / "labB" / "x.tif"
+    for path in (lab_a, lab_b):
+        path.parent.mkdir()
+        shutil.copyfile(small_slide, path)
+    out = tmp_path / "out"
+    assert run(capsys, lab_a, "-o", out, *FAST)[0] == 0
+    table = read_table(out / TABLE)
+    before = fingerprint(out)
+    code, stdout, stderr = run(capsys, lab_b, "-o", out, *FAST)
+    assert code == 1 and "0 patched, 1 failed" in stderr
+    (line,) = [l for l in stderr.splitlines() if l.startswith("error  ")]
+    assert line.startswith(f"error  {lab_b}: has the same output name (x) as {lab_a}, which an earlier run patched")
+    assert "another -o" in line and "rename" in line and "--overwrite" in line
+    assert read_table(out / TABLE) == table and fingerprint(out) == before  # labA's patches and rows stay
+    (row,) = last_run(out).values()
+    assert row["status"] == "error" and row["input"] == str(lab_b)
+    # in a run with other slides, only that slide is an error
+    code, stdout, _ = run(capsys, lab_b, small_slide, "-o", out, *FAST)
+    assert code == 1 and [r["status"] for r in last_run(out).values()] == ["error", "ok"]
+    # the same input with other settings, or changed, is redone as before
+    assert run(capsys, lab_a, "-o", out, *FAST, "--seed", 3)[0] == 0
+    assert last_run(out)["x.tif"]["status"] == "ok"
+    st = lab_a.stat()
+    os.utime(lab_a, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert run(capsys, lab_a, "-o", out, *FAST, "--seed", 3)[0] == 0
+    assert last_run(out)["x.tif"]["status"] == "ok"
+    # the same file by a link: not another input
+    link = tmp_path / "linked" / "x.tif"
+    link.parent.mkdir()
+    link.symlink_to(lab_a)
+    assert run(capsys, link, "-o", out, *FAST, "--seed", 3)[0] == 0
+    assert last_run(out)["x.tif"]["status"] == "ok"
+    # --overwrite replaces it explicitly; then labA is the other input
+    assert run(capsys, lab_b, "-o", out, *FAST, "--overwrite")[0] == 0
+    assert {r["slide"] for r in read_table(out / TABLE) if r["key"].startswith("x_")} == {str(lab_b)}
+    code, _, stderr = run(capsys, lab_a, "-o", out, *FAST)
+    assert code == 1 and f"as {lab_b}, which an earlier run" in stderr
 
 
 def test_a_slide_named_like_the_table_and_a_killed_runs_table(small_slide, tmp_path, capsys):

@@ -6,13 +6,22 @@ this module (:func:`stretch`, :func:`equalize`, :func:`clahe`, :func:`match`, :f
 the image with the same numpy code path the method applies to slides (``fit`` on
 :meth:`Sample.from_array <vipsnorm.methods.Sample.from_array>` or ``fit_array``, then ``apply_array``;
 for equalization and CLAHE their ``fit_apply_array``, the two in one call, bit for bit, without building
-the statistics and parameters a slide needs). So an augmentation at fixed parameters *is* the method on
-that patch: nothing is re-implemented.
+the statistics and parameters a slide needs). So an augmentation at fixed parameters *is* the method's
+numpy path (``apply_array``) on that patch: nothing is re-implemented. Equalization and CLAHE then equal
+OpenCV (``equalizeHist``, ``createCLAHE``) bit for bit. ``vipsnorm normalize`` runs the method's libvips
+pipeline instead (``apply``), which for the per-pixel methods gives the same values, but for CLAHE
+rounds an interpolated value that falls on (or within float error of) a half-integer up where the numpy
+path and OpenCV round it to even: a patch of :func:`clahe` and the same image through ``normalize
+--method clahe`` (same clip limit, grid and mode) differ by one grey level on such values (about 1% of
+them on an H&E tile), never more.
 
-Transforms are plain callables ``t(image, rng=None)``: they work in ``torchvision.transforms.Compose``
-(which calls ``t(image)``, drawing from the transform's own generator, made from ``seed``) and in
-:class:`Compose` here, which passes one generator through (the datasets of :mod:`.datasets` give every
-patch its own, so runs are reproducible with any number of loader workers).
+Transforms are plain callables ``t(image, rng=None)``: they work in :class:`Compose` here, which passes
+one generator through, and in ``torchvision.transforms.Compose``, which calls ``t(image)``: each member
+then draws from its own generator (made from its ``seed``). The datasets of :mod:`.datasets` with
+``seed`` give every patch its own generator, so runs are reproducible with any number of loader workers,
+but only through a transform that takes ``rng``: :class:`Compose` here does, torchvision's does not (its
+members' draws then depend on the workers: every DataLoader worker holds a copy of the generators in the
+same state; the dataset warns).
 
 Notes
 -----
@@ -325,7 +334,11 @@ class RandomEqualization(Augmentation):
 
 class RandomClahe(Augmentation):
     """CLAHE with a clip limit drawn uniformly from ``clip_limit`` (:func:`clahe`,
-    :class:`~vipsnorm.methods.Clahe`, OpenCV's semantics) on a ``grid`` of regions (cols, rows)."""
+    :class:`~vipsnorm.methods.Clahe`, OpenCV's semantics) on a ``grid`` of regions (cols, rows).
+
+    At a fixed clip limit it equals OpenCV's ``createCLAHE`` bit for bit (the method's numpy path);
+    ``vipsnorm normalize --method clahe`` (the libvips path) differs from it by one grey level on values
+    that fall on a half-integer (see the module notes)."""
 
     def __init__(self, clip_limit=(1.0, 4.0), grid=(8, 8), mode: str = "luminance", p: float = 1.0, seed=None):
         super().__init__(p, seed)
@@ -432,7 +445,12 @@ def takes_rng(transform: Callable) -> bool:
 
 
 class Compose:
-    """Apply ``transforms`` in order, passing one generator to those that take ``rng``."""
+    """Apply ``transforms`` in order, passing one generator to those that take ``rng``.
+
+    Unlike ``torchvision.transforms.Compose`` it takes ``rng`` itself, so a dataset with ``seed``
+    (:mod:`.datasets`) hands each item's generator to every vipsnorm augmentation in it: use it for
+    results that do not depend on the number of loader workers. Members without ``rng`` (torchvision's
+    transforms, say) are called as ``t(image)``."""
 
     def __init__(self, transforms: Sequence[Callable]):
         self.transforms = list(transforms)

@@ -35,8 +35,11 @@ level, x, y on the level, x0, y0 on level 0, size, mpp, tissue fraction, file). 
 written under a temporary name and renamed when complete. Exit code 0 only if every slide succeeded.
 
 Resume: running the same command again skips every slide finished by an earlier run with the same
-settings from the same, unchanged input (size and modification time); other settings or --overwrite
-redo it. One manifest row per slide and run (ok, error or skipped) goes to OUT.manifest.csv beside OUT.
+settings from the same, unchanged input (size and modification time); other settings, a changed input
+or --overwrite redo it, and its earlier outputs (of any --format) are removed once the new ones are in.
+A slide whose output name (file name without suffix) an earlier run gave another input in OUT
+(labA/x.tif, then labB/x.tif) is an error: choose another -o, rename one, or --overwrite to replace it.
+One manifest row per slide and run (ok, error or skipped) goes to OUT.manifest.csv beside OUT.
 
 examples:
   vipsnorm patches slides/*.svs -o patches/ --size 256 --mpp 0.5 --min-tissue 0.5
@@ -53,6 +56,17 @@ def _positive(kind):
         return value
 
     return parse
+
+
+def _seed(text: str) -> int:
+    """``--seed``: numpy's generators take integers >= 0 only (refused here, not by every slide)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, not {text}")
+    return value
 
 
 def _fraction(text: str) -> float:
@@ -97,7 +111,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument(
         "--random", type=_positive(int), metavar="N", help="N patches at random positions instead of the grid"
     )
-    g.add_argument("--seed", type=int, default=0, help="random patches: which positions (default: %(default)s)")
+    g.add_argument(
+        "--seed", type=_seed, default=0, help="random patches: which positions (>= 0; default: %(default)s)"
+    )
     g.add_argument(
         "--no-overlap",
         action="store_true",
@@ -153,7 +169,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="the manifest: one row per slide and run (default: OUT.manifest.csv beside OUT)",
     )
     g.add_argument(
-        "--overwrite", action="store_true", help="redo every slide, even those an earlier run finished with these settings"
+        "--overwrite",
+        action="store_true",
+        help="redo every slide, even those an earlier run finished with these settings, and replace the patches "
+        "that an earlier run wrote for another input of the same output name",
     )
     p.set_defaults(run=run)
     return p

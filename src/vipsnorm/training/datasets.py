@@ -21,18 +21,27 @@ Worker processes
 
 Random augmentations
     With ``seed`` set, item ``i`` of epoch ``e`` is transformed with its own generator
-    ``numpy.random.default_rng([seed, e, i])`` (passed to transforms that take ``rng``, such as
-    :mod:`.augment`'s), so the result does not depend on the number of workers or the order of reads;
+    ``numpy.random.default_rng([seed, e, i])``, passed as ``transform(image, rng=...)`` to a transform
+    that takes an ``rng`` keyword: :mod:`.augment`'s augmentations and its
+    :class:`~vipsnorm.training.augment.Compose` (which hands the generator to each of its members that
+    takes one and calls the others, torchvision's transforms say, as ``t(image)``). For those the
+    result does not depend on the number of workers or the order of reads;
     :meth:`PatchSource.set_epoch` moves to the next epoch (``KerasPatchDataset`` does it at each epoch's
-    end). Without ``seed`` transforms draw from their own generators, which every DataLoader worker
+    end). A transform without an ``rng`` keyword, such as ``torchvision.transforms.Compose`` (even of
+    vipsnorm augmentations), is called as ``transform(image)`` and its members draw from their own
+    generators: results then depend on the number of workers and the order of reads, and a warning
+    says so when the dataset is made; use :class:`~vipsnorm.training.augment.Compose` instead.
+    Without ``seed`` every transform draws from its own generators, which every DataLoader worker
     receives as a copy in the same state: the workers then repeat each other's draws. Give a ``seed``.
 """
 
 from __future__ import annotations
 
 import math
+import operator
 import os
 import threading
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -82,12 +91,72 @@ class ForkedWorkerError(RuntimeError):
 
 def patches_from_table(path: str | os.PathLike[str], root: str | os.PathLike[str] | None = None) -> list[Patch]:
     """The patches of a coordinates table (``patches.csv`` of ``vipsnorm patches``); relative slide
-    paths are taken relative to ``root`` when given."""
+    paths are taken relative to ``root`` when given (the patches' ``slide`` is then that path)."""
+    return _table_patches(path, root)[0]
+
+
+def _table_patches(path, root) -> tuple[list[Patch], dict[str, str]]:
+    """The patches of a table, and the slides that ``root`` moved: ``{as in the table: path used}``."""
     patches = [Patch.from_row(row) for row in read_table(path)]
+    moved: dict[str, str] = {}
     if root is not None:
         root = Path(root)
-        patches = [p if Path(p.slide).is_absolute() else _with_slide(p, str(root / p.slide)) for p in patches]
-    return patches
+        for slide in dict.fromkeys(p.slide for p in patches):
+            if not Path(slide).is_absolute():
+                moved[slide] = str(root / slide)
+        patches = [_with_slide(p, moved[p.slide]) if p.slide in moved else p for p in patches]
+    return patches, moved
+
+
+def _keyed_by_table(mapping, moved: Mapping[str, str], what: str, table) -> Any:
+    """``mapping`` (labels or params by slide) with its keys as written in the table's ``slide`` column
+    taken to the paths the patches use under ``root`` (``moved``); keys that are those paths already
+    (or absolute paths in the table) stay. Anything but a mapping is returned as it is."""
+    if not isinstance(mapping, Mapping) or not moved:
+        return mapping
+    keyed: dict = {}
+    spelled: dict = {}
+    for key, value in mapping.items():
+        slide = moved.get(key, key)
+        if slide in keyed and not _same_value(keyed[slide], value):
+            raise ValueError(
+                f"{table}: the {what} give slide {slide} two different values, under {spelled[slide]!r} and "
+                f"{key!r} (the table's path and the path under root); keep one of them"
+            )
+        keyed[slide], spelled[slide] = value, key
+    return keyed
+
+
+def _same_value(a, b) -> bool:
+    if a is b:
+        return True
+    try:
+        return bool(a == b)
+    except Exception:  # arrays and the like: not known to be the same
+        return False
+
+
+def _from_table(cls, path, labels, root, kwargs):
+    """``cls`` (a dataset) of the patches of the table ``path``, with ``labels`` and a ``params``
+    mapping keyed by the table's ``slide`` column or by the paths under ``root``."""
+    patches, moved = _table_patches(path, root)
+    labels = _keyed_by_table(labels, moved, "labels", path)
+    if isinstance(kwargs.get("params"), Mapping):
+        kwargs = {**kwargs, "params": _keyed_by_table(kwargs["params"], moved, "params", path)}
+    return cls(patches, labels, **kwargs)
+
+
+def _check_seed(seed) -> int | None:
+    """``seed`` as an int: None or an integer >= 0 (what numpy's generators take), else ValueError."""
+    if seed is None:
+        return None
+    try:
+        value = operator.index(seed)
+    except TypeError:
+        value = None
+    if value is None or isinstance(seed, bool) or value < 0:
+        raise ValueError(f"seed must be None or an integer >= 0 (numpy generators take no other), not {seed!r}")
+    return value
 
 
 def _with_slide(patch: Patch, slide: str) -> Patch:
@@ -102,7 +171,10 @@ def _labels(labels, patches: Sequence[Patch]) -> list | None:
     if isinstance(labels, Mapping):
         missing = sorted({p.slide for p in patches} - set(labels))
         if missing:
-            raise ValueError(f"no label for slide(s) {missing[:3]}{' ...' if len(missing) > 3 else ''}")
+            raise ValueError(
+                f"no label for slide(s) {missing[:3]}{' ...' if len(missing) > 3 else ''}: labels are keyed by "
+                "the patches' slide paths (from_table: as in the table's slide column, or the path under root)"
+            )
         return [labels[p.slide] for p in patches]
     if callable(labels):
         return [labels(p) for p in patches]
@@ -110,6 +182,65 @@ def _labels(labels, patches: Sequence[Patch]) -> list | None:
     if len(labels) != len(patches):
         raise ValueError(f"{len(labels)} labels for {len(patches)} patches")
     return labels
+
+
+def _outside_stacklevel() -> int:
+    """The ``stacklevel`` that makes a warning issued by the caller name the first frame outside this
+    module (the user's line that made the dataset)."""
+    import sys
+
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_globals.get("__name__") == __name__:
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+#: Transform types warned about (:func:`_warn_no_rng`): once per process each.
+_WARNED_NO_RNG: set[str] = set()
+
+
+def _warn_no_rng(seed: int, transform) -> None:
+    """Warn, once per process and type of transform, that ``seed`` cannot reach ``transform``."""
+    name = _type_name(transform)
+    if name in _WARNED_NO_RNG:
+        return
+    _WARNED_NO_RNG.add(name)
+    warnings.warn(
+        f"seed={seed} gives every item its own random generator, but the transform {name} takes no rng "
+        "keyword, so it is called as transform(image) and draws from its own generators: results depend "
+        "on the number of loader workers (each worker repeats the same draws) and on the order of reads. "
+        "Use vipsnorm.training.Compose([...]) instead of torchvision's Compose (it passes the item's "
+        "generator to the vipsnorm augmentations and calls the other transforms as they are), or a "
+        "transform taking rng=",
+        UserWarning,
+        stacklevel=_outside_stacklevel(),
+    )
+
+
+def _type_name(obj) -> str:
+    """``module.Class`` of ``obj`` (``Class`` for a builtin)."""
+    kind = type(obj)
+    return kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+
+
+def _check_params_keys(given: Mapping, patches: Sequence[Patch]) -> None:
+    """Refuse a params mapping that misses: keys that are no patch's slide while some slide has no entry
+    (it would be fitted, or given the reference's fixed parameters, silently)."""
+    if not given:
+        return
+    slides = dict.fromkeys(p.slide for p in patches)
+    unknown = [k for k in given if k not in slides]
+    without = [s for s in slides if s not in given]
+    if unknown and without:
+        raise ValueError(
+            f"params has entries for {_few(unknown)}, which no patch is of, and none for {_few(without)}, "
+            "which would be fitted (or get the reference's parameters): key params by the patches' slide "
+            "paths (from_table: as in the table's slide column, or the path under root)"
+        )
+
+
+def _few(items: Sequence, n: int = 3) -> str:
+    return f"slide(s) {list(items)[:n]}{' ...' if len(items) > n else ''}"
 
 
 class PatchSource:
@@ -120,21 +251,25 @@ class PatchSource:
     patches : sequence of Patch
         What to read (any slides, levels and sizes).
     labels : sequence, mapping or callable, optional
-        One label per patch, a ``{slide path: label}`` mapping, or a function of the patch.
+        One label per patch, a ``{slide path: label}`` mapping (every slide of the patches needs one),
+        or a function of the patch.
     method : str or Method, optional
         Normalization method (``None``: the slides' own pixels), with ``reference`` and
         ``method_options`` as for ``vipsnorm normalize`` (see
         :func:`~vipsnorm.training.patches.resolve_normalization`).
     params : Params or mapping of slide path to Params, optional
-        Parameters fitted beforehand (one set for all slides, or one per slide); the slides without
-        are fitted when the dataset is made.
+        Parameters fitted beforehand (one set for all slides, or one per slide, keyed by the patches'
+        slide paths); the slides without are fitted when the dataset is made. A mapping with keys
+        that are no patch's slide while some slide has none is an error (a misspelt key would have
+        that slide fitted silently).
     options : Options
         How slides are opened and fitted (sampling, backend, ...): the engine's defaults.
     transform : callable, optional
         Applied to every uint8 ``(h, w, bands)`` patch (augmentations of :mod:`.augment`,
         ``torchvision.transforms.Compose``, any callable).
     seed : int, optional
-        Per-item generators for the transform (see the module documentation).
+        Per-item generators (an integer >= 0), passed to a transform that takes an ``rng`` keyword
+        (see the module documentation; a transform without one gets a warning).
     max_open : int
         Slides kept open per process (least recently used closed first).
     """
@@ -153,6 +288,7 @@ class PatchSource:
         seed: int | None = None,
         max_open: int = 32,
     ):
+        seed = _check_seed(seed)  # before any slide is fitted
         self.patches = list(patches)
         self.labels = _labels(labels, self.patches)
         self.options = options
@@ -161,6 +297,7 @@ class PatchSource:
         if self.method is not None:
             given = params if isinstance(params, Mapping) else {}
             fixed = params if isinstance(params, Params) else fixed
+            _check_params_keys(given, self.patches)
             for slide in dict.fromkeys(p.slide for p in self.patches):
                 if slide in given:
                     self.params[slide] = given[slide]
@@ -174,6 +311,8 @@ class PatchSource:
         self.transform = transform
         self._transform_takes_rng = transform is not None and takes_rng(transform)
         self.seed = seed
+        if self.seed is not None and transform is not None and not self._transform_takes_rng:
+            _warn_no_rng(self.seed, transform)
         self.epoch = 0
         if max_open < 1:
             raise ValueError(f"max_open must be positive, not {max_open}")
@@ -299,8 +438,12 @@ class _TorchPatches(PatchSource):
 
     @classmethod
     def from_table(cls, path, labels=None, *, root=None, **kwargs):
-        """The dataset of a coordinates table (``patches.csv``); see :func:`patches_from_table`."""
-        return cls(patches_from_table(path, root), labels, **kwargs)
+        """The dataset of a coordinates table (``patches.csv``; see :func:`patches_from_table`).
+
+        ``labels`` and a ``params`` mapping are keyed by slide: by the table's ``slide`` column as
+        written, or by the paths the patches use (relative ones under ``root``; absolute ones as they
+        are). A callable ``labels`` gets patches with those paths."""
+        return _from_table(cls, path, labels, root, kwargs)
 
     def loader(self, batch_size: int = 32, *, num_workers: int = 0, **kwargs):
         """A ``torch.utils.data.DataLoader`` of this dataset whose worker processes (``num_workers``)
@@ -393,8 +536,12 @@ class _KerasPatches(PatchSource):
 
     @classmethod
     def from_table(cls, path, labels=None, *, root=None, **kwargs):
-        """The dataset of a coordinates table (``patches.csv``); see :func:`patches_from_table`."""
-        return cls(patches_from_table(path, root), labels, **kwargs)
+        """The dataset of a coordinates table (``patches.csv``; see :func:`patches_from_table`).
+
+        ``labels`` and a ``params`` mapping are keyed by slide: by the table's ``slide`` column as
+        written, or by the paths the patches use (relative ones under ``root``; absolute ones as they
+        are). A callable ``labels`` gets patches with those paths."""
+        return _from_table(cls, path, labels, root, kwargs)
 
 
 def _build(name: str):

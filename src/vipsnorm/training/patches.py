@@ -31,8 +31,11 @@ Resuming
     A slide is finished when its rows file ``OUT/.vipsnorm-rows/NAME.csv`` holds a record (its first
     line) of the settings (:func:`patch_config`), the input and its size and mtime, and the outputs.
     The file is deleted before a slide's outputs are replaced and written (by rename) only once they
-    are all in place, so a kill at any moment never leaves a slide that looks finished and is not;
-    :func:`extract_slides` has the reasons in full.
+    are all in place, so a kill at any moment never leaves a slide that looks finished and is not.
+    A redo deletes the slide's earlier outputs that its new ones do not replace by name (those of
+    another ``format``, shards beyond the new last one) once the new record is in, and never a file
+    that is not one of the slide's outputs; a kill in between leaves them listed for the next run.
+    :func:`extract_slides` and :func:`extract_slide` have the reasons in full.
 
 Notes
 -----
@@ -366,9 +369,16 @@ def grid_patches(
     return _patches(slide, level, size, gx[keep], gy[keep], f[keep])
 
 
+def _check_seed(seed) -> None:
+    """Raise ValueError unless ``seed`` is an integer >= 0 (what numpy's ``SeedSequence`` takes)."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"the seed of random patches must be an integer >= 0, not {seed!r}")
+
+
 def slide_rng(slide: Slide | str | os.PathLike, seed: int) -> np.random.Generator:
-    """The random generator of ``slide``'s random patches: from ``seed`` and the slide's file name, so
-    every slide gets its own positions whatever the order of the slides."""
+    """The random generator of ``slide``'s random patches: from ``seed`` (an integer >= 0) and the
+    slide's file name, so every slide gets its own positions whatever the order of the slides."""
+    _check_seed(seed)
     name = Path(slide.path if isinstance(slide, Slide) else slide).name
     return np.random.default_rng(np.random.SeedSequence([int(seed), zlib.crc32(name.encode())]))
 
@@ -629,8 +639,10 @@ class PatchReader:
                 f"({lvl.width}x{lvl.height})"
             )
         if self._numpy_path and level == 0:
-            # above level 0 OpenSlide's read_region resamples when the downsample is not whole: the
-            # level's own pixels come from the pipeline (its virtual TIFF), as normalize reads them
+            # above level 0 a window's level-0 position is not a whole number of level pixels when the
+            # downsample is not whole, and read_region resamples it: such windows come from the level's
+            # virtual TIFF instead, whose tiles are read_region calls too (OpenSlideSlide._read_tile),
+            # so they are OpenSlide's rendering of the level, resampled off the first tile row/column
             raw = self.slide.read_region(level, x, y, width, height)  # OpenSlide, straight
             if self.method is None:
                 return raw
@@ -677,8 +689,8 @@ class PatchJob:
     """What ``vipsnorm patches`` does with every slide (the same for all of them).
 
     ``random=None`` cuts the grid (``stride``, default ``size``); ``random=N`` draws ``N`` positions
-    (``seed``; ``overlap=False``: windows that share no pixel). ``format`` is one of :data:`FORMATS`;
-    ``shard_size`` samples per tar shard.
+    (``seed``, an integer >= 0; ``overlap=False``: windows that share no pixel). ``format`` is one of
+    :data:`FORMATS`; ``shard_size`` samples per tar shard.
     """
 
     size: int = 256
@@ -705,6 +717,7 @@ class PatchJob:
             raise ValueError(f"min_tissue must be within 0..1, not {self.min_tissue}")
         if self.random is not None and self.random < 1:
             raise ValueError(f"the number of random patches must be positive, not {self.random}")
+        _check_seed(self.seed)
         if not self.overlap and self.random is None:
             raise ValueError("overlap=False (--no-overlap) is for random patches: give their number (--random N)")
         if self.shard_size < 1:
@@ -868,6 +881,10 @@ class _FolderWriter:
         """What :meth:`commit` made: the folder (no size: a folder's is meaningless)."""
         return [(self.name, None)]
 
+    def planned(self) -> list[str]:
+        """The names :meth:`commit` will make, relative to the output folder."""
+        return [self.name]
+
     def commit(self) -> None:
         final = self.out_dir / self.name
         old = None
@@ -924,6 +941,10 @@ class _TarWriter:
         """What :meth:`commit` made: the shards and their sizes."""
         return [(final.name, final.stat().st_size) for _, final in self.shards]
 
+    def planned(self) -> list[str]:
+        """The names :meth:`commit` will make, relative to the output folder."""
+        return [final.name for _, final in self.shards]
+
     @property
     def size(self) -> int:
         return sum(size for _, size in self.outputs())
@@ -953,6 +974,9 @@ class _NoWriter:
         return ""
 
     def outputs(self) -> list[tuple[str, int | None]]:
+        return []
+
+    def planned(self) -> list[str]:
         return []
 
     def commit(self) -> None:
@@ -996,11 +1020,19 @@ def extract_slide(
 
     Notes
     -----
-    The commit, in this order: the slide's rows file ``OUT/.vipsnorm-rows/NAME.csv`` is deleted (from
-    here on the slide is not finished), the outputs written under temporary names are renamed into
-    place (replacing an earlier run's), and the rows file is written again (atomically, by rename) with
-    its first line recording the settings (``config``), the input's size and mtime as they were before
-    it was read, and the outputs. A kill at any moment leaves either that complete record or none.
+    The commit, in this order: the slide's earlier outputs (those its rows file's record lists, and
+    those a killed commit left listed) and the new ones are listed in
+    ``OUT/.vipsnorm-rows/NAME.uncommitted`` (atomically, by rename); the slide's rows file
+    ``OUT/.vipsnorm-rows/NAME.csv`` is deleted (from here on the slide is not finished); the outputs
+    written under temporary names are renamed into place (replacing an earlier run's of the same
+    names); the rows file is written again (atomically, by rename) with its first line recording the
+    settings (``config``), the input's size and mtime as they were before it was read, and the
+    outputs; then the listed outputs that are not the new ones (another ``format``: a folder after
+    shards or shards after a folder; fewer shards; any for ``coords``) are deleted, and the list. A
+    kill at any moment leaves either that complete record or none, and every output that no record
+    lists is on the list, deleted by the next run of the slide (redone, or skipped when the kill came
+    after the record). Only names of the slide's own outputs are ever deleted: its folder ``NAME``
+    when it holds the marker of a folder of patches, and its shards ``NAME-000000.tar``.
     """
     start = time.perf_counter()
     path = Path(path)
@@ -1051,6 +1083,12 @@ def extract_slide(
             # the slide's rows, next to its outputs: the table is rebuilt from these, and a rerun skips
             # the slide when they record its settings and input (see Notes)
             rows_file = out_dir / ROWS_DIR / f"{result.name}.csv"
+            # every output of the slide that may be on disk while no record lists it, so that a run
+            # killed in the commit leaves none the next run does not know (see Notes)
+            planned = writer.planned()
+            at_stake = list(dict.fromkeys([*_earlier_outputs(out_dir, result.name), *planned]))
+            if at_stake:
+                _write_uncommitted(out_dir, result.name, at_stake)
             with contextlib.suppress(FileNotFoundError):
                 rows_file.unlink()
             writer.commit()
@@ -1058,6 +1096,7 @@ def extract_slide(
             writer = None
             result.patches, result.files, result.count = patches, files, len(patches)
             _write_rows(rows_file, result.rows(), record=result.record())
+            _remove_uncommitted(out_dir, result.name, keep=planned)
     except VipsnormError as exc:
         result.status, result.error = "error", str(exc.about(path))
     except pyvips.Error as exc:
@@ -1129,6 +1168,81 @@ def _read_record(path: Path) -> dict | None:
 def _rows_files(out: Path) -> list[Path]:
     """The committed rows files (temporary ones, named ``.NAME.vipsnorm-part-...``, left out)."""
     return sorted(p for p in (out / ROWS_DIR).glob("*.csv") if not p.name.startswith("."))
+
+
+#: A slide's list of its outputs that may be on disk while no record lists them (``OUT/.vipsnorm-rows/NAME``
+#: with this suffix; see :func:`extract_slide`).
+_UNCOMMITTED_SUFFIX = ".uncommitted"
+
+
+def _is_output_name(name: str, output) -> bool:
+    """True when ``output`` (relative to the output folder) is a name the outputs of the slide ``name``
+    take: its folder of patches ``NAME`` or a shard ``NAME-000000.tar``."""
+    return isinstance(output, str) and (
+        output == name or re.fullmatch(re.escape(name) + r"-\d{6}\.tar", output) is not None
+    )
+
+
+def _listed_uncommitted(out: Path, name: str) -> list:
+    """What the slide ``name``'s ``.uncommitted`` file lists ([] when there is none or it is damaged)."""
+    try:
+        listed = json.loads((out / ROWS_DIR / f"{name}{_UNCOMMITTED_SUFFIX}").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    outputs = listed.get("outputs") if isinstance(listed, dict) else None
+    return outputs if isinstance(outputs, list) else []
+
+
+def _earlier_outputs(out: Path, name: str) -> list[str]:
+    """The outputs of earlier runs of the slide ``name``: those its rows file's record lists, and those
+    a run killed in its commit left listed in the ``.uncommitted`` file (only names of this slide's
+    outputs, whatever a damaged file says)."""
+    found = []
+    record = _read_record(out / ROWS_DIR / f"{name}.csv")
+    if record is not None and isinstance(record.get("outputs"), list):
+        found += [o[0] for o in record["outputs"] if isinstance(o, list) and o]
+    found += _listed_uncommitted(out, name)
+    return [o for o in dict.fromkeys(o for o in found if isinstance(o, str)) if _is_output_name(name, o)]
+
+
+def _write_uncommitted(out: Path, name: str, outputs: list[str]) -> None:
+    """List ``outputs`` of the slide ``name`` as on disk without a record, until its commit ends."""
+    path = out / ROWS_DIR / f"{name}{_UNCOMMITTED_SUFFIX}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as temp:
+        temp.write_text(json.dumps({"outputs": outputs}) + "\n", encoding="utf-8")
+
+
+def _remove_uncommitted(out: Path, name: str, keep: Iterable[str]) -> None:
+    """Delete the outputs that the slide ``name``'s ``.uncommitted`` file lists, except ``keep`` (those
+    its record lists), then the file (kept when an output cannot be deleted: the next run tries
+    again). A folder is deleted only if it holds the marker of a folder of patches, and is first
+    renamed aside (``.NAME.vipsnorm-part-...``: a run killed while deleting it leaves a temporary
+    folder that the next run of the slide deletes, not half a folder of patches)."""
+    path = out / ROWS_DIR / f"{name}{_UNCOMMITTED_SUFFIX}"
+    if not path.exists():
+        return
+    keep = set(keep)
+    failed = False
+    for output in _listed_uncommitted(out, name):
+        if output in keep or not _is_output_name(name, output):
+            continue
+        where = out / output
+        try:
+            if output == name:
+                if where.is_dir() and not where.is_symlink() and (where / _FolderWriter.MARKER).is_file():
+                    aside = _temp_name(out, name, ".old")
+                    os.replace(where, aside)
+                    shutil.rmtree(aside, ignore_errors=True)
+            elif where.is_symlink() or where.is_file():
+                where.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError:
+            failed = True
+    if not failed:
+        with contextlib.suppress(OSError):
+            path.unlink()
 
 
 def rebuild_table(out_dir: str | os.PathLike[str]) -> Path:
@@ -1214,11 +1328,22 @@ def _extract_group(job: tuple, group: list[_SlideTask]) -> list[tuple[int, Slide
     return done
 
 
-def _finished(out: Path, task: _SlideTask, config: str) -> dict | None:
-    """The record of ``task``'s slide if it is finished and nothing changed since: its rows file records
+def _other_input(record: dict | None, path: str) -> str | None:
+    """The input that an earlier run patched under this slide's output name, when it is another file
+    than ``path`` (another absolute path, not the same file by a link); else None."""
+    recorded = None if record is None else record.get("input")
+    if not isinstance(recorded, str) or recorded == os.path.abspath(path):
+        return None
+    with contextlib.suppress(OSError):
+        if os.path.samefile(recorded, path):
+            return None
+    return recorded
+
+
+def _finished(out: Path, task: _SlideTask, config: str, record: dict | None) -> dict | None:
+    """``record`` (of ``task``'s rows file) if the slide is finished and nothing changed since: it records
     ``config``, this input (absolute path) with the size and mtime it has now, and outputs that are all
     still there (a folder of patches with its marker; shards with their recorded sizes)."""
-    record = _read_record(out / ROWS_DIR / f"{task.name}.csv")
     if record is None or task.size is None:
         return None
     if record.get("config") != config or record.get("input") != os.path.abspath(task.path):
@@ -1288,7 +1413,8 @@ def extract_slides(
     ----------
     paths : sequence of path-like
         The slides. Two with the same output name (``a/x.svs`` and ``b/x.tif``) would overwrite each
-        other: the second is an error.
+        other: the second is an error, and so is one whose output name an earlier run in ``out_dir``
+        gave another input (see Notes).
     out_dir : path-like
         The output folder (created if missing).
     job, method, params, options
@@ -1299,7 +1425,8 @@ def extract_slides(
         The CSV manifest (:data:`MANIFEST_COLUMNS`; default ``OUT.manifest.csv`` beside ``OUT``, as
         :func:`vipsnorm.batch.default_manifest`). One row per slide is appended as its result arrives.
     overwrite : bool
-        Redo every slide, even those finished before.
+        Redo every slide, even those finished before, and replace the patches of another input that an
+        earlier run wrote under a slide's output name.
     reference : str
         What the manifest names as the reference (a file, for the record).
     keep_patches : bool
@@ -1322,6 +1449,11 @@ def extract_slides(
 
     Notes
     -----
+    **One input per output name.** A slide whose output name an earlier run gave another input in
+    ``OUT`` (``labA/x.tif``, now ``labB/x.tif``: another absolute path, not a link to the same file) is
+    an error, its rows and outputs left as they are, unless ``overwrite`` replaces them. The same input
+    changed (size or mtime) or with other settings is redone.
+
     **Resume.** What decides that a slide is finished is its rows file, ``OUT/.vipsnorm-rows/NAME.csv``,
     not the manifest: the worker that writes the outputs commits it (see :func:`extract_slide`: the old
     file deleted before the outputs are renamed into place, the new one written after, atomically),
@@ -1330,7 +1462,9 @@ def extract_slides(
     A slide is skipped when that file records the same :func:`patch_config`, this input (absolute path)
     with its current size and mtime, and outputs that still exist (shards with their sizes). Temporary
     outputs of a killed run (``.NAME.vipsnorm-part-...``) are deleted for this run's slides when it
-    starts and ends. The manifest is the log of what each run did (``skipped`` rows repeat the record).
+    starts and ends, and so are outputs that no record lists which a killed commit left listed (see
+    :func:`extract_slide`), of skipped slides too. The manifest is the log of what each run did
+    (``skipped`` rows repeat the record).
     """
     from ..batch import runner as batch_runner
 
@@ -1367,6 +1501,7 @@ def extract_slides(
             return task.index, result
 
         claimed: dict[str, str] = {}
+        mine: set[str] = set()  # the names this run writes: their leftovers are its to delete
         todo: list[_SlideTask] = []
         early: list[tuple[int, SlideResult]] = []
         for index, path in enumerate(paths):
@@ -1375,16 +1510,28 @@ def extract_slides(
                 early.append(error(task, f"has the same output name ({task.name}) as {claimed[task.name]}; rename one of them"))
                 continue
             claimed[task.name] = task.path
-            record = None if overwrite else _finished(out, task, config)
+            record = _read_record(out / ROWS_DIR / f"{task.name}.csv")
+            other = None if overwrite else _other_input(record, task.path)
+            if other is not None:
+                cause = (
+                    f"has the same output name ({task.name}) as {other}, which an earlier run patched into {out}; "
+                    "give another -o folder or rename one of them (--overwrite replaces that slide's patches)"
+                )
+                early.append(error(task, cause))
+                continue
+            mine.add(task.name)
+            record = None if overwrite else _finished(out, task, config, record)
             if record is None:
                 todo.append(task)
             else:
                 early.append((index, SlideResult.skipped(task.path, task.name, record)))
+                # outputs that a commit killed after writing this record left listed (replaced ones)
+                _remove_uncommitted(out, task.name, keep=[o[0] for o in record.get("outputs", ())])
             if len(early) >= 10000:
                 collect(early)
                 early = []
         collect(early)
-        _remove_parts(out, set(claimed))
+        _remove_parts(out, mine)
         try:
             if todo:
                 engine = batch_runner(len(todo), client, scheduler, workers)
@@ -1395,7 +1542,7 @@ def extract_slides(
                 finally:
                     engine.close()
         finally:
-            _remove_parts(out, set(claimed))
+            _remove_parts(out, mine)
         rebuild_table(out)
     return [results[i] for i in sorted(results)]
 
