@@ -10,6 +10,7 @@ import pytest
 
 from vipsnorm.batch.inputs import (
     DEFAULT_INCLUDE,
+    Entry,
     Item,
     discover,
     group,
@@ -74,6 +75,23 @@ def test_output_folder_and_duplicates_are_skipped(tree):
     assert rel(entries, tree) == [("a.svs", "", "a"), ("lab2/x.jpg", "lab2", "x")]
 
 
+def test_a_file_named_through_symbolic_links_is_listed_once_under_its_first_name(tmp_path):
+    a, b = touch(tmp_path / "real" / "a.jpg"), touch(tmp_path / "real" / "b.jpg")
+    (tmp_path / "link").symlink_to("real")  # a folder named twice
+    (tmp_path / "b-link.jpg").symlink_to(b)  # a file named twice
+    (tmp_path / "list.txt").write_text("link/a.jpg\nreal/b.jpg\n")
+    entries = discover([tmp_path / "real", tmp_path / "link", tmp_path / "b-link.jpg"], [tmp_path / "list.txt"])
+    assert [e.path for e in entries] == [str(a), str(b)]
+    first = discover([tmp_path / "link", tmp_path / "real"])  # the first name given is kept
+    assert [e.path for e in first] == [str(tmp_path / "link" / "a.jpg"), str(tmp_path / "link" / "b.jpg")]
+
+
+def test_hard_links_are_inputs_of_their_own(tmp_path):
+    a = touch(tmp_path / "p" / "a.jpg")
+    os.link(a, touch(tmp_path / "q" / "x").parent / "a.jpg")  # one place each in the mirrored tree
+    assert [e.rel_dir for e in discover([tmp_path], include=["*.jpg"])] == ["p", "q"]
+
+
 def test_the_output_folder_given_as_input_is_an_error(tree):
     (entry,) = discover([tree / "lab1"], skip=[tree])
     assert entry.error == f"{tree / 'lab1'}: is the output folder or inside it; choose another -o folder"
@@ -104,6 +122,12 @@ def test_text_list_relative_to_its_folder_mirrors_its_tree(tmp_path):
         (str(lists / "s1" / "a.jpg"), "s1", "a"),  # the absolute repeat of the first line is dropped
         (str(lists / "b.jpg"), "", "b"),
     ]
+
+
+def test_a_text_list_names_a_file_starting_with_a_hash_as_dot_slash(tmp_path):
+    touch(tmp_path / "#7.jpg")
+    (tmp_path / "run.txt").write_text("#7.jpg\n./#7.jpg\n")  # a comment, then the file
+    assert [e.path for e in discover(lists=[tmp_path / "run.txt"])] == [str(tmp_path / "#7.jpg")]
 
 
 def test_list_outside_its_folder_mirrors_the_common_folder(tmp_path):
@@ -180,6 +204,79 @@ def test_plan_refuses_outputs_that_could_replace_inputs(tmp_path):
     assert by_path[str(fine)].error is None
 
 
+def test_plan_compares_outputs_as_written_a_backslash_separating_folders(tmp_path):
+    data, out = tmp_path / "data", tmp_path / "out"
+    first, second = touch(data / "a" / "b" / "x.jpg"), touch(data / "a\\b" / "x.jpg")
+    items = plan(discover([data]), out)
+    assert [i.input for i in items] == [str(first), str(second)]
+    assert items[0].error is None and items[0].rel_dir == "a/b"
+    assert items[1].rel_dir == "a/b"  # the folder output_folder makes, where a rerun looks for it
+    assert items[1].error == (
+        f"{second}: output {out / 'a' / 'b' / 'x'}.* is already the output of {first}; "
+        "rename one of them or give output names in a --list CSV"
+    )
+    assert output_folder(out, items[1].rel_dir) == out / "a" / "b"
+
+
+def test_plan_refuses_an_output_replacing_an_input_through_a_backslash(tmp_path):
+    out = tmp_path / "out"
+    victim, other = touch(out / "a" / "b" / "x.jpg"), touch(tmp_path / "data" / "a\\b" / "x.jpg")
+    items = plan(discover([tmp_path / "data", victim]), out)
+    assert "could overwrite another input of this run" in items[0].error and str(victim) in items[0].error
+    assert items[0].input == str(other) and items[1].error is None  # out/a/b/x.jpg -> out/x.*
+
+
+def test_plan_follows_symbolic_links_to_folders_inside_the_output(tmp_path):
+    out = tmp_path / "out"
+    victim = touch(out / "real" / "x.jpg")
+    (out / "alias").symlink_to("real")
+    aliased, beside = touch(tmp_path / "data" / "alias" / "x.jpg"), touch(tmp_path / "data" / "real" / "y.jpg")
+    items = plan(discover([tmp_path / "data", victim]), out)
+    by_path = {i.input: i for i in items}
+    error = by_path[str(aliased)].error
+    assert f"output {out / 'alias' / 'x'}.* (that is {out / 'real' / 'x'}.*, links followed)" in error
+    assert "could overwrite another input of this run" in error and str(victim) in error
+    assert by_path[str(beside)].error is None and by_path[str(victim)].error is None
+    # two outputs, one through the link and one not, are one output
+    touch(tmp_path / "more" / "alias" / "y.jpg")
+    last = plan(discover([tmp_path / "data", tmp_path / "more"]), out)[-1]
+    assert "already the output of" in last.error and str(beside) in last.error
+
+
+def test_plan_refuses_an_input_inside_the_output_reached_through_a_symlinked_file(tmp_path):
+    out = tmp_path / "out"
+    victim = touch(out / "x.jpg")
+    (tmp_path / "x.jpg").symlink_to(victim)  # its output is out/x.*: the file the link leads to
+    (item,) = plan(discover([tmp_path / "x.jpg"]), out)
+    assert "could overwrite the input" in item.error
+
+
+def test_plan_refuses_an_output_folder_leading_outside(tmp_path):
+    out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    out.mkdir()
+    (out / "link").symlink_to(elsewhere)
+    source = touch(tmp_path / "data" / "link" / "x.jpg")
+    (item,) = plan(discover([tmp_path / "data"]), out)
+    assert item.error == (
+        f"{source}: output folder {out / 'link'} leads outside the output folder {out} (a symbolic link?); "
+        "nothing written"
+    )
+
+
+def test_plan_refuses_names_too_long_for_the_file_system(tmp_path):
+    longest = touch(tmp_path / ("L" * 251 + ".jpg"))  # out/L{251}.jpg: 255 bytes, fits
+    named = Entry(str(tmp_path / "a.jpg"), "", "M" * 252)  # as a --list CSV output name makes them
+    deep = Entry(str(tmp_path / "b.jpg"), "D" * 256, "x")
+    items = plan(discover([longest]) + [named, deep], tmp_path / "out")
+    assert items[0].error is None
+    assert items[1].error == (
+        f"{tmp_path / 'a.jpg'}: output {tmp_path / 'out' / ('M' * 252)}.* needs a name of more than 255 bytes, "
+        "too long for the file system; rename the input, or give a shorter output name in a --list CSV"
+    )
+    assert items[2].error.startswith(f"{tmp_path / 'b.jpg'}: output folder {tmp_path / 'out' / ('D' * 256)} has a name")
+
+
 def items_of(sizes, solo=()) -> list[Item]:
     return [Item(i, f"/d/f{i}{'.svs' if i in solo else '.jpg'}", "", f"f{i}", size) for i, size in enumerate(sizes)]
 
@@ -227,6 +324,35 @@ def test_output_folder_refuses_a_symlink_out(tmp_path):
     with pytest.raises(OutputError, match="outside the output folder"):
         output_folder(root, "link/sub")
     assert not (elsewhere / "sub").exists()
+
+
+def test_output_folder_errors_name_no_file_so_that_the_caller_names_the_input(tmp_path):
+    root = tmp_path / "out"
+    touch(root / "a")  # a file where a folder is needed
+    with pytest.raises(OutputError) as caught:
+        output_folder(root, "a/b")
+    assert str(caught.value.about("/in/x.jpg")) == (
+        f"/in/x.jpg: cannot create the output folder {root / 'a' / 'b'} (Not a directory)"
+    )
+    (root / "link").symlink_to(tmp_path)
+    with pytest.raises(OutputError) as caught:
+        output_folder(root, "link/sub")
+    assert str(caught.value.about("/in/x.jpg")).startswith(f"/in/x.jpg: output folder {root / 'link' / 'sub'} leads")
+    with pytest.raises(OutputError) as caught:
+        output_folder(root, "../x")
+    assert str(caught.value.about("/in/x.jpg")).startswith("/in/x.jpg: output folder '../x' in ")
+
+
+def test_leftover_part_files_of_long_names_are_recognized(tmp_path):
+    left = []
+    for stem in ("L" * 251, "é" * 125 + "L"):  # 251 bytes each: their temporary names are cut short
+        with atomic_path(tmp_path / f"{stem}.jpg") as temp:
+            temp.write_bytes(b"done")
+            left.append(tmp_path / temp.name)
+    for part in left:
+        part.write_bytes(b"half")  # what a run killed mid-write leaves
+    assert sorted(remove_part_files([tmp_path])) == sorted(left)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["L" * 251 + ".jpg", "é" * 125 + "L.jpg"])
 
 
 def test_leftover_part_files_are_removed_and_nothing_else(tmp_path):

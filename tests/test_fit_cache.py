@@ -107,3 +107,34 @@ def test_one_fit_at_a_time_per_cache(tiles, tmp_path):
     with SummaryCache.open(cache, config):
         with pytest.raises(OutputError, match="another vipsnorm fit is using this file"):
             fit_batch([tiles], "match", cache=cache, workers=0)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"input,output\na.jpg,x\nb.jpg,y", b"\xff\xd8\xff\xe0\x00\x10JFIF\x00" + bytes(range(256)), b'{"a": 1}\n{"b"'],
+    ids=["csv-without-final-newline", "jpeg", "other-json-lines"],
+)
+def test_a_file_that_is_not_a_cache_is_refused_and_left_unchanged(tiles, tmp_path, capsys, counted, content):
+    cache = tmp_path / "todo.csv"
+    cache.write_bytes(content)
+    code, _, err = fit(capsys, tiles, "--method", "match", "-o", tmp_path / "ref.json", "--cache", cache)
+    assert code != 0 and counted == [] and not (tmp_path / "ref.json").exists()
+    assert err.strip().splitlines()[-1].endswith(
+        f"{cache}: is not a file of fitted inputs of vipsnorm fit (its first line is not one of its records); "
+        "left unchanged: give --cache a new file name, or delete this file if it is a damaged one"
+    )
+    assert cache.read_bytes() == content
+    with pytest.raises(OutputError, match="is not a file of fitted inputs"):
+        SummaryCache.open(cache, fit_config("match", {}, Options()), reuse=False)
+    assert cache.read_bytes() == content
+
+
+def test_a_first_line_cut_short_by_a_kill_is_still_a_cache(tiles, tmp_path, capsys, counted):
+    ref = tmp_path / "ref.json"
+    assert fit(capsys, tiles, "--method", "match", "-o", ref)[0] == 0
+    cache = default_cache(ref)
+    first = cache.read_bytes().splitlines(keepends=True)[0]
+    cache.write_bytes(first[: len(first) // 2])  # killed while writing the first summary
+    counted.clear()
+    assert fit(capsys, tiles, "--method", "match", "-o", ref)[0] == 0 and sorted(counted) == sorted(TILES)
+    assert len(cache.read_bytes().splitlines()) == 3 and all(json.loads(x) for x in cache.read_bytes().splitlines())

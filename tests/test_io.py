@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -9,8 +10,9 @@ import pytest
 import pyvips
 
 import vipsnorm
+from vipsnorm.errors import OutputError
 from vipsnorm.io.slide import OpenSlideSlide, VipsSlide
-from vipsnorm.io.write import PART_MARKER, write_image, write_pyramid
+from vipsnorm.io.write import PART_MARKER, atomic_path, check_name, write_image, write_pyramid
 
 openslide = pytest.importorskip("openslide")
 tifffile = pytest.importorskip("tifffile")
@@ -234,6 +236,48 @@ def test_failed_write_leaves_nothing(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.jpg"]
 
 
+@pytest.mark.parametrize(
+    "stem, kept_bytes",
+    # 255 - ".vipsnorm-part-XXXXXXXX" (24) - ".png" (4) = 227 bytes for NAME; an "é" takes 2, kept whole
+    [
+        ("L" * 227, 227),
+        ("L" * 231, 227),
+        ("L" * 251, 227),
+        ("é" * 125 + "L", 226),
+        ("L" + "é" * 125, 227),
+        ("x" * 240 + "\udcff", 227),  # an undecodable byte, as os.listdir gives it
+    ],
+)
+def test_temporary_names_fit_in_a_file_name_whenever_the_output_name_does(tmp_path, stem, kept_bytes):
+    """An output name of up to 255 bytes is written: its temporary name (24 bytes more) is cut short in
+    its NAME part, never inside a UTF-8 character, keeping the marker and the suffix."""
+    path = tmp_path / f"{stem}.png"
+    assert len(os.fsencode(path.name)) <= 255
+    with atomic_path(path) as temp:
+        name = os.fsencode(temp.name)
+        assert len(name) <= 255 and temp.suffix == ".png" and temp.parent == tmp_path
+        kept = os.fsdecode(name.split(os.fsencode(PART_MARKER))[0][1:])
+        assert stem.startswith(kept) and len(os.fsencode(kept)) == kept_bytes
+        pyvips.Image.black(4, 4).pngsave(str(temp))
+    assert path.is_file() and sorted(os.listdir(tmp_path)) == [path.name]
+
+
+def test_an_image_with_the_longest_name_is_written(tmp_path):
+    out = write_image(pyvips.Image.black(8, 8, bands=3), tmp_path / ("L" * 251 + ".jpg"))
+    assert pyvips.Image.new_from_file(str(out)).width == 8 and os.listdir(tmp_path) == [out.name]
+
+
+def test_an_output_name_too_long_is_one_error_naming_it(tmp_path):
+    path = tmp_path / ("L" * 252 + ".tiff")
+    with pytest.raises(OutputError) as caught:
+        write_image(pyvips.Image.black(8, 8), path)
+    assert str(caught.value) == f"{path}: the output name is 257 bytes, more than the 255 a file name can have here; give a shorter name"
+    with pytest.raises(OutputError, match="rename the input$"):
+        check_name(path, fix="rename the input")
+    check_name(tmp_path / ("L" * 251 + ".tif"))
+    assert os.listdir(tmp_path) == []
+
+
 def test_ome_tiff_subifd_pyramid_levels_and_physical_size(tmp_path):
     pixels = np.random.default_rng(4).integers(0, 256, (1200, 1600, 3), dtype=np.uint8)
     path = tmp_path / "p.ome.tif"
@@ -280,3 +324,15 @@ def test_a_replaced_file_is_read_again_not_from_the_libvips_cache(tmp_path):
     os.replace(replacement, path)  # as an atomic writer (or a re-run) would
     slide = vipsnorm.open(path)
     assert slide.dimensions == (20, 20) and slide.level_image(0).avg() == 255
+
+
+def test_an_output_name_too_long_for_the_file_system_is_one_line_naming_it(tmp_path):
+    from vipsnorm.engine import Options, build_method, normalize_file
+
+    src = tmp_path / ("a" * 251 + ".jpg")  # 255 bytes: the longest name; as .webp it would be 256
+    pyvips.Image.black(64, 48, bands=3).new_from_image([200, 100, 50]).cast("uchar").jpegsave(str(src))
+    (tmp_path / "out").mkdir()
+    result = normalize_file(src, tmp_path / "out", build_method("equalize"), options=Options(format="webp"))
+    assert result.status == "error" and "internal error" not in result.error
+    assert "256 bytes" in result.error and "rename the input" in result.error
+    assert os.listdir(tmp_path / "out") == []

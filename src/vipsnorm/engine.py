@@ -19,7 +19,7 @@ import pyvips
 from . import __version__
 from .errors import FlatImageError, InvalidReferenceError, OutputError, UnreadableImageError, VipsnormError
 from .io.slide import BACKENDS, DEFAULT_MAX_PIXELS, Slide, open_slide
-from .io.write import COMPRESSIONS, IMAGE_SUFFIXES, check_size, write_image, write_pyramid
+from .io.write import COMPRESSIONS, IMAGE_SUFFIXES, check_name, check_size, write_image, write_pyramid
 from .methods import METHODS, Method, Params, Sample
 from .methods.base import LutMethod
 from .methods._hist import luma_array
@@ -200,6 +200,8 @@ def output_path(slide: Slide, out_dir: Path, fmt: str, name: str | None = None) 
 def _check_output(inp: Path, out: Path, options: Options) -> None:
     if not out.parent.is_dir():
         raise OutputError(out.parent, "output folder does not exist")
+    # (before out.exists(), which a name too long for the file system makes an OSError)
+    check_name(out, fix="rename the input, or give a shorter output name in a --list CSV")
     if out.exists():
         if out.resolve() == inp.resolve() or os.path.samefile(out, inp):
             raise OutputError(inp, f"output {out} would overwrite the input; choose another -o folder")

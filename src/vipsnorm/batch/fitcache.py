@@ -8,7 +8,8 @@ of everything that changes a summary (the method and its options, the sampling o
 version). A rerun takes an input's summary from there when all of these still match, so the reference
 is the one a run from scratch would fit (summaries round-trip exactly through JSON), and samples the
 rest. Errors are not kept: they are tried again. A line cut short by a kill is ignored. One fit at a time
-per file (an advisory lock).
+per file (an advisory lock). A file that is not one of these (a CSV, an image given as ``--cache`` by
+mistake) is refused before anything is written to it.
 """
 
 from __future__ import annotations
@@ -75,6 +76,38 @@ def _decode(data: dict[str, Any]):
     raise ValueError(f"unknown summary kind {kind!r}")
 
 
+#: How every line :meth:`SummaryCache.add` writes begins (compact JSON, keys in this order).
+_LINE_START = b'{"input":'
+
+
+def _is_record(line: bytes) -> bool:
+    """``line`` is one :meth:`SummaryCache.add` wrote: a JSON object with its keys."""
+    try:
+        row = json.loads(line)
+    except ValueError:  # UnicodeDecodeError too
+        return False
+    return isinstance(row, dict) and {"input", "size", "mtime_ns", "config", "summary"} <= row.keys()
+
+
+def _check_ours(path: Path, data: bytes) -> None:
+    """Refuse ``data`` (the file's content) unless it is empty or a file of fitted inputs: its first line
+    a record, or, when a kill cut the very first line short, the start of one.
+
+    Raises
+    ------
+    OutputError
+        It is not (nothing has been written to it).
+    """
+    first, newline, _ = data.partition(b"\n")
+    if not data or (_is_record(first) if newline else data.startswith(_LINE_START)):
+        return
+    raise OutputError(
+        path,
+        "is not a file of fitted inputs of vipsnorm fit (its first line is not one of its records); left "
+        "unchanged: give --cache a new file name, or delete this file if it is a damaged one",
+    )
+
+
 class SummaryCache:
     """An open summaries file: :meth:`get` what an earlier run kept, :meth:`add` what this one makes."""
 
@@ -88,7 +121,8 @@ class SummaryCache:
         Raises
         ------
         OutputError
-            It cannot be opened, or another fit holds it.
+            It cannot be opened, another fit holds it, or it is not empty and not a file of fitted
+            inputs (its first line is not one of the records :meth:`add` writes); it is left unchanged.
         """
         path = Path(path)
         fd, _ = open_locked(
@@ -100,6 +134,7 @@ class SummaryCache:
         try:
             with open(os.dup(fd), "rb") as f:
                 data = f.read()
+            _check_ours(path, data)  # before any change: the file may be something else given by mistake
             if data and not data.endswith(b"\n"):  # a line cut short by a kill: drop it before appending
                 os.ftruncate(fd, data.rfind(b"\n") + 1)
             kept: dict[tuple[str, int, int], Any] = {}

@@ -8,14 +8,20 @@ Three kinds of input:
   and the output folder itself, are never entered); each output keeps its path relative to the folder;
 - a **list file**: ``.csv`` with an ``input`` column and an optional ``output`` column (the output's
   path relative to the output folder; its suffix is chosen by ``--format`` as for every output), or
-  text with one input per line (``#`` comments). Relative inputs are relative to the list file's
+  text with one input per line (a line starting with ``#`` is a comment: write ``./#x.svs`` for a
+  file whose name starts with ``#``). Relative inputs are relative to the list file's
   folder; without an ``output`` column the tree below the list file's folder is mirrored (below the
   deepest folder common to every entry, when some lie outside it). Output names that are absolute or
   hold ``..`` are refused: they are recorded as errors and nothing is written for them.
 
+Each input is listed once, under the first name given for it: names that lead to the same file through
+symbolic links are one input.
+
 Two inputs that would share an output folder and name (whatever their suffixes: ``x.svs`` and
 ``x.tif`` both become ``x.tif``), and an output that could replace an input, are refused before any
-work starts; the first input keeps the name.
+work starts; the first input keeps the name. Outputs are compared where they are actually written: with
+``\\`` read as a folder separator (as :func:`safe_relative` does for every output folder) and symbolic
+links to folders inside the output folder followed.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from ..errors import OutputError
-from ..io.write import PART_MARKER
+from ..io.write import PART_MARKER, name_max
 
 __all__ = [
     "DEFAULT_INCLUDE",
@@ -290,13 +296,34 @@ def discover(
             entries.append(Entry(path, "", Path(path).stem))
     for list_file in lists:
         entries += _list_entries(list_file)
+    # Once per file, not per name: ``real`` and a link to it (``link -> real``, named as a folder, inside
+    # a folder or in a list) would otherwise be normalized twice (the second refused as a collision)
+    # and pooled twice by a fit. Symbolic links only: hard links are names of their own in the tree
+    # (a dataset de-duplicated by hard links), each with its own place in the mirrored output.
     seen: set[str] = set()
+    parents: dict[str, str] = {}
     unique = []
     for entry in entries:
-        if entry.path not in seen:
-            seen.add(entry.path)
+        key = entry.path if entry.error is not None else _real_file(entry.path, parents)
+        if key not in seen:
+            seen.add(key)
             unique.append(entry)
     return unique
+
+
+def _real_parent(path: str, parents: dict[str, str]) -> str:
+    """``os.path.realpath`` of the folder of ``path``, looked up once per folder in ``parents``."""
+    parent = os.path.dirname(path)
+    real = parents.get(parent)
+    if real is None:
+        real = parents[parent] = os.path.realpath(parent)
+    return real
+
+
+def _real_file(path: str, parents: dict[str, str]) -> str:
+    """``os.path.realpath(path)`` at the cost of one ``lstat`` (folders resolved once, in ``parents``)."""
+    real = os.path.join(_real_parent(path, parents), os.path.basename(path))
+    return os.path.realpath(real) if os.path.islink(real) else real
 
 
 def file_stat(path: str) -> tuple[int | None, int | None]:
@@ -308,55 +335,129 @@ def file_stat(path: str) -> tuple[int | None, int | None]:
     return st.st_size, st.st_mtime_ns
 
 
+def _folder_parts(rel_dir: str) -> tuple[str, ...]:
+    """The folders of ``rel_dir`` as :func:`output_folder` creates them (``\\`` separates folders too).
+
+    Raises
+    ------
+    ValueError
+        As :func:`safe_relative`.
+    """
+    return safe_relative(rel_dir).parts if rel_dir else ()
+
+
+def _existing(path: str) -> str:
+    """``path`` or its nearest existing ancestor (where the file system can be asked about names)."""
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return path
+
+
+#: The shortest suffix an output takes (``.tif``, ``.jpg``, ``.png``): a name that leaves no room for it
+#: is refused when planning; one too long only with a longer suffix (``.tiff``) by the worker.
+_MIN_SUFFIX = 4
+
+
 def plan(entries: Sequence[Entry], out_root: str | os.PathLike[str]) -> list[Item]:
     """Number the entries, stat them, and refuse outputs that would collide or replace an input.
 
-    Names are compared case-insensitively and without suffixes (the suffix of an output is known only
-    once its input is open), so the check is conservative: ``x.jpg`` and ``x.png`` in one folder are
-    refused too.
+    Outputs are compared where they are written: their folder as :func:`output_folder` makes it (``\\``
+    separates folders) and with symbolic links to folders inside ``out_root`` followed, so ``a\\b/x`` and
+    ``a/b/x``, or ``alias/x`` and ``real/x`` when ``alias -> real``, are one output. Names are compared
+    case-insensitively and without suffixes (the suffix of an output is known only once its input is
+    open), so the check is conservative: ``x.jpg`` and ``x.png`` in one folder are refused too. An
+    output folder that leads outside ``out_root``, or a folder or file name too long for the file system,
+    is refused too. The items' ``rel_dir`` are the folders as written (``a/b`` for ``a\\b``), so that a
+    rerun finds its outputs where the manifest recorded them.
     """
     out_root = os.path.abspath(out_root)
     out_real = os.path.realpath(out_root)
-    # inputs that live inside the output folder, by the output key they would be overwritten through
-    real_parents: dict[str, str] = {}
+    limit = name_max(_existing(out_real))
+    parents: dict[str, str] = {}
+    # inputs that live inside the output folder, by the output key they would be overwritten through:
+    # the name they were given, and the file itself when that name is a symbolic link
     inside: dict[tuple[str, str], str] = {}
     for entry in entries:
         if entry.error is not None:
             continue
-        parent = os.path.dirname(entry.path)
-        real = real_parents.get(parent)
-        if real is None:
-            real = real_parents[parent] = os.path.realpath(parent)
-        if _under(real, out_real):
-            rel = os.path.relpath(real, out_real)
-            rel = "" if rel == "." else PurePosixPath(*Path(rel).parts).as_posix()
-            inside.setdefault((rel.lower(), Path(entry.path).stem.lower()), entry.path)
+        named = os.path.join(_real_parent(entry.path, parents), os.path.basename(entry.path))
+        for path in {named, _real_file(entry.path, parents)}:
+            folder, name = os.path.split(path)
+            if _under(folder, out_real):
+                inside.setdefault((folder.lower(), Path(name).stem.lower()), entry.path)
+    folders: dict[str, tuple[tuple[str, ...], str] | str] = {}  # rel_dir -> (parts, real folder) or error
     taken: dict[tuple[str, str], str] = {}
     items = []
     for index, entry in enumerate(entries):
         size, mtime = file_stat(entry.path) if entry.error is None else (None, None)
-        error = entry.error
+        error, rel_dir = entry.error, entry.rel_dir
         if error is None:
-            key = (entry.rel_dir.lower(), entry.name.lower())
-            shown = os.path.join(out_root, *entry.rel_dir.split("/"), entry.name) + ".*"
-            if key in inside:
-                other = inside[key]
-                if other == entry.path or os.path.realpath(other) == os.path.realpath(entry.path):
-                    error = f"{entry.path}: output {shown} could overwrite the input; choose another -o folder"
-                else:
-                    error = (
-                        f"{entry.path}: output {shown} could overwrite another input of this run ({other}); "
-                        "choose another -o folder"
-                    )
-            elif key in taken:
-                error = (
-                    f"{entry.path}: output {shown} is already the output of {taken[key]}; rename one of them "
-                    "or give output names in a --list CSV"
-                )
+            folder = folders.get(entry.rel_dir)
+            if folder is None:
+                folder = folders[entry.rel_dir] = _output_folder_of(entry.rel_dir, out_root, out_real, limit)
+            if isinstance(folder, str):
+                error = f"{entry.path}: {folder}"
             else:
-                taken[key] = entry.path
-        items.append(Item(index, entry.path, entry.rel_dir, entry.name, size, mtime, error))
+                parts, real = folder
+                rel_dir = "/".join(parts)
+                error = _output_error(entry, out_root, parts, real, limit, inside, taken)
+        items.append(Item(index, entry.path, rel_dir, entry.name, size, mtime, error))
     return items
+
+
+def _output_folder_of(rel_dir: str, out_root: str, out_real: str, limit: int) -> tuple[tuple[str, ...], str] | str:
+    """``(folders, real path)`` of the output folder ``rel_dir``, or why it cannot be used."""
+    try:
+        parts = _folder_parts(rel_dir)
+    except ValueError as exc:
+        return f"{exc}; nothing written"
+    shown = os.path.join(out_root, *parts)
+    for part in parts:
+        if len(os.fsencode(part)) > limit:
+            return (
+                f"output folder {shown} has a name of more than {limit} bytes, too long for the file system; "
+                "rename the folder, or give shorter output names in a --list CSV"
+            )
+    real = os.path.realpath(shown)
+    if not _under(real, out_real):
+        return f"output folder {shown} leads outside the output folder {out_root} (a symbolic link?); nothing written"
+    return parts, real
+
+
+def _output_error(
+    entry: Entry,
+    out_root: str,
+    parts: tuple[str, ...],
+    real: str,
+    limit: int,
+    inside: dict[tuple[str, str], str],
+    taken: dict[tuple[str, str], str],
+) -> str | None:
+    """Why ``entry`` cannot have the output ``real/name.*`` (None if it can; then it takes it)."""
+    shown = os.path.join(out_root, *parts, entry.name) + ".*"
+    if real != os.path.join(os.path.realpath(out_root), *parts):  # a link inside the output folder
+        shown += f" (that is {os.path.join(real, entry.name)}.*, links followed)"
+    if len(os.fsencode(entry.name)) + _MIN_SUFFIX > limit:
+        return (
+            f"{entry.path}: output {shown} needs a name of more than {limit} bytes, too long for the file "
+            "system; rename the input, or give a shorter output name in a --list CSV"
+        )
+    key = (real.lower(), entry.name.lower())
+    if key in inside:
+        other = inside[key]
+        if other == entry.path or os.path.realpath(other) == os.path.realpath(entry.path):
+            return f"{entry.path}: output {shown} could overwrite the input; choose another -o folder"
+        return (
+            f"{entry.path}: output {shown} could overwrite another input of this run ({other}); "
+            "choose another -o folder"
+        )
+    if key in taken:
+        return (
+            f"{entry.path}: output {shown} is already the output of {taken[key]}; rename one of them "
+            "or give output names in a --list CSV"
+        )
+    taken[key] = entry.path
+    return None
 
 
 def group(items: Sequence[Item], *, max_files: int, max_bytes: int, solo_bytes: int) -> list[list[Item]]:
@@ -383,27 +484,35 @@ def group(items: Sequence[Item], *, max_files: int, max_bytes: int, solo_bytes: 
 def output_folder(out_root: str | os.PathLike[str], rel_dir: str) -> Path:
     """Create and return ``out_root/rel_dir``, refusing any way out of ``out_root``.
 
+    Errors name the folder in their cause but no file, so that the caller's
+    :meth:`~vipsnorm.errors.VipsnormError.about` names the input whose output it was to hold.
+
     Raises
     ------
     OutputError
-        ``rel_dir`` is not a plain relative path, or an existing folder on the way is a symbolic link
-        that leads outside ``out_root``.
+        ``rel_dir`` is not a plain relative path, an existing folder on the way is a symbolic link
+        that leads outside ``out_root``, or the folder cannot be created.
     """
     root = Path(out_root)
     if rel_dir:
         try:
             rel = safe_relative(rel_dir)
         except ValueError as exc:
-            raise OutputError(root, str(exc)) from None
+            raise OutputError(None, f"output folder {rel_dir!r} in {root}: {exc}; nothing written") from None
         target = root.joinpath(*rel.parts)
     else:
         target = root
-    existing = target
-    while not existing.exists() and existing != root:
-        existing = existing.parent
-    if not _under(os.path.realpath(existing), os.path.realpath(root)):
-        raise OutputError(target, f"leads outside the output folder {root} (a symbolic link?); nothing written")
-    target.mkdir(parents=True, exist_ok=True)
+    try:
+        existing = target
+        while not existing.exists() and existing != root:
+            existing = existing.parent
+        if not _under(os.path.realpath(existing), os.path.realpath(root)):
+            raise OutputError(
+                None, f"output folder {target} leads outside the output folder {root} (a symbolic link?); nothing written"
+            )
+        target.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file where a folder should be, no permission, a name too long
+        raise OutputError(None, f"cannot create the output folder {target} ({exc.strerror or exc})") from None
     return target
 
 

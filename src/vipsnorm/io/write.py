@@ -19,7 +19,10 @@ from ..errors import OutputError, one_line
 
 __all__ = [
     "atomic_path",
+    "check_name",
     "check_size",
+    "name_max",
+    "part_stem",
     "write_pyramid",
     "write_image",
     "COMPRESSIONS",
@@ -31,8 +34,11 @@ __all__ = [
 COMPRESSIONS = ("jpeg", "deflate", "lzw", "none")
 #: Suffix -> saver for ordinary images.
 IMAGE_SUFFIXES = {".jpg": "jpeg", ".jpeg": "jpeg", ".png": "png", ".webp": "webp", ".tif": "tiff", ".tiff": "tiff"}
-#: Temporary outputs carry this in their name (``.NAME.vipsnorm-part-<8 hex digits>.EXT``).
+#: Temporary outputs carry this in their name (``.NAME.vipsnorm-part-<8 hex digits>.EXT``, NAME cut short
+#: when the whole would not fit in a file name: :func:`part_stem`).
 PART_MARKER = ".vipsnorm-part-"
+#: The longest file name, in bytes, when the file system does not say (ext4, XFS, btrfs, APFS, NTFS).
+NAME_MAX = 255
 #: Saver -> the largest width or height it can write (libjpeg's JPEG_MAX_DIMENSION, libwebp's
 #: WEBP_MAX_DIMENSION). Checked before any work: libvips would fail only when the save starts.
 MAX_SIDE = {"jpeg": 65500, "webp": 16383}
@@ -50,21 +56,91 @@ _SAVE_DOMAINS = ("vips2tiff", "vips2png", "vips2jpeg", "vips2webp", "tiffsave", 
 _DROP_FIELDS = ("image-description", "xmp-data", "iptc-data")
 
 
-def _temp_prefix(path: Path) -> Path:
-    """What every temporary name of ``path`` begins with (:func:`atomic_path`)."""
-    return path.with_name(f".{path.stem}{PART_MARKER}")
+def name_max(folder: str | os.PathLike[str]) -> int:
+    """The longest file name, in bytes, the file system of ``folder`` takes (:data:`NAME_MAX` when it
+    cannot be asked: a folder not created yet, Windows); eCryptfs, for one, takes only 143."""
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):
+        return NAME_MAX
+
+
+def _bytes(text: str) -> int:
+    return len(os.fsencode(text))
+
+
+def _cut(text: str, limit: int) -> str:
+    """The longest start of ``text`` that takes at most ``limit`` bytes, cut between characters: a
+    multi-byte UTF-8 character (or an undecodable byte, kept as a surrogate escape) is never split."""
+    size = 0
+    for i, char in enumerate(text):
+        size += _bytes(char)
+        if size > limit:
+            return text[:i]
+    return text
+
+
+def part_stem(stem: str, suffix: str, limit: int = NAME_MAX) -> str:
+    """The NAME part of the temporary name ``.NAME.vipsnorm-part-XXXXXXXX.EXT`` of ``stem + suffix``:
+    ``stem`` itself, or its longest start that lets the temporary name fit in ``limit`` bytes (an output
+    name may be up to ``limit`` bytes, and the temporary one adds 24 and the suffix's). Empty when even
+    the suffix leaves no room; :func:`atomic_path` then drops the suffix too."""
+    return _cut(stem, limit - _bytes("." + PART_MARKER) - 8 - _bytes(suffix))
+
+
+def _temp_suffix(path: Path, limit: int) -> str:
+    """The suffix of the temporary names of ``path``: its own, unless it alone would not fit (a name such
+    as ``ref.<240 letters>``). The writers here call their saver by name (``jpegsave``, ``tiffsave``),
+    never by suffix, so a temporary file without one is written the same."""
+    room = limit - _bytes("." + PART_MARKER) - 8
+    return path.suffix if _bytes(path.suffix) <= room else ""
+
+
+def _temp_prefix(path: Path, limit: int | None = None) -> Path:
+    """What every temporary name of ``path`` begins with (:func:`atomic_path`), NAME cut to fit."""
+    limit = name_max(path.parent) if limit is None else limit
+    return path.with_name(f".{part_stem(path.stem, _temp_suffix(path, limit), limit)}{PART_MARKER}")
+
+
+def check_name(path: str | os.PathLike[str], fix: str = "give a shorter name") -> None:
+    """Refuse an output whose file name the file system cannot hold, with one line naming it and ending
+    with ``fix`` (what the user can do about it).
+
+    Raises
+    ------
+    OutputError
+        The name of ``path`` is longer than the file system of its folder allows (255 bytes on most).
+    """
+    path = Path(path)
+    limit = name_max(path.parent)
+    size = _bytes(path.name)
+    if size > limit:
+        raise OutputError(
+            path,
+            f"the output name is {size} bytes, more than the {limit} a file name can have here; {fix}",
+        )
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it to ``path`` on success, delete it on failure.
 
+    The temporary name is ``.NAME.vipsnorm-part-XXXXXXXX.EXT`` (:data:`PART_MARKER`), NAME cut short
+    (:func:`part_stem`) so that it fits in a file name whenever ``path``'s own name does.
+
     A failure to delete the temporary file (a read-only or vanished folder) never replaces the error
     that made the write fail: that one is raised, and a part file left behind is deleted by the next
     run over the folder (:func:`vipsnorm.batch.inputs.remove_part_files`).
+
+    Raises
+    ------
+    OutputError
+        The name of ``path`` is too long for its file system (:func:`check_name`); nothing is written.
     """
     path = Path(path)
-    temp = Path(f"{_temp_prefix(path)}{secrets.token_hex(4)}{path.suffix}")
+    check_name(path)
+    limit = name_max(path.parent)
+    temp = Path(f"{_temp_prefix(path, limit)}{secrets.token_hex(4)}{_temp_suffix(path, limit)}")
     try:
         yield temp
         os.replace(temp, path)
