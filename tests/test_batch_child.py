@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import pyvips
 
+import vipsnorm
 from vipsnorm.batch import normalize_batch
 from vipsnorm.batch import child as child_module
 from vipsnorm.batch.child import ChildRunner
@@ -232,3 +233,51 @@ def test_a_batch_of_one_task_survives_a_crash_and_records_it(crashy, tmp_path):
     assert rows["a.png"]["worker"].startswith("worker process ") and rows["a.png"]["worker"] != f"worker process {os.getpid()}"
     assert sorted(p.name for p in out.iterdir()) == ["a.png", "b.png"]  # no partial output of the crash
 
+
+
+def _pngs(folder: Path, n: int) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(3)
+    for i in range(n):
+        pixels = rng.integers(30, 220, (32, 32, 3), dtype=np.uint8)
+        pyvips.Image.new_from_array(pixels).copy(interpretation="srgb").pngsave(str(folder / f"im{i}.png"))
+    return folder
+
+
+def test_the_child_records_the_identity_of_each_output_it_put_in_place(tmp_path, monkeypatch):
+    monkeypatch.delenv(SCHEDULER_ENV, raising=False)
+    images, out = _pngs(tmp_path / "in", 2), tmp_path / "out"
+    summary = normalize_batch([images], out, vipsnorm.Stretch())
+    assert summary.ok == 2 and summary.engine == "1 worker process"
+    with open(default_manifest(out), newline="") as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:
+        st = os.stat(row["output"])
+        assert row["worker"] != "in-process"
+        assert (row["output_size"], row["output_ino"], row["output_mtime_ns"]) == (
+            str(st.st_size), str(st.st_ino), str(st.st_mtime_ns)
+        )
+    assert sorted(p.name for p in out.iterdir()) == ["im0.png", "im1.png"]  # no marker, no staged file left
+
+
+@pytest.mark.parametrize("held", ["this run", "a later run"])
+def test_the_child_puts_an_output_in_place_only_while_its_run_is_live(held, tmp_path):
+    from vipsnorm.batch import discover, plan
+    from vipsnorm.batch.run import NormalizeJob, normalize_items
+    from vipsnorm.engine import Options
+
+    images, out = _pngs(tmp_path / "in", 2), tmp_path / "out"
+    out.mkdir()
+    marker = out / ".vipsnorm-run-test"
+    marker.write_text(f"{held}\n")
+    job = NormalizeJob(str(out), vipsnorm.Stretch(), None, Options(), str(marker), "this run")  # pickled to the child
+    items = plan(discover([images]), out)
+    _, rows = _run(normalize_items, job, [items])
+    if held == "this run":
+        assert [r["status"] for r in rows] == ["ok", "ok"]
+        assert all(r["worker"].startswith("worker process") for r in rows)  # run in the child
+        assert sorted(p.name for p in out.glob("*.png")) == ["im0.png", "im1.png"]
+    else:
+        assert [r["status"] for r in rows] == ["error", "error"]
+        assert "its run ended or a later run" in rows[0]["error"]
+        assert not list(out.glob("*.png")) and not list(out.glob(".*vipsnorm-part*"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import pickle
@@ -95,6 +96,90 @@ def test_another_csv_is_not_taken_for_a_manifest(tmp_path):
     with pytest.raises(OutputError, match="not a vipsnorm manifest"):
         Manifest.open(path)
     assert path.read_text() == "name,value\na,1\n"
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"input,output\na.jpg,x\nb.jpg,y",  # a list exported without a final newline
+        b"\xff\xd8\xff\xe0\x00\x10JFIF\x00\x01\n\x00\x89\xfe",  # an image, a newline in its bytes
+        b"\xff\xd8\xff\xe0\x00\x10JFIF",  # and one without
+        b"run,time,input\n1,2,3\n",  # a CSV with some of the columns only
+    ],
+)
+def test_a_file_that_is_not_a_manifest_is_left_unchanged(tmp_path, content):
+    path = tmp_path / "given"
+    path.write_bytes(content)
+    with pytest.raises(OutputError, match="is not a vipsnorm manifest .*; left unchanged: choose another --manifest"):
+        Manifest.open(path)
+    assert path.read_bytes() == content  # not cut back to its last newline, nothing appended
+
+
+def test_the_command_refuses_a_file_that_is_not_a_manifest_with_one_line(images, tmp_path, capsys):
+    from vipsnorm.cli import main
+
+    todo = tmp_path / "todo.csv"
+    todo.write_bytes(b"input,output\na.jpg,x\nb.jpg,y")
+    rc = main(["normalize", str(images), "-o", str(tmp_path / "out"), "--workers", "0", "--manifest", str(todo)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and str(todo) in err[0] and "is not a vipsnorm manifest" in err[0]
+    assert todo.read_bytes() == b"input,output\na.jpg,x\nb.jpg,y"
+    assert not list((tmp_path / "out").rglob("*.png"))  # refused before any work
+
+
+def test_a_header_cut_short_by_a_kill_is_repaired(tmp_path):
+    path = tmp_path / "m.csv"
+    path.write_text(",".join(COLUMNS)[:25])  # the very first write of a new manifest, cut short
+    with Manifest.open(path) as book:
+        book.append([{"input": "/a.png", "status": "ok"}])
+    assert path.read_text().splitlines()[0] == ",".join(COLUMNS)
+    assert [r["input"] for r in read_manifest(path)] == ["/a.png"]
+
+
+def test_done_requires_the_very_output_file_the_worker_put_in_place(tmp_path):
+    (tmp_path / "out").mkdir()
+    src, out = write_png(tmp_path / "a.png", 0), write_png(tmp_path / "out" / "a.png", 1)
+    root, st, put = tmp_path / "out", src.stat(), out.stat()
+    item = Item(0, str(src), "", "a", st.st_size, st.st_mtime_ns)
+    row = {"input": str(src), "input_size": st.st_size, "input_mtime_ns": st.st_mtime_ns, "output": str(out),
+           "output_size": put.st_size, "status": "ok", "config": "c1"}  # fmt: skip
+    identity = {"output_ino": put.st_ino, "output_mtime_ns": put.st_mtime_ns}
+    other = tmp_path / "other.png"  # another run's output of the same size, renamed into place
+    other.write_bytes(out.read_bytes()[::-1])
+    with Manifest.open(tmp_path / "m.csv") as book:
+        book.append([{**row, **identity}])
+        assert book.done(item, "c1", root) is not None
+        assert book.done(item, "c1", root).output_ino == str(put.st_ino)  # carried into "skipped" rows
+        os.utime(out, ns=(put.st_atime_ns, put.st_mtime_ns + 1000))  # touched (or written in place)
+        assert book.done(item, "c1", root) is None
+        os.utime(out, ns=(put.st_atime_ns, put.st_mtime_ns))
+        assert book.done(item, "c1", root) is not None
+        os.replace(other, out)
+        assert out.stat().st_size == put.st_size
+        assert book.done(item, "c1", root) is None  # same size, same place: not the file recorded
+        # a row written before the identity was recorded falls back to the size (documented)
+        book.append([dict(row)])
+        assert book.done(item, "c1", root) is not None
+    with Manifest.open(tmp_path / "m.csv") as book:  # the same read back
+        assert book.done(item, "c1", root) is not None
+        book.append([{**row, **identity}])
+    with Manifest.open(tmp_path / "m.csv") as book:
+        assert book.done(item, "c1", root) is None
+
+
+def test_a_manifest_begun_before_the_identity_columns_still_resumes(images, tmp_path):
+    out = tmp_path / "out"
+    run([images], out)
+    manifest = default_manifest(out)
+    old_columns = [c for c in COLUMNS if c not in ("output_ino", "output_mtime_ns")]
+    rows = read_manifest(manifest)
+    with open(manifest, "w", newline="") as f:  # as an earlier vipsnorm wrote it
+        writer = csv.DictWriter(f, old_columns, extrasaction="ignore", lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    summary, _ = run([images], out)
+    assert (summary.ok, summary.error, summary.skipped) == (0, 1, 3)
+    assert manifest.read_text().splitlines()[0] == ",".join(old_columns)  # its header is kept
 
 
 def test_done_requires_ok_same_config_same_input_and_whole_output_in_place(tmp_path):

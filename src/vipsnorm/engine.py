@@ -92,6 +92,8 @@ class Result:
     params: Params | None = None
     slide: dict = field(default_factory=dict)
     seconds: float = 0.0
+    #: The output's path when it was written under a staging name (``normalize_file(stage=...)``).
+    final: Path | None = None
 
 
 def build_method(name: str, reference: Reference | None = None, **options) -> Method:
@@ -276,6 +278,7 @@ def normalize_file(
     options: Options = Options(),
     claimed: Collection[Path] = (),
     name: str | None = None,
+    stage: str | None = None,
 ) -> Result:
     """Normalize one input into ``out_dir``; errors are returned in the result, never half-written files.
 
@@ -288,13 +291,19 @@ def normalize_file(
         for them (``a/x.svs`` and ``b/x.svs`` would both become ``x.tif``). Refused, never overwritten.
     name : str, optional
         The output's file name without suffix (default: the input's); the suffix follows ``options.format``.
+    stage : str, optional
+        Write the output complete under this file name without suffix (in ``out_dir``) instead, and
+        leave the rename to its name to the caller (a batch worker, which checks first that its run is
+        still live): ``result.output`` is then the staged file and ``result.final`` the output's path.
+        The output's own name is checked as always (not an input; not existing, with
+        ``--no-overwrite``), before any work.
     """
     start = time.perf_counter()
     result = Result(input=Path(path))
     try:
         with open_slide(path, max_pixels=options.max_pixels, backend=options.backend) as slide:
             result.slide = slide.describe()
-            out = output_path(slide, Path(out_dir), options.format, name)
+            out = final = output_path(slide, Path(out_dir), options.format, name)
             _check_output(slide.path, out, options)
             if claimed and out.resolve() in claimed:
                 raise OutputError(
@@ -303,6 +312,8 @@ def normalize_file(
                     "rename one of them or choose another -o folder",
                 )
             check_size(out, *slide.dimensions)  # a JPEG or WebP too large: refused before any work
+            if stage is not None:
+                out = final.with_name(stage + final.suffix)
             if params is None:
                 params = fit_slide(slide, method, options)
             elif params.method != method.name:
@@ -334,7 +345,7 @@ def normalize_file(
                 slide.decode(
                     lambda: write_image(image, out, quality=options.quality, compression=options.compression)
                 )
-            result.output = out
+            result.output, result.final = out, (final if stage is not None else None)
     except VipsnormError as exc:
         result.status, result.error = "error", str(exc.about(path))
     except pyvips.Error as exc:  # anything libvips reports that the layers above did not explain

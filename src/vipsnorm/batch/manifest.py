@@ -17,7 +17,22 @@ rows: see the input's ``ok`` row), ``reference`` (the reference used, if any), `
 the method, its target or parameters and the options: a run with other settings redoes the file),
 ``backend``, ``levels`` (``WxH`` per level), ``mpp_x``, ``mpp_y`` (microns per pixel), ``seconds``
 (time spent on the file in the worker), ``worker`` (the Dask worker's address, ``worker process PID``
-for a batch run in one child process, or ``in-process``).
+for a batch run in one child process, or ``in-process``), ``output_ino``, ``output_mtime_ns`` (the
+identity of the output file the worker renamed into place: its inode number and modification time; last,
+so that the columns before them keep their places).
+
+Why the output's identity: sizes alone cannot tell two outputs apart (an uncompressed TIFF's size depends
+only on its dimensions), and the rows of a task reach the manifest only when the whole task ends, while
+its outputs are renamed into place one by one. A run with other settings killed mid-task has then
+replaced outputs whose rows were never written, and the earlier rows, whose sizes still match, would
+call them finished. Every output is a new file (a new inode, a new mtime) renamed into place, which keeps
+both, so :meth:`Manifest.done` asks for both to be those recorded. They are taken by the worker (a ``stat`` of the file it renamed,
+nothing read), and compared by the next run's client with its own ``stat``: this assumes that the file
+system reports the same inode number and mtime for a file to every machine, as local disks, NFS,
+Lustre, GPFS and CephFS do; one that does not (an SMB mount with ``noserverino``, some FUSE file
+systems) makes every output look replaced, so everything is redone, never wrongly skipped. Rows without
+them (manifests begun by vipsnorm before they existed keep their header, hence rows without them too)
+fall back to the size.
 """
 
 from __future__ import annotations
@@ -42,6 +57,7 @@ __all__ = ["COLUMNS", "Manifest", "Finished", "read_manifest"]
 COLUMNS = (
     "run", "time", "input", "input_size", "input_mtime_ns", "output", "output_size", "status", "error",
     "method", "params", "reference", "config", "backend", "levels", "mpp_x", "mpp_y", "seconds", "worker",
+    "output_ino", "output_mtime_ns",
 )  # fmt: skip
 _REQUIRED = {"input", "input_size", "input_mtime_ns", "output", "output_size", "status", "config"}
 #: Rows can be long (clahe parameters of a large slide hold every region's LUT).
@@ -55,6 +71,8 @@ class Finished(NamedTuple):
     input_mtime_ns: str
     output: str
     output_size: str
+    output_ino: str
+    output_mtime_ns: str
     config: str
     method: str
     reference: str
@@ -124,7 +142,8 @@ class Manifest:
         Raises
         ------
         OutputError
-            The file cannot be opened, another run holds it, or it is not a vipsnorm manifest.
+            The file cannot be opened, another run holds it, or it is not a vipsnorm manifest (its
+            first line is not a manifest's header: it is then left unchanged, byte for byte).
         ValueError
             ``columns`` lack one that resuming needs.
         """
@@ -139,6 +158,9 @@ class Manifest:
             busy="another vipsnorm run is writing this manifest; wait for it to end or choose another --manifest",
         )
         try:
+            # before anything is changed: the path may name another file given by mistake (a list
+            # of inputs, an image), which must be left exactly as it is
+            _check_header(fd, path, columns)
             _drop_torn_tail(fd)
             # file names are bytes on POSIX: names that are not UTF-8 round-trip as surrogate escapes
             file = os.fdopen(fd, "r+", encoding="utf-8", errors="surrogateescape", newline="")
@@ -153,9 +175,8 @@ class Manifest:
                 file.write(",".join(columns) + "\n")
                 file.flush()
             else:
-                if not _REQUIRED <= set(header):
-                    cause = "is not a vipsnorm manifest (unexpected columns); choose another --manifest"
-                    raise OutputError(path, cause)
+                if not _REQUIRED <= set(header):  # _check_header read the same line: only if it changed since
+                    raise OutputError(path, _NOT_OURS.format("unexpected columns"))
                 state = _state_getter(header)
                 status_at, input_at, width = header.index("status"), header.index("input"), len(header)
                 for row in reader:
@@ -175,8 +196,11 @@ class Manifest:
         """The record of ``item`` if it is finished and nothing changed since: its last row is ``ok`` or
         ``skipped`` with the same ``config``, the input has the recorded size and mtime, the recorded
         output is where this run puts it (``out_root/rel_dir/name.*``: another ``-o``, or the same folder
-        given at another depth, is not "done"), and it exists with the recorded size (outputs appear only
-        complete, by rename)."""
+        given at another depth, is not "done"), and it is the very file the worker renamed into place:
+        the recorded size, inode number and mtime (one ``stat``). Outputs appear only complete, by
+        rename, so a file with that identity is the whole output of that row; any other file there (put
+        by a run whose rows were lost, or touched since) is redone. A row without the identity (written
+        by an earlier vipsnorm) is taken on the size alone."""
         record = self.finished.get(item.input)
         if record is None or record.config != config or item.size is None:
             return None
@@ -188,10 +212,19 @@ class Manifest:
             return None
         if recorded.stem.lower() != item.name.lower():
             return None
+        if not record.output:
+            return None
         try:
-            return record if record.output and os.stat(record.output).st_size == int(record.output_size) else None
+            st = os.stat(record.output)
+            if st.st_size != int(record.output_size):
+                return None
         except (OSError, ValueError):
             return None
+        if (record.output_ino or record.output_mtime_ns) and (
+            record.output_ino != str(st.st_ino) or record.output_mtime_ns != str(st.st_mtime_ns)
+        ):
+            return None
+        return record
 
     def append(self, rows: Iterable[dict]) -> None:
         """Write ``rows`` (dicts keyed by column; missing columns empty) and flush them."""
@@ -242,10 +275,44 @@ def _state_getter(header: list[str]):
     intern = sys.intern
 
     def state(row: list[str]) -> Finished:
-        size, mtime, output, output_size, *shared = get(row)
-        return Finished(size, mtime, output, output_size, *map(intern, shared))
+        size, mtime, output, output_size, ino, output_mtime, *shared = get(row)
+        return Finished(size, mtime, output, output_size, ino, output_mtime, *map(intern, shared))
 
     return state
+
+
+#: Bytes of a file read to find its header (a manifest's is about 200).
+_HEAD_BYTES = 1 << 16
+_NOT_OURS = (
+    "is not a vipsnorm manifest ({}); left unchanged: choose another --manifest, or delete this file if "
+    "it is a damaged manifest"
+)
+
+
+def _check_header(fd: int, path: Path, columns: Sequence[str]) -> None:
+    """Refuse the open file unless it is empty or a manifest: a first line that is a CSV header with the
+    columns resuming needs, or, when a kill cut the very first write short, the start of the header
+    this run would write (:func:`_drop_torn_tail` then empties it).
+
+    Raises
+    ------
+    OutputError
+        It is not a manifest (nothing has been written to it).
+    """
+    head = os.pread(fd, _HEAD_BYTES, 0)
+    if not head:
+        return
+    first, newline, _ = head.partition(b"\n")
+    if not newline:
+        if len(head) < _HEAD_BYTES and (",".join(columns) + "\n").encode().startswith(head):
+            return  # our own header, cut short
+        raise OutputError(path, _NOT_OURS.format("its first line is not a CSV header"))
+    try:
+        header = next(csv.reader([first.decode("utf-8").rstrip("\r")]), [])
+    except (UnicodeDecodeError, csv.Error):
+        raise OutputError(path, _NOT_OURS.format("its first line is not a CSV header")) from None
+    if not _REQUIRED <= set(header):
+        raise OutputError(path, _NOT_OURS.format("unexpected columns"))
 
 
 def _drop_torn_tail(fd: int) -> None:

@@ -1,0 +1,296 @@
+"""Resuming never takes another run's output for this one's, and cleanup never strays (QA defects).
+
+- An output replaced by a run with other settings whose rows never reached the manifest (killed
+  mid-task) is redone, not skipped: ``done`` asks for the identity of the file the worker put in place.
+- A task that outlives its run (its client was killed; on a cluster given with ``--scheduler`` it goes
+  on) never puts its output over that of a later run: it checks the run's marker before the rename.
+- Part-file cleanup never follows a symbolic link out of the output folder, and reaches folders whose
+  inputs are all finished.
+
+All in this process (``workers=0``) or in one child process: the cluster itself is tested elsewhere.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import pyvips
+
+import vipsnorm
+from vipsnorm.batch import default_manifest, discover, normalize_batch, plan, read_manifest
+from vipsnorm.batch import run as run_module
+from vipsnorm.batch.run import NormalizeJob, normalize_items
+from vipsnorm.engine import Options
+
+# (the marker's names are looked up in the tests that use them, so that the others show their own
+# failure on a vipsnorm without them, not an import error)
+
+#: Outputs whose size depends only on their dimensions: a replaced file cannot be told by its size.
+UNCOMPRESSED = Options(format="tiff", compression="none")
+
+
+def write_png(path: Path, seed: int, size: int = 40) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(20 + seed, 200, (size, size, 3), dtype=np.uint8)
+    pyvips.Image.new_from_array(pixels).copy(interpretation="srgb").pngsave(str(path))
+    return path
+
+
+@pytest.fixture()
+def images(tmp_path) -> Path:
+    for i in range(3):
+        write_png(tmp_path / "in" / f"im{i}.png", i)
+    return tmp_path / "in"
+
+
+def pixels(folder: Path) -> dict[str, bytes]:
+    """The pixels of every output (read from bytes: libvips caches what it loads by file name)."""
+    files = sorted(folder.glob("*.tif"))
+    return {p.name: bytes(pyvips.Image.new_from_buffer(p.read_bytes(), "").write_to_memory()) for p in files}
+
+
+def part_files(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("*") if ".vipsnorm-part-" in p.name]
+
+
+# --------------------------------------------------------------------------------------------------
+# 1. an output replaced by a run whose rows were lost
+
+
+def test_outputs_of_a_killed_run_with_other_settings_are_redone_not_skipped(images, tmp_path):
+    out = tmp_path / "out"
+    summary = normalize_batch([images], out, vipsnorm.Stretch(), options=UNCOMPRESSED, workers=0)
+    assert summary.ok == 3
+    first = pixels(out)
+    sizes = {p.name: p.stat().st_size for p in out.glob("*.tif")}
+    manifest = default_manifest(out)
+    before_b = manifest.read_bytes()
+
+    # run B, other settings, --overwrite: its outputs are renamed into place one by one, but it is killed
+    # before its rows reach the manifest (a task's rows arrive when the whole task ends)
+    normalize_batch([images], out, vipsnorm.Stretch(low=10, high=90), options=UNCOMPRESSED, workers=0, overwrite=True)
+    manifest.write_bytes(before_b)
+    assert pixels(out) != first and {p.name: p.stat().st_size for p in out.glob("*.tif")} == sizes
+
+    summary = normalize_batch([images], out, vipsnorm.Stretch(), options=UNCOMPRESSED, workers=0)
+    assert (summary.ok, summary.skipped) == (3, 0)  # not "done": the files are not those recorded
+    assert pixels(out) == first
+    summary = normalize_batch([images], out, vipsnorm.Stretch(), options=UNCOMPRESSED, workers=0)
+    assert (summary.ok, summary.skipped) == (0, 3)  # and now they are
+
+
+def test_rows_record_the_identity_of_the_output_put_in_place(images, tmp_path):
+    out = tmp_path / "out"
+    normalize_batch([images], out, vipsnorm.Stretch(), workers=0)
+    normalize_batch([images], out, vipsnorm.Stretch(), workers=0)
+    rows = read_manifest(default_manifest(out))
+    assert [r["status"] for r in rows] == ["ok"] * 3 + ["skipped"] * 3
+    for row in rows:
+        st = os.stat(row["output"])
+        assert (row["output_size"], row["output_ino"], row["output_mtime_ns"]) == (
+            str(st.st_size), str(st.st_ino), str(st.st_mtime_ns)
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# 2. a task that outlives its run
+
+
+def capture_jobs(monkeypatch) -> list:
+    """Record every (job, items) the run sends to its workers: what a task of that run would hold."""
+    sent = []
+
+    def recording(job, items):
+        sent.append((job, list(items)))
+        return normalize_items(job, items)
+
+    monkeypatch.setattr(run_module, "normalize_items", recording)
+    return sent
+
+
+def test_a_task_of_an_earlier_run_never_replaces_a_later_runs_outputs(images, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    sent = capture_jobs(monkeypatch)
+    normalize_batch([images], out, vipsnorm.Stretch(low=20, high=80), options=UNCOMPRESSED, workers=0)  # run A
+    tasks_of_a = list(sent)
+    monkeypatch.undo()
+    summary = normalize_batch([images], out, vipsnorm.Stretch(), options=UNCOMPRESSED, workers=0)  # run B
+    assert summary.ok == 3
+    of_b = pixels(out)
+
+    # A's client was killed while its tasks still ran on the cluster: they end only now
+    rows = [row for job, items in tasks_of_a for row in normalize_items(job, items)]
+    assert [r["status"] for r in rows] == ["error"] * 3
+    assert all("output not put in place: its run ended or a later run" in r["error"] for r in rows)
+    assert all(r["error"].startswith(r["input"]) and "run the command again" in r["error"] for r in rows)
+    assert pixels(out) == of_b and not part_files(out)
+    summary = normalize_batch([images], out, vipsnorm.Stretch(), options=UNCOMPRESSED, workers=0)
+    assert (summary.ok, summary.skipped) == (0, 3)  # B's outputs, recorded as B's
+
+
+def test_the_run_is_checked_just_before_the_rename(images, tmp_path, monkeypatch):
+    # a later run takes over while a file is being written (a slide takes minutes): the finished file
+    # is not put in place, and the rest of the task is skipped without any work
+    out = tmp_path / "out"
+    normalize_batch([images], out, vipsnorm.Stretch(), options=UNCOMPRESSED, workers=0)
+    kept = pixels(out)
+    marker = run_module.live_marker(out, default_manifest(out))
+    job = NormalizeJob(str(out), vipsnorm.Stretch(low=20, high=80), None, UNCOMPRESSED, str(marker), "run-a token-a")
+    marker.write_text("run-a token-a\n")
+    calls = []
+    real = run_module.normalize_file
+
+    def written_then_taken_over(*args, **kwargs):
+        calls.append(args[0])
+        result = real(*args, **kwargs)
+        marker.write_text("run-b token-b\n")
+        return result
+
+    monkeypatch.setattr(run_module, "normalize_file", written_then_taken_over)
+    items = [plan(discover([images]), out)[i] for i in range(3)]
+    rows = normalize_items(job, items)
+    assert [r["status"] for r in rows] == ["error"] * 3 and len(calls) == 1
+    assert pixels(out) == kept and not part_files(out)
+
+
+def test_a_marker_holds_the_run_while_it_runs_and_is_gone_after(images, tmp_path):
+    out = tmp_path / "out"
+    manifest = default_manifest(out)
+    live_marker, prefix = run_module.live_marker, run_module.LIVE_PREFIX
+    seen = []
+
+    def on_row(row):
+        seen.append(live_marker(out, manifest).read_text().split())
+
+    summary = normalize_batch([images], out, vipsnorm.Stretch(), workers=0, on_row=on_row)
+    run_id = read_manifest(manifest)[0]["run"]
+    assert summary.ok == 3 and all(s[0] == run_id for s in seen) and len({tuple(s) for s in seen}) == 1
+    assert not list(out.glob(prefix + "*"))  # the output tree holds outputs only, after the run
+    # another manifest: another marker (runs with different manifests may share an output folder)
+    assert live_marker(out, tmp_path / "other.csv") != live_marker(out, manifest)
+    # a job without a marker (a caller of normalize_items) is never refused
+    job = NormalizeJob(str(out), vipsnorm.Stretch(), None, Options())
+    item = plan(discover([images / "im0.png"]), out)[0]
+    assert normalize_items(job, [item])[0]["status"] == "ok"
+
+
+def test_a_run_that_fails_removes_its_marker_too(images, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+
+    def broken(job, items):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_module, "normalize_items", broken)
+    with pytest.raises(KeyboardInterrupt):
+        normalize_batch([images], out, vipsnorm.Stretch(), workers=0)
+    assert not list(out.glob(run_module.LIVE_PREFIX + "*"))
+
+
+# --------------------------------------------------------------------------------------------------
+# 4, 5. part-file cleanup
+
+
+def test_cleanup_never_follows_a_symbolic_link_out_of_the_output_folder(tmp_path):
+    write_png(tmp_path / "in" / "tiles" / "t0.png", 0)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    theirs = outside / ".other.vipsnorm-part-0123abcd.png"  # another run's output being written
+    theirs.write_bytes(b"in progress")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "tiles").symlink_to(outside)
+    summary = normalize_batch([tmp_path / "in"], tmp_path / "out", vipsnorm.Stretch(), workers=0)
+    assert summary.error == 1  # the run refuses to write there
+    assert theirs.read_bytes() == b"in progress"  # and deletes nothing there either
+
+
+def test_cleanup_checks_again_a_folder_that_became_a_link_during_the_run(tmp_path, monkeypatch):
+    # the plan refuses a folder that leads out; one swapped for a link while the run goes on (another
+    # job reorganizing the tree, say) must not lead the cleanup at the end out of the output folder
+    for i in range(2):
+        write_png(tmp_path / "in" / "tiles" / f"t{i}.png", i)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    theirs = outside / ".other.vipsnorm-part-0123abcd.png"
+    theirs.write_bytes(b"in progress")
+    out = tmp_path / "out"
+
+    def then_swapped(job, items):
+        rows = normalize_items(job, items)
+        if not (out / "tiles").is_symlink():
+            (out / "tiles").rename(tmp_path / "moved")
+            (out / "tiles").symlink_to(outside)
+        return rows
+
+    monkeypatch.setattr(run_module, "normalize_items", then_swapped)
+    normalize_batch([tmp_path / "in"], out, vipsnorm.Stretch(), workers=0)
+    assert theirs.read_bytes() == b"in progress"
+
+
+def test_a_part_file_in_a_folder_with_nothing_left_to_do_is_removed(tmp_path):
+    for i, sub in enumerate(["a", "a", "b"]):
+        write_png(tmp_path / "in" / sub / f"im{i}.png", i)
+    out = tmp_path / "out"
+    assert normalize_batch([tmp_path / "in"], out, vipsnorm.Stretch(), workers=0).ok == 3
+    left = [out / "a" / ".im0.vipsnorm-part-0badc0de.png", out / "b" / ".im2.vipsnorm-part-0badc0de"]
+    for part in left:  # what a SIGKILL during a write leaves (with or without a suffix)
+        part.write_bytes(b"half")
+    summary = normalize_batch([tmp_path / "in"], out, vipsnorm.Stretch(), workers=0)
+    assert (summary.ok, summary.skipped) == (0, 3)
+    assert not part_files(out)
+
+
+def test_part_files_a_dying_worker_left_in_a_folder_the_run_created_are_removed_at_the_end(tmp_path, monkeypatch):
+    write_png(tmp_path / "in" / "new" / "t0.png", 0)
+    out = tmp_path / "out"
+
+    def then_died_writing(job, items):
+        rows = normalize_items(job, items)
+        (out / "new" / ".t9.vipsnorm-part-0badc0de.png").write_bytes(b"half")  # another file's worker died
+        return rows
+
+    monkeypatch.setattr(run_module, "normalize_items", then_died_writing)
+    assert normalize_batch([tmp_path / "in"], out, vipsnorm.Stretch(), workers=0).ok == 1
+    assert not part_files(out)
+
+
+def test_errors_name_the_output_not_its_staging_name(images, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    (out / "im0.png").mkdir(parents=True)  # the rename into place fails: a folder has the name
+    real = run_module.normalize_file
+
+    def disk_full_on_im1(path, out_dir, method, *, name, **kwargs):
+        if Path(path).name == "im1.png":  # as the writer reports a failed write: naming its output
+            error = f"{Path(out_dir) / name}.png: cannot write the output (No space left on device)"
+            return vipsnorm.engine.Result(Path(path), status="error", error=error)
+        return real(path, out_dir, method, name=name, **kwargs)
+
+    monkeypatch.setattr(run_module, "normalize_file", disk_full_on_im1)
+    normalize_batch([images], out, vipsnorm.Stretch(), workers=0)
+    rows = {Path(r["input"]).name: r for r in read_manifest(default_manifest(out))}
+    assert rows["im0.png"]["error"] == f"{out / 'im0.png'}: cannot write the output (Is a directory)"
+    assert rows["im1.png"]["error"] == f"{out / 'im1.png'}: cannot write the output (No space left on device)"
+    assert rows["im2.png"]["status"] == "ok" and not part_files(out)
+
+
+def test_no_overwrite_refuses_an_existing_output_before_any_work(images, tmp_path, monkeypatch):
+    """Outputs are staged and renamed into place by the worker, but the output's own name is still
+    checked first: with --no-overwrite an existing output is an error before the input is fitted."""
+    out = tmp_path / "out"
+    assert normalize_batch([images], out, vipsnorm.Stretch(), workers=0).ok == 3
+    before = {p.name: p.read_bytes() for p in out.glob("*.png")}
+    assert len(before) == 3
+
+    def no_fit(*args, **kwargs):
+        raise AssertionError("fitted although the output exists")
+
+    monkeypatch.setattr(vipsnorm.engine, "fit_slide", no_fit)
+    summary = normalize_batch(
+        [images], out, vipsnorm.Stretch(), workers=0, overwrite=True, options=Options(overwrite=False)
+    )
+    assert summary.error == 3
+    rows = read_manifest(default_manifest(out))[-3:]
+    assert all("already exists" in row["error"] for row in rows)
+    assert {p.name: p.read_bytes() for p in out.glob("*.png")} == before and part_files(out) == []
