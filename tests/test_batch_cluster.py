@@ -309,6 +309,151 @@ def test_a_file_that_kills_its_worker_is_isolated_then_an_error(healthy):
     assert "worker process died on every attempt" in by_item["crash"]
 
 
+#: Tasks that note, in the folder ``job``, the key and worker process of every run of the file "x" (then
+#: wait ``slow`` seconds), and a hook of the scheduler that drops the result of each of those runs as it
+#: arrives: ``lose`` does what the scheduler does when the worker holding a result dies (the result is
+#: ``lost``), ``forget`` what it does to a task it no longer knows (``cancelled``). The drop follows the
+#: worker's report at once, so that the client hears of both together and never fetches the result.
+#: Made by ``exec``, like ``_CRASH``, so that all of it travels by value.
+_DROP = """
+import os, time
+
+def note_x(job, items):
+    folder, slow = job
+    if "x" in items:
+        from distributed import get_worker
+        with open(os.path.join(folder, "x.runs"), "a") as f:
+            f.write(f"{get_worker().get_current_task()} {os.getpid()}\\n")
+        time.sleep(slow)
+    return list(items)
+
+def runs_of_x(folder):
+    try:
+        with open(os.path.join(folder, "x.runs")) as f:
+            return [line.split() for line in f]
+    except FileNotFoundError:
+        return []
+
+def drop_x(folder, how, dask_scheduler):
+    original = dask_scheduler.stream_handlers["task-finished"]
+
+    def task_finished(key, **msg):
+        original(key=key, **msg)
+        ts = dask_scheduler.tasks.get(key)
+        if ts is None or ts.state != "memory" or key not in {k for k, _ in runs_of_x(folder)}:
+            return
+        if how == "lose":
+            dask_scheduler.transitions({key: "released"}, stimulus_id=f"test-lose-{time.time()}")
+        else:
+            for cs in list(ts.who_wants or ()):
+                dask_scheduler.stimulus_cancel([key], cs.client_key, True, "test", "forgotten by the test")
+
+    task_finished.original = original
+    dask_scheduler.stream_handlers["task-finished"] = task_finished
+
+def stop_dropping(dask_scheduler):
+    handler = dask_scheduler.stream_handlers["task-finished"]
+    dask_scheduler.stream_handlers["task-finished"] = getattr(handler, "original", handler)
+"""
+
+
+def _drop_namespace() -> dict:
+    namespace = {"__name__": "vipsnorm_test_drop"}
+    exec(_DROP, namespace)
+    return namespace
+
+
+def test_a_result_lost_with_its_worker_is_computed_again(healthy, tmp_path):
+    """The worker that ran "x" is killed after x finished and before this client fetched the result
+    (while it records y's results, as on a slow disk): x's future is ``lost``, and x is run again, once,
+    instead of the batch ending; y, recorded already, is not."""
+    ns = _drop_namespace()
+    results, killed = [], []
+
+    def record(rows: list) -> None:
+        results.extend(rows)
+        if rows != ["y"]:
+            return
+        deadline = time.monotonic() + 30
+        while not ns["runs_of_x"](str(tmp_path)) or client.futures.get(ns["runs_of_x"](str(tmp_path))[0][0]) is None:
+            assert time.monotonic() < deadline, "x never ran"
+            time.sleep(0.01)
+        key, pid = ns["runs_of_x"](str(tmp_path))[0]
+        state = client.futures[key]
+        while state.status != "finished":  # x's result is ready on its worker; this client has not fetched it
+            assert time.monotonic() < deadline, f"x did not finish ({state.status})"
+            time.sleep(0.01)
+        os.kill(int(pid), signal.SIGKILL)
+        killed.append(pid)
+        while state.status != "lost":  # the scheduler saw the worker go, and told this client
+            assert time.monotonic() < deadline, f"x's result was not lost ({state.status})"
+            time.sleep(0.01)
+
+    with healthy.client() as client:
+        runner = DaskRunner(client)
+        runner.run(ns["note_x"], (str(tmp_path), 1.0), [["y"], ["x"]], record, lambda item, cause: (item, cause))
+        assert runner.allowed_failures() == ALLOWED_FAILURES  # the scheduler's, not this process's (3)
+    assert killed
+    assert sorted(results) == ["x", "y"]  # each recorded once: x from its second run
+    runs = ns["runs_of_x"](str(tmp_path))
+    assert len({key for key, _ in runs}) == 2 and runs[-1][1] != killed[0]
+
+
+@pytest.mark.parametrize(("how", "cause"), [("lose", "holding this file's finished result died"), ("forget", "dropped this file's task")])
+def test_a_result_dropped_on_every_attempt_ends_as_an_error(healthy, tmp_path, how, cause):
+    """A task whose result never arrives is submitted again ``allowed-failures`` times, then its file is
+    run alone as many times more, then it is an error; the other tasks are recorded once each."""
+    ns = _drop_namespace()
+    results = []
+    with healthy.client() as client:
+        client.run_on_scheduler(ns["drop_x"], str(tmp_path), how)
+        try:
+            runner = DaskRunner(client)
+            groups = [["a", "b"], ["x", "c"], ["d"]]
+            runner.run(ns["note_x"], (str(tmp_path), 0.0), groups, results.extend, lambda item, cause: (item, cause))
+        finally:
+            client.run_on_scheduler(ns["stop_dropping"])
+    by_item = {}
+    for row in results:
+        by_item.setdefault(row if isinstance(row, str) else row[0], []).append(row)
+    assert sorted(by_item) == ["a", "b", "c", "d", "x"] and all(len(rows) == 1 for rows in by_item.values())
+    assert by_item["c"] == ["c"]  # x's companion, run alone, done
+    assert cause in by_item["x"][0][1]
+    # x with c, then x alone: each submitted once and again ALLOWED_FAILURES times, under fresh keys
+    keys = {key for key, _ in ns["runs_of_x"](str(tmp_path))}
+    assert len(keys) == 2 * (1 + ALLOWED_FAILURES)
+
+
+def test_a_cluster_without_workers_is_waited_for_and_said_so(tmp_path, monkeypatch, capsys):
+    """No worker yet: one line on stderr after WAIT_NOTICE seconds, and the batch runs when one joins."""
+    import threading
+
+    from distributed import LocalCluster
+    from distributed.diagnostics.plugin import WorkerPlugin
+
+    from vipsnorm.batch import cluster as cluster_module
+
+    monkeypatch.setattr(cluster_module, "WAIT_NOTICE", 0.5)
+    ns = _drop_namespace()
+    results = []
+    with LocalCluster(n_workers=0, processes=False, dashboard_address=":0") as local, Client(local) as client:
+        # no libvips settings: a worker in this process would change them for the tests that follow
+        runner = DaskRunner(client, settings=WorkerPlugin())
+        joins = threading.Timer(3.0, local.scale, [1])
+        joins.start()
+        try:
+            runner.run(ns["note_x"], (str(tmp_path), 0.0), [["a"], ["b"]], results.extend, lambda item, cause: (item, cause))
+        finally:
+            joins.cancel()
+        address = client.scheduler.address
+    assert sorted(results) == ["a", "b"]
+    notices = [line for line in capsys.readouterr().err.splitlines() if "waiting for workers" in line]
+    assert notices == [
+        f"vipsnorm: waiting for workers on {address}: the Dask cluster has none; the batch goes on when one "
+        "joins (Ctrl-C stops it, running it again resumes)"
+    ]
+
+
 def test_fit_in_parallel_equals_fit_files(healthy, dataset, tmp_path):
     """Per-file samples on the workers, combined here in input order: the same reference as in one process."""
     with healthy.client() as client:

@@ -9,15 +9,18 @@ and as many libvips threads as leave the machine's cores busy without oversubscr
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import os
+import sys
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import dask
-from distributed import Client, KilledWorker, LocalCluster, as_completed
+from distributed import Client, Future, KilledWorker, LocalCluster, as_completed
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from ..errors import VipsnormError
@@ -26,12 +29,23 @@ __all__ = ["VipsSettings", "DaskRunner", "start_local", "connect", "local_size",
 
 #: Times a worker may die while running one task of a local cluster before the scheduler gives up on the
 #: task (its ``allowed-failures``; a cluster given with ``--scheduler`` keeps its own setting, default 3).
-#: Then each of the task's files is tried alone (:meth:`DaskRunner.run`).
+#: Then each of the task's files is tried alone (:meth:`DaskRunner.run`). The same number bounds how often
+#: a task whose result was lost, or that the scheduler dropped, is submitted again.
 ALLOWED_FAILURES = 1
 #: Retries of a task that raised (files never raise: their errors are results; this is for the rest).
 RETRIES = 1
+#: Seconds the cluster may have no worker while tasks wait before a line on stderr says so.
+WAIT_NOTICE = 5.0
 #: The error of a file whose worker died every time it ran (alone, the last times).
 _DIED = "the worker process died on every attempt at this file (a decoder crash, or out of memory)"
+#: The error of a file whose task's result was lost every time: the worker holding it died before this
+#: client fetched it (the task itself had finished).
+_LOST = (
+    "the worker process holding this file's finished result died before it was fetched, on every attempt "
+    "(workers kept dying: out of memory, or killed)"
+)
+#: The error of a file whose task the scheduler dropped every time (a task it no longer knows of).
+_DROPPED = "the Dask scheduler dropped this file's task on every attempt (it restarted, or forgot the task)"
 #: Memory a local worker is given room for: a slide job peaks at about 400 MB (README, Performance).
 WORKER_MEMORY = 1 << 30
 #: Tasks kept submitted per worker thread: enough that no worker waits for the next one.
@@ -141,6 +155,36 @@ def connect(scheduler: str, timeout: float = 30.0) -> Client:
     return client
 
 
+@dataclass
+class _Task:
+    """A task of :meth:`DaskRunner.run` in flight: its future, its items, and what it has been through."""
+
+    future: Future
+    group: list
+    #: a file run alone, after a worker died while its task ran (see :meth:`DaskRunner.run`)
+    suspect: bool
+    #: times this task's result was lost or the scheduler dropped it (each time it was submitted again)
+    drops: int = 0
+
+
+def _outcome(future: Future) -> tuple[str, object]:
+    """``("finished", result)``, ``("error", exception)``, or the status of a future that is neither
+    (``lost``, ``cancelled``, ``pending``) and nothing.
+
+    The status is read again after a failed fetch: a future can be lost, erred or dropped between
+    ``as_completed`` handing it over and its result arriving here.
+    """
+    if future.status == "finished":
+        try:
+            return "finished", future.result()
+        except (Exception, asyncio.CancelledError) as exc:  # noqa: BLE001 (FutureCancelledError is no Exception)
+            if future.status == "finished":  # fetched, but unreadable here
+                return "error", exc
+    if future.status == "error":
+        return "error", future.exception()
+    return future.status, None
+
+
 class DaskRunner:
     """Runs tasks on a Dask cluster, keeping only a window of them submitted at a time.
 
@@ -163,11 +207,27 @@ class DaskRunner:
         self.owned = owned
         self.description = description or f"Dask cluster at {client.scheduler.address}"
         self._prefix = f"vipsnorm-{os.getpid()}-{time.time_ns()}"
+        self._allowed_failures: int | None = None
         client.register_plugin(settings or VipsSettings())  # every worker, and those that join later
 
     def threads(self) -> int:
         """Worker threads in the cluster now (0 while none has joined)."""
         return int(sum(self.client.nthreads().values()))
+
+    def allowed_failures(self) -> int:
+        """The scheduler's ``allowed-failures``: how often a task may lose its worker before it is given up.
+
+        Read from the scheduler itself (its configuration, not this process's, is the one that counts);
+        Dask's default when the scheduler does not run functions sent to it.
+        """
+        if self._allowed_failures is None:
+            try:
+                # a function of this module would travel by reference: the scheduler may lack vipsnorm
+                value = self.client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.allowed_failures)
+            except Exception:  # noqa: BLE001 (pickled functions refused, an old scheduler: use the default)
+                value = dask.config.get("distributed.scheduler.allowed-failures", 3)
+            self._allowed_failures = max(0, int(value))
+        return self._allowed_failures
 
     def run(
         self,
@@ -186,17 +246,33 @@ class DaskRunner:
         Only a file whose worker dies again when it is the only task of this batch in flight ends as an
         error (``fail(item, cause)``); its innocent companions finish normally, and then the rest of the
         batch goes on.
+
+        A worker that dies *after* finishing a task, before this client fetched the result, leaves the
+        task ``lost``; a task the scheduler forgot (it restarted) is ``cancelled``. Neither is final
+        and neither produced results this client saw, so the task is submitted again under a fresh
+        key (the old one released, so that its results can never arrive as well), up to
+        :meth:`allowed_failures` times: the scheduler's count of deaths belongs to a key and starts
+        again with the new one, so these are counted here. A task that runs out of them is treated as
+        after ``KilledWorker``: its files become suspects, and a suspect that runs out of them too is an
+        error (``lost``: the worker died right after each solo run; ``cancelled``: the scheduler kept
+        dropping it). Only a client that lost its scheduler for good ends the run (``VipsnormError``).
+
+        While tasks wait on a cluster with no worker (none started yet, or all gone), a line on stderr
+        says so after :data:`WAIT_NOTICE` seconds, once until workers are back; the run keeps waiting.
         """
         pending = deque(groups)
         suspects: deque = deque()
-        running: dict[str, tuple[object, list, bool]] = {}
+        running: dict[str, _Task] = {}
         futures = as_completed()
         keys = itertools.count()
+        budget = self.allowed_failures()
         window, checked = 0, 0.0
+        idle_since: float | None = None
+        told, watched = False, 0.0
 
-        def submit(group: list, suspect: bool) -> None:
+        def submit(group: list, suspect: bool, drops: int = 0) -> None:
             future = self.client.submit(fn, job, group, key=f"{self._prefix}-{next(keys)}", pure=False, retries=RETRIES)
-            running[future.key] = (future, group, suspect)
+            running[future.key] = _Task(future, group, suspect, drops)
             futures.add(future)
 
         def top_up() -> None:
@@ -212,32 +288,94 @@ class DaskRunner:
             while pending and len(running) < window:
                 submit(pending.popleft(), False)
 
-        top_up()
-        try:
-            for future in futures:
-                _, group, suspect = running.pop(future.key)
-                if future.status == "finished":
-                    on_results(future.result())
-                elif future.status == "error":
-                    exc = future.exception()
-                    if isinstance(exc, KilledWorker) and not suspect:
-                        suspects.extend(group)
-                    elif isinstance(exc, KilledWorker):
-                        on_results([fail(group[0], _DIED)])
-                    else:
-                        cause = f"the task failed on the worker ({type(exc).__name__}: {exc})"
-                        on_results([fail(item, cause) for item in group])
-                else:
+        def watch_workers() -> None:
+            """Say once on stderr when tasks have waited :data:`WAIT_NOTICE` s on a cluster with no worker."""
+            nonlocal idle_since, told
+            try:
+                idle = not self.client.nthreads()
+            except Exception:  # noqa: BLE001 (the connection is being re-established: the futures will say)
+                return
+            if not idle:
+                idle_since, told = None, False
+            elif idle_since is None:
+                idle_since = time.monotonic()
+            elif not told and time.monotonic() - idle_since >= WAIT_NOTICE:
+                told = True
+                # waiting on is right for clusters whose workers are batch jobs still queued, or that
+                # scale up from zero when work arrives: no timeout suits them all, so the user decides
+                print(
+                    f"vipsnorm: waiting for workers on {self.client.scheduler.address}: the Dask cluster has "
+                    "none; the batch goes on when one joins (Ctrl-C stops it, running it again resumes)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+
+        def next_done() -> Future | None:
+            """The next future done, or None when there is none left; watches the workers meanwhile."""
+            nonlocal watched
+            while not futures.has_ready():
+                if futures.is_empty():
+                    return None
+                if time.monotonic() - watched >= 1.0:  # a round trip to the scheduler: not every 0.1 s
+                    watch_workers()
+                    watched = time.monotonic()
+                # as_completed's own wait: woken when a future is done, or after 0.1 s at most
+                condition = getattr(futures, "thread_condition", None)
+                if condition is None:
+                    time.sleep(0.01)
+                    continue
+                with condition:
+                    condition.wait(timeout=0.1)
+            return next(futures)
+
+        def dropped(task: _Task, status: str) -> None:
+            """Submit again a task whose result never reached this client; or give up on it."""
+            if status == "cancelled":
+                # the client's connection to the scheduler broke: it cancels every future, then tries to
+                # reconnect for its connection timeout; after a reconnection the tasks can be resubmitted
+                while self.client.status == "connecting":
+                    time.sleep(0.1)
+                if self.client.status != "running":
                     raise VipsnormError(
                         None,
-                        f"the Dask scheduler dropped this batch's tasks ({future.status}: it restarted, or the "
-                        "connection was lost); run the same command again to resume",
+                        "lost the connection to the Dask scheduler (it stopped, or the network failed); "
+                        "run the same command again to resume",
                     )
+            if task.drops < budget:
+                submit(task.group, task.suspect, task.drops + 1)
+            elif not task.suspect:
+                suspects.extend(task.group)
+            else:
+                cause = _LOST if status in ("lost", "pending") else _DROPPED
+                on_results([fail(task.group[0], cause)])
+
+        top_up()
+        try:
+            while (future := next_done()) is not None:
+                task = running.get(future.key)
+                if task is None or task.future is not future:  # as_completed hands each future once; be sure
+                    continue
+                del running[future.key]
+                status, value = _outcome(future)
+                # released before anything is resubmitted: a lost key is rerun by the scheduler while
+                # this client wants it, and its results must not arrive beside those of the new key
                 future.release()
+                if status == "finished":
+                    on_results(value)
+                elif status == "error":
+                    if isinstance(value, KilledWorker) and not task.suspect:
+                        suspects.extend(task.group)
+                    elif isinstance(value, KilledWorker):
+                        on_results([fail(task.group[0], _DIED)])
+                    else:
+                        cause = f"the task failed on the worker ({type(value).__name__}: {value})"
+                        on_results([fail(item, cause) for item in task.group])
+                else:
+                    dropped(task, status)
                 top_up()
         finally:
             if running:
-                self.client.cancel([f for f, _, _ in running.values()], force=True)
+                self.client.cancel([t.future for t in running.values()], force=True)
 
     def close(self) -> None:
         if self.owned:
