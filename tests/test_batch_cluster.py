@@ -448,10 +448,11 @@ def test_a_cluster_without_workers_is_waited_for_and_said_so(tmp_path, monkeypat
         address = client.scheduler.address
     assert sorted(results) == ["a", "b"]
     notices = [line for line in capsys.readouterr().err.splitlines() if "waiting for workers" in line]
-    assert notices == [
+    notice = (
         f"vipsnorm: waiting for workers on {address}: the Dask cluster has none; the batch goes on when one "
         "joins (Ctrl-C stops it, running it again resumes)"
-    ]
+    )
+    assert notices == [notice]
 
 
 def test_fit_in_parallel_equals_fit_files(healthy, dataset, tmp_path):

@@ -374,7 +374,8 @@ class DaskRunner:
                     dropped(task, status)
                 top_up()
         finally:
-            if running:
+            # a client that lost its scheduler cannot cancel; its futures are cancelled already
+            if running and self.client.status == "running":
                 self.client.cancel([t.future for t in running.values()], force=True)
 
     def close(self) -> None:
