@@ -475,3 +475,51 @@ def test_a_failing_output_is_an_output_error_not_a_decode_error(inputs, small_sl
         assert error == f"{expected}: cannot write the output (write error: File too large)"
     for out in outs:
         assert os.listdir(out) == []  # nor a part file
+
+
+def _with_benign_warning(data: bytes, kind: str) -> bytes:
+    """A JPEG whose decoder warns but whose pixels are whole: stray bytes before the scan, or a
+    sequential scan with a spectral start of 1 (libjpeg: 'Invalid SOS parameters')."""
+    sos = data.find(b"\xff\xda")
+    if kind == "extraneous":
+        return data[:sos] + b"\x00\x00\x00" + data[sos:]
+    length = int.from_bytes(data[sos + 2 : sos + 4], "big")
+    changed = bytearray(data)
+    changed[sos + 2 + length - 3] = 1
+    return bytes(changed)
+
+
+@pytest.mark.parametrize("kind", ["extraneous", "sos"])
+@pytest.mark.parametrize("size", [(384, 256), (1600, 1200)])  # held in memory, and streamed
+def test_jpeg_with_only_harmless_decoder_warnings_is_read(tmp_path, kind, size):
+    from vipsnorm.synth import synthetic_slide
+
+    good = synthetic_slide(*size, seed=5, tissue=0.7).jpegsave_buffer(Q=90)
+    path = tmp_path / f"{kind}.jpg"
+    path.write_bytes(_with_benign_warning(good, kind))
+    with pytest.raises(pyvips.Error, match="VipsJpeg"):  # the case: libjpeg warns
+        pyvips.Image.new_from_file(str(path), fail_on="warning").avg()
+    with vipsnorm.open(path) as slide:
+        pixels = slide.level_image(0).numpy()
+    np.testing.assert_array_equal(pixels, pyvips.Image.new_from_buffer(good, "").numpy())
+    result = normalize_file(path, tmp_path, build_method("equalize"), options=Options(format="png"))
+    assert result.status == "ok", result.error
+
+
+def test_a_harmless_warning_does_not_excuse_a_cut_jpeg(tmp_path):
+    from vipsnorm.io.slide import benign_jpeg_warnings
+    from vipsnorm.synth import synthetic_slide
+
+    good = synthetic_slide(384, 256, seed=5, tissue=0.7).jpegsave_buffer(Q=90)
+    warned = _with_benign_warning(good, "extraneous")
+    path = tmp_path / "both.jpg"
+    path.write_bytes(warned[: len(warned) // 2] + b"\xff\xd9")
+    # libvips reports only the first warning (harmless here); the decode failing on errors only counts two
+    with pytest.raises(UnreadableImageError, match="libjpeg gave 2 warnings: the first harmless"):
+        vipsnorm.open(path)
+    assert benign_jpeg_warnings("x\n  VipsJpeg: Corrupt JPEG data: 3 extraneous bytes before marker 0xda\njpegload: load error")
+    assert not benign_jpeg_warnings(
+        "VipsJpeg: Corrupt JPEG data: 3 extraneous bytes before marker 0xda\n"
+        "VipsJpeg: Corrupt JPEG data: premature end of data segment"
+    )
+    assert not benign_jpeg_warnings("tiff2vips: decoding error")

@@ -190,3 +190,11 @@ def test_pooled_samples_take_as_many_pixels_from_each():
     pooled = Sample.pooled([a, b])
     assert pooled.pixels.shape == (200, 3)
     assert (pooled.pixels[:, 0] == 50).sum() == (pooled.pixels[:, 0] == 200).sum() == 100
+
+
+def test_colour_slide_with_little_tissue_keeps_the_saturation_rule():
+    # under 0.1% stained pixels on clean grey glass: the grey check looks at what could be tissue only
+    view = np.full((512, 512, 3), 240, np.uint8)
+    view[100:110, 100:110] = [150, 60, 140]
+    mask = tissue_mask(view)
+    assert mask.rule == "saturation" and mask.mask.sum() == 100

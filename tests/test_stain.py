@@ -626,3 +626,13 @@ def test_reference_image_errors_name_the_reference(tmp_path):
     with pytest.raises(UnsupportedImageError, match="grey stored as RGB") as info:
         load_reference(path, "reinhard")
     assert str(info.value.path) == str(path)
+
+
+def test_a_colour_image_mostly_glass_is_not_taken_for_grey():
+    # 300 stained pixels on clean grey glass: the grey check looks at what could be tissue only
+    img = np.full((600, 600, 3), 242, np.uint8)
+    stained = _synthetic(n=128)[..., :3].reshape(-1, 3)
+    stained = stained[stained.min(axis=1) < 180][:300]
+    img.reshape(-1, 3)[: stained.shape[0]] = stained
+    params = Reinhard(PALETTE).fit(Sample.from_array(img))
+    assert np.all(np.isfinite(params.std)) and params.std[1] > 1

@@ -120,7 +120,8 @@ def tissue_mask(overview: np.ndarray, downsample: float = 1.0, path=None) -> Tis
 
     Colour: Otsu's threshold on HSV saturation, bounded to [0.05, 0.5]. Grey: Otsu on intensity, tissue
     darker; a grey image stored as RGB (every channel within :data:`_GREY_SPREAD` levels of the others
-    on 99.9% of the overview) is grey, by its darkest channel. A threshold that does not separate two
+    on 99.9% of the overview's pixels darker than glass, darkest channel below 205) is grey, by its
+    darkest channel. A threshold that does not separate two
     distinct classes (an all-glass slide, whose saturation is only noise) yields :class:`NoTissueError`.
     """
     if overview.ndim == 2:
@@ -129,7 +130,9 @@ def tissue_mask(overview: np.ndarray, downsample: float = 1.0, path=None) -> Tis
     rule = "saturation" if bands == 3 else "intensity"
     if bands == 3:
         mx, mn = _max_min(overview)
-        if np.percentile(mx - mn, 99.9) <= _GREY_SPREAD:  # no chroma: grey, whatever the band count
+        candidates = mn < 205  # what could be tissue: glass is grey on any slide
+        if candidates.sum() >= 16 and np.percentile((mx - mn)[candidates], 99.9) <= _GREY_SPREAD:
+            # no chroma where there could be tissue: grey, whatever the band count
             rule = "intensity"
             overview = mn.astype(np.uint8)[..., np.newaxis]
     if rule == "saturation":

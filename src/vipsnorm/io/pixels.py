@@ -46,12 +46,17 @@ def to_processing(image: pyvips.Image, path: str | None = None) -> pyvips.Image:
 
     fmt = image.format
     if fmt in ("float", "double", "complex", "dpcomplex", "int", "uint"):
-        # (libvips labels every 3-band float TIFF scRGB, linear light in 0..1, whatever range and
-        # transfer its writer meant: 0..1 sRGB, 0..255 and 0..65535 are all seen; converting would
-        # guess, so float is refused as the other types without a defined range are)
-        raise UnsupportedImageError(
-            path, f"{fmt} pixels have no defined range; convert to 8- or 16-bit first"
-        )
+        loader = image.get("vips-loader") if image.get_typeof("vips-loader") else ""
+        if image.interpretation == "scrgb" and fmt == "float" and not loader.startswith("tiffload"):
+            # linear light in 0..1 by its format's definition (OpenEXR, PFM, a libvips .v)
+            image = image.colourspace("srgb")
+            fmt = image.format
+        else:
+            # libvips labels every 3-band float TIFF scRGB, whatever range and transfer its writer
+            # meant (0..1 sRGB, 0..255 and 0..65535 are all seen): converting would guess
+            raise UnsupportedImageError(
+                path, f"{fmt} pixels have no defined range; convert to 8- or 16-bit first"
+            )
 
     interpretation = image.interpretation
     if interpretation in _COLOUR_SPACES_TO_SRGB:

@@ -23,8 +23,10 @@ and larger images keep streaming.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -211,9 +213,11 @@ class VipsSlide(Slide):
             first = pyvips.Image.new_from_file(str(path), fail_on="error", revalidate=True)
         except pyvips.Error as exc:
             raise UnreadableImageError(path, f"not an image libvips can open ({one_line(str(exc))})") from exc
-        self.loader = first.get("vips-loader")
+        # (libvips' own .v format names no loader)
+        self.loader = first.get("vips-loader") if first.get_typeof("vips-loader") else "vipsload"
         self._levels: dict[int, pyvips.Image] = {}
         self._memory: pyvips.Image | None = None  # level 0 decoded, in the processing format
+        self._lenient = False  # a JPEG whose decoder warnings are all harmless (see probe)
         self._luma: np.ndarray | None = None  # its luma, once asked for (decoded_luma)
         fields = set(first.get_fields())
         self._load: list[dict] = [{}]
@@ -260,9 +264,12 @@ class VipsSlide(Slide):
     def _fail_on(self) -> str:
         # tiffload reports a tile that fails to decompress only as a warning (and gives black pixels),
         # and libjpeg a JPEG cut short that still ends with an end-of-image marker ("premature end of
-        # data segment": the rest filled with grey), so TIFF and JPEG fail on warnings. libpng's
-        # warnings (a known-incorrect sRGB profile, say) leave the pixels whole.
-        return "warning" if self.loader.startswith(("tiffload", "jpegload")) else "error"
+        # data segment": the rest filled with grey), so TIFF and JPEG fail on warnings (a JPEG whose
+        # warnings are all harmless is read failing on errors only: see probe). libpng's warnings (a
+        # known-incorrect sRGB profile, say) leave the pixels whole.
+        if self.loader.startswith("jpegload"):
+            return "error" if self._lenient else "warning"
+        return "warning" if self.loader.startswith("tiffload") else "error"
 
     def _level(self, level: int) -> pyvips.Image:
         # Each level is opened once per Slide and shared (a JPEG is decoded once for probe, fit and
@@ -324,7 +331,34 @@ class VipsSlide(Slide):
 
         A small ordinary image is decoded whole instead, once, and kept in memory (the window would
         have decoded all of a JPEG or PNG anyway).
+
+        A JPEG is decoded failing on libjpeg's warnings, which is how it reports missing data (a file cut
+        short, even one that still ends with an end marker, is filled with grey). When every warning is
+        one that leaves the pixels whole (:data:`BENIGN_JPEG_WARNINGS`: stray bytes between segments,
+        odd scan parameters), it is decoded again failing on errors only, as it is then read from there
+        on. Either way this first decode is of the whole JPEG (random access decodes all of it).
         """
+        try:
+            self._probe()
+        except pyvips.Error as exc:
+            if self._fail_on() != "warning" or not self.loader.startswith("jpegload") or not benign_jpeg_warnings(str(exc)):
+                raise
+            # libvips stops at the first warning, so a harmless one would hide any after it: decoded
+            # again, failing on errors only, the file must then give no more than that one warning.
+            # (libvips does not always log its count, for a warning of the header say: a file whose
+            # harmless first warning came with no count, cut short too, would pass; rare, documented.)
+            self._lenient = True
+            self._levels.clear()
+            self._memory = self._luma = None
+            count = _count_jpeg_warnings(self._probe)
+            if count > 1:
+                first = one_line(str(exc)).split("VipsJpeg:", 1)[-1].split(";")[0].strip()
+                raise pyvips.Error(
+                    f"libjpeg gave {count} warnings: the first harmless ({first}), the others not shown, so the "
+                    "data may be damaged"
+                ) from exc
+
+    def _probe(self) -> None:
         if self._fits_in_memory() and self._memory is None:
             try:
                 # a sequential loader: a random-access one decodes into a buffer of its own first, and
@@ -412,6 +446,60 @@ class OpenSlideSlide(Slide):
         self._osr.close()
 
 
+#: libjpeg warnings after which the pixels are whole (lower case, as they appear in libvips' message):
+#: bytes between segments, scan parameters a sequential JPEG should not have, an odd progression or
+#: Adobe marker, a JFIF revision or thumbnail out of spec. Every other warning (a premature end, a bad
+#: Huffman or arithmetic code, a lost restart marker) means missing or garbled data: an error.
+BENIGN_JPEG_WARNINGS = (
+    "extraneous bytes before marker",
+    "invalid sos parameters for sequential jpeg",
+    "inconsistent progression sequence",
+    "unknown adobe color transform code",
+    "unknown jfif revision number",
+    "jfif extension marker: thumbnail image",
+    "warning: thumbnail image size does not match data length",
+)
+
+
+_WARNINGS_LOCK = threading.Lock()
+_READ_GAVE = re.compile(r"read gave (\d+) warnings?")
+
+
+def _count_jpeg_warnings(decode) -> int:
+    """Run ``decode()`` (a JPEG decode failing on errors only) and return how many warnings libjpeg gave:
+    the largest ``read gave N warnings`` that libvips logs (through pyvips' logger) meanwhile, 0 when
+    none. One such decode at a time in a process (a lock), so that
+    the count is this file's; these are rare (a JPEG whose first warning is harmless)."""
+    counts: list[int] = []
+
+    class _Catch(logging.Handler):
+        def emit(self, record):
+            found = _READ_GAVE.search(record.getMessage())
+            if found:
+                counts.append(int(found.group(1)))
+
+    logger = logging.getLogger("pyvips")
+    handler = _Catch(logging.WARNING)
+    with _WARNINGS_LOCK:
+        level = logger.level
+        logger.addHandler(handler)
+        if not logger.isEnabledFor(logging.WARNING):
+            logger.setLevel(logging.WARNING)
+        try:
+            decode()
+        finally:
+            logger.removeHandler(handler)
+            logger.setLevel(level)
+    return max(counts, default=0)
+
+
+def benign_jpeg_warnings(message: str) -> bool:
+    """True when the libjpeg messages in a libvips error ``message`` (its ``VipsJpeg:`` lines) are all
+    :data:`BENIGN_JPEG_WARNINGS`, and there is at least one."""
+    found = [line.split(":", 1)[1].strip().lower() for line in message.splitlines() if line.strip().startswith("VipsJpeg:")]
+    return bool(found) and all(any(benign in text for benign in BENIGN_JPEG_WARNINGS) for text in found)
+
+
 def _flatten_on_white(rgba: np.ndarray) -> np.ndarray:
     """OpenSlide gives non-premultiplied RGBA, transparent outside scanned areas: flatten onto white."""
     rgb = rgba[..., :3]
@@ -452,7 +540,7 @@ def _mpp_from_description(image: pyvips.Image, fields: set[str]) -> tuple[float,
 
 def _mpp_from_resolution(image: pyvips.Image, fields: set[str]) -> tuple[float, float] | None:
     """TIFF resolution tags, only when a unit is set (a JPEG's 72 dpi is not a pixel size)."""
-    loader = image.get("vips-loader")
+    loader = image.get("vips-loader") if "vips-loader" in fields else ""
     if loader.startswith("tiffload") and "resolution-unit" in fields and image.xres > 0 and image.yres > 0:
         # libvips reports resolution in pixels per millimetre whatever the unit in the file.
         return 1000.0 / image.xres, 1000.0 / image.yres

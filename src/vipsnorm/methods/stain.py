@@ -907,7 +907,7 @@ def _tissue(pixels: np.ndarray, method: str, glass: tuple[float, float] | None) 
             f"{method}: only {n} of {pixels.shape[0]} pixels are tissue (darkest channel below 205); need "
             f"at least {MIN_STAINED_PIXELS}: the image is blank or all glass",
         )
-    if np.percentile(np.ptp(pixels, axis=1), 99.9) <= GREY_SPREAD:
+    if np.percentile(np.ptp(pixels[darkest < 205.0], axis=1), 99.9) <= GREY_SPREAD:  # (of the tissue: glass is grey)
         # a grey image stored as RGB has no chroma to map: Reinhard would tint it with the target's mean
         # colour, or, as a target, take the colour out of every image
         raise UnsupportedImageError(
