@@ -153,3 +153,29 @@ def test_symlinked_folders_are_followed_once_and_odd_names_are_kept(tmp_path, ca
     # recorded under its own name (round-trips through the manifest), with the cause
     assert bad["input"].endswith("caf\udce9.png") and "not valid UTF-8" in bad["error"]
     assert "caf\\udce9.png" in capsys.readouterr().err  # shown escaped, not a crash
+
+
+def test_one_file_linked_into_train_and_val_is_normalized_into_both_and_fitted_once(tmp_path, capsys):
+    """An ML layout: ds/train/cat/x.png and ds/val/cat/x.png both link to pool/x.png. normalize writes
+    both outputs (before: val/cat/x.png was never written, no row, exit 0); fit pools the file once."""
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    rng = np.random.default_rng(3)
+    for name in ("x", "y"):
+        pixels = rng.integers(20, 200, (32, 40, 3), dtype=np.uint8)
+        pyvips.Image.new_from_array(pixels).copy(interpretation="srgb").pngsave(str(pool / f"{name}.png"))
+    ds = tmp_path / "ds"
+    for split in ("train", "val"):
+        (ds / split / "cat").mkdir(parents=True)
+        (ds / split / "cat" / "x.png").symlink_to(pool / "x.png")
+    (ds / "train" / "cat" / "y.png").symlink_to(pool / "y.png")
+    out = tmp_path / "out"
+    rc, _, stderr = run(capsys, "normalize", ds, "-o", out, "--method", "stretch", "--workers", "0")
+    assert rc == 0, stderr
+    expected = ["train/cat/x.png", "train/cat/y.png", "val/cat/x.png"]
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*.png")) == expected
+    rows = read_manifest(default_manifest(out))
+    assert sorted(os.path.relpath(r["input"], ds) for r in rows if r["status"] == "ok") == expected
+    rc, stdout, stderr = run(capsys, "fit", ds, "-o", tmp_path / "ref.json", "--workers", "0")
+    assert rc == 0, stderr
+    assert len(json.loads((tmp_path / "ref.json").read_text())["inputs"]) == 2  # x once, and y

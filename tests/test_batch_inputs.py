@@ -75,15 +75,73 @@ def test_output_folder_and_duplicates_are_skipped(tree):
     assert rel(entries, tree) == [("a.svs", "", "a"), ("lab2/x.jpg", "lab2", "x")]
 
 
-def test_a_file_named_through_symbolic_links_is_listed_once_under_its_first_name(tmp_path):
+def test_names_of_one_file_with_one_output_are_one_input_under_the_first_name(tmp_path):
     a, b = touch(tmp_path / "real" / "a.jpg"), touch(tmp_path / "real" / "b.jpg")
-    (tmp_path / "link").symlink_to("real")  # a folder named twice
-    (tmp_path / "b-link.jpg").symlink_to(b)  # a file named twice
-    (tmp_path / "list.txt").write_text("link/a.jpg\nreal/b.jpg\n")
-    entries = discover([tmp_path / "real", tmp_path / "link", tmp_path / "b-link.jpg"], [tmp_path / "list.txt"])
+    (tmp_path / "link").symlink_to("real")  # a folder named twice: the same outputs, the same work
+    (tmp_path / "list.csv").write_text("input,output\nlink/a.jpg,A\n")  # and one output named in a list
+    entries = discover([tmp_path / "real", tmp_path / "link"], [tmp_path / "list.csv"])
     assert [e.path for e in entries] == [str(a), str(b)]
     first = discover([tmp_path / "link", tmp_path / "real"])  # the first name given is kept
     assert [e.path for e in first] == [str(tmp_path / "link" / "a.jpg"), str(tmp_path / "link" / "b.jpg")]
+    assert [i.error for i in plan(entries, tmp_path / "out")] == [None, None]
+
+
+def test_one_file_under_two_outputs_is_two_inputs_each_written_to_its_place(tmp_path):
+    """An ML layout links one pool into train/ and val/: both trees must be complete (before, the
+    second name was dropped silently: no output, no row)."""
+    pool = touch(tmp_path / "pool" / "x.png")
+    ds = tmp_path / "ds"
+    for split in ("train", "val"):
+        (ds / split / "cat").mkdir(parents=True)
+        (ds / split / "cat" / "x.png").symlink_to(pool)
+    touch(tmp_path / "pool2" / "y.png")
+    for split in ("train", "val"):  # and whole folders linked twice
+        (ds / split / "dog").symlink_to(tmp_path / "pool2")
+    (tmp_path / "alias.png").symlink_to(pool)  # a file named directly under another name
+    entries = discover([ds, tmp_path / "alias.png", pool])
+    assert [(e.rel_dir, e.name) for e in entries] == [
+        ("train/cat", "x"), ("train/dog", "y"), ("val/cat", "x"), ("val/dog", "y"), ("", "alias"), ("", "x"),
+    ]  # fmt: skip
+    assert [i.error for i in plan(entries, tmp_path / "out")] == [None] * 6
+
+
+def test_a_fit_takes_every_file_once_whatever_its_names(tmp_path):
+    pool = touch(tmp_path / "pool" / "x.png")
+    for split in ("train", "val"):
+        (tmp_path / "ds" / split).mkdir(parents=True)
+        (tmp_path / "ds" / split / "x.png").symlink_to(pool)
+    (tmp_path / "link").symlink_to(tmp_path / "ds")
+    entries = discover([tmp_path / "ds", tmp_path / "link", pool], once_per="file")
+    assert [e.path for e in entries] == [str(tmp_path / "ds" / "train" / "x.png")]
+    with pytest.raises(ValueError, match="once_per"):
+        discover([pool], once_per="name")
+
+
+def test_plan_asks_again_neither_for_the_output_folder_nor_for_the_files_discover_resolved(tmp_path, monkeypatch):
+    """Per input, plan() makes one stat (size and mtime): the output folder's real path is found once,
+    and the file each name leads to comes from discover (which made the one lstat it needs)."""
+    for i in range(50):
+        touch(tmp_path / "in" / f"d{i % 5}" / f"x{i}.jpg")
+    entries = discover([tmp_path / "in"])
+    out = tmp_path / "out"
+    calls = {"realpath": [], "islink": 0}
+    real_realpath, real_islink = os.path.realpath, os.path.islink
+
+    def realpath(path, *args, **kwargs):
+        calls["realpath"].append(os.fspath(path))
+        return real_realpath(path, *args, **kwargs)
+
+    def islink(path):
+        calls["islink"] += 1
+        return real_islink(path)
+
+    monkeypatch.setattr(os.path, "realpath", realpath)
+    monkeypatch.setattr(os.path, "islink", islink)
+    items = plan(entries, out)
+    assert [i.error for i in items] == [None] * 50
+    assert calls["islink"] == 0
+    assert calls["realpath"].count(str(out)) == 1  # not once per input
+    assert len(calls["realpath"]) <= 1 + 2 * 5  # the root, then per folder: the input's and the output's
 
 
 def test_hard_links_are_inputs_of_their_own(tmp_path):
@@ -365,3 +423,23 @@ def test_leftover_part_files_are_removed_and_nothing_else(tmp_path):
             raise RuntimeError
     assert remove_part_files([tmp_path, tmp_path / "missing"]) == [part]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in keep)
+
+
+def test_a_part_file_that_cannot_be_deleted_is_passed_over(tmp_path, monkeypatch):
+    """One leftover the run may not delete (EACCES, EROFS: another user's, a read-only snapshot) must
+    not end a run that can do its work; the others are deleted."""
+    stuck = tmp_path / "a" / ".x.vipsnorm-part-0123abcd.jpg"
+    other = tmp_path / "a" / ".y.vipsnorm-part-0123abcd.jpg"
+    more = tmp_path / "b" / ".z.vipsnorm-part-0123abcd.jpg"
+    for part in (stuck, other, more):
+        touch(part)
+    real_unlink = Path.unlink
+
+    def unlink(self, *args, **kwargs):
+        if self.name == stuck.name:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_unlink(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "unlink", unlink)
+    assert sorted(remove_part_files([tmp_path / "a", tmp_path / "b"])) == sorted([other, more])
+    assert stuck.exists() and not other.exists() and not more.exists()

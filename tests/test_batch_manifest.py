@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
+import hashlib
 import json
 import os
 import pickle
@@ -15,6 +17,7 @@ import pyvips
 import vipsnorm
 from vipsnorm.batch import COLUMNS, Manifest, default_manifest, fit_batch, normalize_batch, read_manifest
 from vipsnorm.batch.inputs import Item
+from vipsnorm.batch import run as run_module
 from vipsnorm.batch.run import NormalizeJob, config_hash
 from vipsnorm.engine import Options, build_method, fit_files
 from vipsnorm.errors import OutputError
@@ -231,12 +234,43 @@ def test_config_hash_changes_with_every_setting():
         config_hash(vipsnorm.Stretch(), vipsnorm.Stretch().fit(Sample.from_array(write_png_array())), Options()),
     }
     assert base not in others and len(others) == 5
-    # the default compression (None) writes what "jpeg" did before None existed: runs begun then resume
-    assert base == config_hash(vipsnorm.Stretch(), None, Options(compression="jpeg"))
-    assert base != config_hash(vipsnorm.Stretch(), None, Options(compression="deflate"))
+    # the default compression (None) hashes as "jpeg", the default before None existed: runs begun
+    # then resume (the hash such a version recorded, rebuilt)
+    opts = {k: v for k, v in dataclasses.asdict(Options()).items() if k != "overwrite"}
+    legacy = {"method": "stretch", "state": run_module._canonical(vipsnorm.Stretch()), "params": None,
+              "options": {**opts, "compression": "jpeg"}}  # fmt: skip
+    assert base == hashlib.sha256(json.dumps(legacy, sort_keys=True).encode()).hexdigest()[:16]
+    # but "jpeg" given explicitly writes ordinary TIFFs JPEG-compressed, where the default writes
+    # deflate: another setting
+    explicit = config_hash(vipsnorm.Stretch(), None, Options(compression="jpeg"))
+    assert len({base, explicit, config_hash(vipsnorm.Stretch(), None, Options(compression="deflate"))}) == 3
     target = Sample.from_array(np.arange(256, dtype=np.uint8).reshape(16, 16))
     other = Sample.from_array(np.arange(1, 257, dtype=np.uint16).clip(0, 255).astype(np.uint8).reshape(16, 16))
     assert config_hash(vipsnorm.Match(target), None, Options()) != config_hash(vipsnorm.Match(other), None, Options())
+
+
+def test_an_explicit_jpeg_compression_redoes_tiffs_the_default_wrote_with_deflate(tmp_path):
+    """Ordinary images written as TIFF: the default is deflate, ``--compression jpeg`` JPEG-compressed
+    TIFF; a resume must not take one for the other (before, both hashed alike and the rerun skipped)."""
+    for i in range(2):
+        write_png(tmp_path / "in" / f"im{i}.png", i)
+    out, default, jpeg = tmp_path / "out", Options(format="tiff"), Options(format="tiff", compression="jpeg")
+
+    def compressions() -> set[int]:  # the TIFF Compression tag: 8 deflate, 7 JPEG
+        import tifffile
+
+        found = set()
+        for path in out.glob("*.tif"):
+            with tifffile.TiffFile(path) as tif:
+                found.add(int(tif.pages[0].compression))
+        return found
+
+    assert normalize_batch([tmp_path / "in"], out, vipsnorm.Stretch(), options=default, workers=0).ok == 2
+    assert compressions() == {8}
+    summary = normalize_batch([tmp_path / "in"], out, vipsnorm.Stretch(), options=jpeg, workers=0)
+    assert (summary.ok, summary.skipped) == (2, 0) and compressions() == {7}
+    summary = normalize_batch([tmp_path / "in"], out, vipsnorm.Stretch(), options=jpeg, workers=0)
+    assert (summary.ok, summary.skipped) == (0, 2)
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))

@@ -4,8 +4,9 @@
   mid-task) is redone, not skipped: ``done`` asks for the identity of the file the worker put in place.
 - A task that outlives its run (its client was killed; on a cluster given with ``--scheduler`` it goes
   on) never puts its output over that of a later run: it checks the run's marker before the rename.
-- Part-file cleanup never follows a symbolic link out of the output folder, and reaches folders whose
-  inputs are all finished.
+- Part-file cleanup never follows a symbolic link out of the output folder, reaches only the folders
+  the run writes into, and never ends a run over a file it cannot delete.
+- A resume with nothing to do writes nothing in the output tree (no live-run marker).
 
 All in this process (``workers=0``) or in one child process: the cluster itself is tested elsewhere.
 """
@@ -229,17 +230,63 @@ def test_cleanup_checks_again_a_folder_that_became_a_link_during_the_run(tmp_pat
     assert theirs.read_bytes() == b"in progress"
 
 
-def test_a_part_file_in_a_folder_with_nothing_left_to_do_is_removed(tmp_path):
+def test_cleanup_reaches_only_the_folders_this_run_writes_into(tmp_path, monkeypatch):
+    """Part files are removed from the folders of inputs with work left, at the start and the end; a
+    folder whose inputs are all finished is not even listed: a resume with nothing to do lists no
+    folder (each a server round trip, huge ones on NFS), and the staged files of a concurrent run
+    with another manifest writing there are left alone. A killed run's leftover in a finished folder
+    stays until a run writes there again (hidden: never taken for an input or an output)."""
     for i, sub in enumerate(["a", "a", "b"]):
         write_png(tmp_path / "in" / sub / f"im{i}.png", i)
     out = tmp_path / "out"
     assert normalize_batch([tmp_path / "in"], out, vipsnorm.Stretch(), workers=0).ok == 3
-    left = [out / "a" / ".im0.vipsnorm-part-0badc0de.png", out / "b" / ".im2.vipsnorm-part-0badc0de"]
-    for part in left:  # what a SIGKILL during a write leaves (with or without a suffix)
+    mine = out / "a" / ".im0.vipsnorm-part-0badc0de.png"  # what a SIGKILL during a write leaves
+    theirs = out / "b" / ".im2.vipsnorm-part-0badc0de"  # another run's staged file, or a leftover
+    for part in (mine, theirs):
         part.write_bytes(b"half")
+    cleaned = []
+    real_remove = run_module.remove_part_files
+
+    def remove_part_files(folders):
+        folders = list(folders)
+        cleaned.append(sorted(str(Path(f).relative_to(out)) for f in folders))
+        return real_remove(folders)
+
+    monkeypatch.setattr(run_module, "remove_part_files", remove_part_files)
     summary = normalize_batch([tmp_path / "in"], out, vipsnorm.Stretch(), workers=0)
-    assert (summary.ok, summary.skipped) == (0, 3)
-    assert not part_files(out)
+    assert (summary.ok, summary.skipped) == (0, 3) and cleaned in ([], [[], []])  # nothing listed
+    assert mine.exists() and theirs.exists()
+    os.utime(tmp_path / "in" / "a" / "im1.png", ns=(0, 10**18))  # changed: a has work left again
+    cleaned.clear()
+    summary = normalize_batch([tmp_path / "in"], out, vipsnorm.Stretch(), workers=0)
+    assert (summary.ok, summary.skipped) == (1, 2) and cleaned == [["a"], ["a"]]  # at the start and the end
+    assert not mine.exists() and theirs.read_bytes() == b"half"
+
+
+def test_a_resume_with_nothing_to_do_writes_nothing_in_the_output_tree(images, tmp_path, monkeypatch):
+    """The live-run marker is claimed only when there is work: a resume over a read-only output tree
+    (a finished archive on a read-only mount) with nothing left reports every input skipped, not an
+    error (before, the marker was written first and the run ended with exit 2)."""
+    out = tmp_path / "out"
+    assert normalize_batch([images], out, vipsnorm.Stretch(), workers=0).ok == 3
+    before = sorted(p.name for p in out.iterdir())
+
+    def read_only(path, mode="r", *args, **kwargs):  # the client's writes in the output tree fail
+        if any(c in mode for c in "wax+") and Path(path).is_relative_to(out):
+            raise OSError(30, "Read-only file system", str(path))
+        return open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(run_module, "open", read_only, raising=False)
+    summary = normalize_batch([images], out, vipsnorm.Stretch(), workers=0)
+    assert (summary.ok, summary.error, summary.skipped) == (0, 0, 3)
+    assert sorted(p.name for p in out.iterdir()) == before  # no marker, not even for a moment
+    # with work to do, the marker is claimed before any worker starts, and a tree it cannot be
+    # written in is refused as before, with nothing done
+    calls = []
+    monkeypatch.setattr(run_module, "normalize_items", lambda job, items: calls.append(items) or [])
+    with pytest.raises(vipsnorm.errors.OutputError, match="marker of the live run"):
+        normalize_batch([images], out, vipsnorm.Stretch(), workers=0, overwrite=True)
+    assert calls == []
 
 
 def test_part_files_a_dying_worker_left_in_a_folder_the_run_created_are_removed_at_the_end(tmp_path, monkeypatch):

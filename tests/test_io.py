@@ -278,6 +278,68 @@ def test_an_output_name_too_long_is_one_error_naming_it(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def forget_name_limits() -> None:
+    """Empty the cache of the name limits of folders (:func:`vipsnorm.io.write.name_max`)."""
+    from vipsnorm.io import write
+
+    cached = getattr(write, "_pathconf_name_max", None)
+    if cached is not None:
+        cached.cache_clear()
+
+
+def test_the_file_system_is_asked_for_its_name_limit_once_per_folder_and_not_for_short_names(tmp_path, monkeypatch):
+    """``pathconf`` is a ``statfs``, a server round trip on NFS: a batch used to ask three times per
+    output (the engine's check of the final name, the writer's check and its temporary name)."""
+    from vipsnorm.engine import build_method, normalize_file
+    from vipsnorm.io import write
+
+    calls = []
+    real = os.pathconf
+
+    def pathconf(path, name):
+        calls.append(os.fspath(path))
+        return real(path, name)
+
+    monkeypatch.setattr(os, "pathconf", pathconf)
+    forget_name_limits()
+    pixels = np.random.default_rng(0).integers(20, 200, (16, 16, 3), dtype=np.uint8)
+    image = pyvips.Image.new_from_array(pixels).copy(interpretation="srgb")
+    src = tmp_path / "in.png"
+    image.pngsave(str(src))
+    (tmp_path / "out").mkdir()
+    for i in range(3):  # names that fit, with their temporary names, in any file system's names: not asked
+        write_image(image, tmp_path / "out" / f"short{i}.tif")
+        assert normalize_file(src, tmp_path / "out", build_method("stretch"), name=f"n{i}").status == "ok"
+    assert calls == []
+    for i in range(3):  # long ones: the folder is asked once
+        write_image(image, tmp_path / "out" / (f"{i}" + "L" * 200 + ".png"))
+    assert calls == [str(tmp_path / "out")]
+    # a folder that cannot be asked (not created yet) is asked again once it exists
+    calls.clear()
+    later = tmp_path / "later"
+    assert write.name_max(later) == write.NAME_MAX and calls == [str(later)]
+    later.mkdir()
+    write.name_max(later)
+    write.name_max(later)  # answered from the cache
+    assert calls == [str(later), str(later)]
+
+
+def test_a_short_name_limit_is_still_found_for_long_names(tmp_path, monkeypatch):
+    """eCryptfs takes 143 bytes: the names not asked about are those that fit there."""
+    monkeypatch.setattr(os, "pathconf", lambda path, name: 143)
+    forget_name_limits()
+    try:
+        check_name(tmp_path / ("L" * 99 + ".tif"))  # 103 + 40 <= 143: not asked, and it fits
+        check_name(tmp_path / ("L" * 139 + ".tif"))  # 143 bytes: asked, and it fits
+        with pytest.raises(OutputError, match="144 bytes, more than the 143"):
+            check_name(tmp_path / ("L" * 140 + ".tif"))
+        with atomic_path(tmp_path / ("L" * 139 + ".tif")) as temp:
+            assert len(os.fsencode(temp.name)) <= 143
+            temp.write_bytes(b"done")
+    finally:
+        forget_name_limits()  # not this fake's answers for the next test's folders
+
+
 def test_ome_tiff_subifd_pyramid_levels_and_physical_size(tmp_path):
     pixels = np.random.default_rng(4).integers(0, 256, (1200, 1600, 3), dtype=np.uint8)
     path = tmp_path / "p.ome.tif"
@@ -336,3 +398,13 @@ def test_an_output_name_too_long_for_the_file_system_is_one_line_naming_it(tmp_p
     assert result.status == "error" and "internal error" not in result.error
     assert "256 bytes" in result.error and "rename the input" in result.error
     assert os.listdir(tmp_path / "out") == []
+
+
+def test_float_scrgb_outside_tiff_is_linear_light(tmp_path):
+    # scRGB is linear 0..1 by its format's definition (a libvips .v file here): converted, not refused
+    linear = np.random.default_rng(0).random((20, 30, 3)).astype(np.float32)
+    pyvips.Image.new_from_array(linear).copy(interpretation="scrgb").write_to_file(str(tmp_path / "x.v"))
+    out = vipsnorm.open(tmp_path / "x.v").level_image(0)
+    assert out.format == "uchar" and out.bands == 3
+    expected = pyvips.Image.new_from_array(linear).copy(interpretation="scrgb").colourspace("srgb").numpy()
+    np.testing.assert_array_equal(out.numpy(), expected)

@@ -473,6 +473,49 @@ def test_another_input_under_the_same_output_name_is_refused_across_runs(small_s
     assert code == 1 and f"as {lab_b}, which an earlier run" in stderr
 
 
+def test_a_slide_archive_moved_elsewhere_is_the_same_input_not_another(small_slide, tmp_path, capsys):
+    """The archive moved (another disk, a renamed folder): each slide's recorded path names no file any
+    more, and a file of the same name, size and mtime is here. The same input moved, not another
+    input (before: every finished slide an error, only --overwrite helped); redone, so that its
+    patches and rows name its new path, then skipped as usual."""
+    old = tmp_path / "archive" / "x.tif"
+    old.parent.mkdir()
+    shutil.copy2(small_slide, old)
+    out = tmp_path / "out"
+    assert run(capsys, old, "-o", out, *FAST)[0] == 0
+    new = tmp_path / "disk2" / "archive" / "x.tif"
+    new.parent.parent.mkdir()
+    os.rename(old.parent, new.parent)  # a move keeps the size and mtime
+    code, _, stderr = run(capsys, new, "-o", out, *FAST)
+    assert code == 0, stderr
+    (row,) = last_run(out).values()
+    assert row["status"] == "ok" and row["input"] == str(new)
+    assert {r["slide"] for r in read_table(out / TABLE)} == {str(new)}
+    assert run(capsys, new, "-o", out, *FAST)[0] == 0 and last_run(out)["x.tif"]["status"] == "skipped"
+    # a file of that name elsewhere, changed (another size or mtime), is another input, as before
+    other = tmp_path / "labB" / "x.tif"
+    other.parent.mkdir()
+    shutil.copyfile(small_slide, other)
+    os.utime(other, ns=(0, new.stat().st_mtime_ns + 10**9))
+    new.rename(tmp_path / "gone.tif")
+    code, _, stderr = run(capsys, other, "-o", out, *FAST)
+    assert code == 1 and f"as {new}, which an earlier run" in stderr
+
+
+def test_two_existing_slides_of_one_name_size_and_mtime_are_still_two_inputs(small_slide, tmp_path, capsys):
+    """Copies whose mtimes are equal (a tar gives whole seconds) are not taken for a moved one while the
+    recorded one still exists: taking them for one would silently replace the first's patches."""
+    lab_a, lab_b = tmp_path / "labA" / "x.tif", tmp_path / "labB" / "x.tif"
+    for path in (lab_a, lab_b):
+        path.parent.mkdir()
+        shutil.copyfile(small_slide, path)
+        os.utime(path, ns=(10**18, 10**18))
+    out = tmp_path / "out"
+    assert run(capsys, lab_a, "-o", out, *FAST)[0] == 0
+    code, _, stderr = run(capsys, lab_b, "-o", out, *FAST)
+    assert code == 1 and f"as {lab_a}, which an earlier run" in stderr
+
+
 def test_a_slide_named_like_the_table_and_a_killed_runs_table(small_slide, tmp_path, capsys):
     # a slide called "patches" has parts named like the table's; neither cleanup takes the other's
     slide = tmp_path / "in" / "patches.tif"

@@ -14,8 +14,12 @@ Three kinds of input:
   deepest folder common to every entry, when some lie outside it). Output names that are absolute or
   hold ``..`` are refused: they are recorded as errors and nothing is written for them.
 
-Each input is listed once, under the first name given for it: names that lead to the same file through
-symbolic links are one input.
+Names that lead to the same file through symbolic links are one input, under the first name given,
+when they would also have the same output (``link -> real`` given as two folders: the same work, done
+once); with different outputs (``train/cat/x.png`` and ``val/cat/x.png``, both links to
+``pool/x.png``) each name is an input of its own, written to its own place in the mirrored tree. A fit
+takes every file once, whatever its names (``discover(once_per="file")``): a file pooled twice would
+weigh twice in the reference.
 
 Two inputs that would share an output folder and name (whatever their suffixes: ``x.svs`` and
 ``x.tif`` both become ``x.tif``), and an output that could replace an input, are refused before any
@@ -32,7 +36,7 @@ import io
 import os
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from ..errors import OutputError
@@ -79,12 +83,17 @@ class Entry:
         Output file name without suffix.
     error : str, optional
         Why this entry cannot be processed (recorded as an error, never run).
+    real : str, optional
+        The file ``path`` leads to, symbolic links followed, as :func:`discover` found it (so that
+        :func:`plan` need not look again: one ``lstat`` a file, a server round trip on NFS); None: not
+        known. Not compared: an entry is its name and output.
     """
 
     path: str
     rel_dir: str = ""
     name: str = ""
     error: str | None = None
+    real: str | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -122,15 +131,16 @@ def _walk(folder: str, include: Sequence[str], exclude: Sequence[str], skip: set
     """Files below ``folder`` matching ``include`` and not ``exclude``, in sorted order.
 
     Symbolic links to folders are followed (``archive/2019 -> /mnt/disk2/2019`` is a common layout); a
-    folder already visited on the way down (a link cycle) is not entered again.
+    folder that is one of its own ancestors (a link cycle) is not entered again. Two links to one
+    folder in different places (``train/cat`` and ``val/cat`` -> ``pool/cat``) are both searched: their
+    files have different places in the mirrored tree, and :func:`discover` decides what is one input.
     """
-    entered: set[str] = set()
 
-    def visit(current: str, rel: str):
+    def visit(current: str, rel: str, ancestors: frozenset[str]):
         real = os.path.realpath(current)
-        if real in entered:
+        if real in ancestors:
             return
-        entered.add(real)
+        ancestors = ancestors | {real}
         try:
             with os.scandir(current) as it:
                 children = sorted(it, key=lambda d: d.name)
@@ -143,7 +153,7 @@ def _walk(folder: str, include: Sequence[str], exclude: Sequence[str], skip: set
             child_rel = f"{rel}/{child.name}" if rel else child.name
             if child.is_dir():  # a symbolic link to a folder too
                 if os.path.realpath(child.path) not in skip:
-                    yield from visit(child.path, child_rel)
+                    yield from visit(child.path, child_rel, ancestors)
             elif child.is_file() and _matches(child.name, child_rel, include):
                 if _matches(child.name, child_rel, exclude):
                     continue
@@ -153,7 +163,7 @@ def _walk(folder: str, include: Sequence[str], exclude: Sequence[str], skip: set
                     continue
                 yield Entry(child.path, rel, Path(child.name).stem)
 
-    yield from visit(folder, "")
+    yield from visit(folder, "", frozenset())
 
 
 def safe_relative(name: str) -> PurePosixPath:
@@ -259,6 +269,7 @@ def discover(
     include: Sequence[str] | None = None,
     exclude: Sequence[str] = (),
     skip: Iterable[str | os.PathLike[str]] = (),
+    once_per: str = "output",
 ) -> list[Entry]:
     """Every input named by ``inputs`` (files and folders) and ``lists`` (list files), in order, each once.
 
@@ -270,12 +281,22 @@ def discover(
         directly or in a list are always taken.
     skip : iterable of path-like
         Folders never searched (the output folder).
+    once_per : {"output", "file"}
+        What makes two names one input when symbolic links lead them to the same file (the first name
+        given is kept). ``"output"`` (normalize): the same file *and* the same output folder and name,
+        as :func:`plan` compares them (folders with ``\\`` as a separator, names case-insensitively):
+        the same work, listed once, while the same file under two outputs (``train/cat/x.png`` and
+        ``val/cat/x.png``, links to one pool) is two inputs, each written to its place. ``"file"``
+        (fit): the same file, whatever its outputs: a file pooled twice would weigh twice in a
+        reference. Hard links are separate names in either case.
 
     Raises
     ------
     ValueError
-        A list file cannot be read.
+        A list file cannot be read, or ``once_per`` is neither ``"output"`` nor ``"file"``.
     """
+    if once_per not in ("output", "file"):
+        raise ValueError(f"once_per must be 'output' or 'file', not {once_per!r}")
     include = tuple(include) if include else DEFAULT_INCLUDE
     skip_real = {os.path.realpath(s) for s in skip}
     entries: list[Entry] = []
@@ -296,19 +317,40 @@ def discover(
             entries.append(Entry(path, "", Path(path).stem))
     for list_file in lists:
         entries += _list_entries(list_file)
-    # Once per file, not per name: ``real`` and a link to it (``link -> real``, named as a folder, inside
-    # a folder or in a list) would otherwise be normalized twice (the second refused as a collision)
-    # and pooled twice by a fit. Symbolic links only: hard links are names of their own in the tree
-    # (a dataset de-duplicated by hard links), each with its own place in the mirrored output.
-    seen: set[str] = set()
+    # ``real`` and a link to it (``link -> real``, named as a folder, inside a folder or in a list) with
+    # one output would otherwise be normalized twice (the second refused as a collision), and any two
+    # names of one file pooled twice by a fit. But one file under two outputs is two inputs for
+    # normalize: ML layouts link one pool into train/ and val/, and both trees must be complete.
+    # Symbolic links only: hard links are names of their own (a dataset de-duplicated by hard links).
+    # Each entry keeps the file it leads to, for plan() (one lstat a name, made once).
+    seen: set = set()
     parents: dict[str, str] = {}
+    folder_keys: dict[str, str] = {}
     unique = []
     for entry in entries:
-        key = entry.path if entry.error is not None else _real_file(entry.path, parents)
+        if entry.error is not None:
+            key = real = entry.path
+        else:
+            real = _real_file(entry.path, parents)
+            if once_per == "file":
+                key = real
+            else:
+                folder = folder_keys.get(entry.rel_dir)
+                if folder is None:
+                    folder = folder_keys[entry.rel_dir] = _folder_key(entry.rel_dir)
+                key = (real, folder, entry.name.lower())
         if key not in seen:
             seen.add(key)
+            if entry.error is None:
+                entry = Entry(entry.path, entry.rel_dir, entry.name, None, real)
             unique.append(entry)
     return unique
+
+
+def _folder_key(rel_dir: str) -> str:
+    """``rel_dir`` as :func:`plan` compares output folders before following links: ``\\`` separates
+    folders, empty and ``.`` parts dropped, case ignored."""
+    return "/".join(p for p in rel_dir.replace("\\", "/").split("/") if p not in ("", ".")).lower()
 
 
 def _real_parent(path: str, parents: dict[str, str]) -> str:
@@ -375,13 +417,15 @@ def plan(entries: Sequence[Entry], out_root: str | os.PathLike[str]) -> list[Ite
     limit = name_max(_existing(out_real))
     parents: dict[str, str] = {}
     # inputs that live inside the output folder, by the output key they would be overwritten through:
-    # the name they were given, and the file itself when that name is a symbolic link
+    # the name they were given, and the file itself when that name is a symbolic link (known from
+    # discover, which looked already: not asked again)
     inside: dict[tuple[str, str], str] = {}
     for entry in entries:
         if entry.error is not None:
             continue
         named = os.path.join(_real_parent(entry.path, parents), os.path.basename(entry.path))
-        for path in {named, _real_file(entry.path, parents)}:
+        real = entry.real if entry.real is not None else _real_file(entry.path, parents)
+        for path in {named, real}:
             folder, name = os.path.split(path)
             if _under(folder, out_real):
                 inside.setdefault((folder.lower(), Path(name).stem.lower()), entry.path)
@@ -400,7 +444,7 @@ def plan(entries: Sequence[Entry], out_root: str | os.PathLike[str]) -> list[Ite
             else:
                 parts, real = folder
                 rel_dir = "/".join(parts)
-                error = _output_error(entry, out_root, parts, real, limit, inside, taken)
+                error = _output_error(entry, out_root, out_real, parts, real, limit, inside, taken)
         items.append(Item(index, entry.path, rel_dir, entry.name, size, mtime, error))
     return items
 
@@ -427,6 +471,7 @@ def _output_folder_of(rel_dir: str, out_root: str, out_real: str, limit: int) ->
 def _output_error(
     entry: Entry,
     out_root: str,
+    out_real: str,
     parts: tuple[str, ...],
     real: str,
     limit: int,
@@ -435,7 +480,7 @@ def _output_error(
 ) -> str | None:
     """Why ``entry`` cannot have the output ``real/name.*`` (None if it can; then it takes it)."""
     shown = os.path.join(out_root, *parts, entry.name) + ".*"
-    if real != os.path.join(os.path.realpath(out_root), *parts):  # a link inside the output folder
+    if real != os.path.join(out_real, *parts):  # a link inside the output folder
         shown += f" (that is {os.path.join(real, entry.name)}.*, links followed)"
     if len(os.fsencode(entry.name)) + _MIN_SUFFIX > limit:
         return (
@@ -517,12 +562,17 @@ def output_folder(out_root: str | os.PathLike[str], rel_dir: str) -> Path:
 
 
 def remove_part_files(folders: Iterable[str | os.PathLike[str]]) -> list[Path]:
-    """Delete the temporary outputs a killed run left in ``folders`` (not below them); return them."""
+    """Delete the temporary outputs a killed run left in ``folders`` (not below them); return them.
+
+    Never raises: a folder that cannot be listed, or a part file that cannot be deleted (gone already,
+    ``EACCES``, ``EROFS``, ``EIO``), is passed over. A leftover is hidden and never taken for an output,
+    so one left in place costs disk space, while an error here would end a run that can do its work.
+    """
     removed = []
     for folder in folders:
         try:
             with os.scandir(folder) as it:
-                names = [d.name for d in it if d.is_file(follow_symlinks=False) and PART_FILE.match(d.name)]
+                names = [d.name for d in it if PART_FILE.match(d.name) and _plain_file(d)]
         except OSError:
             continue
         for name in names:
@@ -530,6 +580,15 @@ def remove_part_files(folders: Iterable[str | os.PathLike[str]]) -> list[Path]:
             try:
                 path.unlink()
                 removed.append(path)
-            except FileNotFoundError:
+            except OSError:
                 pass
     return removed
+
+
+def _plain_file(entry: os.DirEntry) -> bool:
+    """``entry`` is a file, not a link (False when that cannot be told: a file system without file types
+    in its listings makes this an ``lstat``, which may fail)."""
+    try:
+        return entry.is_file(follow_symlinks=False)
+    except OSError:
+        return False

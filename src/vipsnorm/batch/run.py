@@ -12,8 +12,10 @@ Each output is put in place by the worker in two steps: :func:`~vipsnorm.engine.
 it complete under a hidden staging name (``.NAME.vipsnorm-part-XXXXXXXX.EXT``, a part file to every
 cleanup), then :func:`normalize_items` renames it to its final name, but only if its run is still the
 live run of the output folder: the client writes its run's token in a marker file in the output folder
-(:func:`live_marker`) before any work and deletes it when the run ends, and a later run with the same
-manifest replaces it. A task still running after its client was killed (on a cluster given with
+(:func:`live_marker`) before any worker starts, when the run has work to do (a resume with nothing
+left writes nothing, so it runs over a read-only output tree), and deletes it when the run ends; a
+later run with the same manifest replaces it (a killed run's marker stays until then). A task still
+running after its client was killed (on a cluster given with
 ``--scheduler``, Dask cannot stop a running task) then never puts outputs made with its settings over
 those of a later run: it removes its staged file and reports the input as an error. The worker also
 records the identity (size, inode number, mtime) of the file it renamed into place, which
@@ -370,6 +372,12 @@ def config_hash(method: Method, params: Params | None, options: Options) -> str:
         # the default (JPEG pyramids, deflate ordinary TIFFs) writes what "jpeg", the default before
         # None, wrote: the same hash, so that a run begun with an earlier version resumes
         opts["compression"] = "jpeg"
+    elif opts["compression"] == "jpeg":
+        # given explicitly, JPEG makes ordinary TIFF outputs JPEG-compressed, where the default writes
+        # deflate: another hash, or a resume would skip outputs made the other way. A run begun with
+        # an explicit --compression jpeg by a version before None existed hashed "jpeg" (as its default
+        # did), so its outputs are redone once; then its reruns skip them again.
+        opts["compression"] = "jpeg, given"
     data = {
         "method": method.name,
         "state": _canonical(method),
@@ -494,8 +502,8 @@ class _Progress:
             self.bar.close()
 
 
-def _discover_or_fail(inputs, lists, include, exclude, skip=()) -> list[Entry]:
-    entries = discover(inputs, lists, include=include, exclude=exclude, skip=skip)
+def _discover_or_fail(inputs, lists, include, exclude, skip=(), once_per="output") -> list[Entry]:
+    entries = discover(inputs, lists, include=include, exclude=exclude, skip=skip, once_per=once_per)
     if not entries:
         raise ValueError("no input given")
     return entries
@@ -600,9 +608,6 @@ def normalize_batch(
             bar.update(len(rows))
 
         try:
-            # this run is now the live one: tasks of an earlier run with this manifest still running on
-            # a cluster (their client was killed) put nothing more in place
-            live = _claim(live_marker(out_root, manifest_path), token)
             todo, early = [], []
             for item in items:
                 done = None if item.error is not None or overwrite else book.done(item, config, out_root)
@@ -616,21 +621,30 @@ def normalize_batch(
                     record(early)
                     early = []
             record(early)
-            # temporary outputs of a killed run (or of a worker that died in this one) are never results:
-            # removed from the folder of every input of the run, done or not (a folder whose inputs are
-            # all finished would otherwise keep them for ever), and again, at the end, from those written
-            folders = _output_folders(out_root, items)
-            remove_part_files(_contained(out_root, folders.values()))
+            # Only folders this run writes into, at the start and the end: temporary outputs of a killed
+            # run (or of a worker that died in this one) are never results, but listing the folder of
+            # every finished input too would cost a resume with nothing to do one listing per folder
+            # (huge folders on NFS), and would delete the staged files of a concurrent run with another
+            # manifest writing there. A leftover in a folder with nothing left to do stays until a run
+            # writes there again: hidden, it is never taken for an input or an output.
+            folders = list(_output_folders(out_root, todo).values())
+            if todo:
+                # this run is now the live one: tasks of an earlier run with this manifest still running
+                # on a cluster (their client was killed) put nothing more in place. Claimed only with
+                # work to do, so that a resume with nothing left runs over a read-only output tree
+                live = _claim(live_marker(out_root, manifest_path), token)
+            remove_part_files(_contained(out_root, folders))
             engine = _engine(len(todo), _fits_one_task(todo), client, scheduler, workers)
             try:
-                job = NormalizeJob(str(out_root), method, params, options, str(live), token)
+                job = NormalizeJob(str(out_root), method, params, options, None if live is None else str(live), token)
                 fail = lambda item, cause: _error_row(item, f"{item.input}: {cause}")  # noqa: E731
                 engine.run(normalize_items, job, _group(todo, engine.threads()), record, fail)
             finally:
                 summary.engine = engine.description  # after the run: a child runner may fall back here
                 engine.close()
-                written = {item.rel_dir for item in todo}
-                remove_part_files(_contained(out_root, [f for rel, f in folders.items() if rel in written]))
+                # those a worker that died left, in folders that exist now; each checked again: one may
+                # have become a link meanwhile
+                remove_part_files(_contained(out_root, folders))
         finally:
             bar.close()
             if live is not None:
@@ -675,8 +689,8 @@ def _release(live: Path, token: str) -> None:
 
 
 def _output_folders(out_root: Path, items: Sequence[Item]) -> dict[str, Path]:
-    """The output folder of every item the plan accepted, by ``rel_dir``, each once (whether it leads out
-    of ``out_root`` is for :func:`_contained` to say, when it is about to be cleaned)."""
+    """The output folder of every item of ``items`` the plan accepted, by ``rel_dir``, each once (whether
+    it leads out of ``out_root`` is for :func:`_contained` to say, when it is about to be cleaned)."""
     folders: dict[str, Path] = {}
     for item in items:
         if item.error is None and item.rel_dir not in folders:
@@ -737,7 +751,8 @@ def fit_batch(
     method_options = method_options or {}
     check_fit(method_name, method_options)  # before any work
     _check_engine(client, scheduler, workers)
-    entries = _discover_or_fail(inputs, lists, include, exclude)
+    # every file once, whatever the names that reach it: a file pooled twice would weigh twice
+    entries = _discover_or_fail(inputs, lists, include, exclude, once_per="file")
     items = [Item(i, e.path, "", "", *file_stat(e.path), e.error) for i, e in enumerate(entries)]
     results: list[Result | None] = [None] * len(items)
     summaries: list = [None] * len(items)

@@ -8,6 +8,7 @@ name.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import secrets
 from collections.abc import Iterator
@@ -39,6 +40,13 @@ IMAGE_SUFFIXES = {".jpg": "jpeg", ".jpeg": "jpeg", ".png": "png", ".webp": "webp
 PART_MARKER = ".vipsnorm-part-"
 #: The longest file name, in bytes, when the file system does not say (ext4, XFS, btrfs, APFS, NTFS).
 NAME_MAX = 255
+#: The longest file name, in bytes, that every file system vipsnorm may write to takes (eCryptfs, the
+#: shortest known, takes 143).
+SHORTEST_NAME_MAX = 143
+#: Bytes a temporary name adds to the name it is for (24 for ``.`` + :data:`PART_MARKER` + 8 hex
+#: digits), with room to spare: a name this much shorter than :data:`SHORTEST_NAME_MAX` fits, and so do
+#: its temporary names, on every file system, so its folder is not asked (:func:`_limit`).
+_TEMP_ROOM = 40
 #: Saver -> the largest width or height it can write (libjpeg's JPEG_MAX_DIMENSION, libwebp's
 #: WEBP_MAX_DIMENSION). Checked before any work: libvips would fail only when the save starts.
 MAX_SIDE = {"jpeg": 65500, "webp": 16383}
@@ -58,11 +66,31 @@ _DROP_FIELDS = ("image-description", "xmp-data", "iptc-data")
 
 def name_max(folder: str | os.PathLike[str]) -> int:
     """The longest file name, in bytes, the file system of ``folder`` takes (:data:`NAME_MAX` when it
-    cannot be asked: a folder not created yet, Windows); eCryptfs, for one, takes only 143."""
+    cannot be asked: a folder not created yet, Windows); eCryptfs, for one, takes only 143.
+
+    Asked once per folder and process (``pathconf`` is a ``statfs``: an uncached server round trip on
+    NFS, and a batch asks for every output): the answers of the last 4096 folders are kept. A folder
+    that cannot be asked is asked again next time (it may have been created meanwhile).
+    """
     try:
-        return os.pathconf(folder, "PC_NAME_MAX")
-    except (OSError, ValueError, AttributeError):
+        return _pathconf_name_max(os.fspath(folder))
+    except (OSError, ValueError, TypeError, AttributeError):
         return NAME_MAX
+
+
+@functools.lru_cache(maxsize=4096)
+def _pathconf_name_max(folder: str) -> int:
+    # (an exception is not cached: only answers are)
+    return os.pathconf(folder, "PC_NAME_MAX")
+
+
+def _limit(path: Path) -> int:
+    """The longest file name the folder of ``path`` takes, or :data:`SHORTEST_NAME_MAX` without asking
+    when ``path``'s name and its temporary names fit in that (what most outputs' names do): every
+    use of the limit here then gives the same answer as the real one would."""
+    if _bytes(path.name) + _TEMP_ROOM <= SHORTEST_NAME_MAX:
+        return SHORTEST_NAME_MAX
+    return name_max(path.parent)
 
 
 def _bytes(text: str) -> int:
@@ -98,7 +126,7 @@ def _temp_suffix(path: Path, limit: int) -> str:
 
 def _temp_prefix(path: Path, limit: int | None = None) -> Path:
     """What every temporary name of ``path`` begins with (:func:`atomic_path`), NAME cut to fit."""
-    limit = name_max(path.parent) if limit is None else limit
+    limit = _limit(path) if limit is None else limit
     return path.with_name(f".{part_stem(path.stem, _temp_suffix(path, limit), limit)}{PART_MARKER}")
 
 
@@ -112,7 +140,11 @@ def check_name(path: str | os.PathLike[str], fix: str = "give a shorter name") -
         The name of ``path`` is longer than the file system of its folder allows (255 bytes on most).
     """
     path = Path(path)
-    limit = name_max(path.parent)
+    _check_name(path, _limit(path), fix)
+
+
+def _check_name(path: Path, limit: int, fix: str = "give a shorter name") -> None:
+    """:func:`check_name` with the folder's ``limit`` known."""
     size = _bytes(path.name)
     if size > limit:
         raise OutputError(
@@ -138,8 +170,8 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         The name of ``path`` is too long for its file system (:func:`check_name`); nothing is written.
     """
     path = Path(path)
-    check_name(path)
-    limit = name_max(path.parent)
+    limit = _limit(path)  # the folder asked once at most, for the check and the temporary name
+    _check_name(path, limit)
     temp = Path(f"{_temp_prefix(path, limit)}{secrets.token_hex(4)}{_temp_suffix(path, limit)}")
     try:
         yield temp

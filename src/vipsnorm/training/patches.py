@@ -1328,16 +1328,37 @@ def _extract_group(job: tuple, group: list[_SlideTask]) -> list[tuple[int, Slide
     return done
 
 
-def _other_input(record: dict | None, path: str) -> str | None:
+def _other_input(record: dict | None, task: _SlideTask) -> str | None:
     """The input that an earlier run patched under this slide's output name, when it is another file
-    than ``path`` (another absolute path, not the same file by a link); else None."""
+    than ``task``'s; else None.
+
+    Not another file: the same absolute path; the same file by a link; or the same file moved (an
+    archive moved to another disk or folder): the recorded path names no file any more, and the
+    recorded file name, size and mtime (nanoseconds) are this input's. A moved slide is then redone
+    like a changed one (:func:`_finished` asks for the same path), not skipped: its path is written in
+    every patch's metadata and in its rows of the table, which would name the old place. Requiring
+    the old path to be gone keeps two different slides of one name that both exist (``labA/x.tif``
+    and ``labB/x.tif``: copies of one size, their mtimes equal when a tar gave them whole seconds)
+    apart: taking them for one would silently replace the first's patches.
+    """
     recorded = None if record is None else record.get("input")
-    if not isinstance(recorded, str) or recorded == os.path.abspath(path):
+    if not isinstance(recorded, str) or recorded == os.path.abspath(task.path):
         return None
-    with contextlib.suppress(OSError):
-        if os.path.samefile(recorded, path):
+    try:
+        if os.path.samefile(recorded, task.path):
             return None
-    return recorded
+        return recorded  # both exist: two files
+    except FileNotFoundError:  # the recorded path names nothing now: moved, if it is the same file
+        pass
+    except OSError:  # (the recorded path cannot be asked: taken for another input, as before)
+        return recorded
+    moved = (
+        os.path.basename(recorded) == os.path.basename(task.path)
+        and task.size is not None
+        and record.get("input_size") == task.size
+        and record.get("input_mtime_ns") == task.mtime_ns
+    )
+    return None if moved else recorded
 
 
 def _finished(out: Path, task: _SlideTask, config: str, record: dict | None) -> dict | None:
@@ -1452,7 +1473,9 @@ def extract_slides(
     **One input per output name.** A slide whose output name an earlier run gave another input in
     ``OUT`` (``labA/x.tif``, now ``labB/x.tif``: another absolute path, not a link to the same file) is
     an error, its rows and outputs left as they are, unless ``overwrite`` replaces them. The same input
-    changed (size or mtime) or with other settings is redone.
+    changed (size or mtime) or with other settings is redone, and so is the same input moved (the
+    recorded path names no file any more, and the file name, size and mtime are the same): its patches
+    and rows are written again naming its new path.
 
     **Resume.** What decides that a slide is finished is its rows file, ``OUT/.vipsnorm-rows/NAME.csv``,
     not the manifest: the worker that writes the outputs commits it (see :func:`extract_slide`: the old
@@ -1511,7 +1534,7 @@ def extract_slides(
                 continue
             claimed[task.name] = task.path
             record = _read_record(out / ROWS_DIR / f"{task.name}.csv")
-            other = None if overwrite else _other_input(record, task.path)
+            other = None if overwrite else _other_input(record, task)
             if other is not None:
                 cause = (
                     f"has the same output name ({task.name}) as {other}, which an earlier run patched into {out}; "
