@@ -506,20 +506,60 @@ def test_jpeg_with_only_harmless_decoder_warnings_is_read(tmp_path, kind, size):
     assert result.status == "ok", result.error
 
 
-def test_a_harmless_warning_does_not_excuse_a_cut_jpeg(tmp_path):
-    from vipsnorm.io.slide import benign_jpeg_warnings
+@pytest.mark.parametrize("size", [(384, 256), (1600, 1200)])  # held in memory, and streamed
+def test_a_harmless_warning_does_not_excuse_a_cut_jpeg(tmp_path, size):
+    from vipsnorm.io.slide import benign_jpeg_warnings, count_jpeg_warnings
     from vipsnorm.synth import synthetic_slide
 
-    good = synthetic_slide(384, 256, seed=5, tissue=0.7).jpegsave_buffer(Q=90)
+    good = synthetic_slide(*size, seed=5, tissue=0.7).jpegsave_buffer(Q=90)
     warned = _with_benign_warning(good, "extraneous")
     path = tmp_path / "both.jpg"
     path.write_bytes(warned[: len(warned) // 2] + b"\xff\xd9")
+    (tmp_path / "one.jpg").write_bytes(warned)
+    assert count_jpeg_warnings(path) == 2 and count_jpeg_warnings(tmp_path / "one.jpg") == 1
     # libvips reports only the first warning (harmless here); the decode failing on errors only counts two
     with pytest.raises(UnreadableImageError, match="libjpeg gave 2 warnings: the first harmless"):
         vipsnorm.open(path)
+    result = normalize_file(path, tmp_path, build_method("equalize"), options=Options(format="png"))
+    assert result.status == "error" and not (tmp_path / "both.png").exists()
     assert benign_jpeg_warnings("x\n  VipsJpeg: Corrupt JPEG data: 3 extraneous bytes before marker 0xda\njpegload: load error")
     assert not benign_jpeg_warnings(
         "VipsJpeg: Corrupt JPEG data: 3 extraneous bytes before marker 0xda\n"
         "VipsJpeg: Corrupt JPEG data: premature end of data segment"
     )
     assert not benign_jpeg_warnings("tiff2vips: decoding error")
+
+
+def test_an_uncounted_harmless_warning_is_refused_and_counts_are_per_thread(tmp_path):
+    import logging
+    import threading
+
+    from vipsnorm.io.slide import count_jpeg_warnings
+    from vipsnorm.synth import synthetic_slide
+
+    good = synthetic_slide(384, 256, seed=5, tissue=0.7).jpegsave_buffer(Q=90)
+    path = tmp_path / "warned.jpg"
+    path.write_bytes(_with_benign_warning(good, "extraneous"))
+    warned = _with_benign_warning(good, "extraneous")
+    cut = tmp_path / "cut.jpg"  # two warnings: a harmless one, then the cut
+    cut.write_bytes(warned[: len(warned) // 2] + b"\xff\xd9")
+    logging.disable(logging.WARNING)  # the count is lost: refused, never taken for 0 warnings
+    try:
+        with pytest.raises(UnreadableImageError, match="could not count"):
+            vipsnorm.open(path)
+    finally:
+        logging.disable(logging.NOTSET)
+    # another thread's damaged JPEG read meanwhile is not counted against this file
+    stop = threading.Event()
+
+    def other():
+        while not stop.is_set():
+            count_jpeg_warnings(cut)  # logs "read gave 2 warnings" in its own thread
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    try:
+        assert all(count_jpeg_warnings(path) == 1 for _ in range(10))
+    finally:
+        stop.set()
+        thread.join()

@@ -344,19 +344,20 @@ class VipsSlide(Slide):
             if self._fail_on() != "warning" or not self.loader.startswith("jpegload") or not benign_jpeg_warnings(str(exc)):
                 raise
             # libvips stops at the first warning, so a harmless one would hide any after it: decoded
-            # again, failing on errors only, the file must then give no more than that one warning.
-            # (libvips does not always log its count, for a warning of the header say: a file whose
-            # harmless first warning came with no count, cut short too, would pass; rare, documented.)
+            # whole again, failing on errors only, the file must give exactly that one warning. A count
+            # of 0 means the count was lost (pyvips' warnings disabled): refused, as before this check.
+            count = count_jpeg_warnings(self.path)
+            if count != 1:
+                first = one_line(str(exc)).split("VipsJpeg:", 1)[-1].split(";")[0].strip()
+                seen = f"{count} warnings" if count else "warnings it could not count (pyvips' log warnings are off)"
+                raise pyvips.Error(
+                    f"libjpeg gave {seen}: the first harmless ({first}), the others not shown, so the data may "
+                    "be damaged"
+                ) from exc
             self._lenient = True
             self._levels.clear()
             self._memory = self._luma = None
-            count = _count_jpeg_warnings(self._probe)
-            if count > 1:
-                first = one_line(str(exc)).split("VipsJpeg:", 1)[-1].split(";")[0].strip()
-                raise pyvips.Error(
-                    f"libjpeg gave {count} warnings: the first harmless ({first}), the others not shown, so the "
-                    "data may be damaged"
-                ) from exc
+            self._probe()
 
     def _probe(self) -> None:
         if self._fits_in_memory() and self._memory is None:
@@ -461,35 +462,40 @@ BENIGN_JPEG_WARNINGS = (
 )
 
 
-_WARNINGS_LOCK = threading.Lock()
 _READ_GAVE = re.compile(r"read gave (\d+) warnings?")
 
 
-def _count_jpeg_warnings(decode) -> int:
-    """Run ``decode()`` (a JPEG decode failing on errors only) and return how many warnings libjpeg gave:
-    the largest ``read gave N warnings`` that libvips logs (through pyvips' logger) meanwhile, 0 when
-    none. One such decode at a time in a process (a lock), so that
-    the count is this file's; these are rare (a JPEG whose first warning is harmless)."""
-    counts: list[int] = []
+def count_jpeg_warnings(path: str | os.PathLike[str]) -> int:
+    """How many warnings libjpeg gives decoding the JPEG ``path`` whole, failing on errors only: the
+    largest ``read gave N warnings`` that libvips logs (through pyvips' logger) when the decode's image
+    is freed, 0 when none was seen.
 
-    class _Catch(logging.Handler):
-        def emit(self, record):
+    The decode is this function's own (sequential, in strips of 256 rows: bounded memory at any size),
+    so that its image is freed here and the count logged in this thread; records of other threads are
+    not counted. The count is read by a filter on the ``pyvips`` logger, which passes every record on
+    unchanged: nothing is added to or taken from what the user's logging shows. With pyvips' warnings
+    disabled (``logging.disable``, a logger level above WARNING) nothing is logged and the count is 0.
+    """
+    counts: list[int] = []
+    me = threading.get_ident()
+
+    def catch(record: logging.LogRecord) -> bool:
+        if record.thread == me:
             found = _READ_GAVE.search(record.getMessage())
             if found:
                 counts.append(int(found.group(1)))
+        return True
 
     logger = logging.getLogger("pyvips")
-    handler = _Catch(logging.WARNING)
-    with _WARNINGS_LOCK:
-        level = logger.level
-        logger.addHandler(handler)
-        if not logger.isEnabledFor(logging.WARNING):
-            logger.setLevel(logging.WARNING)
-        try:
-            decode()
-        finally:
-            logger.removeHandler(handler)
-            logger.setLevel(level)
+    logger.addFilter(catch)
+    try:
+        image = pyvips.Image.new_from_file(str(path), fail_on="error", revalidate=True, access="sequential")
+        region = pyvips.Region.new(image)
+        for y in range(0, image.height, 256):
+            region.fetch(0, y, image.width, min(256, image.height - y))
+        del region, image
+    finally:
+        logger.removeFilter(catch)
     return max(counts, default=0)
 
 

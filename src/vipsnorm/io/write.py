@@ -73,7 +73,7 @@ def name_max(folder: str | os.PathLike[str]) -> int:
     that cannot be asked is asked again next time (it may have been created meanwhile).
     """
     try:
-        return _pathconf_name_max(os.fspath(folder))
+        return _pathconf_name_max(os.path.abspath(folder))  # (absolute: a cache key that survives a chdir)
     except (OSError, ValueError, TypeError, AttributeError):
         return NAME_MAX
 
