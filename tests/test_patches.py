@@ -574,3 +574,10 @@ def test_the_table_is_rebuilt_from_each_slides_committed_rows(small_slide, tmp_p
     assert len([r for r in rows if r["slide"] == str(other)]) == 4
     for row in rows:  # every row names a file that exists
         assert (out / row["file"]).is_file()
+
+
+def test_coords_with_a_method_is_refused_not_ignored(small_slide, tmp_path, capsys):
+    # the table holds positions only: a method would be fitted for nothing
+    code, _, err = run(capsys, small_slide, "-o", tmp_path / "c", "--format", "coords", "--method", "macenko", "--random", 2)
+    assert code == 2 and "--format coords writes the coordinates table only" in err
+    assert not (tmp_path / "c").exists()

@@ -204,6 +204,12 @@ def run(args) -> int:
             shard_size=args.shard_size,
             overlap=not args.no_overlap,
         )
+        if args.format == "coords" and (args.method or args.reference):
+            # the table holds positions only: a normalization would be fitted and never used
+            raise ValueError(
+                "--format coords writes the coordinates table only, with no pixels: --method and --reference "
+                "do nothing with it; leave them out (a dataset made from the table takes its own method)"
+            )
         method, params = resolve_normalization(args.method, args.reference, options, **method_options(args))
     except (VipsnormError, ValueError) as exc:
         print(f"error  {exc}", file=sys.stderr)
