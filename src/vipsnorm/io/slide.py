@@ -335,8 +335,9 @@ class VipsSlide(Slide):
         A JPEG is decoded failing on libjpeg's warnings, which is how it reports missing data (a file cut
         short, even one that still ends with an end marker, is filled with grey). When every warning is
         one that leaves the pixels whole (:data:`BENIGN_JPEG_WARNINGS`: stray bytes between segments,
-        odd scan parameters), it is decoded again failing on errors only, as it is then read from there
-        on. Either way this first decode is of the whole JPEG (random access decodes all of it).
+        odd scan parameters), and a whole decode failing on errors only counts that one warning alone
+        (:func:`count_jpeg_warnings`: libvips reports only the first), it is read failing on errors only
+        from there on. Either way this first decode is of the whole JPEG (random access decodes all of it).
         """
         try:
             self._probe()
