@@ -16,9 +16,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
 import pyvips
+from test_batch_manifest import write_png  # (tests/ is on the path: pytest's rootdir-relative imports)
 
 import vipsnorm
 from vipsnorm.batch import default_manifest, discover, normalize_batch, plan, read_manifest
@@ -31,13 +31,6 @@ from vipsnorm.engine import Options
 
 #: Outputs whose size depends only on their dimensions: a replaced file cannot be told by its size.
 UNCOMPRESSED = Options(format="tiff", compression="none")
-
-
-def write_png(path: Path, seed: int, size: int = 40) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pixels = np.random.default_rng(seed).integers(20 + seed, 200, (size, size, 3), dtype=np.uint8)
-    pyvips.Image.new_from_array(pixels).copy(interpretation="srgb").pngsave(str(path))
-    return path
 
 
 @pytest.fixture()

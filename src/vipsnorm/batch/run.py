@@ -122,16 +122,10 @@ def worker_id() -> str:
 
 def _row(item: Item, result: Result, worker: str, size: int | None, mtime: int | None, identity=None) -> dict:
     """The manifest row of ``item``; ``identity`` is ``(size, inode, mtime_ns)`` of the output the worker
-    renamed into place (None: stat it now)."""
+    renamed into place (None: no output)."""
     slide = result.slide or {}
     mpp = slide.get("mpp") or (None, None)
     output = None if result.output is None else str(result.output)
-    if output is not None and identity is None:
-        try:
-            st = os.stat(output)
-            identity = (st.st_size, st.st_ino, st.st_mtime_ns)
-        except OSError:
-            identity = (None, None, None)
     out_size, out_ino, out_mtime = identity or (None, None, None)
     return {
         "index": item.index,

@@ -446,8 +446,7 @@ class StainParams(Params):
         _stain_vectors(self, "target_he", (len(he),))
         _concentrations(self, "target_max_c", len(he))
         self._field("io", "a number > 0 (the transmitted light intensity, 240)", [()], above=0)
-        cosine = he[0] @ he[1] / (np.linalg.norm(he[0]) * np.linalg.norm(he[1]))
-        angle = float(np.degrees(np.arccos(np.clip(cosine, -1.0, 1.0))))
+        angle = _angle(*(he[:2] / np.linalg.norm(he[:2], axis=1, keepdims=True)))
         if angle < MIN_UNMIX_ANGLE:  # (NaN passes: is_finite's to refuse)
             _invalid(
                 self, "he", f"hematoxylin and eosin vectors at least {MIN_UNMIX_ANGLE:g} degree apart (to unmix them)",
