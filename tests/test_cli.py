@@ -462,3 +462,40 @@ def test_normalize_output_that_is_a_file(tile, tmp_path, capsys):
     assert rc == 2
     assert stderr == f"error  {afile}: is a file, not a folder: -o names the output folder (created if missing)\n"
     assert afile.read_text() == "junk\n"
+
+
+@pytest.mark.parametrize("fmt", ["png", "jpeg", "webp"])
+def test_compression_with_a_format_it_does_not_apply_to_is_refused(fmt, tile, tmp_path, capsys):
+    """--compression jpeg with --format png was ignored silently: it is for TIFF outputs only."""
+    rc, _, stderr = run(capsys, "normalize", tile, "-o", tmp_path / "out", "--format", fmt, "--compression", "jpeg", "--workers", "0")
+    assert rc == 2
+    (line,) = stderr.splitlines()
+    assert f"--compression is for TIFF outputs only, and --format {fmt} writes none" in line and "leave it out" in line
+    assert not (tmp_path / "out").exists()
+    # with --format auto it applies to the outputs that are TIFF (slides) and leaves the others alone
+    rc, _, stderr = run(capsys, "normalize", tile, "-o", tmp_path / "auto", "--compression", "lzw", "--workers", "0")
+    assert rc == 0, stderr
+
+
+def test_build_method_refuses_a_reference_it_cannot_use(tile, tmp_path, capsys):
+    """A stretch parameters reference given to build_method was dropped (the defaults 2, 98 used and
+    every image fitted on itself); a macenko target given for equalize was accepted silently."""
+    from vipsnorm.errors import InvalidReferenceError
+
+    params_json, target_json = tmp_path / "stretch.json", tmp_path / "macenko.json"
+    assert run(capsys, "fit", "--method", "stretch", "--low", "10", "--high", "90", tile, "-o", params_json, "--workers", "0")[0] == 0
+    assert run(capsys, "fit", "--method", "macenko", tile, "-o", target_json, "--workers", "0")[0] == 0
+    stretch, macenko = vipsnorm.load_reference(params_json), vipsnorm.load_reference(target_json)
+    with pytest.raises(InvalidReferenceError, match=r"holds fitted stretch parameters.*params=reference\.params"):
+        vipsnorm.build_method("stretch", stretch)
+    with pytest.raises(InvalidReferenceError, match="method 'equalize' maps onto no target; the reference holds a macenko target"):
+        vipsnorm.build_method("equalize", macenko)
+    with pytest.raises(InvalidReferenceError, match="holds stretch parameters"):
+        vipsnorm.build_method("equalize", stretch)
+    with pytest.raises(InvalidReferenceError, match="method 'clahe' takes no reference"):
+        vipsnorm.build_method("clahe", macenko)
+    # what the message says to do applies the parameters unchanged
+    (tmp_path / "out").mkdir()
+    result = vipsnorm.normalize_file(tile, tmp_path / "out", vipsnorm.build_method("stretch"), params=stretch.params)
+    assert result.status == "ok", result.error
+    assert result.params == stretch.params and (result.params.low, result.params.high) == (10, 90)

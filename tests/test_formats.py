@@ -151,3 +151,65 @@ def test_too_large_for_the_format_is_refused_before_any_work(fmt, width, limit, 
     assert line.startswith(f"error  {out / ('wide' + suffix)}: ")
     assert f"at most {limit} px a side" in line and f"{width}x32" in line and "--format tiff" in line
     assert "decode" not in line and os.listdir(out) == []
+
+
+# --------------------------------------------------------------------------------------------------
+# the pixel size of outputs, and lossless WebP
+
+
+def _normalize(src: Path, out: Path, *extra: str) -> Path:
+    assert main(["normalize", str(src), "-o", str(out), "--method", "stretch", "--workers", "0", *extra]) == 0
+    (written,) = [p for p in out.iterdir() if not p.name.startswith(".")]
+    return written
+
+
+def test_ordinary_images_written_as_tiff_state_no_made_up_pixel_size(tmp_path):
+    """A TIFF without resolution tags came out at 1000 um a pixel (libvips' default 1 px/mm), a 300 dpi
+    JPEG as TIFF at 84.67 um: resolutions that are no pixel size became one."""
+    from PIL import Image
+
+    pixels = np.random.default_rng(4).integers(30, 220, (48, 64, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "nores.tif")
+    Image.fromarray(pixels).save(tmp_path / "print.jpg", dpi=(300, 300))
+    assert vipsnorm.open(tmp_path / "nores.tif").mpp is None and vipsnorm.open(tmp_path / "print.jpg").mpp is None
+    assert vipsnorm.open(_normalize(tmp_path / "nores.tif", tmp_path / "a")).mpp is None
+    assert vipsnorm.open(_normalize(tmp_path / "print.jpg", tmp_path / "b", "--format", "tiff")).mpp is None
+    # a JPEG kept a JPEG keeps its own dpi
+    with Image.open(_normalize(tmp_path / "print.jpg", tmp_path / "c")) as kept:
+        assert kept.info["dpi"] == pytest.approx((300, 300))
+    # a TIFF that states a pixel size keeps it
+    tifffile.imwrite(tmp_path / "unit.tif", pixels, photometric="rgb", resolution=(40000, 40000),
+                     resolutionunit="CENTIMETER", metadata=None)
+    assert vipsnorm.open(_normalize(tmp_path / "unit.tif", tmp_path / "d")).mpp == pytest.approx((0.25, 0.25))
+
+
+@pytest.mark.parametrize("fmt", ["png", "jpeg", "tiff"])
+def test_a_slide_written_as_an_ordinary_image_keeps_its_pixel_size(fmt, tmp_path):
+    """A slide (mpp 0.499) written with --format png said 1000 um a pixel."""
+    from PIL import Image
+
+    path = tmp_path / "a.svs"
+    _aperio_svs(path)
+    out = _normalize(path, tmp_path / "out", "--format", fmt)
+    if fmt == "tiff":  # a pyramid, as before
+        assert vipsnorm.open(out).mpp == pytest.approx((0.499, 0.499), rel=1e-6)
+    else:
+        with Image.open(out) as written:
+            assert written.info["dpi"] == pytest.approx((25400 / 0.499,) * 2, rel=1e-6)
+
+
+def test_a_lossless_webp_stays_lossless(tmp_path):
+    """A lossless WebP input came out lossy (21 grey levels off): it is written lossless, the same
+    pixels as the lossless PNG of the same run; a lossy one stays lossy, at --quality."""
+    from vipsnorm.io.write import lossless_webp
+    from vipsnorm.synth import synthetic_slide
+
+    image = synthetic_slide(192, 128, seed=3, tissue=0.7)
+    image.webpsave(str(tmp_path / "ll.webp"), lossless=True)
+    image.webpsave(str(tmp_path / "ly.webp"), Q=90)
+    out = _normalize(tmp_path / "ll.webp", tmp_path / "ll")
+    assert out.name == "ll.webp" and lossless_webp(out)
+    png = _normalize(tmp_path / "ll.webp", tmp_path / "png", "--format", "png")
+    np.testing.assert_array_equal(pyvips.Image.new_from_file(str(out)).numpy(), pyvips.Image.new_from_file(str(png)).numpy())
+    assert not lossless_webp(_normalize(tmp_path / "ly.webp", tmp_path / "ly"))
+    assert lossless_webp(_normalize(tmp_path / "ll.webp", tmp_path / "ll2", "--format", "webp"))

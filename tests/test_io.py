@@ -408,3 +408,103 @@ def test_float_scrgb_outside_tiff_is_linear_light(tmp_path):
     assert out.format == "uchar" and out.bands == 3
     expected = pyvips.Image.new_from_array(linear).copy(interpretation="scrgb").colourspace("srgb").numpy()
     np.testing.assert_array_equal(out.numpy(), expected)
+
+
+# --------------------------------------------------------------------------------------------------
+# the pixel size of ordinary images, and what the writers refuse
+
+
+def _read(path: Path) -> pyvips.Image:
+    return pyvips.Image.new_from_file(str(path), access="sequential")  # (each test file has its own name)
+
+
+@pytest.mark.parametrize("suffix", [".tif", ".png", ".jpg", ".webp"])
+def test_write_image_states_the_pixel_size_it_is_given(suffix, tmp_path):
+    """write_image had no mpp: a TIFF took the input's dpi (a JPEG's 300 dpi) or libvips' default
+    1 px/mm for a pixel size; a slide written as PNG said 1000 um a pixel."""
+    from PIL import Image
+
+    image = pyvips.Image.black(16, 12, bands=3).copy(interpretation="srgb", xres=300 / 25.4, yres=300 / 25.4)
+    out = write_image(image, tmp_path / f"mpp{suffix}", mpp=(0.499, 0.5))
+    if suffix == ".tif":
+        assert vipsnorm.open(out).mpp == pytest.approx((0.499, 0.5), rel=1e-6)
+        with tifffile.TiffFile(out) as tif:
+            tags = tif.pages[0].tags
+            assert tags["ResolutionUnit"].value == tifffile.RESUNIT.CENTIMETER
+            x, y = (tags[name].value[0] / tags[name].value[1] for name in ("XResolution", "YResolution"))
+            assert (1e4 / x, 1e4 / y) == pytest.approx((0.499, 0.5), rel=1e-6)
+    elif suffix == ".webp":  # libvips writes it into the EXIF only, in dots per inch
+        assert _read(out).get("exif-ifd0-XResolution").startswith("50901803/1000 ")  # 25400 / 0.499
+        assert _read(out).get("exif-ifd0-YResolution").startswith("50800000/1000 ")
+    else:
+        assert (1000 / _read(out).xres, 1000 / _read(out).yres) == pytest.approx((0.499, 0.5), rel=1e-6)
+        with Image.open(out) as written:
+            assert written.info["dpi"][0] == pytest.approx(25400 / 0.499, rel=1e-6)
+    if suffix != ".tif":
+        assert vipsnorm.open(out).mpp is None  # a JPEG's, PNG's or WebP's resolution is never read as a pixel size
+
+
+@pytest.mark.parametrize("suffix", [".tif", ".png", ".jpg"])
+def test_write_image_without_a_pixel_size_claims_none(suffix, tmp_path):
+    """A TIFF says "no unit" (its resolution is no pixel size); a JPEG or PNG keeps the input's dpi."""
+    image = pyvips.Image.black(16, 12, bands=3).copy(interpretation="srgb", xres=300 / 25.4, yres=300 / 25.4)
+    out = write_image(image, tmp_path / f"none{suffix}")
+    assert vipsnorm.open(out).mpp is None
+    if suffix == ".tif":
+        with tifffile.TiffFile(out) as tif:
+            assert tif.pages[0].tags["ResolutionUnit"].value == tifffile.RESUNIT.NONE
+    else:
+        assert _read(out).xres == pytest.approx(300 / 25.4, rel=1e-3)
+
+
+@pytest.mark.parametrize("mpp", [(0, 0), (-1, -1), (float("nan"),) * 2, (float("inf"),) * 2, (1e-12, 1e-12), (0.5,), (0.25, 2e6)])
+def test_writers_refuse_a_pixel_size_they_cannot_state(mpp, tmp_path):
+    """(0, 0) was a ZeroDivisionError; a negative, NaN, infinite or tiny one a GLib-CRITICAL and 72 dpi."""
+    image = pyvips.Image.black(16, 16, bands=3).copy(interpretation="srgb")
+    with pytest.raises(ValueError, match=r"mpp must be None .* from 0\.01 to 1e\+?0?6"):
+        write_pyramid(image, tmp_path / "p.tif", mpp=mpp)
+    with pytest.raises(ValueError, match="mpp must be None"):
+        write_image(image, tmp_path / "i.tif", mpp=mpp)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("quality", [0, 101, 1000, -5, 2.5, True])
+def test_writers_refuse_a_quality_outside_1_to_100(quality, tmp_path):
+    """quality=0 or 1000 was dropped silently (libvips' default used)."""
+    image = pyvips.Image.black(16, 16, bands=3).copy(interpretation="srgb")
+    with pytest.raises(ValueError, match="quality must be a whole number from 1 to 100"):
+        write_pyramid(image, tmp_path / "p.tif", quality=quality)
+    for name in ("i.jpg", "i.webp", "i.tif"):
+        with pytest.raises(ValueError, match="quality must be a whole number from 1 to 100"):
+            write_image(image, tmp_path / name, quality=quality)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_write_image_refuses_options_its_format_does_not_take(tmp_path):
+    image = pyvips.Image.black(16, 16, bands=3).copy(interpretation="srgb")
+    for name in ("a.png", "a.jpg", "a.webp"):
+        with pytest.raises(ValueError, match="compression is for TIFF outputs only"):
+            write_image(image, tmp_path / name, compression="jpeg")
+    for name in ("a.png", "a.jpg", "a.tif"):
+        with pytest.raises(ValueError, match="lossless is for WebP outputs only"):
+            write_image(image, tmp_path / name, lossless=True)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_lossless_webp_is_told_from_the_file(tmp_path):
+    from vipsnorm.io.write import lossless_webp
+
+    pixels = np.random.default_rng(3).integers(0, 256, (40, 56, 3), dtype=np.uint8)
+    image = pyvips.Image.new_from_array(pixels).copy(interpretation="srgb")
+    image.webpsave(str(tmp_path / "ll.webp"), lossless=True)
+    image.webpsave(str(tmp_path / "ly.webp"), Q=95)
+    image.bandjoin(255).webpsave(str(tmp_path / "ll-alpha.webp"), lossless=True)  # extended (VP8X) files
+    image.bandjoin(255).webpsave(str(tmp_path / "ly-alpha.webp"), Q=95)
+    (tmp_path / "bad.webp").write_bytes(b"RIFF\x04\x00\x00\x00WEBP")
+    assert [lossless_webp(tmp_path / n) for n in ("ll.webp", "ly.webp", "ll-alpha.webp", "ly-alpha.webp", "bad.webp")] == [
+        True, False, True, False, False
+    ]
+    assert not lossless_webp(tmp_path / "missing.webp")
+    out = write_image(image, tmp_path / "out.webp", lossless=True)
+    assert lossless_webp(out)
+    np.testing.assert_array_equal(_read(out).numpy(), pixels)

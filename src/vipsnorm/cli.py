@@ -222,10 +222,16 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--compression",
         choices=COMPRESSIONS,
-        help="TIFF outputs: jpeg (lossy, --quality), deflate or lzw (lossless), none (default: jpeg for slide "
-        "pyramids, deflate for ordinary images written as TIFF)",
+        help="TIFF outputs only: jpeg (lossy, --quality), deflate or lzw (lossless), none (default: jpeg for slide "
+        "pyramids, deflate for ordinary images written as TIFF); refused with --format jpeg, png or webp",
     )
-    g.add_argument("--quality", type=int, default=90, help="JPEG/WebP quality, and TIFF's with --compression jpeg (default: %(default)s)")
+    g.add_argument(
+        "--quality",
+        type=int,
+        default=90,
+        help="JPEG and lossy WebP quality, and TIFF's with --compression jpeg (default: %(default)s); a lossless "
+        "WebP input stays lossless",
+    )
     overwrite = g.add_mutually_exclusive_group()
     overwrite.add_argument(
         "--overwrite", action="store_true", help="redo every input, even those the manifest records as finished"

@@ -17,9 +17,26 @@ import numpy as np
 import pyvips
 
 from . import __version__
-from .errors import FlatImageError, InvalidReferenceError, OutputError, UnreadableImageError, VipsnormError
+from .errors import (
+    FlatImageError,
+    InvalidReferenceError,
+    OutputError,
+    UnreadableImageError,
+    UnsupportedImageError,
+    VipsnormError,
+)
 from .io.slide import BACKENDS, DEFAULT_MAX_PIXELS, Slide, open_slide
-from .io.write import COMPRESSIONS, IMAGE_SUFFIXES, check_name, check_size, write_image, write_pyramid
+from .io.write import (
+    COMPRESSIONS,
+    IMAGE_SUFFIXES,
+    MPP_RANGE,
+    check_mpp,
+    check_name,
+    check_size,
+    lossless_webp,
+    write_image,
+    write_pyramid,
+)
 from .methods import METHODS, Method, Params, Sample
 from .methods.base import LutMethod
 from .methods._hist import luma_array
@@ -52,7 +69,9 @@ class Options:
     """How to sample, fit and write. Defaults are what the command line uses.
 
     ``compression`` is that of TIFF outputs (see :data:`~vipsnorm.io.write.COMPRESSIONS`); ``None``:
-    JPEG (``quality``) for slide pyramids, deflate (lossless) for ordinary images written as TIFF.
+    JPEG (``quality``) for slide pyramids, deflate (lossless) for ordinary images written as TIFF. It is
+    refused with a ``format`` that writes no TIFF (jpeg, png, webp); with "auto", outputs that are not
+    TIFF (ordinary JPEG, PNG, WebP images) keep their format's own compression.
     """
 
     strategy: str = "tiles"
@@ -73,6 +92,10 @@ class Options:
             raise ValueError(f"the number of tiles must be 1 or more, not {self.n_tiles}")
         if self.compression is not None and self.compression not in COMPRESSIONS:
             raise ValueError(f"compression must be one of {COMPRESSIONS}")
+        if self.compression is not None and self.format not in ("auto", "tiff"):
+            raise ValueError(
+                f"--compression is for TIFF outputs only, and --format {self.format} writes none; leave it out"
+            )
         if self.format not in FORMATS:
             raise ValueError(f"format must be one of {FORMATS}")
         if self.backend not in BACKENDS:
@@ -100,12 +123,18 @@ def build_method(name: str, reference: Reference | None = None, **options) -> Me
     """Instantiate method ``name`` with its options (``None`` values are left at their defaults) and, for
     methods that map onto a target, the target held by ``reference``.
 
+    Methods that map onto no target (stretch, equalize, clahe) take no ``reference``: a reference of
+    their own fitted parameters is applied by passing ``params=reference.params`` to
+    :func:`normalize_file` (or ``normalize_batch``), with the method built without it, as ``vipsnorm
+    normalize --reference PARAMS.json`` does; it is refused here, never dropped.
+
     Raises
     ------
     ValueError
         An unknown method, or an option the method does not take.
     InvalidReferenceError
-        A method that needs a reference got none, or one made for another method.
+        A method that needs a reference got none; a reference made for another method (a target of
+        another kind, or parameters); or, for a method that maps onto no target, any reference.
     """
     try:
         cls = METHODS[name]
@@ -114,6 +143,8 @@ def build_method(name: str, reference: Reference | None = None, **options) -> Me
     options = {k: v for k, v in options.items() if v is not None}
     _check_taken(name, cls, options)
     if cls.target_type is None:
+        if reference is not None:
+            raise InvalidReferenceError(None, _no_target_cause(name, cls, reference))
         return cls(**options)
     target = None
     if reference is not None:
@@ -126,6 +157,19 @@ def build_method(name: str, reference: Reference | None = None, **options) -> Me
             None, f"method {name!r} needs --reference: an image, or a target JSON made by 'vipsnorm fit --method {name}'"
         )
     return cls(target, **options)
+
+
+def _no_target_cause(name: str, cls: type[Method], reference: Reference) -> str:
+    """Why method ``name``, which maps onto no target, cannot take ``reference`` (and what to do)."""
+    if cls.spatial:
+        return f"method {name!r} takes no reference: it is fitted on each image itself; leave out the reference"
+    if reference.params is not None and reference.params.method == name:
+        return (
+            f"the reference holds fitted {name} parameters, which are not a target: build the method without "
+            "it and apply them with params=reference.params"
+        )
+    what = f"{reference.method} parameters" if reference.target is None else f"a {reference.method} target"
+    return f"method {name!r} maps onto no target; the reference holds {what}: leave it out, or choose the method it is for"
 
 
 def shares_target(made_by: str, name: str) -> bool:
@@ -312,6 +356,15 @@ def normalize_file(
                     "rename one of them or choose another -o folder",
                 )
             check_size(out, *slide.dimensions)  # a JPEG or WebP too large: refused before any work
+            try:
+                mpp = check_mpp(slide.mpp)
+            except ValueError:
+                low, high = MPP_RANGE
+                raise UnsupportedImageError(
+                    path,
+                    f"its pixel size {slide.mpp[0]:g} x {slide.mpp[1]:g} um is outside what an output can state "
+                    f"({low:g} to {high:g} um); correct it in the file",
+                ) from None
             if stage is not None:
                 out = final.with_name(stage + final.suffix)
             if params is None:
@@ -335,15 +388,22 @@ def normalize_file(
                     lambda: write_pyramid(
                         image,
                         out,
-                        mpp=slide.mpp,
+                        mpp=mpp,
                         compression=options.compression or "jpeg",
                         quality=options.quality,
                         description=description,
                     )
                 )
             else:
+                # the pixel size, or none (a TIFF then says so); TIFF's compression to TIFF outputs only
+                # (--format auto); a lossless WebP kept lossless
+                kind = IMAGE_SUFFIXES[out.suffix.lower()]
+                lossless = kind == "webp" and slide.loader.startswith("webpload") and lossless_webp(slide.path)
+                compression = options.compression if kind == "tiff" else None
                 slide.decode(
-                    lambda: write_image(image, out, quality=options.quality, compression=options.compression)
+                    lambda: write_image(
+                        image, out, mpp=mpp, quality=options.quality, compression=compression, lossless=lossless
+                    )
                 )
             result.output, result.final = out, (final if stage is not None else None)
     except VipsnormError as exc:

@@ -8,10 +8,14 @@ name.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
+import math
+import numbers
 import os
 import secrets
-from collections.abc import Iterator
+import struct
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pyvips
@@ -21,7 +25,10 @@ from ..errors import OutputError, one_line
 __all__ = [
     "atomic_path",
     "check_name",
+    "check_mpp",
+    "check_quality",
     "check_size",
+    "lossless_webp",
     "name_max",
     "part_stem",
     "write_pyramid",
@@ -29,6 +36,7 @@ __all__ = [
     "COMPRESSIONS",
     "IMAGE_SUFFIXES",
     "MAX_SIDE",
+    "MPP_RANGE",
     "PART_MARKER",
 ]
 
@@ -51,6 +59,9 @@ _TEMP_ROOM = 40
 #: WEBP_MAX_DIMENSION). Checked before any work: libvips would fail only when the save starts.
 MAX_SIDE = {"jpeg": 65500, "webp": 16383}
 _FORMAT_NAMES = {"jpeg": "JPEG", "webp": "WebP"}
+#: The pixel sizes, in microns, an output can state: libvips clips TIFF resolution to 0.01..10^6 pixels
+#: per cm (a pixel size outside this range would be written as another one).
+MPP_RANGE = (0.01, 1e6)
 # The libvips domains (first word of an error line) of the savers and of their output streams: a save
 # whose *first* error comes from one of them failed on the output side. libvips reads the input lazily
 # during the save, so a decode failure of the input is reported by the save too, but its first line
@@ -153,6 +164,21 @@ def _check_name(path: Path, limit: int, fix: str = "give a shorter name") -> Non
         )
 
 
+_BEFORE_RENAME: contextvars.ContextVar[Callable[[], None] | None] = contextvars.ContextVar("before_rename", default=None)
+
+
+@contextlib.contextmanager
+def checked_before_rename(check: Callable[[], None]) -> Iterator[None]:
+    """Within this block (in this thread or task), :func:`atomic_path` calls ``check()`` once the output
+    is written and before it is renamed into place: an exception from it discards the output. How a
+    slide's reader refuses an output whose input decoded with damage that libvips did not raise."""
+    token = _BEFORE_RENAME.set(check)
+    try:
+        yield
+    finally:
+        _BEFORE_RENAME.reset(token)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it to ``path`` on success, delete it on failure.
@@ -175,6 +201,9 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     temp = Path(f"{_temp_prefix(path, limit)}{secrets.token_hex(4)}{_temp_suffix(path, limit)}")
     try:
         yield temp
+        check = _BEFORE_RENAME.get()
+        if check is not None:
+            check()
         os.replace(temp, path)
     except BaseException:
         try:
@@ -202,6 +231,63 @@ def check_size(path: str | os.PathLike[str], width: int, height: int) -> None:
             f"{name} holds at most {limit} px a side and the image is {width}x{height} px; "
             "write it as TIFF (--format tiff)",
         )
+
+
+def check_mpp(mpp: tuple[float, float] | None) -> tuple[float, float] | None:
+    """``mpp`` as two floats, or ``None`` (pixel size unknown).
+
+    Raises
+    ------
+    ValueError
+        Not two finite numbers within :data:`MPP_RANGE` (a zero, negative, NaN or infinite pixel size
+        made libvips write its default 72 dpi, or divided by zero).
+    """
+    if mpp is None:
+        return None
+    low, high = MPP_RANGE
+    try:
+        x, y = (float(v) for v in mpp)
+        ok = all(math.isfinite(v) and low <= v <= high for v in (x, y))
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(
+            f"mpp must be None (pixel size unknown) or two numbers of microns per pixel from {low:g} to {high:g}, not {mpp!r}"
+        )
+    return x, y
+
+
+def check_quality(quality: int) -> int:
+    """``quality`` if it is a whole number from 1 to 100.
+
+    Raises
+    ------
+    ValueError
+        Anything else (libvips silently used its default for 0 or 1000).
+    """
+    if isinstance(quality, bool) or not isinstance(quality, numbers.Integral) or not 1 <= quality <= 100:
+        raise ValueError(f"quality must be a whole number from 1 to 100, not {quality!r}")
+    return int(quality)
+
+
+def lossless_webp(path: str | os.PathLike[str]) -> bool:
+    """Whether the WebP file ``path`` holds lossless (VP8L) pixels, which libvips' loader does not
+    say. The first bitstream chunk decides (of the first frame, in an animation); a file that cannot
+    be read or is not WebP counts as lossy."""
+    try:
+        with open(path, "rb") as f:
+            header = f.read(12)
+            if header[:4] != b"RIFF" or header[8:12] != b"WEBP":
+                return False
+            while len(chunk := f.read(8)) == 8:
+                kind, (size,) = chunk[:4], struct.unpack("<I", chunk[4:])
+                if kind in (b"VP8L", b"VP8 "):
+                    return kind == b"VP8L"
+                # an animation frame: its 16-byte header, then its own chunks; any other: skipped
+                f.seek(16 if kind == b"ANMF" else size + (size & 1), os.SEEK_CUR)
+    except OSError:
+        pass
+    return False
 
 
 def _output_failure(exc: pyvips.Error, path: Path) -> str | None:
@@ -265,14 +351,19 @@ def write_pyramid(
     Parameters
     ----------
     mpp : (float, float), optional
-        Microns per pixel at level 0, stored in the TIFF resolution tags (unit: cm).
+        Microns per pixel at level 0, stored in the TIFF resolution tags (unit: cm); ``None``: the
+        resolution unit is "none" (readers then report no pixel size).
     compression : {"jpeg", "deflate", "lzw", "none"}
         JPEG (lossy, ``quality``) by default; deflate and LZW are lossless (horizontal predictor).
+    quality : int
+        1 to 100.
     description : str, optional
         Our own ImageDescription; the input's (vendor) description is never copied.
 
     Raises
     ------
+    ValueError
+        An unknown compression, a quality outside 1..100, or an ``mpp`` :func:`check_mpp` refuses.
     OutputError
         The output cannot be written (folder missing or read-only, disk full, ...).
     pyvips.Error
@@ -281,6 +372,7 @@ def write_pyramid(
     path = Path(path)
     if compression not in COMPRESSIONS:
         raise ValueError(f"compression must be one of {COMPRESSIONS}, not {compression!r}")
+    mpp, quality = check_mpp(mpp), check_quality(quality)
     image = _clean(image, keep_exif=False)
     if description:
         image.set_type(pyvips.GValue.gstr_type, "image-description", description)
@@ -307,46 +399,66 @@ def write_pyramid(
 
 
 def _set_no_resolution_unit(path: Path) -> None:
-    """Set ResolutionUnit to "none" in every IFD of a little-endian BigTIFF, in place.
+    """Set ResolutionUnit to "none" in every IFD of a TIFF or BigTIFF written by libvips, in place.
 
     libvips always writes a unit (inch or cm); with it, readers would take libvips' default resolution
-    for a real pixel size. Without a unit, OpenSlide and QuPath report the pixel size as unknown.
+    (or a JPEG's print dpi) for a real pixel size. Without a unit, OpenSlide, QuPath and vipsnorm
+    report the pixel size as unknown.
     """
-    import struct
-
     with open(path, "r+b") as f:
         header = f.read(16)
-        if header[:4] != b"II+\x00":
-            raise ValueError(f"{path}: expected a little-endian BigTIFF")
-        (offset,) = struct.unpack("<Q", header[8:16])
+        order = {b"II": "<", b"MM": ">"}.get(header[:2])
+        version = struct.unpack(order + "H", header[2:4])[0] if order else None
+        if version not in (42, 43):
+            raise ValueError(f"{path}: expected a TIFF or a BigTIFF")
+        # classic TIFF: 2-byte entry counts, 12-byte entries, 4-byte offsets; BigTIFF: 8, 20, 8
+        count_fmt, entry_size, offset_fmt = ("H", 12, "I") if version == 42 else ("Q", 20, "Q")
+        count_size, offset_size = struct.calcsize(count_fmt), struct.calcsize(offset_fmt)
+        (offset,) = struct.unpack(order + offset_fmt, header[4:8] if version == 42 else header[8:16])
         while offset:
             f.seek(offset)
-            (count,) = struct.unpack("<Q", f.read(8))
+            (count,) = struct.unpack(order + count_fmt, f.read(count_size))
             for i in range(count):
-                entry_at = offset + 8 + 20 * i
+                entry_at = offset + count_size + entry_size * i
                 f.seek(entry_at)
-                tag, typ = struct.unpack("<HH", f.read(4))
-                if tag == 296:  # ResolutionUnit, SHORT, inline
-                    f.seek(entry_at + 12)
-                    f.write(struct.pack("<H", 1))
-            f.seek(offset + 8 + 20 * count)
-            (offset,) = struct.unpack("<Q", f.read(8))
+                tag, typ = struct.unpack(order + "HH", f.read(4))
+                if tag == 296:  # ResolutionUnit, SHORT, inline: its value is at the start of the value field
+                    f.seek(entry_at + 4 + offset_size)
+                    f.write(struct.pack(order + "H", 1))
+            f.seek(offset + count_size + entry_size * count)
+            (offset,) = struct.unpack(order + offset_fmt, f.read(offset_size))
 
 
 def write_image(
-    image: pyvips.Image, path: str | os.PathLike[str], *, quality: int = 90, compression: str | None = None
+    image: pyvips.Image,
+    path: str | os.PathLike[str],
+    *,
+    mpp: tuple[float, float] | None = None,
+    quality: int = 90,
+    compression: str | None = None,
+    lossless: bool = False,
 ) -> Path:
     """Write an ordinary image in the format its suffix names (JPEG, PNG, WebP, TIFF).
 
     Parameters
     ----------
+    mpp : (float, float), optional
+        Microns per pixel. TIFF: stored in the resolution tags (unit: cm), and without it the resolution
+        unit is "none", so that no resolution of the input (a JPEG's print dpi, libvips' default 1 px/mm)
+        is read as a pixel size. JPEG, PNG, WebP: stored as their resolution (JFIF density, pHYs, EXIF),
+        and without it the image's own resolution (the input's dpi) is written unchanged.
     quality : int
-        JPEG and WebP quality, and that of TIFF with ``compression="jpeg"``.
+        JPEG and lossy WebP quality, 1 to 100, and that of TIFF with ``compression="jpeg"``.
     compression : {"jpeg", "deflate", "lzw", "none"}, optional
         TIFF only: as for :func:`write_pyramid`; default deflate (lossless, horizontal predictor).
+    lossless : bool
+        WebP only: lossless WebP (``quality`` then only trades speed for size).
 
     Raises
     ------
+    ValueError
+        An unknown suffix or compression, an option the format does not take, a quality outside
+        1..100, or an ``mpp`` :func:`check_mpp` refuses.
     OutputError
         The image is too large for the format (:func:`check_size`), or the output cannot be written.
     pyvips.Error
@@ -356,22 +468,36 @@ def write_image(
     kind = IMAGE_SUFFIXES.get(path.suffix.lower())
     if kind is None:
         raise ValueError(f"cannot write {path.suffix!r}: use one of {sorted(IMAGE_SUFFIXES)}")
+    if compression is not None and kind != "tiff":
+        raise ValueError(f"compression is for TIFF outputs only, not {path.suffix!r}; leave it out")
+    if lossless and kind != "webp":
+        raise ValueError(f"lossless is for WebP outputs only, not {path.suffix!r}; leave it out")
     compression = compression or "deflate"
     if compression not in COMPRESSIONS:
         raise ValueError(f"compression must be one of {COMPRESSIONS}, not {compression!r}")
+    mpp, quality = check_mpp(mpp), check_quality(quality)
     check_size(path, image.width, image.height)
     image = _clean(image, keep_exif=True)
+    resolution = {}
+    if mpp is not None:  # libvips takes resolution in pixels per millimetre
+        resolution = dict(xres=1000.0 / mpp[0], yres=1000.0 / mpp[1])
+        image = image.copy(**resolution)
     with _output_errors(path), atomic_path(path) as temp:
         if kind == "jpeg":
             image.jpegsave(str(temp), Q=quality)
         elif kind == "png":
             image.pngsave(str(temp))
         elif kind == "webp":
-            image.webpsave(str(temp), Q=quality)
-        elif compression == "jpeg":
-            image.tiffsave(str(temp), compression="jpeg", Q=quality)
-        elif compression in ("deflate", "lzw"):
-            image.tiffsave(str(temp), compression=compression, predictor="horizontal")
+            image.webpsave(str(temp), Q=quality, lossless=lossless)
         else:
-            image.tiffsave(str(temp), compression="none")
+            options: dict = dict(compression=compression)
+            if compression == "jpeg":
+                options["Q"] = quality
+            elif compression in ("deflate", "lzw"):
+                options["predictor"] = "horizontal"
+            if mpp is not None:
+                options.update(resolution, resunit="cm")
+            image.tiffsave(str(temp), **options)
+            if mpp is None:
+                _set_no_resolution_unit(temp)
     return path
