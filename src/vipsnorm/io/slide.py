@@ -37,6 +37,7 @@ import pyvips
 from ..errors import ImageTooLargeError, one_line, UnreadableImageError, UnsupportedImageError, VipsnormError
 from ._virtual_tiff import VirtualTiff
 from .pixels import to_processing
+from .write import checked_before_rename
 
 __all__ = ["Level", "Slide", "open_slide", "DEFAULT_MAX_PIXELS", "SMALL_IMAGE_PIXELS", "BACKENDS"]
 
@@ -62,6 +63,19 @@ _PLAIN_SIGNATURES = {
 _TIFF_VENDORS = {"aperio", "generic-tiff"}
 
 _APERIO_MPP = re.compile(r"\bMPP\s*=\s*([0-9.eE+-]+)")
+
+
+def _vips_error_text() -> str:
+    """libvips' error buffer (one for the process; what failing calls and some warnings left)."""
+    return pyvips.ffi.string(pyvips.vips_lib.vips_error_buffer()).decode("utf-8", "replace")
+
+
+def _new_vips_errors(before: str) -> list[str]:
+    """The lines of libvips' error buffer added since it read ``before`` (all of it if it was cleared
+    in between)."""
+    now = _vips_error_text()
+    added = now[len(before) :] if now.startswith(before) else now
+    return [line.strip() for line in added.splitlines() if line.strip()]
 
 
 @dataclass(frozen=True)
@@ -117,7 +131,24 @@ class Slide(ABC):
 
     def level_image(self, level: int = 0) -> pyvips.Image:
         """Lazy pixels of ``level`` in the processing format (uchar, 1 or 3 bands)."""
+        self._check_level(level)
         return to_processing(self._level(level), str(self.path))
+
+    def _check_level(self, level: int) -> None:
+        if isinstance(level, bool) or not isinstance(level, (int, np.integer)) or not 0 <= level < len(self.levels):
+            raise ValueError(f"{self.path}: no level {level!r}; levels are 0 to {len(self.levels) - 1}")
+
+    def _check_window(self, level: int, x: int, y: int, width: int, height: int) -> Level:
+        """The level of a window inside it (at least one pixel, starting inside the level; it is cut at
+        the level's right and bottom edges)."""
+        self._check_level(level)
+        lvl = self.levels[level]
+        if not (0 <= x < lvl.width and 0 <= y < lvl.height and width >= 1 and height >= 1):
+            raise ValueError(
+                f"{self.path}: window {width}x{height} at ({x}, {y}) does not start inside level {level} "
+                f"({lvl.width}x{lvl.height}) or is empty"
+            )
+        return lvl
 
     def independent_level_image(self, level: int = 0) -> pyvips.Image | None:
         """The pixels of :meth:`level_image` from a loader of their own (not shared with it, nor cached),
@@ -144,7 +175,17 @@ class Slide(ABC):
         return None
 
     def read_region(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
-        """Pixels of a window of ``level`` as an ``(h, w, bands)`` uint8 array (bounded size)."""
+        """Pixels of a window of ``level`` as a uint8 array: ``(h, w, 3)`` for colour, ``(h, w)`` for grey
+        (bounded size). The window must start inside the level; it is cut at the right and bottom edges.
+
+        Raises
+        ------
+        ValueError
+            No such level, or a window that is empty or starts outside the level.
+        UnreadableImageError
+            Its pixels fail to decode.
+        """
+        self._check_window(level, x, y, width, height)
         image = self.level_image(level)
         width = min(width, image.width - x)
         height = min(height, image.height - y)
@@ -159,14 +200,31 @@ class Slide(ABC):
         return best
 
     def decode(self, work):
-        """Run ``work()`` (which reads pixels) and turn decode failures into one-line errors."""
+        """Run ``work()`` (which reads pixels) and turn decode failures into one-line errors, those that
+        libvips lets pass included (see :meth:`_damage`): an output that ``work()`` writes through
+        :func:`~vipsnorm.io.write.atomic_path` is then discarded before it is renamed into place."""
+        before = _vips_error_text()
+
+        def check() -> None:
+            damage = self._damage(before)
+            if damage:
+                raise UnreadableImageError(self.path, f"cannot decode pixels ({damage})")
+
         try:
-            return work()
+            with checked_before_rename(check):  # an output written by work() is checked before it is kept
+                result = work()
         except pyvips.Error as exc:
             raise UnreadableImageError(self.path, self._decode_cause(exc)) from exc
+        check()
+        return result
 
     def _decode_cause(self, exc: Exception) -> str:
         return f"cannot decode pixels ({one_line(str(exc))})"
+
+    def _damage(self, before: str) -> str | None:
+        """A decode failure that ``work()`` in :meth:`decode` did not raise, or ``None``. ``before`` is
+        libvips' error text before the work."""
+        return None
 
     def describe(self) -> dict:
         """Metadata as a JSON-friendly dict (for ``vipsnorm inspect`` and manifests)."""
@@ -241,6 +299,13 @@ class VipsSlide(Slide):
                 levels.append(Level(w, h, float(ds)))
         if osr is not None:
             associated = tuple(sorted(osr.associated_images))
+        elif self.loader.startswith(("gifload", "webpload", "heifload")) and "n-pages" in fields and first.get("n-pages") > 1:
+            # an animation (GIF, WebP) or a HEIF holding several images: libvips loads the first only
+            raise UnsupportedImageError(
+                path,
+                f"holds {first.get('n-pages')} frames or images: vipsnorm normalizes one image a file, and "
+                "would keep only the first; extract the frames into files first",
+            )
         elif self.loader.startswith("tiffload") and len(levels) == 1 and first.get_typeof("n-pages") and first.get("n-pages") > 1:
             # Pages of one size that are not a pyramid are planes (channels, z-slices, time points: a
             # multi-plane OME-TIFF, a stack). Normalizing the first alone would drop the rest unseen.
@@ -260,6 +325,18 @@ class VipsSlide(Slide):
         self.pages = first.get("n-pages") if "n-pages" in fields else 1
         if not self._load[0] and self._fail_on() == "error":
             self._levels[0] = first  # what _level(0) would open: the header is parsed once
+
+    def _damage(self, before: str) -> str | None:
+        # libvips decodes the JPEG tiles of a TIFF itself and, whatever fail_on says, a tile cut short or
+        # garbled only leaves a "VipsJpeg:" line in its error buffer (the tile filled with grey). That
+        # buffer is one for the process and cleared by any failing call: the lines are looked for among
+        # those the work added, right after it (best effort where other threads use libvips at once).
+        if not self.loader.startswith("tiffload"):
+            return None
+        for line in _new_vips_errors(before):
+            if line.startswith("VipsJpeg:") and not benign_jpeg_warnings(line):
+                return f"a JPEG tile is damaged: {line.split(':', 1)[1].strip()}"
+        return None
 
     def _fail_on(self) -> str:
         # tiffload reports a tile that fails to decompress only as a warning (and gives black pixels),
@@ -414,7 +491,7 @@ class OpenSlideSlide(Slide):
         level's tiles are), without the virtual TIFF: random patches do not fill its tile cache."""
         import openslide
 
-        lvl = self.levels[level]
+        lvl = self._check_window(level, x, y, width, height)
         width, height = min(width, lvl.width - x), min(height, lvl.height - y)
         try:
             rgba = self._osr.read_region((round(x * lvl.downsample), round(y * lvl.downsample)), level, (width, height))
@@ -427,14 +504,33 @@ class OpenSlideSlide(Slide):
             lvl = self.levels[level]
             tile = min(self.tile, -(-max(lvl.width, lvl.height) // 16) * 16)
             virtual = VirtualTiff(lvl.width, lvl.height, tile, lambda tx, ty: self._read_tile(level, tile, tx, ty))
-            self._virtual[level] = (virtual, virtual.image(fail_on="error"))
+            image = virtual.image(fail_on="error")
+            profile = self._icc_profile()
+            if profile:  # the scanner's colour profile travels with the pixels, as libvips' loaders do
+                image = image.copy()
+                image.set_type(pyvips.GValue.blob_type, "icc-profile-data", profile)
+            self._virtual[level] = (virtual, image)
         return self._virtual[level][1]
 
+    def _icc_profile(self) -> bytes | None:
+        """The slide's ICC profile (OpenSlide >= 4), as bytes."""
+        try:
+            profile = self._osr.color_profile
+        except AttributeError:  # openslide-python < 1.3
+            return None
+        return None if profile is None else profile.tobytes()
+
     def _decode_cause(self, exc: Exception) -> str:
+        damage = self._damage("")
+        return f"cannot decode pixels ({damage})" if damage else super()._decode_cause(exc)
+
+    def _damage(self, before: str) -> str | None:
+        # a tile OpenSlide fails on ends the virtual TIFF's data (libvips sees end of file and may give
+        # black pixels without an error): the failure is kept there
         for virtual, _ in self._virtual.values():
             if virtual.error is not None:
-                return f"cannot decode pixels (OpenSlide: {virtual.error})"
-        return super()._decode_cause(exc)
+                return f"OpenSlide: {one_line(str(virtual.error))}"
+        return None
 
     def probe(self) -> None:
         for level in {0, len(self.levels) - 1}:
@@ -534,11 +630,13 @@ def _mpp_from_openslide(osr) -> tuple[float, float] | None:
 
 
 def _mpp_from_description(image: pyvips.Image, fields: set[str]) -> tuple[float, float] | None:
-    """Aperio "MPP =" or OME-XML PhysicalSizeX/Y in the TIFF ImageDescription."""
+    """Aperio "MPP =" (in a description that starts with "Aperio", as OpenSlide requires) or OME-XML
+    PhysicalSizeX/Y in the TIFF ImageDescription."""
     if "image-description" not in fields:
         return None
     description = image.get("image-description")
-    match = _APERIO_MPP.search(description)
+    # "MPP =" only in an Aperio description (any other text may hold it: a file name, a note)
+    match = _APERIO_MPP.search(description) if description.lstrip().startswith("Aperio") else None
     if match:
         mpp = float(match.group(1))
         return (mpp, mpp) if mpp > 0 else None
@@ -651,7 +749,14 @@ def open_slide(
         slide = OpenSlideSlide(path, _open_openslide(path))
         _probe_openslide(slide)
     elif backend == "libvips" or vendor is None or vendor in _TIFF_VENDORS:
-        osr = _open_openslide(path) if vendor is not None else None
+        osr = None
+        if vendor is not None:
+            try:
+                osr = _open_openslide(path)
+            except UnreadableImageError:
+                # OpenSlide only told which pages are levels: libvips reads the first page alone (a TIFF
+                # compressed in a way OpenSlide does not know, WebP say), or fails with its own reason
+                pass
         try:
             slide = VipsSlide(path, vendor, osr)
             _check_size(slide, max_pixels)
