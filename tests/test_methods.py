@@ -18,7 +18,7 @@ from vipsnorm.methods import (
     StretchParams,
     params_from_dict,
 )
-from vipsnorm.errors import UnsupportedImageError
+from vipsnorm.errors import InvalidReferenceError, UnsupportedImageError
 from vipsnorm.methods._hist import luma_array, luma_image, percentile
 from vipsnorm.methods.equalize import equalize_lut
 from vipsnorm.methods.match import match_lut
@@ -118,6 +118,67 @@ def test_per_channel_luts_on_a_grey_image_are_refused():
     # one joint LUT applies to grey as before
     params = Stretch(2, 98).fit(Sample.from_array(rgb))
     assert Stretch(2, 98).apply_array(grey, params).shape == grey.shape
+
+
+@pytest.mark.parametrize("method, single", [(Stretch(mode="rgb"), "joint"), (Equalize(mode="rgb"), "luminance")])
+def test_per_channel_luts_on_a_grey_image_name_the_methods_one_lut_mode(method, single):
+    # stretch has no mode luminance: the fix named must be one of its own modes
+    params = method.fit(Sample.from_array(data.astronaut()))
+    with pytest.raises(UnsupportedImageError, match=f"or use mode {single}$"):
+        method.apply_array(data.camera(), params)
+
+
+_TARGET = Sample.from_array(data.immunohistochemistry()[::4, ::4])
+LUT_METHODS = {
+    "stretch": Stretch(),
+    "stretch-rgb": Stretch(mode="rgb"),
+    "equalize": Equalize(),
+    "equalize-rgb": Equalize(mode="rgb"),
+    "match": Match(_TARGET),
+    "match-luminance": Match(_TARGET, mode="luminance"),
+}
+
+
+@pytest.mark.parametrize("name", LUT_METHODS)
+def test_lut_methods_refuse_what_is_not_8bit_grey_or_rgb(name):
+    # a LUT of 256 entries maps 8-bit grey or RGB: alpha, 16-bit and float are refused, never mapped wrong
+    method = LUT_METHODS[name]
+    rgb = data.astronaut()[::8, ::8]
+    params = method.fit(Sample.from_array(rgb))
+    rgba = np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)])
+    for bands in (rgba, rgba[..., :2], rgba[..., :1].repeat(5, axis=-1)):  # RGBA, grey + alpha, 5 bands
+        with pytest.raises(UnsupportedImageError, match=rf"^{method.name} needs an \(h, w\), \(h, w, 1\) or \(h, w, 3\) array"):
+            method.apply_array(bands, params)
+        with pytest.raises(UnsupportedImageError, match=f"^{method.name} needs an 8-bit .* not uchar with {bands.shape[-1]} bands"):
+            method.apply(pyvips.Image.new_from_array(bands), params)
+    for dtype in (np.uint16, np.float32, np.int64):
+        with pytest.raises(TypeError, match=f"^{method.name} needs uint8 pixels, not {np.dtype(dtype)}"):
+            method.apply_array(rgb.astype(dtype), params)
+    for fmt in ("ushort", "float"):
+        with pytest.raises(UnsupportedImageError, match=f"not {fmt} with 3 bands"):
+            method.apply(pyvips.Image.new_from_array(rgb).cast(fmt), params)
+    # 8-bit grey and RGB still pass
+    assert method.apply_array(rgb, params).shape == rgb.shape
+    assert method.apply(pyvips.Image.new_from_array(rgb), params).numpy().shape == rgb.shape
+
+
+def test_fits_that_read_an_uncounted_luma_row_are_refused():
+    # sample_slide(..., luma=False) leaves the Y row of a colour image NaN: a fit reading it must say so,
+    # not cast the NaN to an all-zero LUT (a near-black image)
+    counted = Sample.from_array(data.astronaut()[::4, ::4])
+    uncounted = Sample(np.vstack([counted.hist[:3], np.full((1, 256), np.nan)]), 3, "luma=False")
+    assert not uncounted.luma_counted
+    for method in (Equalize(), Match(counted, mode="luminance")):
+        with pytest.raises(ValueError, match=r"luminance\) reads the luma \(Y\) histogram.*luma=True"):
+            method.fit(uncounted)
+    with pytest.raises(InvalidReferenceError, match="reference's luma"):
+        Match(uncounted, mode="luminance").fit(counted)
+    # the fits that read R, G and B only still fit on it, as they did
+    for method in (Equalize(mode="rgb"), Match(counted), Stretch(), Stretch(mode="rgb")):
+        assert method.fit(uncounted) == method.fit(counted)
+    # pooling would turn every count NaN (a sample's weight is its pixel count, from the Y row)
+    with pytest.raises(ValueError, match="cannot pool a sample whose luma.*luma=True"):
+        Sample.pooled([counted, uncounted])
 
 
 # --- references ----------------------------------------------------------------------------------

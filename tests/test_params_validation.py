@@ -129,6 +129,11 @@ def test_malformed_structure_is_refused(tmp_path, data, fragment):
     _refused(tmp_path, data, fragment)
 
 
+def test_json_nested_too_deeply_is_refused(tmp_path):
+    # deeper than json can parse: its RecursionError is the file's error, not an internal one
+    _refused(tmp_path, "[" * 100_000 + "]" * 100_000, "nested too deeply", "write references with 'vipsnorm fit'")
+
+
 def test_a_sample_under_another_method_is_refused(tmp_path, references):
     data = dict(references["match"], method="macenko")
     _refused(tmp_path, data, "'sample' (histograms) is a match target")

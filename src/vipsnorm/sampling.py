@@ -253,7 +253,7 @@ def sample_slide(
             # a luminance apply) and the pixels
             array = slide.decoded_pixels() if pixels else None
             hist = _histograms_in_memory(image, slide.decoded_luma() if luma else None)
-            kept = _limit(_subsampled(array, pixels).reshape(-1, image.bands), pixels, seed) if pixels else None
+            kept = _subsampled(array, pixels, seed) if pixels else None
             return Sample(hist, image.bands, source, pixels=kept)
         hist = slide.decode(lambda: _masked_histograms(image, None))
         kept = _subsampled_pixels(slide, image, None, pixels, seed) if pixels else None
@@ -271,7 +271,8 @@ def sample_slide(
         # (a slide the tiles would mostly cover is cheaper to count whole, in one libvips pass)
         image = slide.level_image(0)
         hist = slide.decode(lambda: _masked_histograms(image, _tissue_pixels_image(image, mask)))
-        kept = _subsampled_pixels(slide, image, mask, pixels, seed) if pixels else None
+        # (the R row counts every tissue pixel, also where the Y row is left uncounted)
+        kept = _subsampled_pixels(slide, image, mask, pixels, seed, hist[0].sum()) if pixels else None
         source = "every tissue pixel of level 0"
     else:
         hist, kept = _sample_tiles(slide, mask, n_tiles, tile, seed, pixels)
@@ -302,20 +303,30 @@ def _histograms_in_memory(image: pyvips.Image, luma: np.ndarray | None) -> np.nd
     return np.vstack([counts, value_counts(luma)]).astype(np.float64)
 
 
-def _subsample_step(width: int, height: int, n: int) -> int:
-    """Keep every ``k``-th pixel in each direction: about ``2 n`` pixels, enough to draw ``n`` from."""
-    return max(1, int(np.ceil(np.sqrt(width * height / (2 * n)))))
+#: Pixels of the (point-subsampled) image that :func:`_subsampled_pixels` reads at a time, so that
+#: gathering pixels holds a strip, never a whole level, in memory (2**21: 6 MiB of RGB).
+_STRIP_PIXELS = 1 << 21
 
 
-def _subsampled(array: np.ndarray, n: int) -> np.ndarray:
-    """What :func:`_subsampled_pixels` reads, from an ``(h, w, bands)`` array instead of an image."""
+def _subsample_step(width: int, height: int, n: int, count: float | None = None) -> int:
+    """Keep every ``k``-th pixel in each direction: at least about ``2 n`` of the ``count`` pixels that may
+    be gathered (default: all ``width * height``; the tissue pixels, when masked) stay, enough to draw
+    ``n`` from. 1 when there are fewer than ``8 n``; never more than the shorter side."""
+    count = width * height if count is None else count
+    return max(1, min(int(np.sqrt(count / (2 * n))), width, height))
+
+
+def _subsampled(array: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """What :func:`_subsampled_pixels` gathers without a mask, from an ``(h, w, bands)`` array held in
+    memory instead of an image (the same pixels: the draws do not depend on how the rows are split)."""
     h, w = array.shape[:2]
     k = _subsample_step(w, h, n)
     # libvips' subsample keeps floor(size / k) pixels a side, starting at 0
-    return array[: h // k * k : k, : w // k * k : k] if k > 1 else array
+    lattice = array[: h // k * k : k, : w // k * k : k] if k > 1 else array
+    return _gather([lattice], None, lattice.shape[0] * lattice.shape[1] * 1.0, n, seed)
 
 
-def _limit(values: np.ndarray, n: int, seed: int) -> np.ndarray:
+def _limit(values: np.ndarray, n: int, seed: int | np.random.Generator) -> np.ndarray:
     """At most ``n`` rows of ``values`` (a uniform random choice, in their original order)."""
     if values.shape[0] <= n:
         return values
@@ -323,19 +334,59 @@ def _limit(values: np.ndarray, n: int, seed: int) -> np.ndarray:
     return values[np.sort(rng.choice(values.shape[0], n, replace=False))]
 
 
+def _gather(strips, mask: TissueMask | None, expected: float, n: int, seed: int) -> np.ndarray:
+    """Up to ``n`` (tissue) pixels, a uniform random choice, of ``strips`` (``(rows, w, bands)`` uint8
+    arrays, in order) among which about ``expected`` pixels qualify.
+
+    Each qualifying pixel is kept with one probability, set so that about ``1.5 n + 100`` are (all of
+    them when fewer qualify), then ``n`` are drawn from those (:func:`_limit`): at most a strip and
+    about ``1.5 n`` pixels are held at a time, and fewer than ``n`` come back only when fewer qualify
+    (or a third fewer than ``expected`` do). One generator, drawn from in pixel order, so the result
+    does not depend on how the rows are split into strips.
+    """
+    rng = np.random.default_rng(seed)
+    rate = min(1.0, (1.5 * n + 100) / max(expected, 1.0))
+    kept: list[np.ndarray] = []
+    bands = 1
+    for strip in strips:
+        strip = strip if strip.ndim == 3 else strip[..., np.newaxis]
+        bands = strip.shape[-1]
+        values = strip[_tissue_pixels_array(strip, mask)] if mask is not None else strip.reshape(-1, bands)
+        if rate < 1.0:
+            values = values[rng.random(values.shape[0]) < rate]
+        kept.append(values)
+    return _limit(np.concatenate(kept) if kept else np.zeros((0, bands), np.uint8), n, rng)
+
+
+def _strips(image: pyvips.Image, k: int = 1):
+    """The rows of ``image`` (every ``k``-th row and column of a level) as uint8 arrays of about
+    :data:`_STRIP_PIXELS` pixels each; a strip spans a multiple of 256 level rows where it can, so that
+    tiles (commonly 256 rows) straddling two strips are not decoded twice."""
+    rows = max(1, _STRIP_PIXELS // image.width)
+    if rows * k >= 256:
+        rows = max(1, rows * k // 256 * 256 // k)
+    # every crop made before the first is read: looking up an operation clears libvips' error buffer,
+    # where a damaged JPEG tile of a TIFF leaves its only trace until Slide.decode reads it
+    crops = [image.crop(0, y, image.width, min(rows, image.height - y)) for y in range(0, image.height, rows)]
+    for crop in crops:
+        yield crop.numpy()
+
+
 def _subsampled_pixels(
-    slide: Slide, image: pyvips.Image, mask: TissueMask | None, n: int, seed: int
+    slide: Slide, image: pyvips.Image, mask: TissueMask | None, n: int, seed: int, count: float | None = None
 ) -> np.ndarray:
-    """Up to ``n`` (tissue) pixels of ``image``, from a point-subsampled copy (real pixel colours, not
-    averages) small enough for memory: every ``k``-th pixel in each direction."""
-    k = _subsample_step(image.width, image.height, n)
+    """Up to ``n`` (tissue) pixels of ``image``, every one when fewer qualify: from a point-subsampled
+    copy (real pixel colours, not averages), every ``k``-th pixel in each direction, read in strips.
+
+    ``count``: how many pixels of ``image`` qualify (the tissue pixels counted at full resolution;
+    default all), which sets ``k`` and the share of the copy's pixels kept (:func:`_gather`).
+    """
+    count = float(image.width * image.height if count is None else count)
+    k = _subsample_step(image.width, image.height, n, count)
     small = image.subsample(k, k) if k > 1 else image
-    array = slide.decode(small.numpy)
-    if array.ndim == 2:
-        array = array[..., np.newaxis]
-    if mask is not None:
-        array = array[_tissue_pixels_array(array, mask)]
-    return _limit(array.reshape(-1, array.shape[-1]), n, seed)
+    # the copy's qualifying pixels, expected in the same share as at full resolution
+    expected = small.width * small.height * (count / (image.width * image.height))
+    return slide.decode(lambda: _gather(_strips(small, k), mask, expected, n, seed))
 
 
 def _background(view: np.ndarray, mask: TissueMask) -> tuple[float, float, float, float] | None:

@@ -206,7 +206,14 @@ def apply_luts_image(image: pyvips.Image, luts: np.ndarray, space: str, luma: np
         ``(h, w)`` uint8: the luma of ``image`` already computed in numpy (:func:`luma_array`, equal bit
         for bit to :func:`luma_image`), used by a luminance apply instead of computing it again in
         libvips (about 1 ms less on a 512x512 image held in memory).
+
+    Raises
+    ------
+    ValueError
+        ``image`` is not uchar with 1 or 3 bands, or ``luma`` is not its luma's shape.
     """
+    if image.format != "uchar" or image.bands not in (1, 3):  # else a LUT's wrong pixels, or garbage
+        raise ValueError(f"expected a uchar image with 1 or 3 bands, not {image.format} with {image.bands} bands")
     luts = np.asarray(luts, dtype=np.uint8).reshape(-1, 256)
     if space == "luminance" and image.bands == 3:
         if luma is None:
@@ -224,29 +231,22 @@ def apply_luts_image(image: pyvips.Image, luts: np.ndarray, space: str, luma: np
 
 
 def apply_luts_array(array: np.ndarray, luts: np.ndarray, space: str) -> np.ndarray:
-    """The numpy twin of :func:`apply_luts_image` for ``(h, w)`` or ``(h, w, bands)`` uint8 arrays."""
+    """The numpy twin of :func:`apply_luts_image` for ``(h, w)``, ``(h, w, 1)`` or ``(h, w, 3)`` uint8
+    arrays (TypeError for another dtype, ValueError for another shape)."""
+    if array.dtype != np.uint8:  # a LUT of 256 entries indexes 8-bit values only
+        raise TypeError(f"expected uint8 pixels, not {array.dtype}")
+    if not (array.ndim == 2 or (array.ndim == 3 and array.shape[-1] in (1, 3))):
+        raise ValueError(f"expected an (h, w), (h, w, 1) or (h, w, 3) array, not shape {array.shape}")
     luts = np.asarray(luts, dtype=np.uint8).reshape(-1, 256)
     squeeze = array.ndim == 2
     a = array[..., np.newaxis] if squeeze else array
-    if a.dtype != np.uint8 or a.ndim < 2:  # not an image: fancy indexing (its errors, negative indices)
-        out = _apply_luts_indexing(a, luts, space)
-    elif space == "luminance" and a.shape[-1] == 3:
+    if space == "luminance" and a.shape[-1] == 3:
         out = add_luma_change(a, luts[0], luma_array(a))
     elif space == "rgb" and a.shape[-1] == 3:
         out = take_keyed(luts, band_keys(a), a.shape)
     else:
         out = take(luts[0], a)
     return out[..., 0] if squeeze else out
-
-
-def _apply_luts_indexing(a: np.ndarray, luts: np.ndarray, space: str) -> np.ndarray:
-    if space == "luminance" and a.shape[-1] == 3:
-        y = luma_array(a)
-        delta = luts[0].astype(np.int16)[y] - y.astype(np.int16)
-        return np.clip(a.astype(np.int16) + delta[..., np.newaxis], 0, 255).astype(np.uint8)
-    if space == "rgb" and a.shape[-1] == 3:
-        return np.stack([luts[i][a[..., i]] for i in range(3)], axis=-1)
-    return luts[0][a]
 
 
 def add_luma_change(rgb: np.ndarray, lut: np.ndarray, y: np.ndarray) -> np.ndarray:

@@ -91,10 +91,21 @@ class Sample:
 
     @classmethod
     def pooled(cls, samples: Iterable["Sample"], source: str = "") -> "Sample":
-        """One sample from many, each weighted equally whatever its pixel count (a dataset palette)."""
+        """One sample from many, each weighted equally whatever its pixel count (a dataset palette).
+
+        Raises
+        ------
+        ValueError
+            No samples, or one whose luma row is uncounted (:attr:`luma_counted`).
+        """
         samples = list(samples)
         if not samples:
             raise ValueError("no samples to pool")
+        if not all(s.luma_counted for s in samples):  # its NaN would make every pooled count NaN
+            raise ValueError(
+                "cannot pool a sample whose luma (Y) row was left uncounted (NaN); sample with "
+                "sample_slide(..., luma=True), the default"
+            )
         scale = np.mean([s.n for s in samples])
         hist = sum(s.hist / s.n for s in samples) * scale / len(samples)
         bands = 3 if any(s.bands == 3 for s in samples) else 1
@@ -113,6 +124,14 @@ class Sample:
     def luma_counted(self) -> bool:
         """False when the Y row was left uncounted (NaN) for a fit that does not read it."""
         return not np.isnan(self.hist[3, 0])
+
+    def _require_luma(self, what: str) -> None:
+        """Raise ValueError when the Y row that ``what`` (a fit, named in the message) reads is uncounted."""
+        if not self.luma_counted:
+            raise ValueError(
+                f"{what} reads the luma (Y) histogram, which this sample left uncounted (NaN); sample with "
+                "sample_slide(..., luma=True), the default"
+            )
 
     def is_flat(self) -> bool:
         """True when every channel holds a single value (an uncounted Y row aside: R, G and B each
@@ -357,10 +376,41 @@ class LutMethod(Method):
         ``(h, w)`` uint8 array, :func:`~vipsnorm.methods._hist.luma_array`, e.g.
         :meth:`~vipsnorm.io.slide.Slide.decoded_luma`), used by a luminance apply instead of computing
         it again in libvips: the same pixels (the two lumas are equal bit for bit), about 1 ms less on a
-        512x512 tile."""
+        512x512 tile.
+
+        Raises
+        ------
+        UnsupportedImageError
+            ``image`` is not uchar with 1 (grey) or 3 (RGB) bands (alpha, 16-bit, float: convert it as
+            :func:`vipsnorm.open` does), or per-channel LUTs meet a grey image.
+        """
+        if image.format != "uchar" or image.bands not in (1, 3):
+            raise UnsupportedImageError(
+                None,
+                f"{self.name} needs an 8-bit (uchar) grey or RGB image, not {image.format} with {image.bands} bands; "
+                "convert it first (alpha flattened, 16-bit scaled to 8 bits), as vipsnorm.open does",
+            )
         return apply_luts_image(image, _luts_for(params, image.bands, self.name), params.space, luma)
 
     def apply_array(self, array: np.ndarray, params: LutParams) -> np.ndarray:
+        """The same transform on a uint8 ``(h, w)``, ``(h, w, 1)`` or ``(h, w, 3)`` array.
+
+        Raises
+        ------
+        TypeError
+            The array is not uint8.
+        UnsupportedImageError
+            Not one of those shapes (alpha: flatten it first), or per-channel LUTs meet a grey image.
+        """
+        array = np.asarray(array)
+        if array.dtype != np.uint8:
+            raise TypeError(f"{self.name} needs uint8 pixels, not {array.dtype}; scale to 0..255 and round first")
+        if not (array.ndim == 2 or (array.ndim == 3 and array.shape[-1] in (1, 3))):
+            raise UnsupportedImageError(
+                None,
+                f"{self.name} needs an (h, w), (h, w, 1) or (h, w, 3) array, not shape {array.shape}; "
+                "flatten alpha (or drop extra bands) first",
+            )
         bands = 1 if array.ndim == 2 else array.shape[-1]
         return apply_luts_array(array, _luts_for(params, bands, self.name), params.space)
 
@@ -369,10 +419,11 @@ def _luts_for(params: LutParams, bands: int, method: str) -> np.ndarray:
     """``params.luts()``, refusing per-channel LUTs that differ for a grey image (which channel's?)."""
     luts = params.luts()
     if bands == 1 and luts.shape[0] > 1 and not (luts == luts[:1]).all():
+        single = next(space for space in type(params).spaces if space != "rgb")  # the method's one-LUT mode
         raise UnsupportedImageError(
             None,
             f"{method} parameters fitted per channel (mode rgb) on colour images cannot be applied to a grey "
-            "image: fit them on grey images, or use mode luminance",
+            f"image: fit them on grey images, or use mode {single}",
         )
     return luts
 

@@ -77,7 +77,11 @@ class Equalize(LutMethod):
         return self.mode == "luminance"  # rgb: R, G and B of a colour image (a grey one has Y in every row)
 
     def fit(self, sample: Sample) -> EqualizeParams:
+        """Equalization LUT(s) of the sample's histograms; ValueError when mode luminance meets a colour
+        sample whose luma row is uncounted (:attr:`Sample.luma_counted`)."""
         rgb = self.mode == "rgb" and sample.bands == 3
+        if not rgb:
+            sample._require_luma("equalize (mode luminance)")
         luts = self._luts(sample.hist[:3] if rgb else sample.hist[3:])
         return EqualizeParams(space="rgb" if rgb else "luminance", lut=tuple(map(tuple, luts.tolist())))
 

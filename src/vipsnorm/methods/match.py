@@ -103,11 +103,27 @@ class Match(LutMethod):
         return Sample.pooled(samples, source=f"pooled tissue histograms of {len(samples)} images")
 
     def fit(self, sample: Sample) -> MatchParams:
+        """LUT(s) matching the sample's histograms onto the target's.
+
+        Raises
+        ------
+        InvalidReferenceError
+            No target, a grey target for a colour image in mode rgb, or one whose luma row is uncounted
+            in mode luminance.
+        ValueError
+            Mode luminance on a colour sample whose luma row is uncounted (:attr:`Sample.luma_counted`).
+        """
         if self.target is None:
             raise InvalidReferenceError(None, "match needs a reference (--reference IMAGE or JSON)")
         rgb = self.mode == "rgb" and sample.bands == 3
         if rgb and self.target.bands == 1:
             raise InvalidReferenceError(None, "reference is grey; use --mode luminance for colour images")
+        if not rgb:
+            if not self.target.luma_counted:
+                raise InvalidReferenceError(
+                    None, "reference's luma (Y) histogram is uncounted (NaN); use --mode rgb, or sample it with luma=True"
+                )
+            sample._require_luma("match (mode luminance)")
         rows = range(3) if rgb else [3]
         luts = []
         for i in rows:
