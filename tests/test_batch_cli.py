@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from pathlib import Path
@@ -179,3 +180,88 @@ def test_one_file_linked_into_train_and_val_is_normalized_into_both_and_fitted_o
     rc, stdout, stderr = run(capsys, "fit", ds, "-o", tmp_path / "ref.json", "--workers", "0")
     assert rc == 0, stderr
     assert len(json.loads((tmp_path / "ref.json").read_text())["inputs"]) == 2  # x once, and y
+
+
+def write_image(path: Path, seed: int) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(20, 200, (24, 32, 3), dtype=np.uint8)
+    pyvips.Image.new_from_array(pixels).copy(interpretation="srgb").pngsave(str(path))
+    return path
+
+
+def test_an_input_named_like_a_temporary_file_is_an_error_not_a_silent_loss(tmp_path, capsys):
+    """Before: normalized, reported ok (exit 0), then its output deleted by the run's own cleanup of
+    temporary files, on every run, given by name or in a text list."""
+    odd = write_image(tmp_path / "odd" / ".y.vipsnorm-part-deadbeef.png", 1)
+    (tmp_path / "odd" / "run.txt").write_text(odd.name + "\n")
+    for given in ([odd], ["--list", tmp_path / "odd" / "run.txt"]):
+        out = tmp_path / f"out{len(given)}"
+        rc, stdout, stderr = run(capsys, "normalize", *given, "-o", out, "--method", "stretch", "--workers", "0")
+        assert rc == 1 and "ok " not in stdout
+        assert f"error  {odd}: output {out / odd.stem}.* would have a name vipsnorm keeps" in stderr
+        assert "0 of 1 inputs normalized, 1 failed" in stderr
+        assert os.listdir(out) == []
+        (row,) = read_manifest(default_manifest(out))
+        assert row["status"] == "error" and row["input"] == str(odd)
+
+
+def test_list_entries_name_files_exactly(tmp_path, capsys):
+    """Before: " lead.png" in a list (a text line, or a quoted CSV value) processed "lead.png"."""
+    spaced, plain = write_image(tmp_path / "sp" / " lead.png", 1), write_image(tmp_path / "sp" / "lead.png", 2)
+    trail = write_image(tmp_path / "sp" / "trail.png ", 3)
+    (tmp_path / "sp" / "run.txt").write_text(" lead.png\ntrail.png \n")
+    (tmp_path / "sp" / "run.csv").write_text('input,output\n" lead.png",csv/ lead.png\n')
+    for listing in ("run.txt", "run.csv"):
+        out = tmp_path / f"out-{listing}"
+        rc, _, stderr = run(capsys, "normalize", "--list", tmp_path / "sp" / listing, "-o", out, "--method", "stretch", "--workers", "0")
+        assert rc == 0, stderr
+        rows = read_manifest(default_manifest(out))
+        assert [r["input"] for r in rows] == [str(spaced), str(trail)][: len(rows)] and str(plain) not in stderr
+        expected = {"run.txt": [" lead.png", "trail.png"], "run.csv": ["csv/ lead.png"]}[listing]
+        assert sorted(str(p.relative_to(out)) for p in out.rglob("*.png")) == expected
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs")
+def test_a_fifo_or_a_device_given_as_input_is_refused_as_such(tmp_path, capsys):
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    out = tmp_path / "out"
+    rc, _, stderr = run(capsys, "normalize", fifo, "/dev/zero", "-o", out, "--method", "stretch", "--workers", "0")
+    assert rc == 1
+    for given in (fifo, "/dev/zero"):
+        assert f"error  {given}: not a regular file (a FIFO, device or socket); nothing read" in stderr
+    assert "empty" not in stderr and os.listdir(out) == []
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs")
+@pytest.mark.parametrize("kind", ["devnull", "fifo"])
+def test_a_manifest_that_is_not_a_regular_file_is_refused_before_any_work(kind, folder, tmp_path, capsys):
+    """Before: a link to /dev/null printed ok lines, then 'error  Invalid argument' (its fsync); a FIFO
+    'error  Illegal seek'; neither named the manifest."""
+    manifest = tmp_path / "m.csv"
+    if kind == "fifo":
+        os.mkfifo(manifest)
+    else:
+        manifest.symlink_to(os.devnull)
+    out = tmp_path / "out"
+    rc, stdout, stderr = run(capsys, "normalize", folder, "-o", out, "--manifest", manifest, "--method", "stretch", "--workers", "0")
+    assert rc == 2 and stdout == ""
+    assert stderr.strip() == f"error  {manifest}: cannot open the manifest (not a regular file: a FIFO, device or socket); choose another --manifest"
+    assert not list(out.rglob("*.png"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc to tell the manifest's descriptor")
+def test_a_manifest_on_a_full_disk_is_named_in_the_error(folder, tmp_path, capsys, monkeypatch):
+    """Before: 'error  No space left on device', naming no file."""
+    manifest = tmp_path / "m.csv"
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        if os.readlink(f"/proc/self/fd/{fd}") == str(manifest):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    rc, _, stderr = run(capsys, "normalize", folder, "-o", tmp_path / "out", "--manifest", manifest, "--method", "stretch", "--workers", "0")
+    assert rc == 2
+    assert stderr.splitlines()[-1].startswith(f"error  {manifest}: cannot write the manifest (No space left on device)")

@@ -174,7 +174,8 @@ def test_text_list_relative_to_its_folder_mirrors_its_tree(tmp_path):
     lists = tmp_path / "lists"
     touch(lists / "s1" / "a.jpg")
     touch(lists / "b.jpg")
-    (lists / "run.txt").write_text("# inputs\ns1/a.jpg\n\n  b.jpg  \n" + str(lists / "s1" / "a.jpg") + "\n")
+    # a blank line and a line of spaces are skipped; a CRLF line ending is not part of the name
+    (lists / "run.txt").write_bytes(b"# inputs\ns1/a.jpg\n\n  \t\nb.jpg\r\n" + bytes(lists / "s1" / "a.jpg") + b"\n")
     entries = discover(lists=[lists / "run.txt"])
     assert [(e.path, e.rel_dir, e.name) for e in entries] == [
         (str(lists / "s1" / "a.jpg"), "s1", "a"),  # the absolute repeat of the first line is dropped
@@ -227,6 +228,62 @@ def test_output_names_that_could_leave_the_folder_are_errors(name, tmp_path):
 def test_safe_relative_keeps_plain_names():
     assert safe_relative("a/./b\\c.jpg").as_posix() == "a/b/c.jpg"
     assert safe_relative("x..y.jpg").as_posix() == "x..y.jpg"  # '..' inside a name is a name
+
+
+def test_list_names_are_taken_exactly_spaces_and_all(tmp_path):
+    # " lead.jpg" and "lead.jpg" are two files: a list naming the first must never process the second
+    sp = tmp_path / "sp"
+    lead, plain, trail = touch(sp / " lead.jpg"), touch(sp / "lead.jpg"), touch(sp / "trail.jpg ")
+    (sp / "run.txt").write_text(" lead.jpg\ntrail.jpg \r\n   \n")  # the line of spaces is skipped
+    (sp / "run.csv").write_text('input,output\n" lead.jpg",\ntrail.jpg , x.png\nlead.jpg,\n" ",\n')
+    assert read_list(sp / "run.txt") == [(" lead.jpg", None), ("trail.jpg ", None)]
+    assert read_list(sp / "run.csv") == [(" lead.jpg", None), ("trail.jpg ", " x.png"), ("lead.jpg", None)]
+    entries = discover(lists=[sp / "run.txt", sp / "run.csv"])
+    assert [(e.path, e.rel_dir, e.name) for e in entries] == [
+        (str(lead), "", " lead"),
+        (str(trail), "", "trail"),  # (Path("trail.jpg ").stem)
+        (str(trail), "", " x"),  # the output name exactly as written too
+        (str(plain), "", "lead"),
+    ]
+    assert all(i.error is None and i.size == 10 for i in plan(entries, tmp_path / "out"))
+
+
+@pytest.mark.parametrize(
+    "name", [".y.vipsnorm-part-deadbeef.jpg", ".y.vipsnorm-part-deadbeef.svs", ".vipsnorm-run-0123456789abcdef", ".vipsnorm-rows.png"]
+)
+def test_an_output_named_like_vipsnorms_own_files_is_refused(name, tmp_path):
+    # the run's own cleanup deletes a file named like its temporary outputs: such an input would be
+    # normalized, reported ok, and its output deleted, on every run
+    given = touch(tmp_path / "odd" / name)
+    (tmp_path / "odd" / "run.txt").write_text(name + "\n")
+    for entries in (discover([given]), discover(lists=[tmp_path / "odd" / "run.txt"])):
+        (item,) = plan(entries, tmp_path / "out")
+        assert item.error is not None and item.error.startswith(f"{given}: output "), item
+        assert "vipsnorm keeps for its own temporary files" in item.error and "nothing written" in item.error
+
+
+def test_other_hidden_names_given_by_name_keep_their_outputs(tmp_path):
+    names = [".scan.jpg", "a.vipsnorm-part-deadbeef.jpg", ".y.vipsnorm-part-deadbeef", ".y.vipsnorm-part-deadbeef.x.jpg"]
+    entries = discover([touch(tmp_path / name) for name in names])
+    assert [(i.name, i.error) for i in plan(entries, tmp_path / "out")] == [
+        (".scan", None),
+        ("a.vipsnorm-part-deadbeef", None),  # not hidden: never a temporary file
+        (".y", None),  # (its suffix is ".vipsnorm-part-deadbeef")
+        (".y.vipsnorm-part-deadbeef.x", None),  # two suffixes once written: not a temporary file's name
+    ]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs")
+def test_fifos_and_devices_are_refused_before_any_work(tmp_path):
+    fifo, listed, link = tmp_path / "pipe.jpg", tmp_path / "listed.png", tmp_path / "z.jpg"
+    os.mkfifo(fifo)
+    os.mkfifo(listed)
+    link.symlink_to("/dev/zero")
+    (tmp_path / "run.txt").write_text("listed.png\n/dev/null\n")
+    items = plan(discover([fifo, "/dev/zero", link], lists=[tmp_path / "run.txt"]), tmp_path / "out")
+    assert [i.input for i in items] == [str(fifo), "/dev/zero", str(link), str(listed), "/dev/null"]
+    for item in items:
+        assert item.error == f"{item.input}: not a regular file (a FIFO, device or socket); nothing read"
 
 
 def test_csv_list_without_input_column_is_refused(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import errno
 import hashlib
 import json
 import os
@@ -128,6 +129,51 @@ def test_the_command_refuses_a_file_that_is_not_a_manifest_with_one_line(images,
     assert rc == 2 and len(err) == 1 and str(todo) in err[0] and "is not a vipsnorm manifest" in err[0]
     assert todo.read_bytes() == b"input,output\na.jpg,x\nb.jpg,y"
     assert not list((tmp_path / "out").rglob("*.png"))  # refused before any work
+
+
+class FullDisk:
+    """A manifest's file on a full disk: every write (and the flush of a close) fails with ENOSPC."""
+
+    def __init__(self, file):
+        self.file = file
+
+    def __getattr__(self, name):
+        return getattr(self.file, name)
+
+    def write(self, text=None):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    flush = write
+
+
+def test_write_errors_name_the_manifest_and_its_close_never_hides_the_first(tmp_path):
+    """Before: a bare OSError ('No space left on device', no file named)."""
+    path = tmp_path / "m.csv"
+    cause = f"{path}: cannot write the manifest (No space left on device); once it can be, run the command again"
+    with pytest.raises(OutputError) as caught:
+        with Manifest.open(path) as book:
+            book._file = FullDisk(book._file)
+            book.append([{"input": "/a.jpg", "status": "ok"}])
+    assert str(caught.value).startswith(cause)  # the append's error, not the failing close's
+    assert book._file.file.closed
+    with Manifest.open(path) as book:  # released: the lock went with the file
+        book._file = FullDisk(book._file)
+        with pytest.raises(OutputError) as caught:
+            book.close()  # (its last sync)
+        assert str(caught.value).startswith(cause)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs")
+def test_a_manifest_that_is_not_a_regular_file_is_refused(tmp_path):
+    fifo, link = tmp_path / "fifo.csv", tmp_path / "null.csv"
+    os.mkfifo(fifo)
+    link.symlink_to(os.devnull)
+    for path in (fifo, link, Path(os.devnull)):
+        with pytest.raises(OutputError) as caught:
+            Manifest.open(path)  # (a FIFO with no writer: never blocks)
+        assert str(caught.value) == (
+            f"{path}: cannot open the manifest (not a regular file: a FIFO, device or socket); choose another --manifest"
+        )
 
 
 def test_a_header_cut_short_by_a_kill_is_repaired(tmp_path):

@@ -14,6 +14,10 @@ All in this process (``workers=0``) or in one child process: the cluster itself 
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -334,3 +338,100 @@ def test_no_overwrite_refuses_an_existing_output_before_any_work(images, tmp_pat
     rows = read_manifest(default_manifest(out))[-3:]
     assert all("already exists" in row["error"] for row in rows)
     assert {p.name: p.read_bytes() for p in out.glob("*.png")} == before and part_files(out) == []
+
+
+# --------------------------------------------------------------------------------------------------
+# 6. an interrupted run: Ctrl-C, and SIGTERM (timeout, SLURM, docker stop)
+
+
+class InterruptedEngine:
+    """A local cluster's (or the child's) engine whose run is interrupted by Ctrl-C while a task runs:
+    the task goes on while the engine shuts down, and ends only in ``close``."""
+
+    description = "interrupted"
+
+    def __init__(self):
+        self.in_flight: list[dict] = []
+
+    def threads(self) -> int:
+        return 1
+
+    def run(self, fn, job, groups, on_results, fail) -> None:
+        self.job, self.items = job, [item for items in groups for item in items]
+        raise KeyboardInterrupt
+
+    def close(self) -> None:
+        self.in_flight.extend(normalize_items(self.job, self.items))
+
+
+def test_a_task_in_flight_when_the_run_is_interrupted_puts_nothing_in_place(images, tmp_path, monkeypatch):
+    """Before: the engine was closed before the run's marker was released, so the running task found
+    its run still live and renamed its output into place after Ctrl-C, with no row recorded."""
+    out = tmp_path / "out"
+    engine = InterruptedEngine()
+    monkeypatch.setattr(run_module, "_engine", lambda *args: engine)
+    with pytest.raises(KeyboardInterrupt):
+        normalize_batch([images], out, vipsnorm.Stretch(), workers=1)
+    assert [r["status"] for r in engine.in_flight] == ["error"] * 3
+    assert all("output not put in place: its run ended" in r["error"] for r in engine.in_flight)
+    assert os.listdir(out) == []  # no output, no staged file, no marker
+    assert read_manifest(default_manifest(out)) == []
+
+
+def test_sigterm_handling_lasts_the_run_only_and_leaves_a_programs_own_handler(images, tmp_path):
+    seen = []
+    on_row = lambda row: seen.append(signal.getsignal(signal.SIGTERM))  # noqa: E731
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    normalize_batch([images], tmp_path / "a", vipsnorm.Stretch(), workers=0, on_row=on_row)
+    assert callable(seen[0]) and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    mine = lambda signum, frame: None  # noqa: E731
+    signal.signal(signal.SIGTERM, mine)
+    try:
+        normalize_batch([images], tmp_path / "b", vipsnorm.Stretch(), workers=0, on_row=on_row)
+        assert seen[-1] is mine and signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+SLOW_RUN = """
+import sys, time
+from pathlib import Path
+import vipsnorm.batch.run as run
+from vipsnorm.cli import main
+
+real = run.normalize_file
+
+def slow(*args, **kwargs):
+    result = real(*args, **kwargs)  # the output is written, staged under its temporary name
+    Path(sys.argv[1]).touch()
+    time.sleep(60)
+    return result
+
+run.normalize_file = slow
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="POSIX signals")
+def test_sigterm_cleans_up_as_ctrl_c_does_then_ends_the_process(images, tmp_path):
+    """Before: SIGTERM (what timeout, SLURM and docker stop send) ended the process at once, leaving
+    the run's marker and the staged output, as SIGKILL does."""
+    out, ready, script = tmp_path / "out", tmp_path / "ready", tmp_path / "slow.py"
+    script.write_text(SLOW_RUN)
+    argv = [sys.executable, str(script), str(ready), "normalize", str(images), "-o", str(out), "--method", "stretch"]
+    process = subprocess.Popen([*argv, "--workers", "0"], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not ready.exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert ready.exists(), process.stderr.read() if process.poll() is not None else "not ready in 60 s"
+        assert [p.name for p in out.iterdir() if p.name.startswith(run_module.LIVE_PREFIX)]  # the run is live
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == -signal.SIGTERM  # it still ends of SIGTERM, for whoever sent it
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert os.listdir(out) == []  # no marker, no staged output
+    with vipsnorm.batch.Manifest.open(default_manifest(out)):  # the manifest, closed and unlocked
+        pass

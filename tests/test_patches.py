@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import argparse
 import csv
+import errno
 import json
+import os
 import tarfile
 from pathlib import Path
 
@@ -28,6 +30,7 @@ from vipsnorm.training.patches import (
     choose_level,
     grid_patches,
     random_patches,
+    rebuild_table,
     slide_rng,
 )
 
@@ -357,6 +360,60 @@ def test_bad_slides_one_line_each_and_the_others_go_on(small_slide, glass_slide,
     assert sorted(p.name for p in out.iterdir()) == [".vipsnorm-rows", "patches.csv", "small"]  # nothing of the bad ones
     assert sorted(p.name for p in (out / ".vipsnorm-rows").iterdir()) == [".table.lock", "small.csv"]
     assert no_part_files(out)
+
+
+def test_tar_shards_on_a_full_disk_one_error_each_and_the_others_go_on(small_slide, tmp_path, capsys, monkeypatch):
+    """Before: closing the shard again in the error path raised ENOSPC once more, out of the slide: with
+    --workers 0 the whole batch stopped ('error  [Errno 28] No space left on device', no file named,
+    the other slides not tried); on a cluster, 'the task failed on the worker (OSError ...)'."""
+    slides = [tmp_path / "in" / "a.tif", tmp_path / "in" / "b.tif"]
+    slides[0].parent.mkdir()
+    for slide in slides:
+        slide.write_bytes(Path(small_slide).read_bytes())
+    real_close = tarfile.TarFile.close
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def close_on_a_full_disk(self):
+        real_close(self)  # (the file is closed, as when its last write fails)
+        full()
+
+    monkeypatch.setattr(tarfile.TarFile, "addfile", full)
+    monkeypatch.setattr(tarfile.TarFile, "close", close_on_a_full_disk)
+    out = tmp_path / "out"
+    code, stdout, stderr = run(capsys, *slides, "-o", out, "--format", "tar", "--random", 3, "--size", 64, "--workers", 0)
+    assert code == 1 and stdout == ""
+    errors = [line for line in stderr.splitlines() if line.startswith("error")]
+    assert errors == [
+        f"error  {out / name}-000000.tar: cannot write the output (No space left on device)" for name in ("a", "b")
+    ]
+    assert "0 patches from 0 of 2 slides: 0 patched, 2 failed" in stderr
+    assert not list(out.glob("*.tar")) and no_part_files(out) and table(out) == []
+
+
+def test_a_table_that_cannot_be_written_is_named_and_left_as_it_was(small_slide, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    assert run(capsys, small_slide, "-o", out, "--random", 2, "--format", "coords", "--workers", 0)[0] == 0
+    before = (out / TABLE).read_bytes()
+
+    def full(self):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(csv.DictWriter, "writeheader", full)
+    with pytest.raises(vipsnorm.errors.OutputError) as caught:
+        rebuild_table(out)
+    assert str(caught.value) == f"{out / TABLE}: cannot write the table (No space left on device)"
+    assert (out / TABLE).read_bytes() == before and no_part_files(out)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs")
+def test_a_fifo_given_as_a_slide_is_refused_as_such(small_slide, tmp_path, capsys):
+    fifo = tmp_path / "pipe.tif"
+    os.mkfifo(fifo)
+    code, stdout, stderr = run(capsys, fifo, small_slide, "-o", tmp_path / "out", "--random", 2, "--format", "coords", "--workers", 0)
+    assert code == 1 and f"ok     {small_slide}" in stdout
+    assert f"error  {fifo}: not a regular file (a FIFO, device or socket); nothing read" in stderr
 
 
 def test_glass_is_kept_with_min_tissue_zero(glass_slide, tmp_path, capsys):

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -531,3 +533,64 @@ def test_a_slide_named_like_the_table_and_a_killed_runs_table(small_slide, tmp_p
     assert code == 0, stderr
     assert not table_part.exists() and not slide_part.exists() and no_part_files(out)
     assert {r["slide"] for r in read_table(out / TABLE)} == {str(slide)} and (out / "patches").is_dir()
+
+
+def test_the_table_lists_the_finished_slides_after_ctrl_c(two_slides, tmp_path, capsys, monkeypatch):
+    """Before: the table was rebuilt only after the last slide, so Ctrl-C left it missing (or stale)
+    although the finished slides' rows were committed."""
+    out = tmp_path / "out"
+    a, b = two_slides
+    real = patches_module.extract_slide
+
+    def ctrl_c_on_b(path, *args, **kwargs):
+        if Path(path) == b:
+            raise KeyboardInterrupt
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(patches_module, "extract_slide", ctrl_c_on_b)
+    assert run(capsys, a, b, "-o", out, *FAST)[0] == 130
+    assert [r["slide"] for r in read_table(out / TABLE)] == [str(a)] * 3
+    assert no_part_files(out)
+
+
+SLOW_SLIDE = """
+import sys, time
+from pathlib import Path
+from vipsnorm.cli import main
+from vipsnorm.training import patches
+
+real = patches.extract_slide
+
+def slow_second(path, *args, **kwargs):
+    if Path(path).name == "b.tif":
+        Path(sys.argv[1]).touch()
+        time.sleep(60)
+    return real(path, *args, **kwargs)
+
+patches.extract_slide = slow_second
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="POSIX signals")
+def test_sigterm_rebuilds_the_table_and_cleans_up_then_ends_the_process(two_slides, tmp_path):
+    """Before: SIGTERM (timeout, SLURM, docker stop) ended the process at once: no table."""
+    out, ready, script = tmp_path / "out", tmp_path / "ready", tmp_path / "slow.py"
+    script.write_text(SLOW_SLIDE)
+    a, b = two_slides
+    argv = [sys.executable, str(script), str(ready), "patches", str(a), str(b), "-o", str(out)]
+    process = subprocess.Popen([*argv, *map(str, FAST)], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not ready.exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert ready.exists(), process.stderr.read() if process.poll() is not None else "not ready in 60 s"
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == -signal.SIGTERM
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert [r["slide"] for r in read_table(out / TABLE)] == [str(a)] * 3
+    assert no_part_files(out)
+    assert [r["status"] for r in manifest_rows(out)] == ["ok"]

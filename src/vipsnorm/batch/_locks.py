@@ -4,6 +4,7 @@ inputs or patches table (POSIX ``flock``; Windows has none, and the files are op
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 from ..errors import OutputError
@@ -22,12 +23,24 @@ def open_locked(path: Path, flags: int, *, cannot_open: str, busy: str | None) -
 
     ``busy`` is the cause of the :class:`OutputError` raised when another process holds the lock; None
     waits for it instead. ``cannot_open`` is the cause when the file cannot be opened or locked, with
-    ``{}`` for the system's reason.
+    ``{}`` for the system's reason; also when ``path`` is not a regular file (a FIFO, a device such as
+    ``/dev/null``, a socket, or a link to one), where rows would be lost or the open would block: it is
+    opened without blocking to be asked, then closed, untouched.
     """
     try:
-        fd = os.open(path, flags | os.O_CREAT, 0o644)
+        fd = os.open(path, flags | os.O_CREAT | getattr(os, "O_NONBLOCK", 0), 0o644)
     except OSError as exc:
         raise OutputError(path, cannot_open.format(exc.strerror or exc)) from None
+    try:
+        regular = stat.S_ISREG(os.fstat(fd).st_mode)
+        if regular and hasattr(os, "O_NONBLOCK"):
+            os.set_blocking(fd, True)
+    except OSError as exc:
+        os.close(fd)
+        raise OutputError(path, cannot_open.format(exc.strerror or exc)) from None
+    if not regular:
+        os.close(fd)
+        raise OutputError(path, cannot_open.format("not a regular file: a FIFO, device or socket"))
     if fcntl is None:
         return fd, False
     try:

@@ -9,10 +9,17 @@ Three kinds of input:
 - a **list file**: ``.csv`` with an ``input`` column and an optional ``output`` column (the output's
   path relative to the output folder; its suffix is chosen by ``--format`` as for every output), or
   text with one input per line (a line starting with ``#`` is a comment: write ``./#x.svs`` for a
-  file whose name starts with ``#``). Relative inputs are relative to the list file's
-  folder; without an ``output`` column the tree below the list file's folder is mirrored (below the
-  deepest folder common to every entry, when some lie outside it). Output names that are absolute or
-  hold ``..`` are refused: they are recorded as errors and nothing is written for them.
+  file whose name starts with ``#``; blank lines and lines of spaces only are skipped). Names are
+  taken exactly, spaces included: a text line loses only its line ending, a CSV value is what the
+  CSV reader reads. Relative inputs are relative to the list file's folder; without an ``output``
+  column the tree below the list file's folder is mirrored (below the deepest folder common to every
+  entry, when some lie outside it). Output names that are absolute or hold ``..`` are refused: they
+  are recorded as errors and nothing is written for them.
+
+An output that would be named like vipsnorm's own files (a temporary output,
+``.NAME.vipsnorm-part-XXXXXXXX.EXT``, which every run's cleanup deletes, or ``.vipsnorm-*``) is refused by :func:`plan`, and
+so is an input that is not a regular file (a FIFO, a device, a socket: named on the command line or in
+a list; a folder search takes regular files only).
 
 Names that lead to the same file through symbolic links are one input, under the first name given,
 when they would also have the same output (``link -> real`` given as two folders: the same work, done
@@ -35,6 +42,7 @@ import fnmatch
 import io
 import os
 import re
+import stat
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -55,7 +63,9 @@ __all__ = [
     "output_folder",
     "remove_part_files",
     "file_stat",
+    "input_stat",
     "PART_FILE",
+    "OWN_PREFIX",
 ]
 
 #: Searched for in folders unless ``include`` says otherwise (matched case-insensitively on the name).
@@ -67,6 +77,9 @@ DEFAULT_INCLUDE = (
 SLIDE_SUFFIXES = frozenset({".svs", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm"})
 #: A temporary output left by a killed write (:func:`vipsnorm.io.write.atomic_path`).
 PART_FILE = re.compile(r"^\.(?P<stem>.*)" + re.escape(PART_MARKER) + r"[0-9a-f]{8}(\.[^./]*)?$")
+#: How vipsnorm's own hidden files in an output folder begin (the marker of a live run,
+#: ``.vipsnorm-run-KEY``; ``vipsnorm patches``' ``.vipsnorm-rows`` and ``.vipsnorm-patches``).
+OWN_PREFIX = ".vipsnorm-"
 
 
 @dataclass(frozen=True)
@@ -195,7 +208,10 @@ def safe_relative(name: str) -> PurePosixPath:
 
 
 def read_list(path: str | os.PathLike[str]) -> list[tuple[str, str | None]]:
-    """The ``(input, output or None)`` pairs of a list file, inputs as written.
+    """The ``(input, output or None)`` pairs of a list file, inputs (and outputs) exactly as written:
+    nothing is stripped but a text line's line ending (``\n`` or ``\r\n``). Comments (text lines
+    starting with ``#``), blank lines, lines of spaces only and CSV rows without an input are skipped;
+    an output cell that is empty (or spaces only) is None.
 
     Raises
     ------
@@ -216,15 +232,16 @@ def read_list(path: str | os.PathLike[str]) -> list[tuple[str, str | None]]:
         if "input" not in columns:
             raise ValueError(f"{path}: a CSV list needs an 'input' column (and may have an 'output' column)")
         reader.fieldnames = columns
-        for row in reader:
-            value = (row.get("input") or "").strip()
-            if value:
-                out = (row.get("output") or "").strip() if "output" in columns else ""
-                pairs.append((value, out or None))
+        for row in reader:  # values as the csv module reads them: '" a.jpg"' names " a.jpg"
+            value = row.get("input") or ""
+            if value.strip():  # a row without an input (empty, or spaces) is skipped
+                out = (row.get("output") or "") if "output" in columns else ""
+                pairs.append((value, out if out.strip() else None))
         return pairs
     for line in text.split("\n"):  # not splitlines(): form feeds and the like may be in file names
-        line = line.strip("\r").strip()
-        if line and not line.startswith("#"):
+        if line.endswith("\r"):  # a CRLF line ending; nothing else is removed: " a.jpg" names " a.jpg"
+            line = line[:-1]
+        if line.strip() and not line.startswith("#"):  # blank lines, and lines of spaces, are skipped
             pairs.append((line, None))
     return pairs
 
@@ -377,6 +394,19 @@ def file_stat(path: str) -> tuple[int | None, int | None]:
     return st.st_size, st.st_mtime_ns
 
 
+def input_stat(path: str) -> tuple[int | None, int | None, str | None]:
+    """``(size, mtime_ns, error)`` of the input ``path`` (one ``stat``): as :func:`file_stat`, with why it
+    cannot be an input when it is a FIFO, a device or a socket (a read would block, never end, or see 0
+    bytes), else None. A name that leads to no file is left to the worker, which reports it."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None, None, None
+    if stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode):
+        return st.st_size, st.st_mtime_ns, None
+    return None, None, f"{path}: not a regular file (a FIFO, device or socket); nothing read"
+
+
 def _folder_parts(rel_dir: str) -> tuple[str, ...]:
     """The folders of ``rel_dir`` as :func:`output_folder` creates them (``\\`` separates folders too).
 
@@ -408,8 +438,9 @@ def plan(entries: Sequence[Entry], out_root: str | os.PathLike[str]) -> list[Ite
     ``a/b/x``, or ``alias/x`` and ``real/x`` when ``alias -> real``, are one output. Names are compared
     case-insensitively and without suffixes (the suffix of an output is known only once its input is
     open), so the check is conservative: ``x.jpg`` and ``x.png`` in one folder are refused too. An
-    output folder that leads outside ``out_root``, or a folder or file name too long for the file system,
-    is refused too. The items' ``rel_dir`` are the folders as written (``a/b`` for ``a\\b``), so that a
+    output folder that leads outside ``out_root``, a folder or file name too long for the file system,
+    an output named like vipsnorm's own files (:func:`_own_file_name`) and an input that is not a
+    regular file (:func:`input_stat`) are refused too. The items' ``rel_dir`` are the folders as written (``a/b`` for ``a\\b``), so that a
     rerun finds its outputs where the manifest recorded them.
     """
     out_root = os.path.abspath(out_root)
@@ -433,8 +464,8 @@ def plan(entries: Sequence[Entry], out_root: str | os.PathLike[str]) -> list[Ite
     taken: dict[tuple[str, str], str] = {}
     items = []
     for index, entry in enumerate(entries):
-        size, mtime = file_stat(entry.path) if entry.error is None else (None, None)
-        error, rel_dir = entry.error, entry.rel_dir
+        size, mtime, error = input_stat(entry.path) if entry.error is None else (None, None, entry.error)
+        rel_dir = entry.rel_dir
         if error is None:
             folder = folders.get(entry.rel_dir)
             if folder is None:
@@ -487,6 +518,11 @@ def _output_error(
             f"{entry.path}: output {shown} needs a name of more than {limit} bytes, too long for the file "
             "system; rename the input, or give a shorter output name in a --list CSV"
         )
+    if _own_file_name(entry.name):
+        return (
+            f"{entry.path}: output {shown} would have a name vipsnorm keeps for its own temporary files, which "
+            "every run deletes; rename the input, or give another output name in a --list CSV; nothing written"
+        )
     key = (real.lower(), entry.name.lower())
     if key in inside:
         other = inside[key]
@@ -503,6 +539,12 @@ def _output_error(
         )
     taken[key] = entry.path
     return None
+
+
+def _own_file_name(name: str) -> bool:
+    """True when an output ``name`` + suffix would be taken for a file of vipsnorm's own: a temporary
+    output (:data:`PART_FILE`, which the run's cleanup deletes) or a name beginning :data:`OWN_PREFIX`."""
+    return name.startswith(OWN_PREFIX) or PART_FILE.match(name + ".tif") is not None
 
 
 def group(items: Sequence[Item], *, max_files: int, max_bytes: int, solo_bytes: int) -> list[list[Item]]:

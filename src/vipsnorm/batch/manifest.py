@@ -37,6 +37,7 @@ fall back to the size.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime
 import io
@@ -158,38 +159,46 @@ class Manifest:
             busy="another vipsnorm run is writing this manifest; wait for it to end or choose another --manifest",
         )
         try:
-            # before anything is changed: the path may name another file given by mistake (a list
-            # of inputs, an image), which must be left exactly as it is
-            _check_header(fd, path, columns)
-            _drop_torn_tail(fd)
-            # file names are bytes on POSIX: names that are not UTF-8 round-trip as surrogate escapes
-            file = os.fdopen(fd, "r+", encoding="utf-8", errors="surrogateescape", newline="")
+            with _naming(path, "read or write"):
+                # before anything is changed: the path may name another file given by mistake (a list
+                # of inputs, an image), which must be left exactly as it is
+                _check_header(fd, path, columns)
+                _drop_torn_tail(fd)
+                # file names are bytes on POSIX: names that are not UTF-8 round-trip as surrogate escapes
+                file = os.fdopen(fd, "r+", encoding="utf-8", errors="surrogateescape", newline="")
         except BaseException:
             os.close(fd)
             raise
         try:
-            header, reader = _rows(file)
-            finished: dict[str, Finished] = {}
-            if header is None:
-                header = list(columns)
-                file.write(",".join(columns) + "\n")
-                file.flush()
-            else:
-                if not _REQUIRED <= set(header):  # _check_header read the same line: only if it changed since
-                    raise OutputError(path, _NOT_OURS.format("unexpected columns"))
-                state = _state_getter(header)
-                status_at, input_at, width = header.index("status"), header.index("input"), len(header)
-                for row in reader:
-                    if len(row) != width:
-                        continue
-                    if row[status_at] in ("ok", "skipped"):
-                        finished[row[input_at]] = state(row)
-                    else:
-                        finished.pop(row[input_at], None)
-            file.seek(0, os.SEEK_END)
+            with _naming(path, "read or write"):
+                return cls._read(path, file, columns, sync_seconds)
         except BaseException:
-            file.close()
+            with contextlib.suppress(OSError):
+                file.close()
             raise
+
+    @classmethod
+    def _read(cls, path: Path, file, columns: Sequence[str], sync_seconds: float) -> "Manifest":
+        """The open manifest of ``file``, after reading it (a header written into an empty one)."""
+        header, reader = _rows(file)
+        finished: dict[str, Finished] = {}
+        if header is None:
+            header = list(columns)
+            file.write(",".join(columns) + "\n")
+            file.flush()
+        else:
+            if not _REQUIRED <= set(header):  # _check_header read the same line: only if it changed since
+                raise OutputError(path, _NOT_OURS.format("unexpected columns"))
+            state = _state_getter(header)
+            status_at, input_at, width = header.index("status"), header.index("input"), len(header)
+            for row in reader:
+                if len(row) != width:
+                    continue
+                if row[status_at] in ("ok", "skipped"):
+                    finished[row[input_at]] = state(row)
+                else:
+                    finished.pop(row[input_at], None)
+        file.seek(0, os.SEEK_END)
         return cls(path, file, header, finished, sync_seconds)
 
     def done(self, item: Item, config: str, out_root: str | os.PathLike[str]) -> Finished | None:
@@ -240,30 +249,59 @@ class Manifest:
                 self.finished[values[input_at]] = state(values)
             else:
                 self.finished.pop(values[input_at], None)
-        self._file.write(buffer.getvalue())
-        self._file.flush()
+        with _naming(self.path):
+            self._file.write(buffer.getvalue())
+            self._file.flush()
         if time.monotonic() - self._synced >= self.sync_seconds:
             self.sync()
 
     def sync(self) -> None:
-        """Flush and ``fsync`` the manifest."""
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        """Flush and ``fsync`` the manifest.
+
+        Raises
+        ------
+        OutputError
+            It cannot be written (a full disk), naming the manifest.
+        """
+        with _naming(self.path):
+            self._file.flush()
+            os.fsync(self._file.fileno())
         self._synced = time.monotonic()
 
     def close(self) -> None:
+        """Sync and close (releasing the lock); the file is closed even when the sync fails (raised)."""
         if self._file.closed:
             return
         try:
             self.sync()
         finally:
-            self._file.close()  # releases the lock
+            try:
+                self._file.close()  # releases the lock (closed even when its flush fails again)
+            except OSError:
+                pass  # the sync's error says it
 
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
-        self.close()
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.close()
+            return
+        try:  # never over the error on its way (a full disk fails the last sync again)
+            self.close()
+        except (OSError, OutputError):
+            pass
+
+
+@contextlib.contextmanager
+def _naming(path: Path, what: str = "write"):
+    """The block's OSErrors as an :class:`OutputError` naming the manifest ``path`` (a write on a full
+    disk, an ``fsync`` refused by a device: their errors name no file)."""
+    try:
+        yield
+    except OSError as exc:
+        cause = f"cannot {what} the manifest ({exc.strerror or exc}); once it can be, run the command again to resume"
+        raise OutputError(path, cause) from None
 
 
 def _state_getter(header: list[str]):

@@ -45,8 +45,21 @@ from ..errors import InvalidReferenceError, OutputError, VipsnormError
 from ..io.write import PART_MARKER
 from ..methods import Method, Params
 from ..reference import Reference
+from ._signals import terminate_as_interrupt
 from .child import WORKER_ENV, ChildRunner
-from .inputs import Entry, Item, _under, discover, file_stat, group, output_folder, plan, remove_part_files
+from .inputs import (
+    OWN_PREFIX,
+    Entry,
+    Item,
+    _under,
+    discover,
+    file_stat,
+    group,
+    input_stat,
+    output_folder,
+    plan,
+    remove_part_files,
+)
 from .manifest import Manifest
 
 __all__ = [
@@ -75,7 +88,7 @@ SOLO_BYTES = 16 << 20
 #: Tasks per worker thread at least, when there are few files (so that every worker gets some).
 TASKS_PER_THREAD = 4
 #: Name of the marker file of a live run, in the output folder (:func:`live_marker`).
-LIVE_PREFIX = ".vipsnorm-run-"
+LIVE_PREFIX = OWN_PREFIX + "run-"
 #: Longest output name, in bytes, kept in its staging name; longer ones are staged under a digest, so
 #: that the staging name and the temporary name of its write fit in any file system's names.
 _STAGE_NAME_BYTES = 64
@@ -582,7 +595,8 @@ def normalize_batch(
     shared = {"run": run_id, "method": method.name, "reference": reference, "config": config}
     summary = BatchSummary(manifest=manifest_path)
 
-    with Manifest.open(manifest_path) as book:
+    # SIGTERM (timeout, SLURM, docker stop) cleans up as Ctrl-C does, then ends the process
+    with terminate_as_interrupt(), Manifest.open(manifest_path) as book:
         if "patches" in book.header:
             raise OutputError(manifest_path, "is a manifest of vipsnorm patches, not of normalize; choose another --manifest")
         bar = _Progress(len(items), progress)
@@ -635,15 +649,19 @@ def normalize_batch(
                 engine.run(normalize_items, job, _group(todo, engine.threads()), record, fail)
             finally:
                 summary.engine = engine.description  # after the run: a child runner may fall back here
+                if live is not None:
+                    # no run is live now, before the engine is closed: a task still running (after
+                    # Ctrl-C or an error; a local cluster's or the child's goes on while they shut down)
+                    # then puts nothing in place, and the staged file it leaves is removed just below
+                    _release(live, token)
+                    live = None
                 engine.close()
                 # those a worker that died left, in folders that exist now; each checked again: one may
                 # have become a link meanwhile
                 remove_part_files(_contained(out_root, folders))
         finally:
             bar.close()
-            if live is not None:
-                # no run is live now: a task that outlives this one (a cluster's, after Ctrl-C) puts
-                # nothing in place
+            if live is not None:  # (the engine could not start)
                 _release(live, token)
     summary.seconds = time.perf_counter() - start
     return summary
@@ -706,6 +724,7 @@ def _contained(out_root: Path, folders) -> list[Path]:
     return kept
 
 
+@terminate_as_interrupt()  # SIGTERM: the clean-up of Ctrl-C (the cache closed, the cluster shut down), then the end
 def fit_batch(
     inputs: Sequence[str | os.PathLike[str]],
     method_name: str = "match",
@@ -747,7 +766,10 @@ def fit_batch(
     _check_engine(client, scheduler, workers)
     # every file once, whatever the names that reach it: a file pooled twice would weigh twice
     entries = _discover_or_fail(inputs, lists, include, exclude, once_per="file")
-    items = [Item(i, e.path, "", "", *file_stat(e.path), e.error) for i, e in enumerate(entries)]
+    items = []
+    for i, e in enumerate(entries):
+        size, mtime_ns, unusable = input_stat(e.path) if e.error is None else (None, None, None)
+        items.append(Item(i, e.path, "", "", size, mtime_ns, e.error or unusable))
     results: list[Result | None] = [None] * len(items)
     summaries: list = [None] * len(items)
     book = None

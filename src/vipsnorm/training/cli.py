@@ -260,7 +260,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     with warnings.catch_warnings():
         warnings.simplefilter("default")
-        return run(args)
+        try:
+            return run(args)
+        except KeyboardInterrupt:  # Ctrl-C: the run cleaned up on its way out (as 'vipsnorm' returns)
+            return 130
 
 
 if __name__ == "__main__":

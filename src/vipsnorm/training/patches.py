@@ -78,7 +78,8 @@ import numpy as np
 import pyvips
 
 from ..batch._locks import open_locked
-from ..batch.inputs import PART_FILE, file_stat
+from ..batch._signals import terminate_as_interrupt
+from ..batch.inputs import PART_FILE, input_stat
 from ..batch.manifest import COLUMNS, Manifest
 from ..batch.run import config_hash, default_manifest, worker_id
 from ..engine import Options, build_method, fit_slide, load_reference
@@ -857,6 +858,16 @@ def _temp_name(directory: Path, name: str, suffix: str = "") -> Path:
     return directory / f".{name}{PART_MARKER}{secrets.token_hex(4)}{suffix}"
 
 
+@contextlib.contextmanager
+def _writing(output: Path, what: str = "the output"):
+    """The block's OSErrors as an :class:`OutputError` naming ``output`` (the file as the user knows it,
+    not its temporary name): a write on a full disk fails with an error that names no file."""
+    try:
+        yield
+    except OSError as exc:
+        raise OutputError(output, f"cannot write {what} ({exc.strerror or exc})") from exc
+
+
 class _FolderWriter:
     """Patch files in a temporary folder, renamed to ``OUT/NAME`` when the slide is complete."""
 
@@ -867,13 +878,21 @@ class _FolderWriter:
         self.out_dir, self.name, self.fmt, self.quality = out_dir, name, fmt, quality
         self.size = 0
         self.temp = _temp_name(out_dir, name)
-        self.temp.mkdir()
-        (self.temp / self.MARKER).write_text("patches written by vipsnorm; this folder is replaced when they are made again\n")
+        with _writing(out_dir / name):
+            self.temp.mkdir()
+            try:
+                (self.temp / self.MARKER).write_text(
+                    "patches written by vipsnorm; this folder is replaced when they are made again\n"
+                )
+            except BaseException:
+                self.abort()
+                raise
 
     def write(self, key: str, array: np.ndarray, meta: dict) -> str:
         file = f"{key}.{self.fmt}"
         data = _encode(array, self.fmt, self.quality)
-        (self.temp / file).write_bytes(data)
+        with _writing(self.out_dir / self.name / file):
+            (self.temp / file).write_bytes(data)
         self.size += len(data)
         return f"{self.name}/{file}"
 
@@ -895,8 +914,10 @@ class _FolderWriter:
                     final, "exists and is not a folder of patches made by vipsnorm; move it away or choose another -o folder"
                 )
             old = _temp_name(self.out_dir, self.name, ".old")
-            os.replace(final, old)
-        os.replace(self.temp, final)
+            with _writing(final):
+                os.replace(final, old)
+        with _writing(final):
+            os.replace(self.temp, final)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
 
@@ -920,22 +941,27 @@ class _TarWriter:
         self.tar.addfile(info, io.BytesIO(data))
 
     def write(self, key: str, array: np.ndarray, meta: dict) -> str:
+        png = _encode_png(array)
         if self.tar is None or self.count == self.shard_size:
-            self._close()
+            if self.shards:
+                with _writing(self.shards[-1][1]):
+                    self._close()
             final = self.out_dir / f"{self.name}-{len(self.shards):06d}.tar"
             temp = _temp_name(self.out_dir, final.stem, ".tar")
             self.shards.append((temp, final))
-            self.tar = tarfile.open(temp, "w")
+            with _writing(final):
+                self.tar = tarfile.open(temp, "w")
             self.count = 0
-        self._add(f"{key}.png", _encode_png(array))
-        self._add(f"{key}.json", json.dumps(meta, sort_keys=True).encode())
+        with _writing(self.shards[-1][1]):
+            self._add(f"{key}.png", png)
+            self._add(f"{key}.json", json.dumps(meta, sort_keys=True).encode())
         self.count += 1
         return self.shards[-1][1].name
 
     def _close(self) -> None:
-        if self.tar is not None:
-            self.tar.close()
-            self.tar = None
+        tar, self.tar = self.tar, None  # closed once, even when closing fails (the file is closed then)
+        if tar is not None:
+            tar.close()
 
     def outputs(self) -> list[tuple[str, int | None]]:
         """What :meth:`commit` made: the shards and their sizes."""
@@ -950,9 +976,12 @@ class _TarWriter:
         return sum(size for _, size in self.outputs())
 
     def commit(self) -> None:
-        self._close()
+        if self.shards:
+            with _writing(self.shards[-1][1]):
+                self._close()
         for temp, final in self.shards:
-            os.replace(temp, final)
+            with _writing(final):
+                os.replace(temp, final)
         # shards of an earlier run of this slide beyond the new last one
         pattern = re.compile(re.escape(self.name) + r"-(\d{6})\.tar")
         for path in self.out_dir.glob(f"{glob.escape(self.name)}-*.tar"):
@@ -961,9 +990,12 @@ class _TarWriter:
                 path.unlink()
 
     def abort(self) -> None:
-        self._close()
+        """Delete the temporary shards; never raises (closing a shard on a full disk fails again: the
+        error that made the slide fail is the one to report)."""
+        with contextlib.suppress(OSError):
+            self._close()
         for temp, _ in self.shards:
-            with contextlib.suppress(FileNotFoundError):
+            with contextlib.suppress(OSError):
                 temp.unlink()
 
 
@@ -1088,14 +1120,16 @@ def extract_slide(
             planned = writer.planned()
             at_stake = list(dict.fromkeys([*_earlier_outputs(out_dir, result.name), *planned]))
             if at_stake:
-                _write_uncommitted(out_dir, result.name, at_stake)
-            with contextlib.suppress(FileNotFoundError):
+                with _writing(out_dir / ROWS_DIR / f"{result.name}{_UNCOMMITTED_SUFFIX}", "the list of outputs"):
+                    _write_uncommitted(out_dir, result.name, at_stake)
+            with _writing(rows_file, "the slide's rows"), contextlib.suppress(FileNotFoundError):
                 rows_file.unlink()
             writer.commit()
             result.outputs, result.output_size = writer.outputs(), writer.size
             writer = None
             result.patches, result.files, result.count = patches, files, len(patches)
-            _write_rows(rows_file, result.rows(), record=result.record())
+            with _writing(rows_file, "the slide's rows"):
+                _write_rows(rows_file, result.rows(), record=result.record())
             _remove_uncommitted(out_dir, result.name, keep=planned)
     except VipsnormError as exc:
         result.status, result.error = "error", str(exc.about(path))
@@ -1107,7 +1141,8 @@ def extract_slide(
         result.status, result.error = "error", f"{path}: internal error ({type(exc).__name__}: {exc})"
     finally:
         if writer is not None:
-            writer.abort()
+            with contextlib.suppress(Exception):  # never over the error that made the slide fail
+                writer.abort()
     result.seconds = time.perf_counter() - start
     return result
 
@@ -1255,7 +1290,8 @@ def rebuild_table(out_dir: str | os.PathLike[str]) -> Path:
     Raises
     ------
     OutputError
-        A slide's rows cannot be read (the table is left as it was).
+        A slide's rows cannot be read, or the table cannot be written (a full disk): the table is left
+        as it was.
     """
     out = Path(out_dir)
     table = out / TABLE
@@ -1265,7 +1301,7 @@ def rebuild_table(out_dir: str | os.PathLike[str]) -> Path:
                 if PART_FILE.fullmatch(leftover.name) and leftover.is_file():
                     with contextlib.suppress(FileNotFoundError):
                         leftover.unlink()
-        with atomic_path(table) as temp:
+        with _writing(table, "the table"), atomic_path(table) as temp:
             with open(temp, "w", newline="", encoding="utf-8") as f:  # slide by slide: never every row in memory
                 writer = csv.DictWriter(f, fieldnames=TABLE_COLUMNS, extrasaction="ignore")
                 writer.writeheader()
@@ -1500,7 +1536,8 @@ def extract_slides(
     shared = {"run": run_id, "method": method.name if normalized else "", "reference": reference, "config": config}
     results: dict[int, SlideResult] = {}
 
-    with Manifest.open(manifest_path, columns=MANIFEST_COLUMNS) as book:
+    # SIGTERM (timeout, SLURM, docker stop) cleans up as Ctrl-C does, then ends the process
+    with terminate_as_interrupt(), Manifest.open(manifest_path, columns=MANIFEST_COLUMNS) as book:
         if "patches" not in book.header:
             raise OutputError(
                 manifest_path, "is not a manifest of vipsnorm patches (no 'patches' column); choose another --manifest"
@@ -1528,7 +1565,11 @@ def extract_slides(
         todo: list[_SlideTask] = []
         early: list[tuple[int, SlideResult]] = []
         for index, path in enumerate(paths):
-            task = _SlideTask(index, str(path), output_name(path), *file_stat(str(path)))
+            size, mtime_ns, unusable = input_stat(str(path))
+            task = _SlideTask(index, str(path), output_name(path), size, mtime_ns)
+            if unusable is not None:
+                early.append(error(task, unusable.removeprefix(f"{task.path}: ")))
+                continue
             if task.name in claimed:
                 early.append(error(task, f"has the same output name ({task.name}) as {claimed[task.name]}; rename one of them"))
                 continue
@@ -1555,6 +1596,7 @@ def extract_slides(
                 early = []
         collect(early)
         _remove_parts(out, mine)
+        ended = False
         try:
             if todo:
                 engine = batch_runner(len(todo), client, scheduler, workers)
@@ -1564,8 +1606,14 @@ def extract_slides(
                     )
                 finally:
                     engine.close()
+            ended = True
         finally:
             _remove_parts(out, mine)
+            if not ended:
+                # interrupted (Ctrl-C, SIGTERM) or failed: every slide finished so far committed its
+                # rows with its outputs, so the table can list them; never over the error on its way
+                with contextlib.suppress(Exception):
+                    rebuild_table(out)
         rebuild_table(out)
     return [results[i] for i in sorted(results)]
 
