@@ -189,3 +189,27 @@ def test_a_pixel_size_no_output_can_state_is_an_error_naming_the_input(tmp_path)
     assert result.status == "error"
     assert result.error.startswith(f"{path}: its pixel size") and "outside what an output can state" in result.error
     assert list(out.iterdir()) == []
+
+
+def test_a_good_slide_read_beside_a_damaged_one_in_threads_is_not_refused(damaged_svs, shared_data, tmp_path):
+    # libvips' error buffer is one for the process: a damaged slide's trace, seen by a good slide's
+    # decode on another thread, sends that decode to a re-check with the process to itself (it used to
+    # refuse the good slide, 2 times in 6 here)
+    from concurrent.futures import ThreadPoolExecutor
+
+    good = tmp_path / "good.svs"
+    shutil.copyfile(shared_data / "slides" / "CMU-1-Small-Region.svs", good)
+    method = vipsnorm.Stretch()
+    params = method.fit(vipsnorm.sample_slide(vipsnorm.open(good)))
+
+    def run(job):
+        index, path = job
+        out = tmp_path / f"out{index}"
+        out.mkdir()
+        return path, normalize_file(path, out, method, params=params)
+
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(run, enumerate([damaged_svs, good] * 4)))
+    for path, result in results:
+        if path == good:
+            assert result.status == "ok", result.error

@@ -92,12 +92,12 @@ class Options:
             raise ValueError(f"the number of tiles must be 1 or more, not {self.n_tiles}")
         if self.compression is not None and self.compression not in COMPRESSIONS:
             raise ValueError(f"compression must be one of {COMPRESSIONS}")
+        if self.format not in FORMATS:
+            raise ValueError(f"format must be one of {FORMATS}")
         if self.compression is not None and self.format not in ("auto", "tiff"):
             raise ValueError(
                 f"--compression is for TIFF outputs only, and --format {self.format} writes none; leave it out"
             )
-        if self.format not in FORMATS:
-            raise ValueError(f"format must be one of {FORMATS}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}")
         if not 1 <= self.quality <= 100:

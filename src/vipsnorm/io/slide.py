@@ -23,11 +23,13 @@ and larger images keep streaming.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 import threading
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,12 +72,67 @@ def _vips_error_text() -> str:
     return pyvips.ffi.string(pyvips.vips_lib.vips_error_buffer()).decode("utf-8", "replace")
 
 
-def _new_vips_errors(before: str) -> list[str]:
-    """The lines of libvips' error buffer added since it read ``before`` (all of it if it was cleared
-    in between)."""
+#: libvips keeps at most this many bytes of error text (VIPS_MAX_ERROR) and ends a full buffer with "...".
+_VIPS_ERROR_ROOM = 10240
+
+
+def _new_vips_errors(before: str) -> tuple[list[str], bool]:
+    """The lines of libvips' error buffer added since it read ``before`` (all of it if it was cleared in
+    between), and whether the buffer is full (later lines were dropped; the last may be cut short)."""
     now = _vips_error_text()
     added = now[len(before) :] if now.startswith(before) else now
-    return [line.strip() for line in added.splitlines() if line.strip()]
+    full = len(now.encode("utf-8")) >= _VIPS_ERROR_ROOM - 256 or now.rstrip().endswith("...")
+    return [line.strip() for line in added.splitlines() if line.strip()], full
+
+
+class _Unsure(Exception):
+    """A trace in libvips' error buffer that may not be this slide's (another decode ran at the same
+    time) or a buffer too full to read: :meth:`Slide.decode` decides again with the process to itself."""
+
+
+class _Decodes:
+    """The :meth:`Slide.decode` calls in progress in this process: any number share it, and a re-check
+    has it alone (it waits for those in progress; new ones wait for it)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._active = 0
+        self._started = 0
+        self._exclusive = False
+
+    @contextlib.contextmanager
+    def shared(self) -> Iterator[Callable[[], bool]]:
+        """Yields ``alone()``: no other decode was in progress when this one began, nor began since."""
+        with self._cond:
+            while self._exclusive:
+                self._cond.wait()
+            alone = self._active == 0
+            self._active += 1
+            self._started += 1
+            start = self._started
+        try:
+            yield lambda: alone and self._started == start
+        finally:
+            with self._cond:
+                self._active -= 1
+                self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._cond:
+            while self._exclusive or self._active:
+                self._cond.wait()
+            self._exclusive = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._exclusive = False
+                self._cond.notify_all()
+
+
+_DECODES = _Decodes()
+_IN_DECODE = threading.local()
 
 
 @dataclass(frozen=True)
@@ -202,11 +259,35 @@ class Slide(ABC):
     def decode(self, work):
         """Run ``work()`` (which reads pixels) and turn decode failures into one-line errors, those that
         libvips lets pass included (see :meth:`_damage`): an output that ``work()`` writes through
-        :func:`~vipsnorm.io.write.atomic_path` is then discarded before it is renamed into place."""
+        :func:`~vipsnorm.io.write.atomic_path` is then discarded before it is renamed into place.
+
+        libvips' error buffer, where some of that damage leaves its only trace, is one for the process:
+        when another decode ran at the same time (another thread) and a trace appeared, or the buffer
+        filled up, ``work()`` is run again with the process's decodes to itself before a slide is
+        refused. A ``decode`` inside another (same thread) leaves the check to the outer one.
+        """
+        if getattr(_IN_DECODE, "active", False):
+            return self._decode_once(work, None, sure=False)
+        _IN_DECODE.active = True
+        try:
+            try:
+                with _DECODES.shared() as alone:
+                    return self._decode_once(work, alone, sure=False)
+            except _Unsure:
+                pass
+            with _DECODES.exclusive():
+                pyvips.vips_lib.vips_error_clear()
+                return self._decode_once(work, lambda: True, sure=True)
+        finally:
+            _IN_DECODE.active = False
+
+    def _decode_once(self, work, alone: Callable[[], bool] | None, sure: bool):
+        if alone is not None and alone():
+            pyvips.vips_lib.vips_error_clear()  # what is left there is no decode's: room for this one
         before = _vips_error_text()
 
         def check() -> None:
-            damage = self._damage(before)
+            damage = None if alone is None else self._damage(before, alone(), sure)
             if damage:
                 raise UnreadableImageError(self.path, f"cannot decode pixels ({damage})")
 
@@ -221,9 +302,10 @@ class Slide(ABC):
     def _decode_cause(self, exc: Exception) -> str:
         return f"cannot decode pixels ({one_line(str(exc))})"
 
-    def _damage(self, before: str) -> str | None:
+    def _damage(self, before: str, alone: bool, sure: bool) -> str | None:
         """A decode failure that ``work()`` in :meth:`decode` did not raise, or ``None``. ``before`` is
-        libvips' error text before the work."""
+        libvips' error text before the work; ``alone``: no other decode overlapped it; ``sure``: the
+        re-check, with the process's decodes to itself (raise :class:`_Unsure` to ask for it)."""
         return None
 
     def describe(self) -> dict:
@@ -326,16 +408,27 @@ class VipsSlide(Slide):
         if not self._load[0] and self._fail_on() == "error":
             self._levels[0] = first  # what _level(0) would open: the header is parsed once
 
-    def _damage(self, before: str) -> str | None:
+    def _damage(self, before: str, alone: bool, sure: bool) -> str | None:
         # libvips decodes the JPEG tiles of a TIFF itself and, whatever fail_on says, a tile cut short or
-        # garbled only leaves a "VipsJpeg:" line in its error buffer (the tile filled with grey). That
-        # buffer is one for the process and cleared by any failing call: the lines are looked for among
-        # those the work added, right after it (best effort where other threads use libvips at once).
+        # garbled only leaves a "VipsJpeg:" line in its error buffer (the tile filled with grey). The
+        # lines are looked for among those the work added; a buffer is cleared by any failing call, so
+        # a work reads its pixels after its last operation lookup (Slide.decode).
         if not self.loader.startswith("tiffload"):
             return None
-        for line in _new_vips_errors(before):
-            if line.startswith("VipsJpeg:") and not benign_jpeg_warnings(line):
-                return f"a JPEG tile is damaged: {line.split(':', 1)[1].strip()}"
+        lines, full = _new_vips_errors(before)
+        damaged = [
+            line for line in lines
+            if line.startswith("VipsJpeg:") and not line.endswith("...") and not benign_jpeg_warnings(line)
+        ]
+        if (damaged and not alone) or (full and not sure):
+            raise _Unsure
+        if damaged:
+            return f"a JPEG tile is damaged: {damaged[0].split(':', 1)[1].strip()}"
+        if full:
+            return (
+                "its JPEG tiles gave more warnings than libvips keeps, so whether one is damaged cannot be "
+                "told; check the file (e.g. re-scan or re-export it)"
+            )
         return None
 
     def _fail_on(self) -> str:
@@ -521,10 +614,10 @@ class OpenSlideSlide(Slide):
         return None if profile is None else profile.tobytes()
 
     def _decode_cause(self, exc: Exception) -> str:
-        damage = self._damage("")
+        damage = self._damage("", True, True)
         return f"cannot decode pixels ({damage})" if damage else super()._decode_cause(exc)
 
-    def _damage(self, before: str) -> str | None:
+    def _damage(self, before: str, alone: bool, sure: bool) -> str | None:
         # a tile OpenSlide fails on ends the virtual TIFF's data (libvips sees end of file and may give
         # black pixels without an error): the failure is kept there
         for virtual, _ in self._virtual.values():
