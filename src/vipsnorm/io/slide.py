@@ -266,8 +266,11 @@ class Slide(ABC):
         filled up, ``work()`` is run again with the process's decodes to itself before a slide is
         refused. A ``decode`` inside another (same thread) leaves the check to the outer one.
         """
-        if getattr(_IN_DECODE, "active", False):
-            return self._decode_once(work, None, sure=False)
+        if getattr(_IN_DECODE, "active", False):  # the outer decode checks, its hook still set
+            try:
+                return work()
+            except pyvips.Error as exc:
+                raise UnreadableImageError(self.path, self._decode_cause(exc)) from exc
         _IN_DECODE.active = True
         try:
             try:
@@ -281,13 +284,13 @@ class Slide(ABC):
         finally:
             _IN_DECODE.active = False
 
-    def _decode_once(self, work, alone: Callable[[], bool] | None, sure: bool):
-        if alone is not None and alone():
+    def _decode_once(self, work, alone: Callable[[], bool], sure: bool):
+        if alone():
             pyvips.vips_lib.vips_error_clear()  # what is left there is no decode's: room for this one
         before = _vips_error_text()
 
         def check() -> None:
-            damage = None if alone is None else self._damage(before, alone(), sure)
+            damage = self._damage(before, alone(), sure)
             if damage:
                 raise UnreadableImageError(self.path, f"cannot decode pixels ({damage})")
 
