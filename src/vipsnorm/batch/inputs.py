@@ -16,10 +16,10 @@ Three kinds of input:
   entry, when some lie outside it). Output names that are absolute or hold ``..`` are refused: they
   are recorded as errors and nothing is written for them.
 
-An output that would be named like vipsnorm's own files (a temporary output,
-``.NAME.vipsnorm-part-XXXXXXXX.EXT``, which every run's cleanup deletes, or ``.vipsnorm-*``) is refused by :func:`plan`, and
-so is an input that is not a regular file (a FIFO, a device, a socket: named on the command line or in
-a list; a folder search takes regular files only).
+An output that would be named like vipsnorm's own files (a temporary output, :data:`PART_FILE`, which
+every run's cleanup deletes, or ``.vipsnorm-*``) is refused by :func:`plan`, and so is an input that is
+not a regular file (a FIFO, a device, a socket: named on the command line or in a list; a folder
+search takes regular files only).
 
 Names that lead to the same file through symbolic links are one input, under the first name given,
 when they would also have the same output (``link -> real`` given as two folders: the same work, done
@@ -440,8 +440,8 @@ def plan(entries: Sequence[Entry], out_root: str | os.PathLike[str]) -> list[Ite
     open), so the check is conservative: ``x.jpg`` and ``x.png`` in one folder are refused too. An
     output folder that leads outside ``out_root``, a folder or file name too long for the file system,
     an output named like vipsnorm's own files (:func:`_own_file_name`) and an input that is not a
-    regular file (:func:`input_stat`) are refused too. The items' ``rel_dir`` are the folders as written (``a/b`` for ``a\\b``), so that a
-    rerun finds its outputs where the manifest recorded them.
+    regular file (:func:`input_stat`) are refused too. The items' ``rel_dir`` are the folders as written
+    (``a/b`` for ``a\\b``), so that a rerun finds its outputs where the manifest recorded them.
     """
     out_root = os.path.abspath(out_root)
     out_real = os.path.realpath(out_root)
