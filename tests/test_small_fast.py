@@ -3,6 +3,7 @@ luminance apply reuses the luma the fit counted. Results must be those of the fu
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import warnings
 from pathlib import Path
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 
 import vipsnorm
+from vipsnorm import _native
 from vipsnorm.engine import Options, build_method, fit_slide, load_reference, normalize_file, sample_file
 from vipsnorm.io import slide as slide_module
 from vipsnorm.io.slide import open_slide
@@ -106,7 +108,14 @@ def test_output_is_the_full_computation(tiles, methods, label, tmp_path):
         assert not list(out.glob(".*vipsnorm-part*"))
 
 
-def test_apply_with_given_luma_is_bit_identical(tiles, methods):
+@pytest.mark.parametrize("kernel", ["native kernel", "libvips chain"])
+def test_apply_with_given_luma_is_bit_identical(tiles, methods, kernel):
+    # (the native kernel computes luma itself; the libvips chain takes the given one)
+    with contextlib.nullcontext() if kernel == "native kernel" else _native.switched_off():
+        _given_luma_is_bit_identical(tiles, methods)
+
+
+def _given_luma_is_bit_identical(tiles, methods):
     method = methods["equalize"]
     for path in tiles:
         with open_slide(path) as slide:

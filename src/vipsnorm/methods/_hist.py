@@ -9,8 +9,12 @@ numpy path compute it bit-exactly alike.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pyvips
+
+from .. import _native
 
 __all__ = [
     "LUMA_WEIGHTS",
@@ -216,10 +220,13 @@ def apply_luts_image(image: pyvips.Image, luts: np.ndarray, space: str, luma: np
         raise ValueError(f"expected a uchar image with 1 or 3 bands, not {image.format} with {image.bands} bands")
     luts = np.asarray(luts, dtype=np.uint8).reshape(-1, 256)
     if space == "luminance" and image.bands == 3:
+        if luma is not None and (luma.shape != (image.height, image.width) or luma.dtype != np.uint8):
+            raise ValueError(f"luma must be uint8 of shape {(image.height, image.width)}, not {luma.dtype} {luma.shape}")
+        fused = _native.map_image(image, _luma_key(luts[0]), functools.partial(_luma_program, luts[0]))
+        if fused is not None:  # the same arithmetic in one pass (the luma is computed again there)
+            return fused
         if luma is None:
             y = luma_image(image)
-        elif luma.shape != (image.height, image.width) or luma.dtype != np.uint8:
-            raise ValueError(f"luma must be uint8 of shape {(image.height, image.width)}, not {luma.dtype} {luma.shape}")
         else:  # (pyvips keeps a reference to the array's buffer)
             y = pyvips.Image.new_from_memory(np.ascontiguousarray(luma).data, image.width, image.height, 1, "uchar")
         delta = luts[0].astype(np.int16) - np.arange(256, dtype=np.int16)
@@ -241,12 +248,24 @@ def apply_luts_array(array: np.ndarray, luts: np.ndarray, space: str) -> np.ndar
     squeeze = array.ndim == 2
     a = array[..., np.newaxis] if squeeze else array
     if space == "luminance" and a.shape[-1] == 3:
-        out = add_luma_change(a, luts[0], luma_array(a))
+        out = _native.map_array(a, _luma_key(luts[0]), functools.partial(_luma_program, luts[0]))
+        if out is None:
+            out = add_luma_change(a, luts[0], luma_array(a))
     elif space == "rgb" and a.shape[-1] == 3:
         out = take_keyed(luts, band_keys(a), a.shape)
     else:
         out = take(luts[0], a)
     return out[..., 0] if squeeze else out
+
+
+def _luma_key(lut: np.ndarray) -> tuple:
+    return ("luminance", lut.tobytes())
+
+
+def _luma_program(lut: np.ndarray) -> _native.Program:
+    """The native kernel's program of a luminance LUT: :func:`add_luma_change` of the luma's change
+    (the kernel computes luma with :data:`LUMA_WEIGHTS`, written out in it)."""
+    return _native.Program([("luma", {"t1": np.ascontiguousarray(lut, dtype=np.uint8)})])
 
 
 def add_luma_change(rgb: np.ndarray, lut: np.ndarray, y: np.ndarray) -> np.ndarray:

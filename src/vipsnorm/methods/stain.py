@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pyvips
 
+from .. import _native
 from ..errors import InvalidReferenceError, NoTissueError, StainSeparationError, UnsupportedImageError
 from ._hist import STEP, take
 from ._stain import (
@@ -35,6 +36,7 @@ from ._stain import (
     blend_array,
     blend_image,
     column_mix,
+    kernel_steps,
     lab_f,
     lab_f_inverse,
     linear_to_srgb,
@@ -590,6 +592,12 @@ def _kept_steps(params: StainParams | ReinhardParams) -> list:
     return params.steps()
 
 
+def _program(params: StainParams | ReinhardParams, weight: np.ndarray | None) -> _native.Program | None:
+    """The native kernel's program of ``params``' pipeline (then the glass blend by ``weight``)."""
+    steps = kernel_steps(_steps(params), weight)
+    return None if steps is None else _native.Program(steps)
+
+
 class _StainMatrixMethod(Method):
     """What Macenko and Vahadane share: a stain-matrix target (:class:`MacenkoTarget`, default the
     canonical one), the dataset target (median stain vectors and concentrations) and the apply step
@@ -641,10 +649,13 @@ class _StainMatrixMethod(Method):
 
     def apply(self, image: pyvips.Image, params: StainParams) -> pyvips.Image:
         _check_image(image, self.name)
-        return run_image(image, params.steps())
+        fused = _native.map_image(image, ("stain", params), functools.partial(_program, params, None))
+        return fused if fused is not None else run_image(image, params.steps())
 
     def apply_array(self, array: np.ndarray, params: StainParams) -> np.ndarray:
-        return run_array(_check_array(array, self.name), _steps(params))
+        array = _check_array(array, self.name)
+        fused = _native.map_array(array, ("stain", params), functools.partial(_program, params, None))
+        return fused if fused is not None else run_array(array, _steps(params))
 
 
 class Macenko(_StainMatrixMethod):
@@ -874,8 +885,26 @@ def _reinhard_steps(params: ReinhardParams) -> list:
 
 
 def _lab_stats(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    lab = rgb_to_lab(pixels)
-    return lab.mean(axis=0), lab.std(axis=0)
+    """CIELAB means and standard deviations of ``(n, 3)`` pixels (n >= 1).
+
+    In steps of 16 :data:`STEP` pixels, each step's mean and sum of squared deviations combined with
+    the others' (Chan et al.'s pairwise update, as exact as a two-pass mean and deviation, to about
+    1e-12 here): a few MB of temporaries at a time, where 2M pixels at once (48 MB a temporary) cost
+    0.2-0.4 s in fresh memory, more than the arithmetic (0.12 s).
+    """
+    count, mean, m2 = 0, np.zeros(3), np.zeros(3)
+    for start in range(0, pixels.shape[0], 16 * STEP):
+        lab = rgb_to_lab(pixels[start : start + 16 * STEP])
+        n = lab.shape[0]
+        step_mean = lab.mean(axis=0)
+        lab -= step_mean
+        step_m2 = np.einsum("ij,ij->j", lab, lab)
+        total = count + n
+        delta = step_mean - mean
+        mean = mean + delta * (n / total)
+        m2 = m2 + step_m2 + delta * delta * (count * n / total)
+        count = total
+    return mean, np.sqrt(m2 / count)
 
 
 #: Width of the glass protection blend, and its top's distance below the glass level (levels of the
@@ -1012,6 +1041,9 @@ class Reinhard(Method):
 
     def apply(self, image: pyvips.Image, params: ReinhardParams) -> pyvips.Image:
         _check_image(image, self.name)
+        fused = _native.map_image(image, ("reinhard", params), functools.partial(_program, params, params.weight_table()))
+        if fused is not None:
+            return fused
         out = run_image(image, params.steps())
         table = params.weight_table()
         if table is None:
@@ -1022,6 +1054,9 @@ class Reinhard(Method):
 
     def apply_array(self, array: np.ndarray, params: ReinhardParams) -> np.ndarray:
         array = _check_array(array, self.name)
+        fused = _native.map_array(array, ("reinhard", params), functools.partial(_program, params, params.weight_table()))
+        if fused is not None:
+            return fused
         out = run_array(array, _steps(params))
         table = params.weight_table()
         if table is None:

@@ -1,0 +1,400 @@
+/* vipsnorm's native colour kernel: the per-pixel pipelines of the colour methods, run in one pass.
+
+   The methods describe their apply step as a short chain of table lookups and 3x3 matrices
+   (methods/_stain.py, methods/_hist.py). libvips runs each step as its own operation, one buffer per
+   step; this file runs the whole chain on each pixel (a "program"), with the same arithmetic, step
+   for step, as the libvips operations it stands for, so that both give the same bytes (the tests
+   compare them on every colour of a 2^24 cube). A program can also be evaluated once on every RGB
+   colour into a 64 MiB table (a "cube"), after which a pixel costs one lookup: worth it for images of
+   more than some tens of megapixels.
+
+   The kernel is an image of libvips' own kind (vips_image_generate, as libvips' operations are built),
+   so it streams inside a lazy pipeline. It is compiled without libvips' headers: Python finds the
+   libvips already loaded by pyvips and passes the few functions used here (vk_init). The one layout
+   assumed is the start of libvips' public VipsRegion struct (VipsObject, then `im`, then the `valid`
+   rectangle): its offset is passed in, computed from the instance size GObject reports for
+   VipsObject, and checked by Python against a region it prepares.
+
+   Nothing here calls Python; every function is thread-safe once vk_init has run. */
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define VK_CHUNK 256
+
+/* The libvips (and GLib) functions used, passed in by vk_init. */
+typedef struct {
+    void *(*image_new)(void);
+    int (*pipelinev)(void *image, int hint, ...);
+    int (*generate)(void *image, void *start, void *gen, void *stop, void *a, void *b);
+    void *start_one;
+    void *stop_one;
+    int (*region_prepare)(void *region, const int *rect);
+    void (*set_data_full)(void *object, const char *key, void *data, void (*destroy)(void *));
+    void *(*object_ref)(void *object);
+    void (*object_unref)(void *object);
+    long valid_offset; /* of VipsRegion's `valid` rectangle (left, top, width, height) */
+    long data_offset;  /* of its `data` pointer */
+    long bpl_offset;   /* of its `bpl` (bytes per line) */
+} vk_api;
+
+static vk_api api;
+static int api_ready = 0;
+
+enum { OP_PAIRSUM = 1, OP_TOINDEX = 2, OP_COLUMNMIX = 3, OP_LUT = 4, OP_RECOMB = 5, OP_LUMA = 6, OP_BLEND = 7 };
+/* what the chunk's pixels are between steps */
+enum { S_RGB8 = 0, S_F32 = 1, S_U16 = 2, S_U8 = 3 };
+
+/* One step, as Python passes it (tables are copied into the program). */
+typedef struct {
+    int kind;
+    int rows;     /* table rows: 1 (every band) or 3 (one per band) */
+    int n;        /* entries per row */
+    int is_float; /* OP_LUT: float32 (1) or uint8 (0) entries */
+    int source;   /* OP_COLUMNMIX: the band of the column term */
+    double m[9];  /* OP_RECOMB */
+    const void *t1, *t2;
+} vk_step;
+
+typedef struct {
+    int kind, rows, n, is_float, source;
+    double m[9];
+    void *t1, *t2;
+} op_t;
+
+typedef struct {
+    int nops;
+    op_t *ops;
+    uint32_t *cube;  /* NULL, or 2^24 packed RGB outputs indexed by R | G << 8 | B << 16 */
+    int cube_ready;  /* every entry filled (vk_cube_ready) */
+    int refs;        /* the caller's, and one per image running the program */
+} vk_program;
+
+int vk_init(const vk_api *a) {
+    api = *a;
+    api_ready = 1;
+    return 0;
+}
+
+static size_t table_bytes(const vk_step *s, int which) {
+    switch (s->kind) {
+    case OP_PAIRSUM:
+        return which == 1 ? (size_t)3 * 65536 * 4 : (size_t)3 * 256 * 4;
+    case OP_COLUMNMIX:
+        return (size_t)3 * s->n * 4;
+    case OP_LUT:
+        return which == 1 ? (size_t)s->rows * s->n * (s->is_float ? 4 : 1) : 0;
+    case OP_LUMA:
+    case OP_BLEND:
+        return which == 1 ? 256 : 0;
+    default:
+        return 0;
+    }
+}
+
+static void program_free(vk_program *p) {
+    for (int i = 0; i < p->nops; i++) {
+        free(p->ops[i].t1);
+        free(p->ops[i].t2);
+    }
+    free(p->ops);
+    free(p->cube);
+    free(p);
+}
+
+/* Drop a reference (the last frees the program). */
+void vk_program_unref(vk_program *p) {
+    if (p && __atomic_sub_fetch(&p->refs, 1, __ATOMIC_ACQ_REL) == 0)
+        program_free(p);
+}
+
+vk_program *vk_program_new(const vk_step *steps, int nops) {
+    vk_program *p = calloc(1, sizeof(vk_program));
+    if (!p)
+        return NULL;
+    p->ops = calloc(nops > 0 ? nops : 1, sizeof(op_t));
+    if (!p->ops) {
+        free(p);
+        return NULL;
+    }
+    p->nops = nops;
+    p->refs = 1;
+    for (int i = 0; i < nops; i++) {
+        const vk_step *s = &steps[i];
+        op_t *o = &p->ops[i];
+        o->kind = s->kind;
+        o->rows = s->rows;
+        o->n = s->n;
+        o->is_float = s->is_float;
+        o->source = s->source;
+        memcpy(o->m, s->m, sizeof(o->m));
+        if (s->kind == OP_PAIRSUM) { /* (3, n) tables -> n entries of 4 floats: one cache line a pixel */
+            float *t[2] = {malloc((size_t)16 * 65536), malloc((size_t)16 * 256)};
+            o->t1 = t[0];
+            o->t2 = t[1];
+            if (!t[0] || !t[1]) {
+                program_free(p);
+                return NULL;
+            }
+            const float *src[2] = {s->t1, s->t2};
+            int len[2] = {65536, 256};
+            for (int k = 0; k < 2; k++)
+                for (int j = 0; j < len[k]; j++) {
+                    for (int c = 0; c < 3; c++)
+                        t[k][4 * j + c] = src[k][c * len[k] + j];
+                    t[k][4 * j + 3] = 0.0f;
+                }
+            continue;
+        }
+        size_t b1 = table_bytes(s, 1), b2 = table_bytes(s, 2);
+        if (b1) {
+            o->t1 = malloc(b1);
+            if (!o->t1) {
+                program_free(p);
+                return NULL;
+            }
+            memcpy(o->t1, s->t1, b1);
+        }
+        if (b2) {
+            o->t2 = malloc(b2);
+            if (!o->t2) {
+                program_free(p);
+                return NULL;
+            }
+            memcpy(o->t2, s->t2, b2);
+        }
+    }
+    return p;
+}
+
+static inline uint16_t to_index(float v) {
+    /* libvips' cast float -> ushort: truncated towards zero, clipped (NaN -> 0) */
+    if (!(v > 0.0f))
+        return 0;
+    if (v >= 65535.0f)
+        return 65535;
+    return (uint16_t)v;
+}
+
+/* Run the program on n <= VK_CHUNK interleaved RGB pixels `in`, writing interleaved RGB `out`. */
+static void run_chunk(const vk_program *p, const uint8_t *in, uint8_t *out, int n) {
+    float f[3][VK_CHUNK];
+    uint16_t u[3][VK_CHUNK];
+    uint8_t b[3][VK_CHUNK];
+    int state = S_RGB8;
+    for (int k = 0; k < p->nops; k++) {
+        const op_t *o = &p->ops[k];
+        switch (o->kind) {
+        case OP_PAIRSUM: {
+            const float *rg = o->t1, *bt = o->t2; /* interleaved: 4 floats an entry */
+            for (int i = 0; i < n; i++) {
+                uint16_t pair;
+                memcpy(&pair, in + 3 * i, 2); /* the bytes R, G read as one ushort, as the pipeline */
+                const float *x = rg + 4 * (size_t)pair, *z = bt + 4 * in[3 * i + 2];
+                f[0][i] = x[0] + z[0];
+                f[1][i] = x[1] + z[1];
+                f[2][i] = x[2] + z[2];
+            }
+            state = S_F32;
+            break;
+        }
+        case OP_TOINDEX:
+            for (int c = 0; c < 3; c++)
+                for (int i = 0; i < n; i++)
+                    u[c][i] = to_index(f[c][i]);
+            state = S_U16;
+            break;
+        case OP_COLUMNMIX: {
+            const float *d = o->t1, *col = o->t2;
+            int m = o->n, s = o->source;
+            for (int c = 0; c < 3; c++)
+                for (int i = 0; i < n; i++)
+                    f[c][i] = d[c * m + u[c][i]] + col[c * m + u[s][i]];
+            state = S_F32;
+            break;
+        }
+        case OP_LUT: {
+            int m = o->n;
+            for (int c = 0; c < 3; c++) {
+                int row = (o->rows == 1 ? 0 : c) * m;
+                if (o->is_float) {
+                    const float *t = (const float *)o->t1 + row;
+                    if (state == S_U16)
+                        for (int i = 0; i < n; i++)
+                            f[c][i] = t[u[c][i]];
+                    else if (state == S_U8)
+                        for (int i = 0; i < n; i++)
+                            f[c][i] = t[b[c][i]];
+                    else
+                        for (int i = 0; i < n; i++)
+                            f[c][i] = t[in[3 * i + c]];
+                } else {
+                    const uint8_t *t = (const uint8_t *)o->t1 + row;
+                    if (state == S_U16)
+                        for (int i = 0; i < n; i++)
+                            b[c][i] = t[u[c][i]];
+                    else if (state == S_U8)
+                        for (int i = 0; i < n; i++)
+                            b[c][i] = t[b[c][i]];
+                    else
+                        for (int i = 0; i < n; i++)
+                            b[c][i] = t[in[3 * i + c]];
+                }
+            }
+            state = o->is_float ? S_F32 : S_U8;
+            break;
+        }
+        case OP_RECOMB: {
+            const double *m = o->m;
+            for (int i = 0; i < n; i++) {
+                double x0 = f[0][i], x1 = f[1][i], x2 = f[2][i];
+                for (int c = 0; c < 3; c++) {
+                    double acc = x0 * m[3 * c];
+                    acc += x1 * m[3 * c + 1];
+                    acc += x2 * m[3 * c + 2];
+                    f[c][i] = (float)acc;
+                }
+            }
+            state = S_F32;
+            break;
+        }
+        case OP_LUMA: {
+            const uint8_t *lut = o->t1;
+            for (int i = 0; i < n; i++) {
+                const uint8_t *px = in + 3 * i;
+                int y = (4899 * px[0] + 9617 * px[1] + 1868 * px[2] + 8192) >> 14;
+                int delta = (int)lut[y] - y;
+                for (int c = 0; c < 3; c++) {
+                    int v = px[c] + delta;
+                    b[c][i] = (uint8_t)(v < 0 ? 0 : v > 255 ? 255 : v);
+                }
+            }
+            state = S_U8;
+            break;
+        }
+        case OP_BLEND: {
+            const uint8_t *wt = o->t1;
+            for (int i = 0; i < n; i++) {
+                const uint8_t *px = in + 3 * i;
+                int darkest = px[0] < px[1] ? px[0] : px[1];
+                darkest = darkest < px[2] ? darkest : px[2];
+                int w = wt[darkest];
+                for (int c = 0; c < 3; c++)
+                    b[c][i] = (uint8_t)((w * b[c][i] + (255 - w) * px[c] + 128) / 255);
+            }
+            state = S_U8;
+            break;
+        }
+        }
+    }
+    for (int i = 0; i < n; i++)
+        for (int c = 0; c < 3; c++)
+            out[3 * i + c] = b[c][i];
+}
+
+/* Run the program on `npix` interleaved RGB pixels (the numpy path). */
+void vk_run(const vk_program *p, const uint8_t *in, uint8_t *out, long npix) {
+    if (p->cube_ready) {
+        for (long i = 0; i < npix; i++) {
+            const uint8_t *px = in + 3 * i;
+            uint32_t v = p->cube[px[0] | px[1] << 8 | px[2] << 16];
+            out[3 * i] = v & 0xff;
+            out[3 * i + 1] = (v >> 8) & 0xff;
+            out[3 * i + 2] = v >> 16;
+        }
+        return;
+    }
+    for (long start = 0; start < npix; start += VK_CHUNK) {
+        int n = npix - start < VK_CHUNK ? (int)(npix - start) : VK_CHUNK;
+        run_chunk(p, in + 3 * start, out + 3 * start, n);
+    }
+}
+
+/* The program's cube (2^24 packed RGB outputs), allocated, not yet filled. 0 on success. */
+int vk_cube_alloc(vk_program *p) {
+    if (!p->cube)
+        p->cube = malloc((size_t)4 << 24);
+    return p->cube ? 0 : -1;
+}
+
+/* Fill the cube's entries [start, start + count) (multiples of VK_CHUNK); disjoint ranges may be
+   filled from several threads at once. */
+void vk_cube_fill(vk_program *p, long start, long count) {
+    uint8_t in[3 * VK_CHUNK], out[3 * VK_CHUNK];
+    uint32_t *cube = p->cube;
+    for (long base = start; base < start + count; base += VK_CHUNK) {
+        for (int i = 0; i < VK_CHUNK; i++) {
+            uint32_t c = (uint32_t)(base + i);
+            in[3 * i] = c & 0xff;
+            in[3 * i + 1] = (c >> 8) & 0xff;
+            in[3 * i + 2] = c >> 16;
+        }
+        run_chunk(p, in, out, VK_CHUNK);
+        for (int i = 0; i < VK_CHUNK; i++)
+            cube[base + i] = out[3 * i] | out[3 * i + 1] << 8 | (uint32_t)out[3 * i + 2] << 16;
+    }
+}
+
+/* Every entry filled: pixels are looked up from now on. */
+void vk_cube_ready(vk_program *p) { p->cube_ready = p->cube != NULL; }
+
+/* --- the libvips image ------------------------------------------------------------------------ */
+
+/* VIPS_REGION_ADDR of a region of 3-byte pixels */
+static inline uint8_t *region_addr(void *region, int x, int y) {
+    const int *valid = (const int *)((char *)region + api.valid_offset);
+    uint8_t *data = *(uint8_t **)((char *)region + api.data_offset);
+    int bpl = *(const int *)((char *)region + api.bpl_offset);
+    return data + (long)(y - valid[1]) * bpl + (long)(x - valid[0]) * 3;
+}
+
+static int generate(void *out_region, void *seq, void *a, void *b, int *stop) {
+    const vk_program *p = b;
+    const int *valid = (const int *)((char *)out_region + api.valid_offset); /* left, top, width, height */
+    int rect[4] = {valid[0], valid[1], valid[2], valid[3]};
+    (void)a;
+    (void)stop;
+    if (api.region_prepare(seq, rect))
+        return -1;
+    for (int y = 0; y < rect[3]; y++) {
+        const uint8_t *in = region_addr(seq, rect[0], rect[1] + y);
+        uint8_t *out = region_addr(out_region, rect[0], rect[1] + y);
+        vk_run(p, in, out, rect[2]);
+    }
+    return 0;
+}
+
+static void unref_program(void *p) { vk_program_unref(p); }
+
+/* A new image: `program` run lazily on `in` (uchar RGB, checked by the caller); the image holds a
+   reference to the program and to `in`. `demand`: libvips' VIPS_DEMAND_STYLE_THINSTRIP, as its own
+   point operations. NULL on failure. */
+void *vk_image(void *in, vk_program *program, int demand) {
+    if (!api_ready)
+        return NULL;
+    void *out = api.image_new();
+    if (!out)
+        return NULL;
+    if (api.pipelinev(out, demand, in, (void *)NULL)) {
+        api.object_unref(out);
+        return NULL;
+    }
+    api.set_data_full(out, "vipsnorm-input", api.object_ref(in), api.object_unref);
+    if (api.generate(out, api.start_one, (void *)generate, api.stop_one, in, program)) {
+        api.object_unref(out);
+        return NULL;
+    }
+    __atomic_add_fetch(&program->refs, 1, __ATOMIC_ACQ_REL);
+    api.set_data_full(out, "vipsnorm-program", program, unref_program);
+    return out;
+}
+
+/* --- a Python module, so that setuptools builds and installs this file as one ------------------- */
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernel",
+                                    "vipsnorm's native colour kernel; loaded with ctypes by vipsnorm._native.", -1, NULL, NULL, NULL, NULL, NULL};
+
+PyMODINIT_FUNC PyInit__kernel(void) { return PyModule_Create(&module); }

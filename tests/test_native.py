@@ -1,0 +1,185 @@
+"""The native colour kernel (vipsnorm._native, _kernel.c) against the chains it stands for.
+
+The kernel runs each colour method's per-pixel chain in one pass, directly or through a cube of all
+2^24 colours. Every check here is bit for bit, on every RGB colour: the kernel (lazy image and numpy
+array, direct and through its cube) against the chain of libvips operations and the numpy chain that
+run when the kernel is off (which are checked against each other on the same colours).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import os
+import threading
+
+import numpy as np
+import pytest
+import pyvips
+
+from vipsnorm import _native
+from vipsnorm.methods import Equalize, EqualizeParams, Macenko, Reinhard, Sample
+from vipsnorm.methods._hist import apply_luts_array, apply_luts_image
+from vipsnorm.methods._stain import kernel_steps, run_array, run_image
+
+pytestmark = pytest.mark.skipif(
+    os.environ.get("VIPSNORM_NATIVE") == "0", reason="VIPSNORM_NATIVE=0: the kernel is switched off for this run"
+)
+
+
+@pytest.fixture(scope="module")
+def every_colour() -> np.ndarray:
+    """All 2^24 RGB colours as a 4096 x 4096 image (R fastest, then G, then B)."""
+    c = np.arange(1 << 24, dtype=np.uint32)
+    return np.stack([c & 255, (c >> 8) & 255, c >> 16], axis=-1).astype(np.uint8).reshape(4096, 4096, 3)
+
+
+@pytest.fixture(scope="module")
+def tile(shared_data) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(shared_data / "tiles" / "henorm-example1.png").convert("RGB"))
+
+
+def _image(array: np.ndarray) -> pyvips.Image:
+    return pyvips.Image.new_from_array(array).copy(interpretation="srgb")
+
+
+def _fitted(name: str, tile: np.ndarray, glass="auto"):
+    if name == "macenko":
+        method = Macenko()
+    else:  # a target from the same tile, flipped and with its bands swapped: a different palette
+        target = Reinhard().fit_target([Sample.from_array(np.ascontiguousarray(tile[::-1, :, ::-1]))])
+        method = Reinhard(target=target, glass=glass)
+    return method, method.fit(Sample.from_array(tile))
+
+
+def test_the_kernel_is_built_and_loads():
+    # CI builds it (a C compiler is there): a kernel that silently failed to load would leave every
+    # method on the slower chains, and the tests below would compare nothing
+    assert _native.available(), _native.reason()
+
+
+@pytest.mark.parametrize("name, glass", [("macenko", "auto"), ("reinhard", "auto"), ("reinhard", None)])
+def test_stain_kernel_equals_the_chains_on_every_colour(name, glass, tile, every_colour):
+    method, params = _fitted(name, tile, glass)
+    with _native.switched_off():
+        chain = method.apply(_image(every_colour), params).numpy()
+        numpy_chain = method.apply_array(every_colour, params)
+    np.testing.assert_array_equal(numpy_chain, chain)
+    weight = params.weight_table() if name == "reinhard" else None
+    assert (weight is None) == (name == "macenko" or glass is None)
+    steps = kernel_steps(params.steps(), weight)
+    direct = _native.Program(steps)
+    np.testing.assert_array_equal(direct.run(every_colour), chain)
+    np.testing.assert_array_equal(direct.image(_image(every_colour)).numpy(), chain)
+    cubed = _native.Program(steps).build_cube()
+    np.testing.assert_array_equal(cubed.run(every_colour), chain)
+    np.testing.assert_array_equal(cubed.image(_image(every_colour)).numpy(), chain)
+    # the methods themselves (2^24 pixels are below the cube's threshold: the chain run directly)
+    assert every_colour.shape[0] * every_colour.shape[1] < _native.CUBE_PIXELS
+    np.testing.assert_array_equal(method.apply(_image(every_colour), params).numpy(), chain)
+    np.testing.assert_array_equal(method.apply_array(every_colour, params), chain)
+
+
+def test_luminance_kernel_equals_the_chains_on_every_colour(every_colour):
+    rng = np.random.default_rng(3)
+    lut = np.sort(rng.integers(0, 256, 256)).astype(np.uint8)[np.newaxis]
+    with _native.switched_off():
+        chain = apply_luts_image(_image(every_colour), lut, "luminance").numpy()
+        numpy_chain = apply_luts_array(every_colour, lut, "luminance")
+    np.testing.assert_array_equal(numpy_chain, chain)
+    np.testing.assert_array_equal(apply_luts_image(_image(every_colour), lut, "luminance").numpy(), chain)
+    np.testing.assert_array_equal(apply_luts_array(every_colour, lut, "luminance"), chain)
+    cubed = _native.Program([("luma", {"t1": lut[0]})]).build_cube()
+    np.testing.assert_array_equal(cubed.image(_image(every_colour)).numpy(), chain)
+
+
+def test_hand_computed_luminance_pixels():
+    # luma (4899 R + 9617 G + 1868 B + 8192) >> 14, its change by the LUT added to every band, clipped
+    lut = np.clip(np.arange(256) + 50, 0, 255).astype(np.uint8)
+    pixels = np.array([[[0, 0, 0], [255, 255, 255], [200, 10, 10], [10, 250, 10]]], np.uint8)
+    # lumas: 0, 255, (979800 + 96170 + 18680 + 8192) >> 14 = 67, (48990 + 2404250 + 18680 + 8192) >> 14 = 151
+    expected = np.array([[[50, 50, 50], [255, 255, 255], [250, 60, 60], [60, 255, 60]]], np.uint8)
+    out = _native.Program([("luma", {"t1": lut})]).run(pixels)
+    np.testing.assert_array_equal(out, expected)
+
+
+def test_a_large_image_goes_through_the_cube_and_the_program_is_kept(tile):
+    method, params = _fitted("macenko", tile)
+    big = pyvips.Image.new_from_array(tile).copy(interpretation="srgb").replicate(40, 40)
+    assert big.width * big.height >= _native.CUBE_PIXELS
+    _native._programs.clear()
+    out = method.apply(big, params)
+    program = _native._programs[("stain", params)]
+    assert program.has_cube
+    small = method.apply(pyvips.Image.new_from_array(tile), params)
+    assert _native._programs[("stain", params)] is program  # the same, not made again
+    np.testing.assert_array_equal(out.crop(0, 0, tile.shape[1], tile.shape[0]).numpy(), small.numpy())
+
+
+def test_the_image_outlives_its_program(tile):
+    method, params = _fitted("macenko", tile)
+    with _native.switched_off():
+        expected = method.apply_array(tile, params)
+    program = _native.Program(kernel_steps(params.steps()))
+    image = program.image(_image(tile))
+    del program
+    _native._programs.clear()
+    gc.collect()
+    np.testing.assert_array_equal(image.numpy(), expected)
+
+
+def test_images_computed_in_parallel_threads_stay_apart(tile):
+    luts = [np.full(256, v, np.uint8) for v in (0, 255)]  # every pixel to black, or to white
+    images = [_native.Program([("luma", {"t1": lut})]).image(_image(tile).replicate(4, 4)) for lut in luts]
+    results = [None, None]
+
+    def run(i):
+        results[i] = images[i].numpy()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    with _native.switched_off():
+        for lut, result in zip(luts, results):
+            np.testing.assert_array_equal(result, apply_luts_array(np.tile(tile, (4, 4, 1)), lut, "luminance"))
+    assert not np.array_equal(results[0], results[1])
+
+
+def test_a_decode_error_comes_through_the_kernel(shared_data, tile):
+    method, params = _fitted("macenko", tile)
+    source = pyvips.Image.new_from_file(str(shared_data / "bad" / "truncated.jpg"), fail_on="truncated")
+    out = method.apply(source, params)
+    with pytest.raises(pyvips.Error):
+        out.avg()
+
+
+def test_switched_off_uses_the_chains(tile):
+    method, params = _fitted("macenko", tile)
+    with _native.switched_off():
+        assert not _native.available()
+        assert _native.map_image(_image(tile), ("stain", params), lambda: None) is None
+        image = method.apply(_image(tile), params)
+    assert _native.available()
+    np.testing.assert_array_equal(image.numpy(), _native.map_array(tile, ("stain", params), lambda: None))
+
+
+def test_chains_the_kernel_does_not_know_run_as_they_are(tile):
+    _, params = _fitted("macenko", tile)
+    steps = params.steps()
+    assert kernel_steps(steps) is not None
+    assert kernel_steps(steps[:2]) is None  # ends in float indices, not uchar RGB
+    assert kernel_steps(steps[1:]) is None  # starts from floats
+    image = run_image(_image(tile), steps[:2])
+    assert image.format == "ushort"
+    np.testing.assert_array_equal(image.numpy(), run_array(tile, steps[:2]))
+
+
+def test_the_region_layout_is_checked():
+    vips = ctypes.CDLL(_native._libvips_path())
+    base = _native._region_base(vips)
+    assert _native._region_layout_holds(vips, base)
+    assert not _native._region_layout_holds(vips, base + 8)  # a layout off by one field is refused
