@@ -11,6 +11,8 @@ from __future__ import annotations
 import ctypes
 import gc
 import os
+import shutil
+import sys
 import threading
 
 import numpy as np
@@ -54,10 +56,97 @@ def _fitted(name: str, tile: np.ndarray, glass="auto"):
     return method, method.fit(Sample.from_array(tile))
 
 
+@pytest.mark.skipif(
+    sys.platform != "linux" or not (shutil.which("cc") or shutil.which("gcc")),
+    reason="the kernel is built and loaded on Linux with a C compiler (elsewhere the libvips chains run)",
+)
 def test_the_kernel_is_built_and_loads():
     # CI builds it (a C compiler is there): a kernel that silently failed to load would leave every
     # method on the slower chains, and the tests below would compare nothing
     assert _native.available(), _native.reason()
+
+
+@pytest.fixture
+def fresh_load(monkeypatch):
+    """Load the kernel again within the test (the process's load is put back after)."""
+    monkeypatch.setattr(_native, "_loaded", None)
+    yield
+    # monkeypatch restores _loaded
+
+
+def test_a_failure_while_loading_is_a_fallback_not_an_error(fresh_load, monkeypatch):
+    def broken():
+        raise RuntimeError("something unexpected")
+
+    monkeypatch.setattr(_native, "_load_kernel", broken)
+    assert not _native.available()
+    assert "RuntimeError: something unexpected" in _native.reason()
+
+
+def test_a_kernel_built_from_other_sources_is_not_used(fresh_load, monkeypatch):
+    monkeypatch.setattr(_native, "_VERSION", _native._VERSION + 1)
+    assert not _native.available()
+    assert "does not match" in _native.reason()
+
+
+@pytest.mark.parametrize("threads", [1, 3, 5, 7])
+def test_the_cube_is_whole_on_any_number_of_threads(threads, monkeypatch, every_colour):
+    # ranges of whole chunks, the last clipped: nothing written past the cube, nothing left out
+    monkeypatch.setattr(_native, "_fill_threads", lambda: threads)
+    lut = np.arange(256, dtype=np.uint8)[::-1].copy()
+    cubed = _native.Program([("luma", {"t1": lut})]).build_cube()
+    direct = _native.Program([("luma", {"t1": lut})])
+    np.testing.assert_array_equal(cubed.run(every_colour), direct.run(every_colour))
+
+
+def test_tables_and_chains_the_kernel_would_read_past_are_refused():
+    lut = np.arange(256, dtype=np.uint8)
+    with pytest.raises(ValueError, match="t1 must be uint8"):
+        _native.Program([("luma", {"t1": lut[:100]})])
+    with pytest.raises(ValueError, match="t1 must be float32"):
+        _native.Program([("lut", {"rows": 1, "n": 256, "is_float": 1, "t1": lut[np.newaxis]})])
+    # a 256-entry table after the float -> ushort index: indices up to 65535
+    pair = {"t1": np.zeros((3, 65536), np.float32), "t2": np.zeros((3, 256), np.float32)}
+    with pytest.raises(ValueError, match="refuses this chain"):
+        _native.Program([("pair", pair), ("index", {}), ("lut", {"rows": 1, "n": 256, "t1": lut[np.newaxis]})])
+    with pytest.raises(ValueError, match="refuses this chain"):  # ends in floats, not uchar RGB
+        _native.Program([("pair", pair)])
+
+
+def test_small_arrays_use_the_kernel_only_when_the_program_is_kept_or_cheap(tile):
+    method, params = _fitted("macenko", tile)
+    _native._programs.clear()
+    key = ("stain", params)
+    made = []
+
+    def make():
+        made.append(1)
+        return _native.Program(kernel_steps(params.steps()))
+
+    patch = tile[:64, :64]
+    assert _native.map_array(patch, key, make) is None and not made  # one-off params: the numpy chain
+    with _native.switched_off():
+        expected = method.apply_array(patch, params)
+    np.testing.assert_array_equal(method.apply_array(patch, params), expected)
+    assert key not in _native._programs  # nor kept: jitter must not push out the slide's program
+    np.testing.assert_array_equal(_native.map_array(patch, key, make, cheap=True), expected)
+    assert made == [1] and key not in _native._programs
+    method.apply(_image(tile), params)  # a slide's apply keeps its program
+    assert key in _native._programs
+    np.testing.assert_array_equal(_native.map_array(patch, key, make), expected)
+    assert made == [1]
+
+
+def test_without_cube_maps_large_images_per_pixel(tile):
+    method, params = _fitted("macenko", tile)
+    _native._programs.clear()
+    big = _image(tile).replicate(40, 40)
+    with _native.without_cube():
+        out = method.apply(big, params)
+    assert not _native._programs[("stain", params)].has_cube
+    with _native.switched_off():
+        expected = method.apply_array(tile, params)
+    np.testing.assert_array_equal(out.crop(0, 0, tile.shape[1], tile.shape[0]).numpy(), expected)
 
 
 @pytest.mark.parametrize("name, glass", [("macenko", "auto"), ("reinhard", "auto"), ("reinhard", None)])

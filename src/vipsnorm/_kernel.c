@@ -24,6 +24,8 @@
 #include <string.h>
 
 #define VK_CHUNK 256
+#define VK_CUBE (1L << 24)
+#define VK_VERSION 1
 
 /* The libvips (and GLib) functions used, passed in by vk_init. */
 typedef struct {
@@ -73,11 +75,17 @@ typedef struct {
     int refs;        /* the caller's, and one per image running the program */
 } vk_program;
 
+/* Set the functions once (later calls change nothing: images may be running). */
 int vk_init(const vk_api *a) {
-    api = *a;
-    api_ready = 1;
+    if (!__atomic_load_n(&api_ready, __ATOMIC_ACQUIRE)) {
+        api = *a;
+        __atomic_store_n(&api_ready, 1, __ATOMIC_RELEASE);
+    }
     return 0;
 }
+
+/* The layout Python must agree with: a version, and the sizes of the structs it fills. */
+long vk_abi(void) { return VK_VERSION * 1000000L + (long)sizeof(vk_step) * 1000L + (long)sizeof(vk_api); }
 
 static size_t table_bytes(const vk_step *s, int which) {
     switch (s->kind) {
@@ -122,9 +130,30 @@ vk_program *vk_program_new(const vk_step *steps, int nops) {
     }
     p->nops = nops;
     p->refs = 1;
+    int state = S_RGB8;
     for (int i = 0; i < nops; i++) {
         const vk_step *s = &steps[i];
         op_t *o = &p->ops[i];
+        /* the tables must cover every index the step can meet: refuse a program that would read past one */
+        int ok = 1;
+        switch (s->kind) {
+        case OP_PAIRSUM: ok = state == S_RGB8; state = S_F32; break;
+        case OP_TOINDEX: ok = state == S_F32; state = S_U16; break;
+        case OP_COLUMNMIX: ok = state == S_U16 && s->n == 65536 && s->source >= 0 && s->source < 3; state = S_F32; break;
+        case OP_LUT:
+            ok = state != S_F32 && (s->rows == 1 || s->rows == 3) && s->n == (state == S_U16 ? 65536 : 256);
+            state = s->is_float ? S_F32 : S_U8;
+            break;
+        case OP_RECOMB: ok = state == S_F32; break;
+        case OP_LUMA: ok = state == S_RGB8; state = S_U8; break;
+        case OP_BLEND: ok = state == S_U8; break;
+        default: ok = 0;
+        }
+        if (!ok || (s->kind != OP_TOINDEX && s->kind != OP_RECOMB && !s->t1) ||
+            ((s->kind == OP_PAIRSUM || s->kind == OP_COLUMNMIX) && !s->t2)) {
+            program_free(p);
+            return NULL;
+        }
         o->kind = s->kind;
         o->rows = s->rows;
         o->n = s->n;
@@ -166,6 +195,10 @@ vk_program *vk_program_new(const vk_step *steps, int nops) {
             }
             memcpy(o->t2, s->t2, b2);
         }
+    }
+    if (state != S_U8) { /* the output must be uchar RGB */
+        program_free(p);
+        return NULL;
     }
     return p;
 }
@@ -297,10 +330,11 @@ static void run_chunk(const vk_program *p, const uint8_t *in, uint8_t *out, int 
 
 /* Run the program on `npix` interleaved RGB pixels (the numpy path). */
 void vk_run(const vk_program *p, const uint8_t *in, uint8_t *out, long npix) {
-    if (p->cube_ready) {
+    if (__atomic_load_n(&p->cube_ready, __ATOMIC_ACQUIRE)) { /* (a program may gain its cube while running) */
+        const uint32_t *cube = p->cube;
         for (long i = 0; i < npix; i++) {
             const uint8_t *px = in + 3 * i;
-            uint32_t v = p->cube[px[0] | px[1] << 8 | px[2] << 16];
+            uint32_t v = cube[px[0] | px[1] << 8 | px[2] << 16];
             out[3 * i] = v & 0xff;
             out[3 * i + 1] = (v >> 8) & 0xff;
             out[3 * i + 2] = v >> 16;
@@ -316,30 +350,37 @@ void vk_run(const vk_program *p, const uint8_t *in, uint8_t *out, long npix) {
 /* The program's cube (2^24 packed RGB outputs), allocated, not yet filled. 0 on success. */
 int vk_cube_alloc(vk_program *p) {
     if (!p->cube)
-        p->cube = malloc((size_t)4 << 24);
+        p->cube = malloc((size_t)4 * VK_CUBE);
     return p->cube ? 0 : -1;
 }
 
-/* Fill the cube's entries [start, start + count) (multiples of VK_CHUNK); disjoint ranges may be
-   filled from several threads at once. */
+/* Fill the cube's entries [start, start + count) (clipped to the cube); disjoint ranges may be filled
+   from several threads at once. */
 void vk_cube_fill(vk_program *p, long start, long count) {
     uint8_t in[3 * VK_CHUNK], out[3 * VK_CHUNK];
     uint32_t *cube = p->cube;
-    for (long base = start; base < start + count; base += VK_CHUNK) {
-        for (int i = 0; i < VK_CHUNK; i++) {
+    long end = start + count < VK_CUBE ? start + count : VK_CUBE;
+    if (!cube || start < 0)
+        return;
+    for (long base = start; base < end; base += VK_CHUNK) {
+        int n = end - base < VK_CHUNK ? (int)(end - base) : VK_CHUNK;
+        for (int i = 0; i < n; i++) {
             uint32_t c = (uint32_t)(base + i);
             in[3 * i] = c & 0xff;
             in[3 * i + 1] = (c >> 8) & 0xff;
             in[3 * i + 2] = c >> 16;
         }
-        run_chunk(p, in, out, VK_CHUNK);
-        for (int i = 0; i < VK_CHUNK; i++)
+        run_chunk(p, in, out, n);
+        for (int i = 0; i < n; i++)
             cube[base + i] = out[3 * i] | out[3 * i + 1] << 8 | (uint32_t)out[3 * i + 2] << 16;
     }
 }
 
 /* Every entry filled: pixels are looked up from now on. */
-void vk_cube_ready(vk_program *p) { p->cube_ready = p->cube != NULL; }
+void vk_cube_ready(vk_program *p) {
+    if (p->cube)
+        __atomic_store_n(&p->cube_ready, 1, __ATOMIC_RELEASE);
+}
 
 /* --- the libvips image ------------------------------------------------------------------------ */
 

@@ -1,15 +1,24 @@
 """Loader of the native colour kernel (``_kernel.c``): the colour methods' per-pixel chains in one pass.
 
+The stain methods and luminance equalization describe their apply step as a chain of lookups and 3x3
+matrices (:mod:`vipsnorm.methods._stain`, :mod:`vipsnorm.methods._hist`), which libvips runs as one
+operation a step. A :class:`Program` is such a chain compiled for the kernel, which runs it on each
+pixel with the same arithmetic, or once on every RGB colour into a 64 MiB cube (:meth:`Program.build_cube`)
+after which a pixel is one lookup. :func:`map_image` makes a lazy libvips image of it (through the cube
+for images of :data:`CUBE_PIXELS` or more), :func:`map_array` maps a numpy array.
+
 The kernel is optional. It is built at install when a C compiler is present (it needs no libvips
-headers); without it, or with ``VIPSNORM_NATIVE=0`` in the environment, every method runs as a chain of
-libvips operations (and numpy for arrays), which gives the same bytes. :func:`available` says which.
+headers: this module finds the libvips pyvips loaded and passes the kernel the functions it calls, and
+checks the one struct layout it assumes on a prepared region). Without it, with ``VIPSNORM_NATIVE=0`` in
+the environment, within :func:`switched_off`, or when anything about loading it fails, every method
+runs as its chain of libvips operations (and numpy for arrays), which gives the same bytes.
+:func:`available` and :func:`reason` say which.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
-import functools
 import importlib.util
 import os
 import threading
@@ -18,9 +27,24 @@ from collections import OrderedDict
 import numpy as np
 import pyvips
 
-__all__ = ["available", "reason", "switched_off", "Program", "OP", "CUBE"]
+__all__ = [
+    "available",
+    "reason",
+    "switched_off",
+    "without_cube",
+    "Program",
+    "program",
+    "map_image",
+    "map_array",
+    "OP",
+    "CUBE",
+    "CUBE_PIXELS",
+    "CHAIN_PIXELS",
+]
 
 _THINSTRIP = 2  # libvips' VIPS_DEMAND_STYLE_THINSTRIP, read from libvips when the kernel loads
+#: VK_VERSION of _kernel.c (with the sizes of the structs passed to it: vk_abi).
+_VERSION = 1
 
 OP = {"pair": 1, "index": 2, "mix": 3, "lut": 4, "recomb": 5, "luma": 6, "blend": 7}
 
@@ -57,20 +81,51 @@ class _TypeQuery(ctypes.Structure):
                 ("instance_size", ctypes.c_uint)]
 
 
-def _libvips_path() -> str:
-    """The file of the libvips pyvips has loaded (Linux: from the process's memory map)."""
+def _libvips_candidates() -> list[str]:
+    """Files named like libvips mapped in this process (Linux: from its memory map), in map order."""
     pyvips.Image.black(1, 1)  # loaded and initialized
+    paths: list[str] = []
     with open("/proc/self/maps") as maps:
         for line in maps:
             path = line.split(maxsplit=5)[-1].strip()
             name = os.path.basename(path)
-            if name.startswith("libvips") and ".so" in name and "cpp" not in name:
-                return path
-    raise OSError("libvips is not mapped in this process")
+            if name.startswith("libvips") and ".so" in name and "cpp" not in name and path not in paths:
+                paths.append(path)
+    return paths
 
 
-@functools.lru_cache(maxsize=1)
+def _libvips_path() -> str:
+    """The file of the libvips pyvips uses: a mapped libvips whose GType of ``VipsImage`` is pyvips's
+    (another copy in the process would have a type system of its own)."""
+    want = pyvips.type_from_name("VipsImage")
+    for path in _libvips_candidates():
+        vips = ctypes.CDLL(path)
+        vips.g_type_from_name.restype = ctypes.c_size_t
+        vips.g_type_from_name.argtypes = [ctypes.c_char_p]
+        if vips.g_type_from_name(b"VipsImage") == want:
+            return path
+    raise OSError("the libvips pyvips uses is not found in this process's memory map")
+
+
+_loaded: tuple[ctypes.CDLL | None, str] | None = None
+_load_lock = threading.Lock()
+
+
 def _load() -> tuple[ctypes.CDLL | None, str]:
+    """The kernel, loaded and initialized once per process, or ``None`` and why not. Never raises: any
+    failure leaves the methods on their libvips chains."""
+    global _loaded
+    if _loaded is None:
+        with _load_lock:
+            if _loaded is None:
+                try:
+                    _loaded = _load_kernel()
+                except Exception as error:  # noqa: BLE001 - the kernel is an optimization, never a failure
+                    _loaded = (None, f"cannot load: {type(error).__name__}: {error}")
+    return _loaded
+
+
+def _load_kernel() -> tuple[ctypes.CDLL | None, str]:
     if os.environ.get("VIPSNORM_NATIVE", "1") == "0":
         return None, "VIPSNORM_NATIVE=0"
     spec = importlib.util.find_spec("vipsnorm._kernel")
@@ -81,6 +136,10 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         vips = ctypes.CDLL(_libvips_path())
     except OSError as error:
         return None, f"cannot load: {error}"
+    kernel.vk_abi.restype = ctypes.c_long
+    abi = _VERSION * 1_000_000 + ctypes.sizeof(_Step) * 1000 + ctypes.sizeof(_Api)
+    if kernel.vk_abi() != abi:  # a kernel built from other sources than this module (rebuild it)
+        return None, f"the built kernel does not match this vipsnorm (ABI {kernel.vk_abi()}, expected {abi}): reinstall"
     api = _Api()
     for name, symbol in (
         ("image_new", "vips_image_new"), ("pipelinev", "vips_image_pipelinev"), ("generate", "vips_image_generate"),
@@ -177,7 +236,27 @@ def switched_off():
 
 #: Entries of a cube.
 CUBE = 1 << 24
-_THREADS = max(1, min(8, os.cpu_count() or 1))
+#: Entries a fill thread's range is a multiple of (the kernel's chunk).
+_CHUNK = 256
+#: Table (dtype, shape) each step kind needs: rows x entries. ``rows`` and ``n`` from the step's fields.
+_TABLES = {
+    "pair": lambda f: ((np.float32, (3, 65536)), (np.float32, (3, 256))),
+    "mix": lambda f: ((np.float32, (3, f.get("n", 0))), (np.float32, (3, f.get("n", 0)))),
+    "lut": lambda f: ((np.float32 if f.get("is_float") else np.uint8, (f.get("rows", 0), f.get("n", 0))), None),
+    "luma": lambda f: ((np.uint8, (256,)), None),
+    "blend": lambda f: ((np.uint8, (256,)), None),
+    "index": lambda f: (None, None),
+    "recomb": lambda f: (None, None),
+}
+
+
+def _fill_threads() -> int:
+    """Threads that fill a cube: the cores this process may use, at most libvips' own concurrency."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, pyvips.concurrency_get(), 8))
 
 
 class Program:
@@ -185,6 +264,12 @@ class Program:
 
     ``steps``: ``(kind, fields)`` pairs, ``kind`` a key of :data:`OP`; ``fields`` among ``rows``,
     ``n``, ``is_float``, ``source``, ``m`` (3x3) and the tables ``t1``, ``t2`` (see ``_kernel.c``).
+
+    Raises
+    ------
+    ValueError
+        A table of the wrong type or size, or a chain that does not map uchar RGB to uchar RGB (the
+        kernel refuses what it would read past a table for).
     """
 
     def __init__(self, steps: list[tuple[str, dict]]):
@@ -193,6 +278,7 @@ class Program:
             raise RuntimeError(f"native kernel unavailable: {reason()}")
         self._kernel = kernel
         self._lock = threading.Lock()
+        self._pointer = None
         array = (_Step * max(1, len(steps)))()
         keep = []
         for i, (kind, fields) in enumerate(steps):
@@ -201,15 +287,18 @@ class Program:
             for key in ("rows", "n", "is_float", "source"):
                 setattr(s, key, int(fields.get(key, 0)))
             if "m" in fields:
-                s.m[:] = [float(v) for v in np.asarray(fields["m"], dtype=np.float64).ravel()]
-            for key in ("t1", "t2"):
-                if fields.get(key) is not None:
-                    t = np.ascontiguousarray(fields[key])
-                    keep.append(t)
-                    setattr(s, key, t.ctypes.data)
+                s.m[:] = [float(v) for v in np.asarray(fields["m"], dtype=np.float64).reshape(9)]
+            for key, want in zip(("t1", "t2"), _TABLES[kind](fields)):
+                if want is None:
+                    continue
+                t = np.ascontiguousarray(fields.get(key))
+                if t.dtype != want[0] or t.shape != want[1]:
+                    raise ValueError(f"{kind} step: {key} must be {np.dtype(want[0])} {want[1]}, not {t.dtype} {t.shape}")
+                keep.append(t)
+                setattr(s, key, t.ctypes.data)
         self._pointer = kernel.vk_program_new(array, len(steps))
         if not self._pointer:
-            raise MemoryError("cannot allocate the native kernel's program")
+            raise ValueError(f"the native kernel refuses this chain: {[kind for kind, _ in steps]}")
         self.has_cube = False
 
     def __del__(self):
@@ -217,23 +306,36 @@ class Program:
         if pointer:
             self._kernel.vk_program_unref(pointer)
 
+    def _fill(self, start: int, count: int) -> None:
+        # a bound method: the thread holds the program (and its cube) alive while it fills
+        self._kernel.vk_cube_fill(self._pointer, start, count)
+
     def build_cube(self) -> "Program":
-        """Evaluate the program on every RGB colour (64 MiB, on every core): from then on a pixel is
-        one lookup. Returns the program."""
+        """Evaluate the program on every RGB colour (64 MiB, on a few threads): from then on a pixel
+        is one lookup. Returns the program.
+
+        Raises
+        ------
+        MemoryError
+            The cube cannot be allocated (the program is unchanged and still runs per pixel).
+        """
         with self._lock:
             if self.has_cube:
                 return self
             if self._kernel.vk_cube_alloc(self._pointer) != 0:
                 raise MemoryError("cannot allocate the native kernel's 64 MiB colour cube")
-            part = CUBE // _THREADS
-            ranges = [(i * part, CUBE - i * part if i == _THREADS - 1 else part) for i in range(_THREADS)]
-            # ctypes releases the GIL during a call: the parts fill in parallel
-            threads = [threading.Thread(target=self._kernel.vk_cube_fill, args=(self._pointer, start, count))
-                       for start, count in ranges]
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join()
+            threads = _fill_threads()
+            part = -(-CUBE // threads // _CHUNK) * _CHUNK  # whole chunks; the last range is clipped
+            # ctypes releases the GIL during a call: the ranges fill in parallel
+            started: list[threading.Thread] = []
+            try:
+                for start in range(0, CUBE, part):
+                    thread = threading.Thread(target=self._fill, args=(start, min(part, CUBE - start)), daemon=True)
+                    thread.start()
+                    started.append(thread)
+            finally:  # (also on KeyboardInterrupt: no thread is left writing into the cube)
+                for thread in started:
+                    thread.join()
             self._kernel.vk_cube_ready(self._pointer)
             self.has_cube = True
         return self
@@ -267,12 +369,38 @@ _programs: "OrderedDict[object, Program | None]" = OrderedDict()
 _programs_lock = threading.Lock()
 #: Programs kept for reuse, by key (each with up to a 64 MiB cube).
 KEPT = 2
+_local = threading.local()
 
 
-def program(key, make) -> Program | None:
+def _after_fork_in_child() -> None:
+    # a fork while another thread held a lock would leave it held forever in the child
+    global _programs_lock, _load_lock
+    _programs_lock, _load_lock = threading.Lock(), threading.Lock()
+    for prog in _programs.values():
+        if prog is not None:
+            prog._lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+@contextlib.contextmanager
+def without_cube():
+    """Map images per pixel within the block, whatever their size: for lazy images kept long and read
+    in small windows (a patch reader per slide), where a 64 MiB cube each would add up."""
+    before = getattr(_local, "no_cube", False)
+    _local.no_cube = True
+    try:
+        yield
+    finally:
+        _local.no_cube = before
+
+
+def program(key, make, keep: bool = True) -> Program | None:
     """The program made by ``make()`` for ``key`` (``None``: the chain has no kernel form), kept for the
-    last :data:`KEPT` keys (patches of one slide, and the images of one run, share their params). An
-    unhashable key is not kept."""
+    last :data:`KEPT` keys (the images of one run share their params) when ``keep``; an unhashable key
+    is not kept. A program already kept is found whether or not ``keep``."""
     try:
         hash(key)
     except TypeError:
@@ -282,31 +410,62 @@ def program(key, make) -> Program | None:
             _programs.move_to_end(key)
             return _programs[key]
     made = make()
+    if not keep:
+        return made
     with _programs_lock:
-        _programs[key] = made
+        made = _programs.setdefault(key, made)  # (another thread's, if it made one meanwhile)
         _programs.move_to_end(key)
         while len(_programs) > KEPT:
             _programs.popitem(last=False)
     return made
 
 
+def _kept(key) -> Program | None:
+    try:
+        with _programs_lock:
+            return _programs.get(key)
+    except TypeError:
+        return None
+
+
 def map_image(image: pyvips.Image, key, make) -> pyvips.Image | None:
     """``image`` (uchar RGB) mapped lazily by the program of ``key``, through its cube when the image
-    has :data:`CUBE_PIXELS` or more; ``None`` when the kernel is off or the chain has no kernel form."""
+    has :data:`CUBE_PIXELS` or more (not within :func:`without_cube`; per pixel if the cube cannot be
+    allocated); ``None`` when the kernel is off or the chain has no kernel form."""
     prog = program(key, make) if available() else None
     if prog is None:
         return None
-    if image.width * image.height >= CUBE_PIXELS:
-        prog.build_cube()
+    if image.width * image.height >= CUBE_PIXELS and not getattr(_local, "no_cube", False):
+        try:
+            prog.build_cube()
+        except MemoryError:
+            pass
     return prog.image(image)
 
 
-def map_array(array: np.ndarray, key, make) -> np.ndarray | None:
+def map_array(array: np.ndarray, key, make, *, cheap: bool = False) -> np.ndarray | None:
     """A ``(..., 3)`` uint8 array mapped by the program of ``key`` (through its cube if it has one, or
-    if the array has :data:`CUBE_PIXELS` or more); ``None`` as :func:`map_image`."""
-    prog = program(key, make) if available() else None
+    if the array has :data:`CUBE_PIXELS` or more); ``None`` when the kernel is off, the chain has no
+    kernel form, or the program is neither kept nor ``cheap`` to make for an array this small (stain
+    jitter draws new params for every patch: building their tables, over a MiB, would cost more than
+    the numpy chain saves on a patch, and keeping them would push the slide's program out)."""
+    if not available():
+        return None
+    large = array.size // 3 >= CUBE_PIXELS
+    prog = _kept(key)
+    if prog is None:
+        if not (large or cheap or array.size // 3 >= CHAIN_PIXELS):
+            return None
+        prog = program(key, make, keep=large)
     if prog is None:
         return None
-    if array.size // 3 >= CUBE_PIXELS:
-        prog.build_cube()
+    if large:
+        try:
+            prog.build_cube()
+        except MemoryError:
+            pass
     return prog.run(array)
+
+
+#: Pixels from which an array is mapped by the kernel even when its program must be made for it.
+CHAIN_PIXELS = 1 << 18

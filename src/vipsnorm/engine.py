@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pyvips
 
-from . import __version__
+from . import __version__, _native
 from .errors import (
     FlatImageError,
     InvalidReferenceError,
@@ -373,7 +373,12 @@ def normalize_file(
                 raise InvalidReferenceError(None, f"reference holds {params.method} parameters, not {method.name}")
             result.params = params
             image = slide.level_image(0)
-            if type(method).apply is LutMethod.apply and getattr(params, "space", None) == "luminance" and image.bands == 3:
+            if (
+                type(method).apply is LutMethod.apply
+                and getattr(params, "space", None) == "luminance"
+                and image.bands == 3
+                and not _native.available()  # (the native kernel computes the luma itself, in the same pass)
+            ):
                 # a small image held decoded: its luma in numpy (counted by the fit already, if there was
                 # one) instead of again in libvips
                 image = method.apply(image, params, luma=slide.decoded_luma())

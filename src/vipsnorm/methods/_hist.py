@@ -209,7 +209,8 @@ def apply_luts_image(image: pyvips.Image, luts: np.ndarray, space: str, luma: np
     luma : ndarray, optional
         ``(h, w)`` uint8: the luma of ``image`` already computed in numpy (:func:`luma_array`, equal bit
         for bit to :func:`luma_image`), used by a luminance apply instead of computing it again in
-        libvips (about 1 ms less on a 512x512 image held in memory).
+        libvips (about 1 ms less on a 512x512 image held in memory). Checked, but not needed, when the
+        native kernel (:mod:`vipsnorm._native`) maps the image: it computes the luma in the same pass.
 
     Raises
     ------
@@ -248,7 +249,7 @@ def apply_luts_array(array: np.ndarray, luts: np.ndarray, space: str) -> np.ndar
     squeeze = array.ndim == 2
     a = array[..., np.newaxis] if squeeze else array
     if space == "luminance" and a.shape[-1] == 3:
-        out = _native.map_array(a, _luma_key(luts[0]), functools.partial(_luma_program, luts[0]))
+        out = _native.map_array(a, _luma_key(luts[0]), functools.partial(_luma_program, luts[0]), cheap=True)
         if out is None:
             out = add_luma_change(a, luts[0], luma_array(a))
     elif space == "rgb" and a.shape[-1] == 3:

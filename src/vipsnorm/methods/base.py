@@ -376,7 +376,7 @@ class LutMethod(Method):
         ``(h, w)`` uint8 array, :func:`~vipsnorm.methods._hist.luma_array`, e.g.
         :meth:`~vipsnorm.io.slide.Slide.decoded_luma`), used by a luminance apply instead of computing
         it again in libvips: the same pixels (the two lumas are equal bit for bit), about 1 ms less on a
-        512x512 tile.
+        512x512 tile (not needed when the native kernel maps the image: see :mod:`vipsnorm._native`).
 
         Raises
         ------

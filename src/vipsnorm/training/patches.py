@@ -77,6 +77,7 @@ from pathlib import Path
 import numpy as np
 import pyvips
 
+from .. import _native
 from ..batch._locks import open_locked
 from ..batch._signals import terminate_as_interrupt
 from ..batch.inputs import PART_FILE, input_stat
@@ -618,7 +619,8 @@ class PatchReader:
                 # a reader (one per slide, many kept by a dataset) holds its images: CLAHE's lean
                 # weights keep no block of weights in memory with each
                 lean = {"lean": True} if self.method.spatial else {}
-                image = self.method.apply(image, params, **lean)
+                with _native.without_cube():  # nor a 64 MiB colour cube with each (see vipsnorm._native)
+                    image = self.method.apply(image, params, **lean)
             image = self._images.setdefault(level, image)
         return image
 
