@@ -272,3 +272,63 @@ def test_the_region_layout_is_checked():
     base = _native._region_base(vips)
     assert _native._region_layout_holds(vips, base)
     assert not _native._region_layout_holds(vips, base + 8)  # a layout off by one field is refused
+
+
+# --- counting and small maps on arrays ----------------------------------------------------------------
+
+
+def test_array_functions_equal_numpy_on_random_arrays():
+    from vipsnorm.methods._hist import add_luma_change, apply_luts_array, counts, histograms, luma_array
+    from vipsnorm.sampling import TissueMask, _tissue_pixels_array
+
+    rng = np.random.default_rng(7)
+    # thresholds near float32 rounding and integer values, where float32 and float64 comparisons differ
+    thresholds = [0.1, 0.07, 0.15, 0.123456789, 200.0, 199.99999, 200.00001, 128.5, 37.0]
+    for threshold in thresholds:
+        rgb = rng.integers(0, 256, (61, 83, 3)).astype(np.uint8)
+        for pixels in (rgb, rgb[..., 1].copy(), rgb[..., :1].copy()):
+            for rule in ("saturation", "intensity"):
+                bands = 1 if pixels.ndim == 2 else pixels.shape[-1]
+                mask = TissueMask(np.zeros((2, 2), bool), 1.0, threshold, bands, rule if bands == 3 else "intensity")
+                with _native.switched_off():
+                    want = _tissue_pixels_array(pixels, mask)
+                    want_hist = histograms(pixels, want)
+                    want_all = histograms(pixels)
+                np.testing.assert_array_equal(_native.tissue(pixels, mask.rule == "saturation", threshold), want)
+                np.testing.assert_array_equal(_native.histograms(pixels, want), want_hist)
+                np.testing.assert_array_equal(_native.histograms(pixels), want_all)
+        luts = rng.integers(0, 256, (3, 256)).astype(np.uint8)
+        with _native.switched_off():
+            y = luma_array(rgb)
+            want_rgb = apply_luts_array(rgb, luts, "rgb")
+            want_luma = add_luma_change(rgb, luts[0], y)
+            want_grey = apply_luts_array(rgb[..., 0], luts[:1], "joint")
+        hist, luma = _native.counts(rgb, luma=True)
+        np.testing.assert_array_equal(luma, y)
+        np.testing.assert_array_equal(hist[0], counts(y))
+        np.testing.assert_array_equal(_native.counts(rgb)[0], [counts(rgb[..., b]) for b in range(3)])
+        np.testing.assert_array_equal(_native.apply_luts(rgb, luts), want_rgb)
+        np.testing.assert_array_equal(_native.apply_luma(rgb, luts[0]), want_luma)
+        np.testing.assert_array_equal(_native.apply_luma(rgb, luts[0], y), want_luma)
+        np.testing.assert_array_equal(_native.apply_luts(rgb[..., 0], luts[:1]), want_grey)
+
+
+def test_hand_computed_tissue_and_counts():
+    pixels = np.array([[[200, 100, 100], [250, 245, 240], [10, 10, 10]]], np.uint8)
+    # saturation (max - min) / max: 0.5, 0.04, 0; tissue above 0.3
+    np.testing.assert_array_equal(_native.tissue(pixels, True, 0.3), [[True, False, False]])
+    # darkest channel below 200: 100, 240, 10
+    np.testing.assert_array_equal(_native.tissue(pixels, False, 200.0), [[True, False, True]])
+    hist = _native.histograms(pixels, np.array([[True, False, True]]))
+    assert hist.sum(axis=1).tolist() == [2, 2, 2, 2]
+    # lumas: (979800 + 961700 + 186800 + 8192) >> 14 = 130, and 10
+    assert hist[3, 130] == 1 and hist[3, 10] == 1 and hist[0, 200] == 1 and hist[1, 100] == 1
+
+
+def test_array_functions_say_none_for_what_they_do_not_take():
+    assert _native.tissue(np.zeros((4, 4, 4), np.uint8), True, 0.1) is None  # RGBA
+    assert _native.histograms(np.zeros((4, 4, 3), np.uint16)) is None
+    assert _native.counts(np.zeros((4, 4), np.uint8), luma=True) is None  # grey has no luma to compute
+    assert _native.apply_luts(np.zeros((4, 4, 3), np.uint8), np.zeros((2, 256), np.uint8)) is None
+    with _native.switched_off():
+        assert _native.histograms(np.zeros((4, 4, 3), np.uint8)) is None

@@ -25,7 +25,7 @@
 
 #define VK_CHUNK 256
 #define VK_CUBE (1L << 24)
-#define VK_VERSION 1
+#define VK_VERSION 2
 
 /* The libvips (and GLib) functions used, passed in by vk_init. */
 typedef struct {
@@ -47,6 +47,9 @@ static vk_api api;
 static int api_ready = 0;
 
 enum { OP_PAIRSUM = 1, OP_TOINDEX = 2, OP_COLUMNMIX = 3, OP_LUT = 4, OP_RECOMB = 5, OP_LUMA = 6, OP_BLEND = 7 };
+/* BT.601 luma in fixed point, as methods/_hist.py (LUMA_WEIGHTS) and OpenCV's RGB2YCrCb */
+static inline int luma_of(const uint8_t *px) { return (4899 * px[0] + 9617 * px[1] + 1868 * px[2] + 8192) >> 14; }
+
 /* what the chunk's pixels are between steps */
 enum { S_RGB8 = 0, S_F32 = 1, S_U16 = 2, S_U8 = 3 };
 
@@ -298,7 +301,7 @@ static void run_chunk(const vk_program *p, const uint8_t *in, uint8_t *out, int 
             const uint8_t *lut = o->t1;
             for (int i = 0; i < n; i++) {
                 const uint8_t *px = in + 3 * i;
-                int y = (4899 * px[0] + 9617 * px[1] + 1868 * px[2] + 8192) >> 14;
+                int y = luma_of(px);
                 int delta = (int)lut[y] - y;
                 for (int c = 0; c < 3; c++) {
                     int v = px[c] + delta;
@@ -380,6 +383,119 @@ void vk_cube_fill(vk_program *p, long start, long count) {
 void vk_cube_ready(vk_program *p) {
     if (p->cube)
         __atomic_store_n(&p->cube_ready, 1, __ATOMIC_RELEASE);
+}
+
+/* --- counting and small maps on numpy arrays (the fits of tiles and patches) -------------------- */
+
+/* keep[i] = 1 where pixel i counts as tissue, else 0 (sampling.py's _tissue_pixels_array): rule 0,
+   saturation: (max - min) > max * threshold, in float32 as numpy computes it; rule 1, intensity: the
+   darkest channel < threshold, in float32; grey (`bands` 1): the value < threshold, in float64. */
+void vk_tissue(const uint8_t *in, int bands, long npix, int rule, double threshold64, uint8_t *keep) {
+    float threshold = (float)threshold64;
+    for (long i = 0; i < npix; i++) {
+        const uint8_t *px = in + (size_t)bands * i;
+        if (bands == 1) { /* (numpy compares the uint8 values with the threshold in float64) */
+            keep[i] = (double)px[0] < threshold64;
+            continue;
+        }
+        int mx = px[0] > px[1] ? px[0] : px[1];
+        mx = mx > px[2] ? mx : px[2];
+        int mn = px[0] < px[1] ? px[0] : px[1];
+        mn = mn < px[2] ? mn : px[2];
+        if (rule == 0) {
+            float product = (float)mx * threshold; /* (rounded to float32 before the comparison) */
+            keep[i] = (float)(mx - mn) > product;
+        } else {
+            keep[i] = (float)mn < threshold;
+        }
+    }
+}
+
+/* (4, 256) R, G, B and luma counts of the pixels where keep[i] (keep NULL: every pixel) of `bands`
+   1 or 3 (grey: the value in all four rows), added to `out`. */
+void vk_histograms(const uint8_t *in, int bands, long npix, const uint8_t *keep, int64_t *out) {
+    for (long i = 0; i < npix; i++) {
+        if (keep && !keep[i])
+            continue;
+        const uint8_t *px = in + (size_t)bands * i;
+        if (bands == 1) {
+            out[px[0]]++;
+            out[256 + px[0]]++;
+            out[512 + px[0]]++;
+            out[768 + px[0]]++;
+        } else {
+            out[px[0]]++;
+            out[256 + px[1]]++;
+            out[512 + px[2]]++;
+            out[768 + luma_of(px)]++;
+        }
+    }
+}
+
+/* Counts of each band of `bands`-band pixels ((bands, 256), added to `out`), or of their luma (256)
+   when `luma` (bands 3), whose values are also written to `y` if not NULL. Two tables, for even and
+   odd pixels, so that a run of one value does not wait on its own previous increment. */
+void vk_counts(const uint8_t *in, int bands, long npix, int luma, int64_t *out, uint8_t *y) {
+    uint64_t h[2][768];
+    memset(h, 0, sizeof(h));
+    if (luma) {
+        for (long i = 0; i < npix; i++) {
+            int v = luma_of(in + 3 * i);
+            h[i & 1][v]++;
+            if (y)
+                y[i] = (uint8_t)v;
+        }
+        for (int v = 0; v < 256; v++)
+            out[v] += (int64_t)(h[0][v] + h[1][v]);
+        return;
+    }
+    if (bands == 3) {
+        for (long i = 0; i < npix; i++) {
+            const uint8_t *px = in + 3 * i;
+            uint64_t *t = h[i & 1];
+            t[px[0]]++;
+            t[256 + px[1]]++;
+            t[512 + px[2]]++;
+        }
+    } else {
+        for (long i = 0; i < npix; i++)
+            h[i & 1][in[i]]++;
+    }
+    for (int v = 0; v < 256 * bands; v++)
+        out[v] += (int64_t)(h[0][v] + h[1][v]);
+}
+
+/* out = luts[b][in] band by band ((rows, 256) luts: one row for every band, or one per band). */
+void vk_apply_luts(const uint8_t *in, int bands, long npix, const uint8_t *luts, int rows, uint8_t *out) {
+    if (bands == 3) {
+        const uint8_t *l0 = luts, *l1 = luts + (rows == 1 ? 0 : 256), *l2 = luts + (rows == 1 ? 0 : 512);
+        for (long i = 0; i < npix; i++) {
+            out[3 * i] = l0[in[3 * i]];
+            out[3 * i + 1] = l1[in[3 * i + 1]];
+            out[3 * i + 2] = l2[in[3 * i + 2]];
+        }
+        return;
+    }
+    for (long i = 0; i < npix * bands; i++)
+        out[i] = luts[in[i]];
+}
+
+/* out = clip(rgb + lut[y] - y) with y the luma of each RGB pixel (given, or computed if NULL): the
+   change from a 256-entry table, the clipping from a 767-entry one (no branches). */
+void vk_apply_luma(const uint8_t *in, const uint8_t *y, long npix, const uint8_t *lut, uint8_t *out) {
+    int16_t delta[256];
+    uint8_t clip[767]; /* clip[v + 255] for v in -255 .. 511 */
+    for (int v = 0; v < 256; v++)
+        delta[v] = (int16_t)((int)lut[v] - v + 255);
+    for (int v = 0; v < 767; v++)
+        clip[v] = (uint8_t)(v < 255 ? 0 : v > 510 ? 255 : v - 255);
+    for (long i = 0; i < npix; i++) {
+        const uint8_t *px = in + 3 * i;
+        int d = delta[y ? y[i] : luma_of(px)];
+        out[3 * i] = clip[px[0] + d];
+        out[3 * i + 1] = clip[px[1] + d];
+        out[3 * i + 2] = clip[px[2] + d];
+    }
 }
 
 /* --- the libvips image ------------------------------------------------------------------------ */

@@ -44,7 +44,7 @@ __all__ = [
 
 _THINSTRIP = 2  # libvips' VIPS_DEMAND_STYLE_THINSTRIP, read from libvips when the kernel loads
 #: VK_VERSION of _kernel.c (with the sizes of the structs passed to it: vk_abi).
-_VERSION = 1
+_VERSION = 2
 
 OP = {"pair": 1, "index": 2, "mix": 3, "lut": 4, "recomb": 5, "luma": 6, "blend": 7}
 
@@ -170,6 +170,13 @@ def _load_kernel() -> tuple[ctypes.CDLL | None, str]:
     kernel.vk_run.argtypes = [pointer, pointer, pointer, ctypes.c_long]
     kernel.vk_image.restype = pointer
     kernel.vk_image.argtypes = [pointer, pointer, ctypes.c_int]
+    kernel.vk_tissue.argtypes = [pointer, ctypes.c_int, ctypes.c_long, ctypes.c_int, ctypes.c_double, pointer]
+    kernel.vk_histograms.argtypes = [pointer, ctypes.c_int, ctypes.c_long, pointer, pointer]
+    kernel.vk_counts.argtypes = [pointer, ctypes.c_int, ctypes.c_long, ctypes.c_int, pointer, pointer]
+    kernel.vk_apply_luts.argtypes = [pointer, ctypes.c_int, ctypes.c_long, pointer, ctypes.c_int, pointer]
+    kernel.vk_apply_luma.argtypes = [pointer, pointer, ctypes.c_long, pointer, pointer]
+    for function in (kernel.vk_tissue, kernel.vk_histograms, kernel.vk_counts, kernel.vk_apply_luts, kernel.vk_apply_luma):
+        function.restype = None
     return kernel, "loaded"
 
 
@@ -469,3 +476,96 @@ def map_array(array: np.ndarray, key, make, *, cheap: bool = False) -> np.ndarra
 
 #: Pixels from which an array is mapped by the kernel even when its program must be made for it.
 CHAIN_PIXELS = 1 << 18
+
+
+# --- counting and small maps on arrays (fits of tiles and patches; the same numbers as numpy's) -------
+
+
+def _pixels(array: np.ndarray) -> tuple[np.ndarray, int, int] | None:
+    """``array`` as C-contiguous uint8 pixels with 1 or 3 bands, its bands and pixel count, or None."""
+    if array.dtype != np.uint8:
+        return None
+    bands = 1 if array.ndim == 2 else array.shape[-1]
+    if bands not in (1, 3) or array.ndim not in (2, 3):
+        return None
+    array = np.ascontiguousarray(array)
+    return array, bands, array.size // bands
+
+
+def tissue(pixels: np.ndarray, saturation: bool, threshold: float) -> np.ndarray | None:
+    """Boolean ``(h, w)``: where a pixel of a uint8 ``(h, w[, bands])`` array is tissue, as
+    :func:`vipsnorm.sampling._tissue_pixels_array` computes it (saturation above ``threshold`` for colour
+    with ``saturation``, else the darkest channel below it), or None (kernel off, other array)."""
+    kernel = _load()[0] if available() else None
+    got = _pixels(pixels) if kernel is not None else None
+    if got is None:
+        return None
+    array, bands, n = got
+    keep = np.empty(array.shape[:2], np.bool_)
+    kernel.vk_tissue(array.ctypes.data, bands, n, 0 if saturation else 1, float(threshold), keep.ctypes.data)
+    return keep
+
+
+def histograms(pixels: np.ndarray, keep: np.ndarray | None = None) -> np.ndarray | None:
+    """``(4, 256)`` int64 R, G, B, Y counts (grey: the value in every row) of the pixels of a uint8
+    ``(h, w[, bands])`` array where the boolean ``keep`` (its ``(h, w)``) is True, or None."""
+    kernel = _load()[0] if available() else None
+    got = _pixels(pixels) if kernel is not None else None
+    if got is None:
+        return None
+    array, bands, n = got
+    mask = None
+    if keep is not None:
+        mask = np.ascontiguousarray(keep, dtype=np.bool_)
+        if mask.size != n:
+            return None
+    out = np.zeros((4, 256), np.int64)
+    kernel.vk_histograms(array.ctypes.data, bands, n, None if mask is None else mask.ctypes.data, out.ctypes.data)
+    return out
+
+
+def counts(pixels: np.ndarray, luma: bool = False) -> tuple[np.ndarray, np.ndarray | None] | None:
+    """``(bands, 256)`` int64 counts of each band of a uint8 ``(h, w[, bands])`` array, or with ``luma``
+    (RGB) the ``(1, 256)`` counts of its luma and the luma itself (uint8 ``(h, w)``); or None."""
+    kernel = _load()[0] if available() else None
+    got = _pixels(pixels) if kernel is not None else None
+    if got is None or (luma and got[1] != 3):
+        return None
+    array, bands, n = got
+    out = np.zeros((1 if luma else bands, 256), np.int64)
+    y = np.empty(array.shape[:2], np.uint8) if luma else None
+    kernel.vk_counts(array.ctypes.data, bands, n, int(luma), out.ctypes.data, None if y is None else y.ctypes.data)
+    return out, y
+
+
+def apply_luts(pixels: np.ndarray, luts: np.ndarray) -> np.ndarray | None:
+    """``luts[band][value]`` of a uint8 ``(h, w[, bands])`` array (``luts``: ``(1 or bands, 256)`` uint8),
+    or None."""
+    kernel = _load()[0] if available() else None
+    got = _pixels(pixels) if kernel is not None else None
+    if got is None:
+        return None
+    array, bands, n = got
+    table = np.ascontiguousarray(luts, dtype=np.uint8).reshape(-1, 256)
+    if table.shape[0] not in (1, bands):
+        return None
+    out = np.empty(array.shape, np.uint8)
+    kernel.vk_apply_luts(array.ctypes.data, bands, n, table.ctypes.data, table.shape[0], out.ctypes.data)
+    return out
+
+
+def apply_luma(pixels: np.ndarray, lut: np.ndarray, y: np.ndarray | None = None) -> np.ndarray | None:
+    """``clip(rgb + lut[y] - y)`` of a uint8 ``(h, w, 3)`` array, ``y`` its luma (given, or computed),
+    or None."""
+    kernel = _load()[0] if available() else None
+    got = _pixels(pixels) if kernel is not None else None
+    if got is None or got[1] != 3:
+        return None
+    array, _, n = got
+    table = np.ascontiguousarray(lut, dtype=np.uint8).reshape(256)
+    luma = None if y is None else np.ascontiguousarray(y, dtype=np.uint8)
+    if luma is not None and luma.size != n:
+        return None
+    out = np.empty(array.shape, np.uint8)
+    kernel.vk_apply_luma(array.ctypes.data, None if luma is None else luma.ctypes.data, n, table.ctypes.data, out.ctypes.data)
+    return out

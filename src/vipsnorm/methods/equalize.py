@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .. import _native
 from ._hist import add_luma_change, apply_luts_array, counts, luma_array
 from .base import LutMethod, LutParams, Sample
 
@@ -96,10 +97,13 @@ class Equalize(LutMethod):
             raise ValueError(f"expected an (h, w), (h, w, 1) or (h, w, 3) array, not shape {a.shape}")
         if a.ndim == 2 or a.shape[-1] == 1:
             return apply_luts_array(a, self._luts([counts(a)]), "luminance")
+        native = _native.counts(a, luma=self.mode != "rgb")  # (the kernel's counts: the same numbers, one pass)
         if self.mode == "rgb":
-            return apply_luts_array(a, self._luts([counts(a[..., b]) for b in range(3)]), "rgb")
-        y = luma_array(a)
-        return add_luma_change(a, self._luts([counts(y)])[0], y)
+            return apply_luts_array(a, self._luts(native[0] if native else [counts(a[..., b]) for b in range(3)]), "rgb")
+        hist, y = native if native else (None, luma_array(a))
+        lut = self._luts(hist if native else [counts(y)])[0]
+        out = _native.apply_luma(a, lut, y) if native else None
+        return out if out is not None else add_luma_change(a, lut, y)
 
     @staticmethod
     def _luts(rows) -> np.ndarray:

@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import VipsnormError
+from .. import _native
 from ..methods import Clahe, Equalize, Macenko, Match, Sample, Stretch
 from ..methods._hist import band_keys, keyed_counts, take_keyed
 from ..methods.stain import MacenkoParams, macenko_stains
@@ -108,9 +109,10 @@ def equalize(image: np.ndarray, mode: str = "luminance") -> np.ndarray:
     ``luminance`` mode."""
     image = _image(image)
     method = Equalize(mode)
-    if mode == "rgb" and image.ndim == 3 and image.shape[-1] == 3:
+    if mode == "rgb" and image.ndim == 3 and image.shape[-1] == 3 and not _native.available():
         # fit_apply_array's rgb path, with each value keyed by its band once: the keys are counted (the
-        # three histograms in one pass) and then mapped through the three LUTs (one table) alike
+        # three histograms in one pass) and then mapped through the three LUTs (one table) alike (with
+        # the native kernel, fit_apply_array counts and maps in C)
         keys = band_keys(image)
         return take_keyed(_quiet(lambda: method._luts(keyed_counts(keys))), keys, image.shape)
     return _quiet(lambda: method.fit_apply_array(image))
