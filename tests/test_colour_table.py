@@ -76,7 +76,8 @@ def test_reader_with_table_equals_the_pipeline(small_slide, reference, name):
                 size = int(rng.integers(1, 200))
                 x, y = int(rng.integers(0, lvl.width - size)), int(rng.integers(0, lvl.height - size))
                 np.testing.assert_array_equal(table.read(level, x, y, size), plain.read(level, x, y, size))
-        assert colour_table(method, params).filled > 0  # the table was used
+        # the table was used, or (stain methods and luminance LUTs) the native kernel's cube
+        assert colour_table(method, params).filled > 0 or table._cube_program is not None
 
 
 def test_real_slide_windows_and_openslide_reader(shared_data, reference):
@@ -214,3 +215,31 @@ def test_datasets_use_tables_only_when_every_fit_has_one(small_slide, tmp_path):
         for s in range(ct.MAX_TABLES))})
     source.close()
     assert not source._reader(str(small_slide))._table
+
+
+def test_readers_take_kernel_cubes_up_to_the_slots_then_tables(small_slide, reference):
+    """Patch readers of a fit the native kernel runs map their windows through its cube, at most
+    READER_CUBES readers at a time (64 MiB each); the others use the colour tables; the same pixels."""
+    from vipsnorm import _native
+
+    if not _native.available():
+        pytest.skip(f"native kernel: {_native.reason()}")
+    import gc
+
+    gc.collect()
+    method = make("macenko", reference)
+    with vipsnorm.open(small_slide) as slide:
+        params = fit_slide(slide, method, Options())
+        before = _native._reader_cubes
+        readers = [PatchReader(slide, method, params) for _ in range(_native.READER_CUBES - before + 1)]
+        windows = [reader.read(0, 300, 400, 96) for reader in readers]
+        with_cube = [reader._cube_program is not None for reader in readers]
+        assert with_cube == [True] * (len(readers) - 1) + [False]
+        assert _native._reader_cubes == _native.READER_CUBES
+        for window in windows[1:]:
+            np.testing.assert_array_equal(window, windows[0])
+        with _native.switched_off():
+            np.testing.assert_array_equal(windows[0], PatchReader(slide, method, params, colour_table=False).read(0, 300, 400, 96))
+        del readers, windows
+        gc.collect()
+        assert _native._reader_cubes == before  # the readers' slots are free again

@@ -89,14 +89,40 @@ def test_a_kernel_built_from_other_sources_is_not_used(fresh_load, monkeypatch):
     assert "does not match" in _native.reason()
 
 
-@pytest.mark.parametrize("threads", [1, 3, 5, 7])
-def test_the_cube_is_whole_on_any_number_of_threads(threads, monkeypatch, every_colour):
-    # ranges of whole chunks, the last clipped: nothing written past the cube, nothing left out
-    monkeypatch.setattr(_native, "_fill_threads", lambda: threads)
-    lut = np.arange(256, dtype=np.uint8)[::-1].copy()
-    cubed = _native.Program([("luma", {"t1": lut})]).build_cube()
-    direct = _native.Program([("luma", {"t1": lut})])
+def test_the_cube_fills_the_blocks_of_the_colours_met(tile, every_colour):
+    # a block is the 65536 colours of one B value, filled the first time a pixel needs it
+    method, params = _fitted("macenko", tile)
+    steps = kernel_steps(params.steps())
+    direct = _native.Program(steps)
+    cubed = _native.Program(steps).build_cube()
+    assert cubed.has_cube and cubed.cube_blocks == 0
+    np.testing.assert_array_equal(cubed.run(tile), direct.run(tile))
+    assert cubed.cube_blocks == len(np.unique(tile[..., 2]))
     np.testing.assert_array_equal(cubed.run(every_colour), direct.run(every_colour))
+    assert cubed.cube_blocks == 256
+
+
+def test_threads_filling_one_cube_agree(tile, every_colour):
+    # four threads run one program, its cube empty, over all colours in different orders: blocks are
+    # filled once, by one of them, while the others wait for it
+    method, params = _fitted("reinhard", tile)
+    steps = kernel_steps(params.steps(), params.weight_table())
+    expected = _native.Program(steps).run(every_colour)
+    cubed = _native.Program(steps).build_cube()
+    orders = [every_colour, every_colour[::-1], every_colour[:, ::-1], every_colour[::-1, ::-1]]
+    results = [None] * 4
+
+    def run(i):
+        results[i] = cubed.run(orders[i])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for order, result, flip in zip(orders, results, [(), (0,), (1,), (0, 1)]):
+        np.testing.assert_array_equal(result, np.flip(expected, flip) if flip else expected)
+    assert cubed.cube_blocks == 256
 
 
 def test_tables_and_chains_the_kernel_would_read_past_are_refused():

@@ -4,9 +4,10 @@
    (methods/_stain.py, methods/_hist.py). libvips runs each step as its own operation, one buffer per
    step; this file runs the whole chain on each pixel (a "program"), with the same arithmetic, step
    for step, as the libvips operations it stands for, so that both give the same bytes (the tests
-   compare them on every colour of a 2^24 cube). A program can also be evaluated once on every RGB
-   colour into a 64 MiB table (a "cube"), after which a pixel costs one lookup: worth it for images of
-   more than some tens of megapixels.
+   compare them on every colour of a 2^24 cube). A program can also keep its outputs in a table of
+   every RGB colour (a "cube", 64 MiB of address space), filled block by block (the 65536 colours of
+   one B value at a time) as the pixels met need them, after which a pixel costs one lookup: worth it
+   for images of more than some tens of megapixels.
 
    The kernel is an image of libvips' own kind (vips_image_generate, as libvips' operations are built),
    so it streams inside a lazy pipeline. It is compiled without libvips' headers: Python finds the
@@ -19,13 +20,14 @@
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <sched.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
 #define VK_CHUNK 256
 #define VK_CUBE (1L << 24)
-#define VK_VERSION 2
+#define VK_VERSION 3
 
 /* The libvips (and GLib) functions used, passed in by vk_init. */
 typedef struct {
@@ -74,7 +76,8 @@ typedef struct {
     int nops;
     op_t *ops;
     uint32_t *cube;  /* NULL, or 2^24 packed RGB outputs indexed by R | G << 8 | B << 16 */
-    int cube_ready;  /* every entry filled (vk_cube_ready) */
+    int cube_ready;  /* pixels are looked up in the cube (vk_cube_ready) */
+    uint8_t block[256]; /* per value of B, its 65536 entries: 0 not filled, 1 being filled, 2 filled */
     int refs;        /* the caller's, and one per image running the program */
 } vk_program;
 
@@ -331,40 +334,11 @@ static void run_chunk(const vk_program *p, const uint8_t *in, uint8_t *out, int 
             out[3 * i + c] = b[c][i];
 }
 
-/* Run the program on `npix` interleaved RGB pixels (the numpy path). */
-void vk_run(const vk_program *p, const uint8_t *in, uint8_t *out, long npix) {
-    if (__atomic_load_n(&p->cube_ready, __ATOMIC_ACQUIRE)) { /* (a program may gain its cube while running) */
-        const uint32_t *cube = p->cube;
-        for (long i = 0; i < npix; i++) {
-            const uint8_t *px = in + 3 * i;
-            uint32_t v = cube[px[0] | px[1] << 8 | px[2] << 16];
-            out[3 * i] = v & 0xff;
-            out[3 * i + 1] = (v >> 8) & 0xff;
-            out[3 * i + 2] = v >> 16;
-        }
-        return;
-    }
-    for (long start = 0; start < npix; start += VK_CHUNK) {
-        int n = npix - start < VK_CHUNK ? (int)(npix - start) : VK_CHUNK;
-        run_chunk(p, in + 3 * start, out + 3 * start, n);
-    }
-}
-
-/* The program's cube (2^24 packed RGB outputs), allocated, not yet filled. 0 on success. */
-int vk_cube_alloc(vk_program *p) {
-    if (!p->cube)
-        p->cube = malloc((size_t)4 * VK_CUBE);
-    return p->cube ? 0 : -1;
-}
-
-/* Fill the cube's entries [start, start + count) (clipped to the cube); disjoint ranges may be filled
-   from several threads at once. */
-void vk_cube_fill(vk_program *p, long start, long count) {
+/* Fill the cube's entries [start, start + count) (clipped to the cube). */
+static void cube_fill(vk_program *p, long start, long count) {
     uint8_t in[3 * VK_CHUNK], out[3 * VK_CHUNK];
     uint32_t *cube = p->cube;
     long end = start + count < VK_CUBE ? start + count : VK_CUBE;
-    if (!cube || start < 0)
-        return;
     for (long base = start; base < end; base += VK_CHUNK) {
         int n = end - base < VK_CHUNK ? (int)(end - base) : VK_CHUNK;
         for (int i = 0; i < n; i++) {
@@ -379,10 +353,62 @@ void vk_cube_fill(vk_program *p, long start, long count) {
     }
 }
 
-/* Every entry filled: pixels are looked up from now on. */
+/* Make sure the block of B value `b` is filled: the first thread to ask fills it (65536 colours, about
+   0.5 ms), others asking meanwhile wait for it. */
+static void ensure_block(vk_program *p, int b) {
+    uint8_t expected = 0;
+    if (__atomic_compare_exchange_n(&p->block[b], &expected, 1, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
+        cube_fill(p, (long)b << 16, 65536);
+        __atomic_store_n(&p->block[b], 2, __ATOMIC_RELEASE);
+        return;
+    }
+    while (__atomic_load_n(&p->block[b], __ATOMIC_ACQUIRE) != 2)
+        sched_yield();
+}
+
+/* Run the program on `npix` interleaved RGB pixels (the numpy path). Through the cube, once the
+   program has one, filling the blocks of the colours met as they come. */
+void vk_run(const vk_program *cp, const uint8_t *in, uint8_t *out, long npix) {
+    vk_program *p = (vk_program *)cp; /* (the cube is a cache: filled as pixels need it) */
+    if (__atomic_load_n(&p->cube_ready, __ATOMIC_ACQUIRE)) { /* (a program may gain its cube while running) */
+        const uint32_t *cube = p->cube;
+        for (long i = 0; i < npix; i++) {
+            const uint8_t *px = in + 3 * i;
+            if (__builtin_expect(__atomic_load_n(&p->block[px[2]], __ATOMIC_ACQUIRE) != 2, 0))
+                ensure_block(p, px[2]);
+            uint32_t v = cube[px[0] | px[1] << 8 | px[2] << 16];
+            out[3 * i] = v & 0xff;
+            out[3 * i + 1] = (v >> 8) & 0xff;
+            out[3 * i + 2] = v >> 16;
+        }
+        return;
+    }
+    for (long start = 0; start < npix; start += VK_CHUNK) {
+        int n = npix - start < VK_CHUNK ? (int)(npix - start) : VK_CHUNK;
+        run_chunk(p, in + 3 * start, out + 3 * start, n);
+    }
+}
+
+/* Give the program a cube: 64 MiB of address space, zeroed by the system page by page as blocks are
+   filled (only the colours an image shows cost time and memory). 0 on success. */
+int vk_cube_alloc(vk_program *p) {
+    if (!p->cube)
+        p->cube = calloc(VK_CUBE, 4);
+    return p->cube ? 0 : -1;
+}
+
+/* Look pixels up in the cube from now on. */
 void vk_cube_ready(vk_program *p) {
     if (p->cube)
         __atomic_store_n(&p->cube_ready, 1, __ATOMIC_RELEASE);
+}
+
+/* How many blocks of the cube are filled (tests, and what a cube costs). */
+int vk_cube_blocks(const vk_program *p) {
+    int n = 0;
+    for (int b = 0; b < 256; b++)
+        n += __atomic_load_n(&p->block[b], __ATOMIC_ACQUIRE) == 2;
+    return n;
 }
 
 /* --- counting and small maps on numpy arrays (the fits of tiles and patches) -------------------- */

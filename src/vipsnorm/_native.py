@@ -44,7 +44,7 @@ __all__ = [
 
 _THINSTRIP = 2  # libvips' VIPS_DEMAND_STYLE_THINSTRIP, read from libvips when the kernel loads
 #: VK_VERSION of _kernel.c (with the sizes of the structs passed to it: vk_abi).
-_VERSION = 2
+_VERSION = 3
 
 OP = {"pair": 1, "index": 2, "mix": 3, "lut": 4, "recomb": 5, "luma": 6, "blend": 7}
 
@@ -165,8 +165,8 @@ def _load_kernel() -> tuple[ctypes.CDLL | None, str]:
     kernel.vk_program_new.argtypes = [ctypes.POINTER(_Step), ctypes.c_int]
     kernel.vk_program_unref.argtypes = [pointer]
     kernel.vk_cube_alloc.argtypes = [pointer]
-    kernel.vk_cube_fill.argtypes = [pointer, ctypes.c_long, ctypes.c_long]
     kernel.vk_cube_ready.argtypes = [pointer]
+    kernel.vk_cube_blocks.argtypes = [pointer]
     kernel.vk_run.argtypes = [pointer, pointer, pointer, ctypes.c_long]
     kernel.vk_image.restype = pointer
     kernel.vk_image.argtypes = [pointer, pointer, ctypes.c_int]
@@ -243,8 +243,6 @@ def switched_off():
 
 #: Entries of a cube.
 CUBE = 1 << 24
-#: Entries a fill thread's range is a multiple of (the kernel's chunk).
-_CHUNK = 256
 #: Table (dtype, shape) each step kind needs: rows x entries. ``rows`` and ``n`` from the step's fields.
 _TABLES = {
     "pair": lambda f: ((np.float32, (3, 65536)), (np.float32, (3, 256))),
@@ -255,15 +253,6 @@ _TABLES = {
     "index": lambda f: (None, None),
     "recomb": lambda f: (None, None),
 }
-
-
-def _fill_threads() -> int:
-    """Threads that fill a cube: the cores this process may use, at most libvips' own concurrency."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cores = os.cpu_count() or 1
-    return max(1, min(cores, pyvips.concurrency_get(), 8))
 
 
 class Program:
@@ -313,39 +302,28 @@ class Program:
         if pointer:
             self._kernel.vk_program_unref(pointer)
 
-    def _fill(self, start: int, count: int) -> None:
-        # a bound method: the thread holds the program (and its cube) alive while it fills
-        self._kernel.vk_cube_fill(self._pointer, start, count)
-
     def build_cube(self) -> "Program":
-        """Evaluate the program on every RGB colour (64 MiB, on a few threads): from then on a pixel
-        is one lookup. Returns the program.
+        """Give the program its cube: from then on pixels are looked up, each block of 65536 colours
+        (one value of B) computed the first time a pixel needs it (about 0.5 ms a block; all 256 cost
+        what running the chain on 2^24 pixels does). Returns the program.
 
         Raises
         ------
         MemoryError
-            The cube cannot be allocated (the program is unchanged and still runs per pixel).
+            The cube's 64 MiB cannot be allocated (the program is unchanged and runs per pixel).
         """
         with self._lock:
-            if self.has_cube:
-                return self
-            if self._kernel.vk_cube_alloc(self._pointer) != 0:
-                raise MemoryError("cannot allocate the native kernel's 64 MiB colour cube")
-            threads = _fill_threads()
-            part = -(-CUBE // threads // _CHUNK) * _CHUNK  # whole chunks; the last range is clipped
-            # ctypes releases the GIL during a call: the ranges fill in parallel
-            started: list[threading.Thread] = []
-            try:
-                for start in range(0, CUBE, part):
-                    thread = threading.Thread(target=self._fill, args=(start, min(part, CUBE - start)), daemon=True)
-                    thread.start()
-                    started.append(thread)
-            finally:  # (also on KeyboardInterrupt: no thread is left writing into the cube)
-                for thread in started:
-                    thread.join()
-            self._kernel.vk_cube_ready(self._pointer)
-            self.has_cube = True
+            if not self.has_cube:
+                if self._kernel.vk_cube_alloc(self._pointer) != 0:
+                    raise MemoryError("cannot allocate the native kernel's 64 MiB colour cube")
+                self._kernel.vk_cube_ready(self._pointer)
+                self.has_cube = True
         return self
+
+    @property
+    def cube_blocks(self) -> int:
+        """Blocks of the cube filled so far (of 256)."""
+        return self._kernel.vk_cube_blocks(self._pointer) if self.has_cube else 0
 
     def run(self, array: np.ndarray) -> np.ndarray:
         """The program on a ``(..., 3)`` uint8 array (a new array)."""
@@ -367,9 +345,10 @@ class Program:
 
 
 #: Pixels from which an image is mapped through a cube rather than by running the chain per pixel.
-#: Filling the cube runs the chain on 2^24 colours; a lookup then costs about 2 CPU ns a pixel against
-#: 5 (Macenko, luminance equalization) to 18 (Reinhard) for the chain (measured on an 8192 px square of
-#: H&E colours): the cube has paid for itself after about twice its own size.
+#: A cube block runs the chain on 65536 colours the first time a pixel needs it (an H&E slide meets
+#: most of the 256); a lookup then costs about 2 CPU ns a pixel against 5 (Macenko, luminance
+#: equalization) to 18 (Reinhard) for the chain (measured on an 8192 px square of H&E colours): the
+#: cube has paid for itself after about twice its own size.
 CUBE_PIXELS = 2 * CUBE
 
 _programs: "OrderedDict[object, Program | None]" = OrderedDict()
@@ -402,6 +381,29 @@ def without_cube():
         yield
     finally:
         _local.no_cube = before
+
+
+#: Patch readers that may hold a cube of their own at once (64 MiB each): a dataset keeps one reader
+#: per slide, and beyond these its readers map patches through the shared colour tables instead.
+READER_CUBES = 2
+_reader_cubes = 0
+
+
+def claim_reader_cube() -> bool:
+    """Take one of the :data:`READER_CUBES` slots (False when none is free)."""
+    global _reader_cubes
+    with _programs_lock:
+        if _reader_cubes >= READER_CUBES:
+            return False
+        _reader_cubes += 1
+        return True
+
+
+def release_reader_cube() -> None:
+    """Give a slot back (its reader is gone)."""
+    global _reader_cubes
+    with _programs_lock:
+        _reader_cubes = max(0, _reader_cubes - 1)
 
 
 def program(key, make, keep: bool = True) -> Program | None:

@@ -16,8 +16,9 @@ from typing import Any, ClassVar
 import numpy as np
 import pyvips
 
+from .. import _native
 from ..errors import UnsupportedImageError
-from ._hist import apply_luts_array, apply_luts_image, histograms
+from ._hist import _luma_program, apply_luts_array, apply_luts_image, histograms
 
 __all__ = ["Sample", "Params", "LutParams", "Method", "LutMethod", "ROWS"]
 
@@ -355,6 +356,12 @@ class Method(ABC):
         Raises the method's errors for an input it cannot use (a stain method on one stain, say)."""
         return sample if sample.pixels is None else dataclasses.replace(sample, pixels=None)
 
+    def kernel_program(self, params: Params):
+        """The native kernel's :class:`~vipsnorm._native.Program` of :meth:`apply` on a uchar RGB image
+        under ``params``, the same bytes (see :mod:`vipsnorm._native`), or ``None``: the kernel is off,
+        or this method's map is not one it runs (the default)."""
+        return None
+
     @abstractmethod
     def fit(self, sample: Sample) -> Params:
         """Fit on the statistics of the sampled pixels."""
@@ -392,6 +399,11 @@ class LutMethod(Method):
             )
         return apply_luts_image(image, _luts_for(params, image.bands, self.name), params.space, luma)
 
+    def kernel_program(self, params: LutParams):
+        """The kernel's program of a luminance LUT (hue kept); ``None`` for per-channel LUTs, which
+        libvips maps in one operation."""
+        return _kernel_luma_program(self, params)
+
     def apply_array(self, array: np.ndarray, params: LutParams) -> np.ndarray:
         """The same transform on a uint8 ``(h, w)``, ``(h, w, 1)`` or ``(h, w, 3)`` array.
 
@@ -413,6 +425,12 @@ class LutMethod(Method):
             )
         bands = 1 if array.ndim == 2 else array.shape[-1]
         return apply_luts_array(array, _luts_for(params, bands, self.name), params.space)
+
+
+def _kernel_luma_program(method: LutMethod, params: LutParams):
+    if getattr(params, "space", None) != "luminance" or not _native.available():
+        return None
+    return _luma_program(np.asarray(_luts_for(params, 3, method.name), dtype=np.uint8).reshape(-1, 256)[0])
 
 
 def _luts_for(params: LutParams, bands: int, method: str) -> np.ndarray:

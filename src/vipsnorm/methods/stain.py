@@ -652,6 +652,9 @@ class _StainMatrixMethod(Method):
         fused = _native.map_image(image, ("stain", params), functools.partial(_program, params, None))
         return fused if fused is not None else run_image(image, params.steps())
 
+    def kernel_program(self, params: StainParams) -> _native.Program | None:
+        return _program(params, None) if _native.available() else None
+
     def apply_array(self, array: np.ndarray, params: StainParams) -> np.ndarray:
         array = _check_array(array, self.name)
         fused = _native.map_array(array, ("stain", params), functools.partial(_program, params, None))
@@ -1051,6 +1054,9 @@ class Reinhard(Method):
         darkest = image[0].minpair(image[1]).minpair(image[2])
         weight = darkest.maplut(pyvips.Image.new_from_array(table.T[np.newaxis]))
         return blend_image(weight, out, image)
+
+    def kernel_program(self, params: ReinhardParams) -> _native.Program | None:
+        return _program(params, params.weight_table()) if _native.available() else None
 
     def apply_array(self, array: np.ndarray, params: ReinhardParams) -> np.ndarray:
         array = _check_array(array, self.name)

@@ -67,6 +67,7 @@ import shutil
 import tarfile
 import threading
 import time
+import weakref
 import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
@@ -608,6 +609,12 @@ class PatchReader:
         # per-pixel methods share the same params at every level (params_at_level): one table serves all
         self._table = colour_table and per_pixel(method)
         self._table_for: tuple = (None, None, None)  # (method, params, key) the key was made for
+        # the native kernel's cube for this fit, when the kernel runs the method's map and a slot is free
+        # (see _cube_image); (method, params) it was made for, or None not tried yet
+        self._cube_for: tuple | None = None
+        self._cube_program = None
+        self._cube_images: dict[int, pyvips.Image] = {}
+        self._cube_lock = threading.Lock()
 
     def level_image(self, level: int) -> pyvips.Image:
         """The lazy (normalized) image of ``level``."""
@@ -653,6 +660,9 @@ class PatchReader:
                 return self._colour_table()(raw)
             return self.method.apply_array(raw, params_at_level(self.slide, self.params, level))
         if self._table:
+            image = self._cube_image(level)
+            if image is not None:  # the kernel's cube inside the fetch: no table to look up after it
+                return self._fetch(image, x, y, width, height)
             raw_image = self._raw_images.get(level)
             if raw_image is None:
                 raw_image = self.slide.level_image(level)
@@ -663,6 +673,53 @@ class PatchReader:
                 raw = self._fetch(raw_image, x, y, width, height, copy=False)  # the table makes a new array
                 return self._colour_table().map_rgbx(raw)
         return self._fetch(self.level_image(level), x, y, width, height)
+
+    def _cube_image(self, level: int) -> pyvips.Image | None:
+        """The level mapped lazily through the native kernel's cube of this reader's fit, or None (the
+        kernel is off or does not run this method, the level is not RGB, or every reader slot is taken:
+        :data:`vipsnorm._native.READER_CUBES`). Measured on random 256 px patches of a 20000 px slide with
+        Macenko: 1.12 ms CPU a patch, against 1.30 through the numpy colour table and 1.08 for raw ones."""
+        if not self._cube_current():  # first use, or the fit was replaced
+            with self._cube_lock:
+                if not self._cube_current():
+                    self._set_up_cube()
+        if self._cube_program is None:
+            return None
+        image = self._cube_images.get(level)
+        if image is None:
+            raw = self.slide.level_image(level)
+            if raw.format != "uchar" or raw.bands != 3:
+                return None
+            image = self._cube_images.setdefault(level, self._cube_program.image(raw))
+        return image
+
+    def _cube_current(self) -> bool:
+        made_for = self._cube_for  # (identity, as the table key: a params comparison costs more)
+        return made_for is not None and made_for[0] is self.method and made_for[1] is self.params
+
+    def _set_up_cube(self) -> None:
+        """Make (or remake, for a replaced fit) the kernel program and cube of this reader's fit."""
+        self._cube_images.clear()
+        if self._cube_program is None:
+            self._cube_program = self.method.kernel_program(self.params)
+            if self._cube_program is not None:
+                if _native.claim_reader_cube():
+                    weakref.finalize(self, _native.release_reader_cube)
+                    try:
+                        self._cube_program.build_cube()
+                    except MemoryError:
+                        self._cube_program = None
+                else:
+                    self._cube_program = None
+        elif self._cube_for is not None:  # a replaced fit: its own program, in the slot this reader holds
+            program = self.method.kernel_program(self.params)
+            if program is not None:
+                try:
+                    program.build_cube()
+                except MemoryError:
+                    program = None
+            self._cube_program = program
+        self._cube_for = (self.method, self.params)
 
     def _colour_table(self):
         """The process's colour table of this reader's fit; its key (a repr of the params, 10 us) is kept
