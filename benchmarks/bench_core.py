@@ -404,6 +404,9 @@ def _ensure_raw(workdir: Path, slide: Path, kind: str) -> Path:
     """An uncompressed tiled TIFF of the slide's pixels (``raw-original``) or of its equalization."""
     path = workdir / f"{kind}-{slide.stem}-{_code_hash('.')}.tif"
     if not path.exists():
+        # those of other code are never read again, and a 40k one is 4.6 GB: a few filled the disk
+        for stale in workdir.glob(f"{kind}-{slide.stem}-*.tif"):
+            stale.unlink(missing_ok=True)
         print(f"preparing {path.name} (not timed) ...", file=sys.stderr, flush=True)
         temp = path.with_name(".part-" + path.name)
         _helper(_RAW, str(slide), kind, str(temp))
