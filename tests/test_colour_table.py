@@ -77,7 +77,7 @@ def test_reader_with_table_equals_the_pipeline(small_slide, reference, name):
                 x, y = int(rng.integers(0, lvl.width - size)), int(rng.integers(0, lvl.height - size))
                 np.testing.assert_array_equal(table.read(level, x, y, size), plain.read(level, x, y, size))
         # the table was used, or (stain methods and luminance LUTs) the native kernel's cube
-        assert colour_table(method, params).filled > 0 or table._cube_program is not None
+        assert colour_table(method, params).filled > 0 or table.cube
 
 
 def test_real_slide_windows_and_openslide_reader(shared_data, reference):
@@ -233,13 +233,40 @@ def test_readers_take_kernel_cubes_up_to_the_slots_then_tables(small_slide, refe
         before = _native._reader_cubes
         readers = [PatchReader(slide, method, params) for _ in range(_native.READER_CUBES - before + 1)]
         windows = [reader.read(0, 300, 400, 96) for reader in readers]
-        with_cube = [reader._cube_program is not None for reader in readers]
+        with_cube = [reader.cube for reader in readers]
         assert with_cube == [True] * (len(readers) - 1) + [False]
         assert _native._reader_cubes == _native.READER_CUBES
         for window in windows[1:]:
             np.testing.assert_array_equal(window, windows[0])
         with _native.switched_off():
             np.testing.assert_array_equal(windows[0], PatchReader(slide, method, params, colour_table=False).read(0, 300, 400, 96))
+        # the table path of the same fit, with the kernel off (cube readers also step aside then)
+        with _native.switched_off():
+            np.testing.assert_array_equal(readers[0].read(0, 300, 400, 96), windows[0])
         del readers, windows
         gc.collect()
         assert _native._reader_cubes == before  # the readers' slots are free again
+
+
+def test_a_reader_gives_its_slot_back_when_it_has_no_cube_to_hold(small_slide, reference):
+    from vipsnorm import _native
+
+    if not _native.available():
+        pytest.skip(f"native kernel: {_native.reason()}")
+    import gc
+
+    gc.collect()
+    before = _native._reader_cubes
+    with vipsnorm.open(small_slide) as slide:
+        stain = make("macenko", reference)
+        stain_params = fit_slide(slide, stain, Options())
+        lut = make("stretch", reference)  # one LUT a band: libvips' own maplut, no kernel program
+        reader = PatchReader(slide, lut, fit_slide(slide, lut, Options()))
+        reader.read(0, 10, 10, 64)
+        assert not reader.cube and _native._reader_cubes == before
+        reader.method, reader.params = stain, stain_params  # a replaced fit the kernel runs
+        reader.read(0, 10, 10, 64)
+        assert reader.cube and _native._reader_cubes == before + 1
+        reader.method, reader.params = lut, fit_slide(slide, lut, Options())  # and back: the slot goes
+        reader.read(0, 10, 10, 64)
+        assert not reader.cube and _native._reader_cubes == before

@@ -20,14 +20,13 @@
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
-#include <sched.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
 #define VK_CHUNK 256
 #define VK_CUBE (1L << 24)
-#define VK_VERSION 3
+#define VK_VERSION 4
 
 /* The libvips (and GLib) functions used, passed in by vk_init. */
 typedef struct {
@@ -353,29 +352,31 @@ static void cube_fill(vk_program *p, long start, long count) {
     }
 }
 
-/* Make sure the block of B value `b` is filled: the first thread to ask fills it (65536 colours, about
-   0.5 ms), others asking meanwhile wait for it. */
-static void ensure_block(vk_program *p, int b) {
+/* Fill the block of B value `b` if no thread has started it: 1 when it is filled now, 0 when another
+   thread is filling it (or was, in the parent of a forked process: such a block stays unfilled, and
+   its pixels are computed one by one, never waited for). */
+static int fill_block(vk_program *p, int b) {
     uint8_t expected = 0;
-    if (__atomic_compare_exchange_n(&p->block[b], &expected, 1, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
-        cube_fill(p, (long)b << 16, 65536);
-        __atomic_store_n(&p->block[b], 2, __ATOMIC_RELEASE);
-        return;
-    }
-    while (__atomic_load_n(&p->block[b], __ATOMIC_ACQUIRE) != 2)
-        sched_yield();
+    if (!__atomic_compare_exchange_n(&p->block[b], &expected, 1, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+        return expected == 2;
+    cube_fill(p, (long)b << 16, 65536);
+    __atomic_store_n(&p->block[b], 2, __ATOMIC_RELEASE);
+    return 1;
 }
 
 /* Run the program on `npix` interleaved RGB pixels (the numpy path). Through the cube, once the
-   program has one, filling the blocks of the colours met as they come. */
+   program has one, filling the blocks of the colours met as they come; a pixel whose block another
+   thread is filling is computed directly (no thread ever waits for another). */
 void vk_run(const vk_program *cp, const uint8_t *in, uint8_t *out, long npix) {
     vk_program *p = (vk_program *)cp; /* (the cube is a cache: filled as pixels need it) */
     if (__atomic_load_n(&p->cube_ready, __ATOMIC_ACQUIRE)) { /* (a program may gain its cube while running) */
         const uint32_t *cube = p->cube;
         for (long i = 0; i < npix; i++) {
             const uint8_t *px = in + 3 * i;
-            if (__builtin_expect(__atomic_load_n(&p->block[px[2]], __ATOMIC_ACQUIRE) != 2, 0))
-                ensure_block(p, px[2]);
+            if (__builtin_expect(__atomic_load_n(&p->block[px[2]], __ATOMIC_ACQUIRE) != 2, 0) && !fill_block(p, px[2])) {
+                run_chunk(p, px, out + 3 * i, 1);
+                continue;
+            }
             uint32_t v = cube[px[0] | px[1] << 8 | px[2] << 16];
             out[3 * i] = v & 0xff;
             out[3 * i + 1] = (v >> 8) & 0xff;
@@ -402,6 +403,10 @@ void vk_cube_ready(vk_program *p) {
     if (p->cube)
         __atomic_store_n(&p->cube_ready, 1, __ATOMIC_RELEASE);
 }
+
+/* Tests: set a block's state (1: as if a thread had started filling it and vanished, as in the child
+   of a fork made meanwhile). */
+void vk_cube_mark(vk_program *p, int b, int state) { __atomic_store_n(&p->block[b & 255], (uint8_t)state, __ATOMIC_RELEASE); }
 
 /* How many blocks of the cube are filled (tests, and what a cube costs). */
 int vk_cube_blocks(const vk_program *p) {

@@ -44,7 +44,7 @@ __all__ = [
 
 _THINSTRIP = 2  # libvips' VIPS_DEMAND_STYLE_THINSTRIP, read from libvips when the kernel loads
 #: VK_VERSION of _kernel.c (with the sizes of the structs passed to it: vk_abi).
-_VERSION = 3
+_VERSION = 4
 
 OP = {"pair": 1, "index": 2, "mix": 3, "lut": 4, "recomb": 5, "luma": 6, "blend": 7}
 
@@ -167,6 +167,7 @@ def _load_kernel() -> tuple[ctypes.CDLL | None, str]:
     kernel.vk_cube_alloc.argtypes = [pointer]
     kernel.vk_cube_ready.argtypes = [pointer]
     kernel.vk_cube_blocks.argtypes = [pointer]
+    kernel.vk_cube_mark.argtypes = [pointer, ctypes.c_int, ctypes.c_int]
     kernel.vk_run.argtypes = [pointer, pointer, pointer, ctypes.c_long]
     kernel.vk_image.restype = pointer
     kernel.vk_image.argtypes = [pointer, pointer, ctypes.c_int]

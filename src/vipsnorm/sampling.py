@@ -486,9 +486,11 @@ def _tissue_pixels_array(pixels: np.ndarray, mask: TissueMask) -> np.ndarray:
         return native
     if pixels.ndim == 2:
         pixels = pixels[..., np.newaxis]
+    # the comparisons' precision written out (float32 for colour, float64 for grey), as the kernel's,
+    # whatever the type of the threshold
     if pixels.shape[-1] == 3:
         mx, mn = _max_min(pixels)
         if mask.rule == "saturation":
             return (mx - mn) > mx * np.float32(mask.threshold)
-        return mn < mask.threshold
-    return pixels[..., 0] < mask.threshold
+        return mn < np.float32(mask.threshold)
+    return pixels[..., 0] < np.float64(mask.threshold)

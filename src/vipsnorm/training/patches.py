@@ -610,11 +610,11 @@ class PatchReader:
         self._table = colour_table and per_pixel(method)
         self._table_for: tuple = (None, None, None)  # (method, params, key) the key was made for
         # the native kernel's cube for this fit, when the kernel runs the method's map and a slot is free
-        # (see _cube_image); (method, params) it was made for, or None not tried yet
-        self._cube_for: tuple | None = None
-        self._cube_program = None
-        self._cube_images: dict[int, pyvips.Image] = {}
+        # (see _cube_image): (method, params, program or None, {level: image or None}), replaced whole
+        self._cube: tuple | None = None
+        self._cube_slot: weakref.finalize | None = None  # calling it gives the slot back
         self._cube_lock = threading.Lock()
+        self._local = threading.local()  # this reader's regions of its cube images, per thread
 
     def level_image(self, level: int) -> pyvips.Image:
         """The lazy (normalized) image of ``level``."""
@@ -662,7 +662,7 @@ class PatchReader:
         if self._table:
             image = self._cube_image(level)
             if image is not None:  # the kernel's cube inside the fetch: no table to look up after it
-                return self._fetch(image, x, y, width, height)
+                return self._fetch_cube(level, image, x, y, width, height)
             raw_image = self._raw_images.get(level)
             if raw_image is None:
                 raw_image = self.slide.level_image(level)
@@ -676,50 +676,70 @@ class PatchReader:
 
     def _cube_image(self, level: int) -> pyvips.Image | None:
         """The level mapped lazily through the native kernel's cube of this reader's fit, or None (the
-        kernel is off or does not run this method, the level is not RGB, or every reader slot is taken:
+        kernel is off or does not run this method, the slide is not RGB, or every reader slot is taken:
         :data:`vipsnorm._native.READER_CUBES`). Measured on random 256 px patches of a 20000 px slide with
-        Macenko: 1.12 ms CPU a patch, against 1.30 through the numpy colour table and 1.08 for raw ones."""
-        if not self._cube_current():  # first use, or the fit was replaced
-            with self._cube_lock:
-                if not self._cube_current():
-                    self._set_up_cube()
-        if self._cube_program is None:
+        Macenko: 1.15-1.23 ms CPU a patch, against 1.25-1.30 through the numpy colour table and 1.02-1.10
+        for raw ones."""
+        if not _native.available():
             return None
-        image = self._cube_images.get(level)
-        if image is None:
+        state = self._cube
+        if state is None or state[0] is not self.method or state[1] is not self.params:  # first, or a new fit
+            with self._cube_lock:
+                state = self._cube
+                if state is None or state[0] is not self.method or state[1] is not self.params:
+                    state = self._cube = self._new_cube()
+                    self._local = threading.local()  # (the old fit's regions and images go with the old one)
+        program, images = state[2], state[3]
+        if program is None:
+            return None
+        image = images.get(level, False)
+        if image is False:
             raw = self.slide.level_image(level)
-            if raw.format != "uchar" or raw.bands != 3:
-                return None
-            image = self._cube_images.setdefault(level, self._cube_program.image(raw))
+            made = program.image(raw) if raw.format == "uchar" and raw.bands == 3 else None
+            image = images.setdefault(level, made)
         return image
 
-    def _cube_current(self) -> bool:
-        made_for = self._cube_for  # (identity, as the table key: a params comparison costs more)
-        return made_for is not None and made_for[0] is self.method and made_for[1] is self.params
+    @property
+    def cube(self) -> bool:
+        """Whether windows of this reader's fit are mapped through a kernel cube of its own (so far)."""
+        return self._cube is not None and self._cube[2] is not None
 
-    def _set_up_cube(self) -> None:
-        """Make (or remake, for a replaced fit) the kernel program and cube of this reader's fit."""
-        self._cube_images.clear()
-        if self._cube_program is None:
-            self._cube_program = self.method.kernel_program(self.params)
-            if self._cube_program is not None:
-                if _native.claim_reader_cube():
-                    weakref.finalize(self, _native.release_reader_cube)
+    def _new_cube(self) -> tuple:
+        """The cube state of the current fit: a slot claimed before anything is built, and given back
+        when there is nothing to hold (no kernel program, no memory for a cube, a slide not RGB)."""
+        method, params = self.method, self.params
+        level0 = self.slide.level_image(0)
+        program = None
+        if level0.format == "uchar" and level0.bands == 3:
+            if self._cube_slot is None and _native.claim_reader_cube():
+                self._cube_slot = weakref.finalize(self, _native.release_reader_cube)
+            if self._cube_slot is not None:
+                program = method.kernel_program(params)
+                if program is not None:
                     try:
-                        self._cube_program.build_cube()
+                        program.build_cube()
                     except MemoryError:
-                        self._cube_program = None
-                else:
-                    self._cube_program = None
-        elif self._cube_for is not None:  # a replaced fit: its own program, in the slot this reader holds
-            program = self.method.kernel_program(self.params)
-            if program is not None:
-                try:
-                    program.build_cube()
-                except MemoryError:
-                    program = None
-            self._cube_program = program
-        self._cube_for = (self.method, self.params)
+                        program = None
+        if program is None and self._cube_slot is not None:
+            self._cube_slot()  # (runs release_reader_cube once, now)
+            self._cube_slot = None
+        return (method, params, program, {})
+
+    def _fetch_cube(self, level: int, image: pyvips.Image, x: int, y: int, width: int, height: int) -> np.ndarray:
+        """A window of a cube image, through a region kept by this reader for the calling thread (not
+        the process-wide per-thread cache, whose images would keep their cubes after the reader)."""
+        if width * height > _KEPT_REGION_PIXELS:
+            region = pyvips.Region.new(image)
+        else:
+            regions = getattr(self._local, "regions", None)
+            if regions is None:
+                regions = self._local.regions = {}
+            kept = regions.get(level)
+            if kept is None or kept[0] is not image:
+                kept = regions[level] = (image, pyvips.Region.new(image))
+            region = kept[1]
+        data = self.slide.decode(lambda: region.fetch(x, y, width, height))
+        return np.frombuffer(bytearray(data), np.uint8).reshape(height, width, image.bands)
 
     def _colour_table(self):
         """The process's colour table of this reader's fit; its key (a repr of the params, 10 us) is kept
