@@ -94,9 +94,7 @@ long vk_abi(void) { return VK_VERSION * 1000000L + (long)sizeof(vk_step) * 1000L
 
 static size_t table_bytes(const vk_step *s, int which) {
     switch (s->kind) {
-    case OP_PAIRSUM:
-        return which == 1 ? (size_t)3 * 65536 * 4 : (size_t)3 * 256 * 4;
-    case OP_COLUMNMIX:
+    case OP_COLUMNMIX: /* (OP_PAIRSUM's tables are interleaved by vk_program_new itself) */
         return (size_t)3 * s->n * 4;
     case OP_LUT:
         return which == 1 ? (size_t)s->rows * s->n * (s->is_float ? 4 : 1) : 0;
@@ -256,32 +254,28 @@ static void run_chunk(const vk_program *p, const uint8_t *in, uint8_t *out, int 
         }
         case OP_LUT: {
             int m = o->n;
+/* dst[c][i] = t[index of pixel i, band c], from whatever the pixels are now */
+#define LOOKUP(dst, t)                                                                                  \
+    if (state == S_U16)                                                                                 \
+        for (int i = 0; i < n; i++)                                                                     \
+            dst[c][i] = t[u[c][i]];                                                                     \
+    else if (state == S_U8)                                                                             \
+        for (int i = 0; i < n; i++)                                                                     \
+            dst[c][i] = t[b[c][i]];                                                                     \
+    else                                                                                                \
+        for (int i = 0; i < n; i++)                                                                     \
+            dst[c][i] = t[in[3 * i + c]];
             for (int c = 0; c < 3; c++) {
                 int row = (o->rows == 1 ? 0 : c) * m;
                 if (o->is_float) {
                     const float *t = (const float *)o->t1 + row;
-                    if (state == S_U16)
-                        for (int i = 0; i < n; i++)
-                            f[c][i] = t[u[c][i]];
-                    else if (state == S_U8)
-                        for (int i = 0; i < n; i++)
-                            f[c][i] = t[b[c][i]];
-                    else
-                        for (int i = 0; i < n; i++)
-                            f[c][i] = t[in[3 * i + c]];
+                    LOOKUP(f, t)
                 } else {
                     const uint8_t *t = (const uint8_t *)o->t1 + row;
-                    if (state == S_U16)
-                        for (int i = 0; i < n; i++)
-                            b[c][i] = t[u[c][i]];
-                    else if (state == S_U8)
-                        for (int i = 0; i < n; i++)
-                            b[c][i] = t[b[c][i]];
-                    else
-                        for (int i = 0; i < n; i++)
-                            b[c][i] = t[in[3 * i + c]];
+                    LOOKUP(b, t)
                 }
             }
+#undef LOOKUP
             state = o->is_float ? S_F32 : S_U8;
             break;
         }

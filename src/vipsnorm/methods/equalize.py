@@ -99,10 +99,14 @@ class Equalize(LutMethod):
             return apply_luts_array(a, self._luts([counts(a)]), "luminance")
         native = _native.counts(a, luma=self.mode != "rgb")  # (the kernel's counts: the same numbers, one pass)
         if self.mode == "rgb":
-            return apply_luts_array(a, self._luts(native[0] if native else [counts(a[..., b]) for b in range(3)]), "rgb")
-        hist, y = native if native else (None, luma_array(a))
-        lut = self._luts(hist if native else [counts(y)])[0]
-        out = _native.apply_luma(a, lut, y) if native else None
+            rows = native[0] if native is not None else [counts(a[..., b]) for b in range(3)]
+            return apply_luts_array(a, self._luts(rows), "rgb")
+        if native is None:
+            hist, y = None, luma_array(a)
+        else:
+            hist, y = native
+        lut = self._luts([counts(y)] if hist is None else hist)[0]
+        out = _native.apply_luma(a, lut, y)  # (None when the kernel is off)
         return out if out is not None else add_luma_change(a, lut, y)
 
     @staticmethod

@@ -729,17 +729,14 @@ class PatchReader:
         """A window of a cube image, through a region kept by this reader for the calling thread (not
         the process-wide per-thread cache, whose images would keep their cubes after the reader)."""
         if width * height > _KEPT_REGION_PIXELS:
-            region = pyvips.Region.new(image)
-        else:
-            regions = getattr(self._local, "regions", None)
-            if regions is None:
-                regions = self._local.regions = {}
-            kept = regions.get(level)
-            if kept is None or kept[0] is not image:
-                kept = regions[level] = (image, pyvips.Region.new(image))
-            region = kept[1]
-        data = self.slide.decode(lambda: region.fetch(x, y, width, height))
-        return np.frombuffer(bytearray(data), np.uint8).reshape(height, width, image.bands)
+            return self._fetch(image, x, y, width, height)  # (a region of its own)
+        regions = getattr(self._local, "regions", None)
+        if regions is None:
+            regions = self._local.regions = {}
+        kept = regions.get(level)
+        if kept is None or kept[0] is not image:
+            kept = regions[level] = (image, pyvips.Region.new(image))
+        return self._fetch(image, x, y, width, height, region=kept[1])
 
     def _colour_table(self):
         """The process's colour table of this reader's fit; its key (a repr of the params, 10 us) is kept
@@ -750,8 +747,11 @@ class PatchReader:
             self._table_for = (self.method, self.params, key)
         return shared_colour_table(self.method, self.params, key)
 
-    def _fetch(self, image: pyvips.Image, x: int, y: int, width: int, height: int, copy: bool = True) -> np.ndarray:
-        region = _thread_region(image) if width * height <= _KEPT_REGION_PIXELS else pyvips.Region.new(image)
+    def _fetch(
+        self, image: pyvips.Image, x: int, y: int, width: int, height: int, copy: bool = True, region=None
+    ) -> np.ndarray:
+        if region is None:
+            region = _thread_region(image) if width * height <= _KEPT_REGION_PIXELS else pyvips.Region.new(image)
         data = self.slide.decode(lambda: region.fetch(x, y, width, height))
         return np.frombuffer(bytearray(data) if copy else data, np.uint8).reshape(height, width, image.bands)
 
