@@ -36,6 +36,8 @@ __all__ = [
     "program",
     "map_image",
     "map_array",
+    "map_in_place",
+    "memory_pixels",
     "OP",
     "CUBE",
     "CUBE_PIXELS",
@@ -108,6 +110,7 @@ def _libvips_path() -> str:
 
 
 _loaded: tuple[ctypes.CDLL | None, str] | None = None
+_vips: ctypes.CDLL | None = None  # the libvips pyvips uses, once the kernel is loaded
 _load_lock = threading.Lock()
 
 
@@ -160,6 +163,10 @@ def _load_kernel() -> tuple[ctypes.CDLL | None, str]:
     global _THINSTRIP
     _THINSTRIP = pyvips.vips_lib.vips_enum_from_nick(b"vipsnorm", pyvips.type_from_name("VipsDemandStyle"), b"thinstrip")
     kernel.vk_init(ctypes.byref(api))
+    vips.vips_image_get_data.restype = ctypes.c_void_p
+    vips.vips_image_get_data.argtypes = [ctypes.c_void_p]
+    global _vips
+    _vips = vips
     pointer = ctypes.c_void_p
     kernel.vk_program_new.restype = pointer
     kernel.vk_program_new.argtypes = [ctypes.POINTER(_Step), ctypes.c_int]
@@ -326,12 +333,14 @@ class Program:
         """Blocks of the cube filled so far (of 256)."""
         return self._kernel.vk_cube_blocks(self._pointer) if self.has_cube else 0
 
-    def run(self, array: np.ndarray) -> np.ndarray:
-        """The program on a ``(..., 3)`` uint8 array (a new array)."""
+    def run(self, array: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """The program on a ``(..., 3)`` uint8 array: into a new array, or into ``out`` (a C-contiguous
+        writable uint8 array of the same shape, ``array`` itself included: each pixel is read before it
+        is written)."""
         array = np.ascontiguousarray(array)
         if array.dtype != np.uint8 or array.shape[-1:] != (3,):
             raise ValueError(f"expected (..., 3) uint8 pixels, not {array.dtype} {array.shape}")
-        out = np.empty_like(array)
+        out = np.empty_like(array) if out is None else _writable_like(out, array)
         self._kernel.vk_run(self._pointer, array.ctypes.data, out.ctypes.data, array.size // 3)
         return out
 
@@ -453,12 +462,13 @@ def map_image(image: pyvips.Image, key, make) -> pyvips.Image | None:
     return prog.image(image)
 
 
-def map_array(array: np.ndarray, key, make, *, cheap: bool = False) -> np.ndarray | None:
+def map_array(array: np.ndarray, key, make, *, cheap: bool = False, out: np.ndarray | None = None) -> np.ndarray | None:
     """A ``(..., 3)`` uint8 array mapped by the program of ``key`` (through its cube if it has one, or
     if the array has :data:`CUBE_PIXELS` or more); ``None`` when the kernel is off, the chain has no
     kernel form, or the program is neither kept nor ``cheap`` to make for an array this small (stain
     jitter draws new params for every patch: building their tables, over a MiB, would cost more than
-    the numpy chain saves on a patch, and keeping them would push the slide's program out)."""
+    the numpy chain saves on a patch, and keeping them would push the slide's program out). ``out``: as
+    for :meth:`Program.run`."""
     if not available():
         return None
     large = array.size // 3 >= CUBE_PIXELS
@@ -474,7 +484,23 @@ def map_array(array: np.ndarray, key, make, *, cheap: bool = False) -> np.ndarra
             prog.build_cube()
         except MemoryError:
             pass
-    return prog.run(array)
+    return prog.run(array, out)
+
+
+def map_in_place(pixels: np.ndarray, key, make) -> bool:
+    """Map ``pixels``, a writable C-contiguous ``(..., 3)`` uint8 array, in place by the program of
+    ``key``, made and kept as :func:`map_image` does (through its cube from :data:`CUBE_PIXELS`); False,
+    the pixels untouched, when the kernel is off or the chain has no kernel form."""
+    prog = program(key, make) if available() else None
+    if prog is None:
+        return False
+    if pixels.size // 3 >= CUBE_PIXELS and not getattr(_local, "no_cube", False):
+        try:
+            prog.build_cube()
+        except MemoryError:
+            pass
+    prog.run(pixels, pixels)
+    return True
 
 
 #: Pixels from which an array is mapped by the kernel even when its program must be made for it.
@@ -482,6 +508,43 @@ CHAIN_PIXELS = 1 << 18
 
 
 # --- counting and small maps on arrays (fits of tiles and patches; the same numbers as numpy's) -------
+
+
+def _writable_like(out: np.ndarray, array: np.ndarray) -> np.ndarray:
+    """``out`` checked as a destination for the pixels of ``array`` (ValueError otherwise)."""
+    if not (
+        isinstance(out, np.ndarray) and out.dtype == np.uint8 and out.shape == array.shape
+        and out.flags.c_contiguous and out.flags.writeable
+    ):  # fmt: skip
+        raise ValueError(f"out must be a writable C-contiguous uint8 array of shape {array.shape}")
+    return out
+
+
+class _Buffer:
+    """The pixel buffer of a libvips image, for numpy (``__array_interface__``); the array made from it
+    keeps it, and so the image, alive."""
+
+    __slots__ = ("__array_interface__", "image")
+
+    def __init__(self, image: pyvips.Image, address: int, writable: bool):
+        self.image = image
+        shape = (image.height, image.width, image.bands)
+        self.__array_interface__ = {"data": (address, not writable), "shape": shape, "typestr": "|u1", "version": 3}
+
+
+def memory_pixels(image: pyvips.Image, writable: bool = False) -> np.ndarray | None:
+    """The pixels of ``image``, an image libvips holds in memory (``copy_memory``'s), as an
+    ``(h, w, bands)`` uint8 numpy array over its own buffer (no copy; the array keeps the image alive),
+    or None (the kernel is off, or not a uchar image). Read-only unless ``writable``: only for a buffer
+    the caller owns (a ``copy_memory`` made from a lazy image, which nothing else shares).
+
+    Never call it on a lazy image: libvips would compute it whole into memory first."""
+    if not available() or _vips is None or image.format != "uchar":
+        return None
+    address = _vips.vips_image_get_data(_address(image))
+    if not address:
+        return None
+    return np.asarray(_Buffer(image, address, writable))
 
 
 def _pixels(array: np.ndarray) -> tuple[np.ndarray, int, int] | None:
@@ -541,9 +604,9 @@ def counts(pixels: np.ndarray, luma: bool = False) -> tuple[np.ndarray, np.ndarr
     return out, y
 
 
-def apply_luts(pixels: np.ndarray, luts: np.ndarray) -> np.ndarray | None:
+def apply_luts(pixels: np.ndarray, luts: np.ndarray, out: np.ndarray | None = None) -> np.ndarray | None:
     """``luts[band][value]`` of a uint8 ``(h, w[, bands])`` array (``luts``: ``(1 or bands, 256)`` uint8),
-    or None."""
+    or None; into ``out`` if given (as for :meth:`Program.run`: ``pixels`` itself, to map in place)."""
     kernel = _load()[0] if available() else None
     got = _pixels(pixels) if kernel is not None else None
     if got is None:
@@ -552,14 +615,16 @@ def apply_luts(pixels: np.ndarray, luts: np.ndarray) -> np.ndarray | None:
     table = np.ascontiguousarray(luts, dtype=np.uint8).reshape(-1, 256)
     if table.shape[0] not in (1, bands):
         return None
-    out = np.empty(array.shape, np.uint8)
+    out = np.empty(array.shape, np.uint8) if out is None else _writable_like(out, array)
     kernel.vk_apply_luts(array.ctypes.data, bands, n, table.ctypes.data, table.shape[0], out.ctypes.data)
     return out
 
 
-def apply_luma(pixels: np.ndarray, lut: np.ndarray, y: np.ndarray | None = None) -> np.ndarray | None:
+def apply_luma(
+    pixels: np.ndarray, lut: np.ndarray, y: np.ndarray | None = None, out: np.ndarray | None = None
+) -> np.ndarray | None:
     """``clip(rgb + lut[y] - y)`` of a uint8 ``(h, w, 3)`` array, ``y`` its luma (given, or computed),
-    or None."""
+    or None; into ``out`` if given (as for :meth:`Program.run`: ``pixels`` itself, to map in place)."""
     kernel = _load()[0] if available() else None
     got = _pixels(pixels) if kernel is not None else None
     if got is None or got[1] != 3:
@@ -569,6 +634,6 @@ def apply_luma(pixels: np.ndarray, lut: np.ndarray, y: np.ndarray | None = None)
     luma = None if y is None else np.ascontiguousarray(y, dtype=np.uint8)
     if luma is not None and luma.size != n:
         return None
-    out = np.empty(array.shape, np.uint8)
+    out = np.empty(array.shape, np.uint8) if out is None else _writable_like(out, array)
     kernel.vk_apply_luma(array.ctypes.data, None if luma is None else luma.ctypes.data, n, table.ctypes.data, out.ctypes.data)
     return out

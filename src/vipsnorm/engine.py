@@ -373,7 +373,10 @@ def normalize_file(
                 raise InvalidReferenceError(None, f"reference holds {params.method} parameters, not {method.name}")
             result.params = params
             image = slide.level_image(0)
-            if (
+            taken = slide.take_decoded()  # a small image decoded in memory: mapped in place, if the method can
+            if taken is not None and method.apply_in_place(taken[1], params):
+                image = taken[0]
+            elif (
                 type(method).apply is LutMethod.apply
                 and getattr(params, "space", None) == "luminance"
                 and image.bands == 3

@@ -280,6 +280,7 @@ def normalize_items(job: NormalizeJob, items: Sequence[Item]) -> list[dict]:
     """
     worker = worker_id()
     rows = []
+    folders: dict[str, Path] = {}  # checked and made once a task (a task's files share few folders)
     for position, item in enumerate(items):
         size, mtime = file_stat(item.input)
         start = time.perf_counter()
@@ -288,7 +289,9 @@ def normalize_items(job: NormalizeJob, items: Sequence[Item]) -> list[dict]:
             if job.token in _ENDED or (position == 0 and not _is_live(job)):  # a task that outlived its run
                 result = Result(Path(item.input), status="error", error=_not_live(item, job))
             else:
-                folder = output_folder(job.out_root, item.rel_dir)
+                folder = folders.get(item.rel_dir)
+                if folder is None:
+                    folder = folders[item.rel_dir] = output_folder(job.out_root, item.rel_dir)
                 result, identity = _normalize_one(job, item, folder)
         except VipsnormError as exc:
             result = Result(Path(item.input), status="error", error=str(exc.about(item.input)))

@@ -79,4 +79,5 @@ def to_processing(image: pyvips.Image, path: str | None = None) -> pyvips.Image:
         raise UnsupportedImageError(
             path, f"{bands}-band image (multispectral?) is not supported: expected grey or RGB"
         )
-    return image.copy(interpretation="srgb" if image.bands == 3 else "b-w")
+    want = "srgb" if image.bands == 3 else "b-w"
+    return image if image.interpretation == want else image.copy(interpretation=want)

@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import pyvips
 
+from .. import _native
 from ..errors import ImageTooLargeError, one_line, UnreadableImageError, UnsupportedImageError, VipsnormError
 from ._virtual_tiff import VirtualTiff
 from .pixels import to_processing
@@ -52,6 +53,9 @@ DEFAULT_MAX_PIXELS = 20_000_000_000
 #: 2048x2048 133 against 118: above about a megapixel the libvips pipelines' set-up no longer dominates,
 #: and they (two threads) beat the extra copy and numpy's one thread.
 SMALL_IMAGE_PIXELS = 1024 * 1024
+
+#: Suffixes of files opened first as JPEGs (see VipsSlide).
+_JPEG_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif")
 
 #: Signatures of files that are ordinary images whatever their content, by suffix: OpenSlide reads none
 #: of these formats, so asking it to detect a vendor (0.4 ms a file) is skipped.
@@ -225,6 +229,14 @@ class Slide(ABC):
         copying it out."""
         return False
 
+    def take_decoded(self) -> tuple[pyvips.Image, np.ndarray] | None:
+        """Hand over level 0 held decoded in memory, to be changed in place: the memory image (with the
+        input's metadata) and a writable ``(h, w, bands)`` uint8 array over its pixels; the slide forgets
+        them (a later :meth:`level_image` reads the file again). Arrays that :meth:`decoded_pixels` gave
+        before see the change. ``None`` where the slide holds no such pixels of its own, or without the
+        native kernel (:func:`vipsnorm._native.memory_pixels`)."""
+        return None
+
     def decoded_luma(self) -> np.ndarray | None:
         """The BT.601 luma (:func:`~vipsnorm.methods._hist.luma_array`) of :meth:`decoded_pixels` as an
         ``(h, w)`` uint8 array, computed once and kept while the slide is open, when level 0 is held
@@ -352,14 +364,28 @@ class VipsSlide(Slide):
     def __init__(self, path: Path, vendor: str | None, osr=None):
         self.path = path
         self.vendor = vendor
+        # A file named as a JPEG is first opened as probe decodes a small JPEG (failing on libjpeg's
+        # warnings, read once from start to end), so that its header is parsed once: probe decodes this
+        # same load. When that open fails (not a JPEG, or a header libjpeg warns about) the file is
+        # opened as any other, and fails (or not) as it always did.
+        self._sequential: pyvips.Image | None = None
+        first = None
+        if vendor is None and osr is None and path.suffix.lower() in _JPEG_SUFFIXES:
+            try:
+                first = pyvips.Operation.call("jpegload", str(path), fail_on="warning", revalidate=True, access="sequential")
+            except pyvips.Error:  # (pyvips clears libvips' error buffer of what it reported)
+                pass
+        probe_load = first
         try:
-            first = pyvips.Image.new_from_file(str(path), fail_on="error", revalidate=True)
+            if first is None:
+                first = pyvips.Image.new_from_file(str(path), fail_on="error", revalidate=True)
         except pyvips.Error as exc:
             raise UnreadableImageError(path, f"not an image libvips can open ({one_line(str(exc))})") from exc
         # (libvips' own .v format names no loader)
         self.loader = first.get("vips-loader") if first.get_typeof("vips-loader") else "vipsload"
         self._levels: dict[int, pyvips.Image] = {}
         self._memory: pyvips.Image | None = None  # level 0 decoded, in the processing format
+        self._owned = False  # _memory's buffer is this slide's own (copy_memory made it)
         self._lenient = False  # a JPEG whose decoder warnings are all harmless (see probe)
         self._luma: np.ndarray | None = None  # its luma, once asked for (decoded_luma)
         fields = set(first.get_fields())
@@ -408,7 +434,9 @@ class VipsSlide(Slide):
             _mpp_from_openslide(osr) if osr is not None else _mpp_from_resolution(first, fields)
         )
         self.pages = first.get("n-pages") if "n-pages" in fields else 1
-        if not self._load[0] and self._fail_on() == "error":
+        if probe_load is first:  # (kept for a small JPEG only, whose one decode it is)
+            self._sequential = first if self._fits_in_memory() else None
+        elif not self._load[0] and self._fail_on() == "error":
             self._levels[0] = first  # what _level(0) would open: the header is parsed once
 
     def _damage(self, before: str, alone: bool, sure: bool) -> str | None:
@@ -484,15 +512,29 @@ class VipsSlide(Slide):
         image = self._memory
         if image is None:
             return None
+        view = _native.memory_pixels(image)  # the image's own buffer, read-only
+        if view is not None:
+            return view
         # a region copies the pixels out in this thread (no libvips thread pool to start); not kept, so
         # that the pixels are held twice only while they are sampled
         data = pyvips.Region.new(image).fetch(0, 0, image.width, image.height)
         return np.frombuffer(data, np.uint8).reshape(image.height, image.width, image.bands)
 
+    def take_decoded(self) -> tuple[pyvips.Image, np.ndarray] | None:
+        image = self._memory
+        if image is None or not self._owned:
+            return None
+        view = _native.memory_pixels(image, writable=True)
+        if view is None:
+            return None
+        self._memory, self._luma, self._owned = None, None, False
+        return image, view
+
     def close(self) -> None:
         self._levels.clear()
         self._memory = None
         self._luma = None
+        self._owned = False
 
     def _fits_in_memory(self) -> bool:
         """True for an ordinary image small enough to be decoded once into memory by :meth:`probe`."""
@@ -531,6 +573,7 @@ class VipsSlide(Slide):
             self._lenient = True
             self._levels.clear()
             self._memory = self._luma = None
+            self._owned = False
             self._probe()
 
     def _probe(self) -> None:
@@ -539,10 +582,16 @@ class VipsSlide(Slide):
                 # a sequential loader: a random-access one decodes into a buffer of its own first, and
                 # copy_memory then copies that (measured 0.35 ms CPU of 2.2 on a 512x512 JPEG); called
                 # by name, since the header told which loader reads the file
-                loaded = pyvips.Operation.call(
-                    self.loader, str(self.path), fail_on=self._fail_on(), revalidate=True, access="sequential", **self._load[0]
-                )
-                self._memory = to_processing(loaded, str(self.path)).copy_memory()
+                loaded, self._sequential = self._sequential, None  # (never used twice: one pass only)
+                if loaded is None or self._lenient:
+                    loaded = pyvips.Operation.call(
+                        self.loader, str(self.path), fail_on=self._fail_on(), revalidate=True, access="sequential", **self._load[0]
+                    )
+                processed = to_processing(loaded, str(self.path))
+                self._memory = processed.copy_memory()
+                # a buffer of its own, unless libvips handed back an image already in memory (a .v file
+                # mapped read-only, say): the pixels take_decoded may let a method change in place
+                self._owned = self._memory.pointer != processed.pointer
             except (VipsnormError, pyvips.Error):
                 # Not convertible (refused by level_image later), or not decodable: stream as before,
                 # from a fresh load, so that what fails and its message are what they always were.

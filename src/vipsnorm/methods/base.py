@@ -374,6 +374,13 @@ class Method(ABC):
     def apply_array(self, array: np.ndarray, params: Params) -> np.ndarray:
         """The same transform on a uint8 numpy array (patches, augmentations, tests)."""
 
+    def apply_in_place(self, pixels: np.ndarray, params: Params) -> bool:
+        """Map ``pixels``, a writable C-contiguous uint8 ``(h, w, bands)`` array, in place with the native
+        kernel, to the bytes :meth:`apply` gives; False, the pixels untouched, where there is no such
+        path (the kernel off, a method it does not run: the default). For an image held decoded in
+        memory (:meth:`~vipsnorm.io.slide.Slide.take_decoded`), which then needs no libvips pipeline."""
+        return False
+
 
 class LutMethod(Method):
     """A method whose apply step is :func:`apply_luts_image` of its params' LUTs."""
@@ -403,6 +410,20 @@ class LutMethod(Method):
         """The kernel's program of a luminance LUT (hue kept); ``None`` for per-channel LUTs, which
         libvips maps in one operation."""
         return _kernel_luma_program(self, params)
+
+    def apply_in_place(self, pixels: np.ndarray, params: LutParams) -> bool:
+        if not _native.available() or pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[-1] not in (1, 3):
+            return False
+        bands = pixels.shape[-1]
+        luts = np.asarray(_luts_for(params, bands, self.name), dtype=np.uint8).reshape(-1, 256)
+        # the branches of apply_luts_image
+        if params.space == "luminance" and bands == 3:
+            done = _native.apply_luma(pixels, luts[0], out=pixels)
+        elif params.space == "rgb" and bands == 3:
+            done = _native.apply_luts(pixels, luts, out=pixels)
+        else:
+            done = _native.apply_luts(pixels, luts[:1], out=pixels)
+        return done is not None
 
     def apply_array(self, array: np.ndarray, params: LutParams) -> np.ndarray:
         """The same transform on a uint8 ``(h, w)``, ``(h, w, 1)`` or ``(h, w, 3)`` array.

@@ -178,6 +178,12 @@ def _check_array(array: np.ndarray, method: str) -> np.ndarray:
     return array
 
 
+def _rgb(pixels: np.ndarray) -> bool:
+    """Whether ``pixels`` is a uint8 ``(h, w, 3)`` array (what :meth:`apply_in_place` maps; anything else
+    goes to :meth:`apply`, which says what is wrong)."""
+    return pixels.dtype == np.uint8 and pixels.ndim == 3 and pixels.shape[-1] == 3
+
+
 # --- Macenko -------------------------------------------------------------------------------------
 
 
@@ -660,6 +666,9 @@ class _StainMatrixMethod(Method):
         fused = _native.map_array(array, ("stain", params), functools.partial(_program, params, None))
         return fused if fused is not None else run_array(array, _steps(params))
 
+    def apply_in_place(self, pixels: np.ndarray, params: StainParams) -> bool:
+        return _rgb(pixels) and _native.map_in_place(pixels, ("stain", params), functools.partial(_program, params, None))
+
 
 class Macenko(_StainMatrixMethod):
     """Macenko stain normalization: unmix H and E in optical density, remix with the target's stains.
@@ -1057,6 +1066,11 @@ class Reinhard(Method):
 
     def kernel_program(self, params: ReinhardParams) -> _native.Program | None:
         return _program(params, params.weight_table()) if _native.available() else None
+
+    def apply_in_place(self, pixels: np.ndarray, params: ReinhardParams) -> bool:
+        return _rgb(pixels) and _native.map_in_place(
+            pixels, ("reinhard", params), functools.partial(_program, params, params.weight_table())
+        )
 
     def apply_array(self, array: np.ndarray, params: ReinhardParams) -> np.ndarray:
         array = _check_array(array, self.name)
