@@ -12,6 +12,7 @@ setup(
             optional=True,
             # IEEE arithmetic step for step, as libvips' operations do it (no fused multiply-adds)
             extra_compile_args=["-O2", "-ffp-contract=off", "-fno-fast-math"],
+            libraries=["m"],
         )
     ]
 )

@@ -370,3 +370,81 @@ def test_array_functions_say_none_for_what_they_do_not_take():
     assert _native.apply_luts(np.zeros((4, 4, 3), np.uint8), np.zeros((2, 256), np.uint8)) is None
     with _native.switched_off():
         assert _native.histograms(np.zeros((4, 4, 3), np.uint8)) is None
+
+
+def test_add_change_and_in_place_maps_equal_numpy():
+    from vipsnorm.methods._hist import add_change, add_luma_change, luma_array
+
+    rng = np.random.default_rng(11)
+    rgb = rng.integers(0, 256, (67, 45, 3)).astype(np.uint8)
+    rgb[0, :3] = [[0, 0, 0], [255, 255, 255], [0, 255, 128]]  # extremes, where the change clips
+    new, old = rng.integers(0, 256, (2, 67, 45)).astype(np.uint8)
+    new[0, :3], old[0, :3] = [255, 0, 255], [0, 255, 0]  # the largest changes, both ways
+    with _native.switched_off():
+        want = add_change(rgb, new, old)
+    np.testing.assert_array_equal(_native.add_change(rgb, new, old), want)
+    # hand-computed: (10, 200, 250) + (60 - 10) clips at 255; (5, 5, 5) + (0 - 20) clips at 0
+    pixels = np.array([[[10, 200, 250], [5, 5, 5]]], np.uint8)
+    np.testing.assert_array_equal(
+        _native.add_change(pixels, np.array([[60, 0]], np.uint8), np.array([[10, 20]], np.uint8)), [[[60, 250, 255], [0, 0, 0]]]
+    )
+    assert _native.add_change(rgb, new[:-1], old) is None
+    # in place: out is the input itself, each pixel read before it is written
+    luts = rng.integers(0, 256, (3, 256)).astype(np.uint8)
+    with _native.switched_off():
+        want_luma = add_luma_change(rgb, luts[0], luma_array(rgb))
+    for function, args, expected in (
+        (_native.apply_luts, (luts,), _native.apply_luts(rgb, luts)),
+        (_native.apply_luma, (luts[0],), want_luma),
+    ):
+        pixels = rgb.copy()
+        assert function(pixels, *args, out=pixels) is pixels
+        np.testing.assert_array_equal(pixels, expected)
+    with pytest.raises(ValueError, match="writable"):
+        _native.apply_luts(rgb, luts, out=np.zeros((3, 3, 3), np.uint8))
+    frozen = rgb.copy()
+    frozen.flags.writeable = False
+    with pytest.raises(ValueError, match="writable"):
+        _native.apply_luts(frozen, luts, out=frozen)
+
+
+@pytest.mark.parametrize("mode", ["luminance", "rgb", "grey"])
+def test_clahe_interpolation_equals_numpy(shared_data, mode):
+    """The kernel's CLAHE interpolation gives the numpy path's bytes (OpenCV's float32 arithmetic), on
+    real tiles and random patches, sizes the grid divides and sizes it does not."""
+    from vipsnorm.methods.clahe import Clahe
+
+    rng = np.random.default_rng(3)
+    arrays = [pyvips.Image.new_from_file(str(shared_data / "tiles" / "histolab-source-medium.png"))[:3].numpy()]
+    arrays += [rng.integers(0, 256, shape).astype(np.uint8) for shape in ((256, 256, 3), (97, 131, 3), (40, 300, 3))]
+    for array in arrays:
+        if mode == "grey":
+            array = array[..., 1].copy()
+        for grid, clip in (((8, 8), 2.0), ((3, 5), 40.0), ((1, 1), 1.0)):
+            method = Clahe(clip_limit=clip, grid=grid, mode="rgb" if mode == "rgb" else "luminance")
+            params = method.fit_array(array)
+            with _native.switched_off():
+                want = method.apply_array(array, params)
+                want_both = method.fit_apply_array(array)
+            np.testing.assert_array_equal(method.apply_array(array, params), want, err_msg=f"{array.shape} {grid}")
+            np.testing.assert_array_equal(method.fit_apply_array(array), want_both)
+
+
+def test_clahe_geometry_is_checked():
+    rows = (np.zeros(4, np.int32), np.zeros(4, np.int32))
+    columns = (np.zeros(6, np.int32), np.full(6, 256, np.int32))
+    weights = (np.ones(6, np.float32), np.zeros(6, np.float32), np.ones(4, np.float32), np.zeros(4, np.float32))
+    geometry = _native.ClaheGeometry(rows, columns, weights)
+    assert geometry.reach == 512
+    plane = np.arange(24, dtype=np.uint8).reshape(4, 6)
+    table = np.arange(512, dtype=np.float32)
+    # weight 1 on the first region's LUT, which is the identity here
+    np.testing.assert_array_equal(_native.clahe_map(plane, table, geometry), plane)
+    with pytest.raises(ValueError, match="reaches entry 511"):
+        _native.clahe_map(plane, table[:300], geometry)
+    with pytest.raises(ValueError, match="plane"):
+        _native.clahe_map(plane[:3], table, geometry)
+    with pytest.raises(ValueError, match="negative"):
+        _native.ClaheGeometry((np.full(4, -1), rows[1]), columns, weights)
+    with pytest.raises(ValueError, match="sizes"):
+        _native.ClaheGeometry(rows, columns, weights[:2] + (np.ones(5, np.float32), weights[3]))

@@ -26,7 +26,7 @@
 
 #define VK_CHUNK 256
 #define VK_CUBE (1L << 24)
-#define VK_VERSION 4
+#define VK_VERSION 5
 
 /* The libvips (and GLib) functions used, passed in by vk_init. */
 typedef struct {
@@ -520,6 +520,48 @@ void vk_apply_luma(const uint8_t *in, const uint8_t *y, long npix, const uint8_t
         out[3 * i] = clip[px[0] + d];
         out[3 * i + 1] = clip[px[1] + d];
         out[3 * i + 2] = clip[px[2] + d];
+    }
+}
+
+/* out = clip(rgb + new - old) band by band, for the new and old values (luma) of each RGB pixel. */
+void vk_add_change(const uint8_t *in, const uint8_t *new_, const uint8_t *old, long npix, uint8_t *out) {
+    uint8_t clip[1021]; /* clip[v + 510] for v in -510 .. 510 (no branches) */
+    for (int v = 0; v < 1021; v++)
+        clip[v] = (uint8_t)(v < 510 ? 0 : v > 765 ? 255 : v - 510);
+    for (long i = 0; i < npix; i++) {
+        const uint8_t *c = clip + 510 + (int)new_[i] - (int)old[i]; /* c[v] = clip[v + delta + 510] */
+        out[3 * i] = c[in[3 * i]];
+        out[3 * i + 1] = c[in[3 * i + 1]];
+        out[3 * i + 2] = c[in[3 * i + 2]];
+    }
+}
+
+/* CLAHE's bilinear interpolation of region LUTs (clahe.py's _map_array, OpenCV's arithmetic in its
+   order, in float32): for each of the `width` values of each of the `height` rows of `plane`, the four
+   LUT entries table[row_base{1,2}[y] + col_base{1,2}[x] + value], weighted across by xa1/xa and down
+   by ya1/ya, rounded half to even (a convex combination of LUT values: 0 to 255). */
+void vk_clahe_map(const uint8_t *plane, int height, int width, const float *table, const int32_t *row1,
+                  const int32_t *row2, const int32_t *col1, const int32_t *col2, const float *xa1,
+                  const float *xa, const float *ya1, const float *ya, uint8_t *out) {
+    for (int y = 0; y < height; y++) {
+        const uint8_t *v = plane + (size_t)y * width;
+        uint8_t *o = out + (size_t)y * width;
+        const float *top = table + row1[y], *bottom = table + row2[y];
+        float wt = ya1[y], wb = ya[y];
+        for (int x = 0; x < width; x++) {
+            int a = col1[x] + v[x], b = col2[x] + v[x];
+            float t = top[a] * xa1[x];
+            float u = top[b] * xa[x];
+            t += u;
+            float d = bottom[a] * xa1[x];
+            u = bottom[b] * xa[x];
+            d += u;
+            t *= wt;
+            d *= wb;
+            t += d;
+            /* rint for 0 <= t < 2^23: adding and taking 2^23 rounds to an integer, half to even */
+            o[x] = (uint8_t)(int)((t + 0x1p23f) - 0x1p23f);
+        }
     }
 }
 

@@ -46,7 +46,7 @@ __all__ = [
 
 _THINSTRIP = 2  # libvips' VIPS_DEMAND_STYLE_THINSTRIP, read from libvips when the kernel loads
 #: VK_VERSION of _kernel.c (with the sizes of the structs passed to it: vk_abi).
-_VERSION = 4
+_VERSION = 5
 
 OP = {"pair": 1, "index": 2, "mix": 3, "lut": 4, "recomb": 5, "luma": 6, "blend": 7}
 
@@ -183,7 +183,12 @@ def _load_kernel() -> tuple[ctypes.CDLL | None, str]:
     kernel.vk_counts.argtypes = [pointer, ctypes.c_int, ctypes.c_long, ctypes.c_int, pointer, pointer]
     kernel.vk_apply_luts.argtypes = [pointer, ctypes.c_int, ctypes.c_long, pointer, ctypes.c_int, pointer]
     kernel.vk_apply_luma.argtypes = [pointer, pointer, ctypes.c_long, pointer, pointer]
-    for function in (kernel.vk_tissue, kernel.vk_histograms, kernel.vk_counts, kernel.vk_apply_luts, kernel.vk_apply_luma):
+    kernel.vk_add_change.argtypes = [pointer, pointer, pointer, ctypes.c_long, pointer]
+    kernel.vk_clahe_map.argtypes = [pointer, ctypes.c_int, ctypes.c_int] + [pointer] * 10
+    for function in (
+        kernel.vk_tissue, kernel.vk_histograms, kernel.vk_counts, kernel.vk_apply_luts, kernel.vk_apply_luma,
+        kernel.vk_add_change, kernel.vk_clahe_map,
+    ):  # fmt: skip
         function.restype = None
     return kernel, "loaded"
 
@@ -636,4 +641,73 @@ def apply_luma(
         return None
     out = np.empty(array.shape, np.uint8) if out is None else _writable_like(out, array)
     kernel.vk_apply_luma(array.ctypes.data, None if luma is None else luma.ctypes.data, n, table.ctypes.data, out.ctypes.data)
+    return out
+
+
+def add_change(rgb: np.ndarray, new: np.ndarray, old: np.ndarray) -> np.ndarray | None:
+    """``clip(rgb + new - old)`` of a uint8 ``(h, w, 3)`` array and the new and old uint8 ``(h, w)`` values
+    of its pixels (:func:`vipsnorm.methods._hist.add_change`), or None."""
+    kernel = _load()[0] if available() else None
+    got = _pixels(rgb) if kernel is not None else None
+    if got is None or got[1] != 3:
+        return None
+    array, _, n = got
+    new, old = np.ascontiguousarray(new, dtype=np.uint8), np.ascontiguousarray(old, dtype=np.uint8)
+    if new.size != n or old.size != n:
+        return None
+    out = np.empty(array.shape, np.uint8)
+    kernel.vk_add_change(array.ctypes.data, new.ctypes.data, old.ctypes.data, n, out.ctypes.data)
+    return out
+
+
+class ClaheGeometry:
+    """Where each value of a ``(h, w)`` plane finds its four region LUTs in CLAHE's interpolation, and its
+    weights, checked once for :func:`clahe_map`: the two int32 LUT bases of each row (``rows``) and of
+    each value column (``columns``), the float32 weights ``(1 - a, a)`` across (``(w,)``) and
+    ``(1 - b, b)`` down (``(h,)``).
+
+    Raises
+    ------
+    ValueError
+        Arrays of other sizes, or a negative base."""
+
+    def __init__(self, rows: tuple, columns: tuple, weights: tuple):
+        self.rows = tuple(np.ascontiguousarray(r, dtype=np.int32).reshape(-1) for r in rows)
+        self.columns = tuple(np.ascontiguousarray(c, dtype=np.int32).reshape(-1) for c in columns)
+        self.weights = tuple(np.ascontiguousarray(w, dtype=np.float32).reshape(-1) for w in weights)
+        (r1, r2), (c1, c2), (xa1, xa, ya1, ya) = self.rows, self.columns, self.weights
+        self.height, self.width = r1.size, c1.size
+        if not (r2.size == ya1.size == ya.size == self.height and c2.size == xa1.size == xa.size == self.width):
+            raise ValueError("CLAHE geometry: bases and weights of different sizes")
+        if min(int(a.min()) for a in (r1, r2, c1, c2)) < 0:
+            raise ValueError("CLAHE geometry: negative LUT base")
+        #: one past the largest table index a value can reach
+        self.reach = max(int(r1.max()), int(r2.max())) + max(int(c1.max()), int(c2.max())) + 256
+
+
+def clahe_map(plane: np.ndarray, table: np.ndarray, geometry: ClaheGeometry) -> np.ndarray | None:
+    """CLAHE's interpolation (:func:`vipsnorm.methods.clahe._map_array`) of a uint8 ``(h, w)`` plane of
+    values through ``table``, the flat float32 region LUTs, at ``geometry``'s places and weights; or None
+    (kernel off).
+
+    Raises
+    ------
+    ValueError
+        The plane is not the geometry's size, or the table too short for its bases."""
+    kernel = _load()[0] if available() else None
+    if kernel is None:
+        return None
+    if plane.dtype != np.uint8 or plane.shape != (geometry.height, geometry.width):
+        raise ValueError(f"clahe_map: expected a uint8 {(geometry.height, geometry.width)} plane, not {plane.dtype} {plane.shape}")
+    table = np.ascontiguousarray(table, dtype=np.float32)
+    if geometry.reach > table.size:
+        raise ValueError(f"clahe_map: the geometry reaches entry {geometry.reach - 1} of a table of {table.size}")
+    plane = np.ascontiguousarray(plane)
+    (r1, r2), (c1, c2), (xa1, xa, ya1, ya) = geometry.rows, geometry.columns, geometry.weights
+    out = np.empty(plane.shape, np.uint8)
+    kernel.vk_clahe_map(
+        plane.ctypes.data, geometry.height, geometry.width, table.ctypes.data, r1.ctypes.data, r2.ctypes.data,
+        c1.ctypes.data, c2.ctypes.data, xa1.ctypes.data, xa.ctypes.data, ya1.ctypes.data, ya.ctypes.data,
+        out.ctypes.data,
+    )  # fmt: skip
     return out

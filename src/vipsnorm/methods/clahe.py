@@ -37,6 +37,7 @@ from typing import Sequence
 import numpy as np
 import pyvips
 
+from .. import _native
 from ..errors import FlatImageError
 from ._hist import STEP, add_change, luma_array, luma_image
 from .base import Method, Params, Sample, _invalid
@@ -617,6 +618,12 @@ def _map_array(
     table = luts.astype(np.float32).reshape(-1)
     # (tuples of ints: params made by hand may hold lists, which do not hash)
     geometry = _interp_geometry(height, width, tuple(map(int, tile)), tuple(map(int, grid)), k, mode == "rgb")
+    native = _native.clahe_map(plane, table, geometry.native()) if _native.available() else None
+    if native is not None:  # the same arithmetic in one pass (8x less CPU on a 256 px patch)
+        if mode != "luminance":
+            return native.reshape(height, width, k)
+        changed = _native.add_change(a, native, plane)
+        return changed if changed is not None else add_change(a, native, plane)
     xa1, xa, ya1, ya = geometry.weights
     out = np.empty((height, width * k), np.uint8)
     step = max(1, STEP // (width * k))
@@ -669,8 +676,15 @@ class _Geometry:
         #: ``1 - a``, ``a`` across and ``1 - b``, ``b`` down (float32, as OpenCV)
         self.weights = (one - xa, xa, (one - ya)[:, np.newaxis], ya[:, np.newaxis])
         self.kept = self._bases(slice(0, height)) if height * width * k <= self.KEEP else None
+        self._native = None
         for array in self.columns + self.rows + list(self.weights) + (self.kept or []):
             array.flags.writeable = False
+
+    def native(self) -> _native.ClaheGeometry:
+        """This geometry for :func:`vipsnorm._native.clahe_map` (made once)."""
+        if self._native is None:
+            self._native = _native.ClaheGeometry(self.rows, self.columns, self.weights)
+        return self._native
 
     def _bases(self, rows: slice) -> list[np.ndarray]:
         return [r[rows] + c for r in self.rows for c in self.columns]  # top left, top right, bottom ...
