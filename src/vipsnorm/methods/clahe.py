@@ -104,6 +104,11 @@ def clahe_luts(hist: np.ndarray, clip_limit: float, area: int) -> np.ndarray:
         ``round_half_even(cumsum(clipped) * float32(255 / area))``, in float32 as OpenCV.
     """
     hist = np.asarray(hist)
+    if _native.available():  # the same arithmetic, in C
+        clip = min(max(int(clip_limit * area / _BINS), 1), area) if clip_limit > 0 else 0
+        native = _native.clahe_luts(hist, clip, np.float32(_BINS - 1) / np.float32(area))
+        if native is not None:
+            return native
     out = np.empty(hist.shape, np.uint8)
     rows, into = hist.reshape(-1, _BINS), out.reshape(-1, _BINS)
     # int32 counts when a region's cumulative counts fit (a few calls fewer per region than int64)
@@ -569,6 +574,12 @@ def _region_histograms_array(
     cols, rows = grid
     tw, th = tile
     height, width, channels = planes.shape
+    if _native.available():  # one pass in C, through the padded grid's source rows and columns
+        ys = _reflect101(np.arange(rows * th), height)
+        xs = _reflect101(np.arange(cols * tw), width)
+        native = _native.region_counts(planes, grid, tile, ys, xs)
+        if native is not None:
+            return native
     if pad != (0, 0):
         ys = _reflect101(np.arange(rows * th), height)
         xs = _reflect101(np.arange(cols * tw), width)
