@@ -492,3 +492,31 @@ def test_clahe_geometry_is_checked():
         _native.ClaheGeometry((np.full(4, -1), rows[1]), columns, weights)
     with pytest.raises(ValueError, match="sizes"):
         _native.ClaheGeometry(rows, columns, weights[:2] + (np.ones(5, np.float32), weights[3]))
+
+
+def test_fused_luminance_equalization_equals_numpy():
+    from vipsnorm.methods import Equalize
+
+    rng = np.random.default_rng(9)
+    method = Equalize("luminance")
+    arrays = [rng.integers(0, 256, (37, 53, 3)).astype(np.uint8), rng.integers(90, 110, (64, 64, 3)).astype(np.uint8)]
+    for array in arrays:
+        with _native.switched_off():
+            want = method.fit_apply_array(array)
+        out, present = _native.equalize_luma(array)
+        np.testing.assert_array_equal(out, want)
+        assert present == np.unique(luma_of(array)).size
+        np.testing.assert_array_equal(method.fit_apply_array(array), want)
+    # one luma value: the identity, with the flat-histogram warning
+    flat = np.full((8, 8, 3), 77, np.uint8)
+    assert _native.equalize_luma(flat)[1] == 1
+    with pytest.warns(RuntimeWarning, match="flat"):
+        np.testing.assert_array_equal(method.fit_apply_array(flat), flat)
+    assert _native.equalize_luma(np.zeros((4, 4), np.uint8)) is None  # grey: counted as it is
+
+
+def luma_of(array):
+    from vipsnorm.methods._hist import luma_array
+
+    with _native.switched_off():
+        return luma_array(array)

@@ -23,6 +23,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <math.h>
 
 #define VK_CHUNK 256
 #define VK_CUBE (1L << 24)
@@ -527,6 +528,44 @@ void vk_apply_luma(const uint8_t *in, const uint8_t *y, long npix, const uint8_t
 void vk_luma(const uint8_t *in, long npix, uint8_t *y) {
     for (long i = 0; i < npix; i++)
         y[i] = (uint8_t)luma_of(in + 3 * i);
+}
+
+/* Luminance equalization of `npix` RGB pixels fitted on themselves (equalize.py's fit_apply_array):
+   the luma's histogram (the luma kept in `y`), OpenCV's equalization LUT of it in float64 as
+   equalize_lut computes it, and the luma's change added to every band (apply_luma). Returns how many
+   luma values occur: with one or none the LUT is the identity (and `out` the input). */
+int vk_equalize_luma(const uint8_t *in, long npix, uint8_t *y, uint8_t *out) {
+    int64_t h[2][256];
+    memset(h, 0, sizeof(h));
+    for (long i = 0; i < npix; i++) {
+        int v = luma_of(in + 3 * i);
+        h[i & 1][v]++;
+        y[i] = (uint8_t)v;
+    }
+    int64_t counts[256];
+    int present = 0, first = -1;
+    for (int v = 0; v < 256; v++) {
+        counts[v] = h[0][v] + h[1][v];
+        if (counts[v]) {
+            present++;
+            if (first < 0)
+                first = v;
+        }
+    }
+    uint8_t lut[256];
+    if (present <= 1) {
+        for (int v = 0; v < 256; v++)
+            lut[v] = (uint8_t)v;
+    } else {
+        double cdf = 0.0, total = (double)npix, low = (double)counts[first];
+        for (int v = 0; v < 256; v++) {
+            cdf += (double)counts[v];
+            double e = floor((cdf - low) / (total - low) * 255.0 + 0.5);
+            lut[v] = (uint8_t)(e < 0.0 ? 0 : e > 255.0 ? 255 : (int)e);
+        }
+    }
+    vk_apply_luma(in, y, npix, lut, out);
+    return present;
 }
 
 /* CLAHE's region counts (clahe.py's _region_histograms_array): out[((c * rows + r) * cols + q) * 256 +

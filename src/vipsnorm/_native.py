@@ -186,6 +186,8 @@ def _load_kernel() -> tuple[ctypes.CDLL | None, str]:
     kernel.vk_add_change.argtypes = [pointer, pointer, pointer, ctypes.c_long, pointer]
     kernel.vk_clahe_map.argtypes = [pointer, ctypes.c_int, ctypes.c_int] + [pointer] * 10
     kernel.vk_luma.argtypes = [pointer, ctypes.c_long, pointer]
+    kernel.vk_equalize_luma.argtypes = [pointer, ctypes.c_long, pointer, pointer]
+    kernel.vk_equalize_luma.restype = ctypes.c_int
     kernel.vk_region_counts.argtypes = [pointer] + [ctypes.c_int] * 6 + [pointer] * 3
     kernel.vk_clahe_luts.argtypes = [pointer, ctypes.c_long, ctypes.c_long, ctypes.c_float, pointer]
     for function in (
@@ -656,6 +658,21 @@ def luma(rgb: np.ndarray) -> np.ndarray | None:
     out = np.empty(rgb.shape[:-1], np.uint8)
     kernel.vk_luma(rgb.ctypes.data, rgb.size // 3, out.ctypes.data)
     return out
+
+
+def equalize_luma(rgb: np.ndarray) -> tuple[np.ndarray, int] | None:
+    """Luminance equalization of a uint8 ``(h, w, 3)`` array fitted on itself, in one call
+    (:meth:`vipsnorm.methods.Equalize.fit_apply_array`'s luminance mode), and how many luma values occur
+    (one or none: the input unchanged); or None."""
+    kernel = _load()[0] if available() else None
+    got = _pixels(rgb) if kernel is not None else None
+    if got is None or got[1] != 3 or rgb.ndim != 3:
+        return None
+    array, _, n = got
+    y = np.empty(n, np.uint8)
+    out = np.empty(array.shape, np.uint8)
+    present = kernel.vk_equalize_luma(array.ctypes.data, n, y.ctypes.data, out.ctypes.data)
+    return out, present
 
 
 def add_change(rgb: np.ndarray, new: np.ndarray, old: np.ndarray) -> np.ndarray | None:

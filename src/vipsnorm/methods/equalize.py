@@ -97,6 +97,12 @@ class Equalize(LutMethod):
             raise ValueError(f"expected an (h, w), (h, w, 1) or (h, w, 3) array, not shape {a.shape}")
         if a.ndim == 2 or a.shape[-1] == 1:
             return apply_luts_array(a, self._luts([counts(a)]), "luminance")
+        if self.mode != "rgb":
+            fused = _native.equalize_luma(a)  # (count, LUT and map in one call to the kernel)
+            if fused is not None:
+                if fused[1] <= 1:
+                    self._luts([np.zeros(256)])  # (the flat-histogram warning)
+                return fused[0]
         native = _native.counts(a, luma=self.mode != "rgb")  # (the kernel's counts: the same numbers, one pass)
         if self.mode == "rgb":
             rows = native[0] if native is not None else [counts(a[..., b]) for b in range(3)]
