@@ -15,7 +15,8 @@ Two backends sit behind :class:`Slide`:
 Small ordinary images (not slides, at most :data:`SMALL_IMAGE_PIXELS` pixels) take a fast path: the
 probe decodes the whole image once, into memory, in the processing format, and that one decoded image
 serves the fit (:meth:`Slide.decoded_pixels`: histograms without another libvips pipeline) and the
-apply and write (:meth:`Slide.level_image` returns it). Streaming sets up a libvips pipeline for the
+apply and write (:meth:`Slide.level_image` returns it; with the native kernel the fit counts its own
+buffer and the method maps it in place there, :meth:`Slide.take_decoded`). Streaming sets up a libvips pipeline for the
 probe window, one for the histograms and one for the write, and at tile sizes that set-up costs more
 than the pixels; above about a megapixel it no longer does (see :data:`SMALL_IMAGE_PIXELS`), so slides
 and larger images keep streaming.
@@ -589,8 +590,8 @@ class VipsSlide(Slide):
                     )
                 processed = to_processing(loaded, str(self.path))
                 self._memory = processed.copy_memory()
-                # a buffer of its own, unless libvips handed back an image already in memory (a .v file
-                # mapped read-only, say): the pixels take_decoded may let a method change in place
+                # a buffer of its own, unless copy_memory handed back an image libvips already held in
+                # memory (it does not copy those): the pixels take_decoded may let a method change in place
                 self._owned = self._memory.pointer != processed.pointer
             except (VipsnormError, pyvips.Error):
                 # Not convertible (refused by level_image later), or not decodable: stream as before,
