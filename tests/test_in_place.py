@@ -74,7 +74,8 @@ def test_memory_pixels_is_the_image_buffer(shared_data):
     writable[0, 0] = (1, 2, 3)
     assert tuple(view[0, 0]) == (1, 2, 3)
     assert bytes(pyvips.Region.new(image).fetch(0, 0, 1, 1)) == bytes((1, 2, 3))
-    # the array keeps the image alive
+    # the array keeps the image alive (its base holds it)
+    assert view.base.image is image
     del image, writable
     gc.collect()
     np.testing.assert_array_equal(view[1:], expected[1:])
@@ -83,6 +84,8 @@ def test_memory_pixels_is_the_image_buffer(shared_data):
 def test_memory_pixels_refuses_without_kernel_or_uchar():
     image = pyvips.Image.black(8, 8, bands=3).copy_memory()
     assert _native.memory_pixels(image) is not None
+    lazy = pyvips.Image.black(8, 8, bands=3) + 1
+    assert _native.memory_pixels(lazy.cast("uchar"), writable=True) is None  # (never computed into memory)
     with _native.switched_off():
         assert _native.memory_pixels(image) is None
     assert _native.memory_pixels(image.cast("ushort").copy_memory()) is None
@@ -184,19 +187,29 @@ def test_spatial_methods_do_not_map_in_place(shared_data):
 
 
 @pytest.mark.parametrize("label", list(METHODS))
-def test_normalize_file_writes_the_bytes_of_the_lazy_path(shared_data, methods, label, tmp_path):
+def test_normalize_file_writes_the_bytes_of_the_lazy_path(shared_data, methods, label, tmp_path, monkeypatch):
     """With the kernel, small images are mapped in place; without it, by the libvips chain: the same
     output, byte for byte, and the input untouched (PNG and JPEG inputs, lossless PNG outputs)."""
     method = methods[label]
+    mapped = []
+    original = type(method).apply_in_place
+
+    def spy(self, pixels, params):
+        mapped.append(original(self, pixels, params))
+        return mapped[-1]
+
+    monkeypatch.setattr(type(method), "apply_in_place", spy)
     (tmp_path / "fast").mkdir(), (tmp_path / "chain").mkdir()
     for source in ("henorm-example1.png", "kather-template.jpg"):
         path = tmp_path / source
         shutil.copy(shared_data / "tiles" / source, path)
         before = _sha(path)
         fast = normalize_file(path, tmp_path / "fast", method, options=Options(format="png"))
+        assert mapped.pop() is True  # (the in-place path was taken)
         with _native.switched_off():
             chain = normalize_file(path, tmp_path / "chain", method, options=Options(format="png"))
         assert fast.status == chain.status == "ok", (fast.error, chain.error)
+        assert not mapped  # (and not without the kernel)
         assert fast.params == chain.params
         assert fast.output.read_bytes() == chain.output.read_bytes(), f"{label} on {source}"
         assert _sha(path) == before

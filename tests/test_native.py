@@ -394,8 +394,10 @@ def test_add_change_and_in_place_maps_equal_numpy():
     luts = rng.integers(0, 256, (3, 256)).astype(np.uint8)
     with _native.switched_off():
         want_luma = add_luma_change(rgb, luts[0], luma_array(rgb))
+    with _native.switched_off():
+        want_luts = apply_luts_array(rgb, luts, "rgb")
     for function, args, expected in (
-        (_native.apply_luts, (luts,), _native.apply_luts(rgb, luts)),
+        (_native.apply_luts, (luts,), want_luts),
         (_native.apply_luma, (luts[0],), want_luma),
     ):
         pixels = rgb.copy()
@@ -407,19 +409,39 @@ def test_add_change_and_in_place_maps_equal_numpy():
     frozen.flags.writeable = False
     with pytest.raises(ValueError, match="writable"):
         _native.apply_luts(frozen, luts, out=frozen)
+    both = np.zeros((2 * 67, 45, 3), np.uint8)
+    with pytest.raises(ValueError, match="overlaps"):  # (the input itself is fine; a shifted view is not)
+        _native.apply_luts(both[:67], luts, out=both[1:68])
 
 
-@pytest.mark.parametrize("mode", ["luminance", "rgb", "grey"])
-def test_clahe_interpolation_equals_numpy(shared_data, mode):
+def _count_calls(monkeypatch, *names):
+    """Count the calls of ``_native`` functions (to check that a test ran the kernel at all)."""
+    calls = dict.fromkeys(names, 0)
+    for name in names:
+        function = getattr(_native, name)
+
+        def counted(*args, _name=name, _function=function, **kwargs):
+            out = _function(*args, **kwargs)
+            calls[_name] += out is not None
+            return out
+
+        monkeypatch.setattr(_native, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize("mode", ["luminance", "rgb", "grey", "grey fit on colour"])
+def test_clahe_interpolation_equals_numpy(shared_data, mode, monkeypatch):
     """The kernel's CLAHE interpolation gives the numpy path's bytes (OpenCV's float32 arithmetic), on
     real tiles and random patches, sizes the grid divides and sizes it does not."""
     from vipsnorm.methods.clahe import Clahe
+
+    calls = _count_calls(monkeypatch, "clahe_map", "region_counts", "clahe_luts")
 
     rng = np.random.default_rng(3)
     arrays = [pyvips.Image.new_from_file(str(shared_data / "tiles" / "histolab-source-medium.png"))[:3].numpy()]
     arrays += [rng.integers(0, 256, shape).astype(np.uint8) for shape in ((256, 256, 3), (97, 131, 3), (40, 300, 3))]
     for array in arrays:
-        if mode == "grey":
+        if mode.startswith("grey"):
             array = array[..., 1].copy()
         for grid, clip in (((8, 8), 2.0), ((3, 5), 40.0), ((1, 1), 1.0)):
             method = Clahe(clip_limit=clip, grid=grid, mode="rgb" if mode == "rgb" else "luminance")
@@ -429,14 +451,21 @@ def test_clahe_interpolation_equals_numpy(shared_data, mode):
                 want_both = method.fit_apply_array(array)
             np.testing.assert_array_equal(method.apply_array(array, params), want, err_msg=f"{array.shape} {grid}")
             np.testing.assert_array_equal(method.fit_apply_array(array), want_both)
+            if mode == "grey fit on colour" and array.ndim == 2:
+                colour = np.ascontiguousarray(np.stack([array, array // 2, 255 - array], axis=-1))
+                with _native.switched_off():
+                    want_colour = method.apply_array(colour, params)
+                np.testing.assert_array_equal(method.apply_array(colour, params), want_colour)
+    assert min(calls.values()) > 0, calls  # (the kernel ran)
 
 
 @pytest.mark.parametrize("clip", [0.0, 0.01, 2.0, 40.0, 1e9])
-def test_clahe_fit_equals_numpy(shared_data, clip):
+def test_clahe_fit_equals_numpy(shared_data, clip, monkeypatch):
     """Region counts and clipped LUTs in C give the numpy path's params: no clipping, a clip of one count,
     usual clips, a clip above any bin; regions the grid pads (BORDER_REFLECT_101) and regions it does not."""
     from vipsnorm.methods.clahe import Clahe
 
+    calls = _count_calls(monkeypatch, "region_counts", "clahe_luts")
     rng = np.random.default_rng(5)
     tile = pyvips.Image.new_from_file(str(shared_data / "tiles" / "torchstain-source.png"))[:3].numpy()
     for array in (tile, rng.integers(0, 256, (53, 77, 3)).astype(np.uint8), np.full((40, 40, 3), 9, np.uint8)):
@@ -450,6 +479,18 @@ def test_clahe_fit_equals_numpy(shared_data, clip):
                     warnings.simplefilter("ignore", RuntimeWarning)
                     got = method.fit_array(array)
                 assert got == want, (array.shape, mode, grid)
+    assert min(calls.values()) > 0, calls
+
+
+def test_clahe_luts_of_impossible_counts_clip_as_numpy():
+    from vipsnorm.methods.clahe import clahe_luts
+
+    hist = np.zeros((2, 256), np.int64)
+    hist[0, 0], hist[0, 10] = -5, 20  # (negative counts: nonsense, but clipped to 0..255 as numpy does)
+    hist[1, 3] = 15
+    with _native.switched_off():
+        want = clahe_luts(hist, 2.0, 15)
+    np.testing.assert_array_equal(clahe_luts(hist, 2.0, 15), want)
 
 
 def test_region_counts_and_luma_by_hand():

@@ -24,6 +24,12 @@
 #include <stdlib.h>
 #include <string.h>
 #include <math.h>
+#include <float.h>
+
+/* float arithmetic in float (SSE), as numpy does it: x87 extended precision would change results */
+#if defined(FLT_EVAL_METHOD) && FLT_EVAL_METHOD != 0
+#error "the kernel needs FLT_EVAL_METHOD == 0"
+#endif
 
 #define VK_CHUNK 256
 #define VK_CUBE (1L << 24)
@@ -619,7 +625,7 @@ void vk_clahe_luts(const int64_t *hist, long regions, long clip, float scale, ui
             cum += c[i];
             float v = (float)cum * scale;
             v = (v + 0x1p23f) - 0x1p23f; /* rint, half to even (0 <= v < 2^23) */
-            out[k * 256 + i] = (uint8_t)(v > 255.0f ? 255 : (int)v);
+            out[k * 256 + i] = (uint8_t)(v < 0.0f ? 0 : v > 255.0f ? 255 : (int)v); /* (numpy's clip) */
         }
     }
 }

@@ -165,6 +165,8 @@ def _load_kernel() -> tuple[ctypes.CDLL | None, str]:
     kernel.vk_init(ctypes.byref(api))
     vips.vips_image_get_data.restype = ctypes.c_void_p
     vips.vips_image_get_data.argtypes = [ctypes.c_void_p]
+    vips.vips_image_ispartial.restype = ctypes.c_int
+    vips.vips_image_ispartial.argtypes = [ctypes.c_void_p]
     global _vips
     _vips = vips
     pointer = ctypes.c_void_p
@@ -527,6 +529,8 @@ def _writable_like(out: np.ndarray, array: np.ndarray) -> np.ndarray:
         and out.flags.c_contiguous and out.flags.writeable
     ):  # fmt: skip
         raise ValueError(f"out must be a writable C-contiguous uint8 array of shape {array.shape}")
+    if out is not array and np.may_share_memory(out, array):  # (the same array is fine: pixel by pixel)
+        raise ValueError("out overlaps the input without being it")
     return out
 
 
@@ -545,11 +549,11 @@ class _Buffer:
 def memory_pixels(image: pyvips.Image, writable: bool = False) -> np.ndarray | None:
     """The pixels of ``image``, an image libvips holds in memory (``copy_memory``'s), as an
     ``(h, w, bands)`` uint8 numpy array over its own buffer (no copy; the array keeps the image alive),
-    or None (the kernel is off, or not a uchar image). Read-only unless ``writable``: only for a buffer
-    the caller owns (a ``copy_memory`` made from a lazy image, which nothing else shares).
-
-    Never call it on a lazy image: libvips would compute it whole into memory first."""
+    or None (the kernel is off, a lazy image, or not a uchar image). Read-only unless ``writable``: only
+    for a buffer the caller owns (a ``copy_memory`` made from a lazy image, which nothing else shares)."""
     if not available() or _vips is None or image.format != "uchar":
+        return None
+    if _vips.vips_image_ispartial(_address(image)):  # lazy: libvips would turn it into memory in place
         return None
     address = _vips.vips_image_get_data(_address(image))
     if not address:
@@ -726,7 +730,7 @@ def clahe_map(plane: np.ndarray, table: np.ndarray, geometry: ClaheGeometry) -> 
     ValueError
         The plane is not the geometry's size, or the table too short for its bases."""
     kernel = _load()[0] if available() else None
-    if kernel is None:
+    if kernel is None or max(geometry.height, geometry.width) >= 1 << 31:  # (C ints: numpy maps it)
         return None
     if plane.dtype != np.uint8 or plane.shape != (geometry.height, geometry.width):
         raise ValueError(f"clahe_map: expected a uint8 {(geometry.height, geometry.width)} plane, not {plane.dtype} {plane.shape}")
@@ -758,6 +762,8 @@ def region_counts(planes: np.ndarray, grid: tuple[int, int], tile: tuple[int, in
         return None
     (cols, rows), (tw, th) = grid, tile
     height, width, channels = planes.shape
+    if width * channels >= 1 << 31 or rows * th >= 1 << 31 or cols * tw >= 1 << 31:
+        return None  # (C ints: numpy counts it)
     ys, xs = np.ascontiguousarray(ys, dtype=np.int32), np.ascontiguousarray(xs, dtype=np.int32)
     if ys.shape != (rows * th,) or xs.shape != (cols * tw,):
         raise ValueError("region_counts: one source index per padded row and column")

@@ -376,6 +376,7 @@ def normalize_file(
             taken = slide.take_decoded()  # a small image decoded in memory: mapped in place, if the method can
             if taken is not None and method.apply_in_place(taken[1], params):
                 image = taken[0]
+                image.invalidate()  # (libvips' operation cache must not hand back results of the old pixels)
             elif (
                 type(method).apply is LutMethod.apply
                 and getattr(params, "space", None) == "luminance"

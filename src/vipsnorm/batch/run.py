@@ -280,7 +280,10 @@ def normalize_items(job: NormalizeJob, items: Sequence[Item]) -> list[dict]:
     """
     worker = worker_id()
     rows = []
-    folders: dict[str, Path] = {}  # checked and made once a task (a task's files share few folders)
+    # Output folders checked (no way out of the output root) and made once a task: a task's files share
+    # few folders, and its run is seconds long. A folder deleted during the task is not made again: the
+    # outputs meant for it fail, are recorded as errors, and the next run redoes them.
+    folders: dict[str, Path] = {}
     for position, item in enumerate(items):
         size, mtime = file_stat(item.input)
         start = time.perf_counter()

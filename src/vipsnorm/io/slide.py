@@ -536,6 +536,7 @@ class VipsSlide(Slide):
         self._memory = None
         self._luma = None
         self._owned = False
+        self._sequential = None
 
     def _fits_in_memory(self) -> bool:
         """True for an ordinary image small enough to be decoded once into memory by :meth:`probe`."""

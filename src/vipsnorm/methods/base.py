@@ -412,6 +412,8 @@ class LutMethod(Method):
         return _kernel_luma_program(self, params)
 
     def apply_in_place(self, pixels: np.ndarray, params: LutParams) -> bool:
+        if type(self).apply is not LutMethod.apply:  # (a subclass that maps otherwise: its apply decides)
+            return False
         if not _native.available() or pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[-1] not in (1, 3):
             return False
         bands = pixels.shape[-1]
