@@ -188,22 +188,17 @@ vk_program *vk_program_new(const vk_step *steps, int nops) {
                 }
             continue;
         }
-        size_t b1 = table_bytes(s, 1), b2 = table_bytes(s, 2);
-        if (b1) {
-            o->t1 = malloc(b1);
-            if (!o->t1) {
+        const void *src[2] = {s->t1, s->t2};
+        void **dst[2] = {&o->t1, &o->t2};
+        for (int k = 0; k < 2; k++) { /* the step's tables, copied (the caller's may go) */
+            size_t bytes = table_bytes(s, k + 1);
+            if (!bytes)
+                continue;
+            if (!(*dst[k] = malloc(bytes))) {
                 program_free(p);
                 return NULL;
             }
-            memcpy(o->t1, s->t1, b1);
-        }
-        if (b2) {
-            o->t2 = malloc(b2);
-            if (!o->t2) {
-                program_free(p);
-                return NULL;
-            }
-            memcpy(o->t2, s->t2, b2);
+            memcpy(*dst[k], src[k], bytes);
         }
     }
     if (state != S_U8) { /* the output must be uchar RGB */
