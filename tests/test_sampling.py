@@ -268,3 +268,92 @@ def test_sample_without_luma_refuses_a_luminance_fit(tmp_path):
             method.fit(sample)
     with pytest.raises(ValueError, match="luma=True"):
         Sample.pooled([sample, sample])
+
+
+@pytest.mark.parametrize("total, n", [(6, 4), (6, 2), (7, 1)])
+def test_choose_draws_every_subset_equally_often(total, n):
+    # the pixel subsample keeps n of total uniformly at random: each of the C(total, n) subsets as often
+    # as the others (a chi-square test at p = 0.001), exactly n every time; a draw that, say, dropped
+    # its surplus from the end would favour the first indices and fail
+    from itertools import combinations
+    from math import comb
+
+    rng = np.random.default_rng(11)
+    draws = 30_000
+    seen: dict[tuple[int, ...], int] = {}
+    for _ in range(draws):
+        keep = sampling._choose(total, n, rng)
+        assert keep.dtype == bool and keep.shape == (total,) and keep.sum() == n
+        key = tuple(np.flatnonzero(keep))
+        seen[key] = seen.get(key, 0) + 1
+    subsets = comb(total, n)
+    assert set(seen) == set(combinations(range(total), n))
+    expected = draws / subsets
+    chi2 = sum((count - expected) ** 2 / expected for count in seen.values())
+    # chi-square 0.999 quantiles: 14 degrees of freedom 36.1, 6 degrees 22.5
+    assert chi2 < {15: 36.1, 7: 22.5}[subsets], (chi2, seen)
+
+
+def test_limit_keeps_n_rows_in_their_order_with_both_ways_of_drawing():
+    values = np.arange(30_000, dtype=np.int64).reshape(-1, 3) // 3 * np.ones(3, np.int64)  # row i holds i
+    for n in (9_000, 7_000, 100):  # a large share (kept-or-not draws), a small one (rng.choice)
+        kept = sampling._limit(values, n, 5)
+        assert kept.shape == (n, 3) and (kept[:, 0] == kept[:, 2]).all()
+        assert (np.diff(kept[:, 0]) > 0).all()  # distinct rows, in their original order
+        np.testing.assert_array_equal(kept, sampling._limit(values, n, 5))  # seeded
+        assert abs(kept[:, 0].mean() - 4999.5) < 5 * 2887 / np.sqrt(n)  # uniform over the rows
+    assert sampling._limit(values, 10_000, 5) is values
+
+
+def _mask_per_pixel(view: np.ndarray) -> tuple[np.ndarray, float]:
+    """The saturation rule written per pixel: each pixel's saturation histogrammed, Otsu, s > t."""
+    s = saturation(view)
+    t = min(max(sampling._otsu(s), sampling._MIN_THRESHOLD), sampling._MAX_THRESHOLD)
+    mask = s > t
+    if not mask.any() or mask.all() or s[mask].mean() - s[~mask].mean() < sampling._MIN_SEPARATION:
+        mask = np.zeros_like(mask)
+    return mask, t
+
+
+def _overviews():
+    yield "synthetic", synthetic_slide(700, 500, seed=5).numpy()[..., :3]
+    rng = np.random.default_rng(9)
+    glass = np.full((300, 400, 3), 236, np.uint8)
+    glass[50:200, 60:300] = rng.integers(90, 220, (150, 240, 3), dtype=np.uint8)
+    yield "noisy tissue on glass", glass
+    if DATA.is_dir():
+        for path in sorted((DATA / "tiles").glob("*.png"))[:4] + [DATA / "slides" / "CMU-1-Small-Region.svs"]:
+            yield path.name, sampling.overview(vipsnorm.open(path))[0]
+
+
+def test_tissue_mask_counts_saturation_pairs_as_every_pixel_would():
+    # the mask thresholds each (chroma, max) pair's saturation, counted once per pair: the same
+    # threshold and mask as each pixel's saturation
+    tried = 0
+    for name, view in _overviews():
+        expected, t = _mask_per_pixel(view)
+        mask = tissue_mask(view)
+        assert mask.rule == "saturation", name
+        assert mask.threshold == t, name
+        np.testing.assert_array_equal(mask.mask, expected, err_msg=name)
+        tried += 1
+    assert tried >= 2
+    with pytest.raises(TypeError, match="uint8"):
+        tissue_mask(np.zeros((8, 8, 3), np.float32))
+
+
+def test_cell_sums_agree_with_an_integral_image():
+    rng = np.random.default_rng(2)
+    mask = rng.random((203, 157)) < 0.4
+    integral = np.pad(mask.cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+
+    def reference(x0, x1, y0, y1):
+        return integral[np.ix_(y1, x1)] - integral[np.ix_(y0, x1)] - integral[np.ix_(y1, x0)] + integral[np.ix_(y0, x0)]
+
+    # cells that tile the mask (one pass), and cells of one overview pixel that overlap (integral)
+    xs, ys = np.array([0, 20, 41, 100, 157]), np.array([0, 7, 60, 203])
+    tiling = (xs[:-1], xs[1:], ys[:-1], ys[1:])
+    overlapping = (np.array([0, 0, 1]), np.array([1, 1, 2]), np.array([0, 1]), np.array([1, 2]))
+    short = (xs[:-1], xs[1:], ys[:-2], ys[1:-1])  # not reaching the last row: not a tiling
+    for cells in (tiling, overlapping, short):
+        np.testing.assert_array_equal(sampling._cell_sums(mask, *cells), reference(*cells))

@@ -636,3 +636,40 @@ def test_a_colour_image_mostly_glass_is_not_taken_for_grey():
     img.reshape(-1, 3)[: stained.shape[0]] = stained
     params = Reinhard(PALETTE).fit(Sample.from_array(img))
     assert np.all(np.isfinite(params.std)) and params.std[1] > 1
+
+
+@pytest.mark.parametrize("colour_share", [0.0, 0.0005, 0.0009, 0.00095, 0.001, 0.0011, 0.002])
+def test_grey_check_is_the_99_9th_percentile_of_the_channel_spread(colour_share):
+    # the check counts the spreads of the stained pixels (0..255) instead of np.percentile over them:
+    # the same decision on either side of the threshold
+    from vipsnorm.methods.stain import GREY_SPREAD, _tissue
+
+    rng = np.random.default_rng(3)
+    n = 20_000
+    grey = rng.integers(60, 200, n).astype(np.uint8)
+    pixels = np.stack([grey, grey + rng.integers(0, GREY_SPREAD + 1, n).astype(np.uint8), grey], axis=1)
+    coloured = rng.choice(n, int(round(colour_share * n)), replace=False)
+    pixels[coloured, 0] -= 40  # a reddish few
+    pixels = np.concatenate([pixels, np.full((500, 3), 240, np.uint8)])  # and glass, not counted
+    darkest = pixels.min(axis=1)
+    grey_by_numpy = np.percentile(np.ptp(pixels[darkest < 205], axis=1), 99.9) <= GREY_SPREAD
+    if grey_by_numpy:
+        with pytest.raises(UnsupportedImageError, match="grey stored as RGB"):
+            _tissue(pixels, "reinhard", None)
+    else:
+        assert _tissue(pixels, "reinhard", None) is pixels
+    assert grey_by_numpy == (colour_share < 0.001)  # both sides are tried
+
+
+def test_macenko_keeps_the_same_stained_pixels_for_uint8_and_wider_values():
+    # uint8 pixels are kept when their brightest channel is dark enough; any other integer type goes
+    # through the per-channel optical density test: the same pixels, so the same stains
+    pixels = _synthetic(n=96)[..., :3].reshape(-1, 3)
+    for beta in (0.15, 0.0, 0.6):
+        a = macenko_stains(pixels, beta=beta)
+        b = macenko_stains(pixels.astype(np.int64), beta=beta)
+        np.testing.assert_array_equal(a[0], b[0])
+        np.testing.assert_array_equal(a[1], b[1])
+        assert a[2] == b[2]
+        if beta == 0.15:
+            assert 0 < a[2] < pixels.shape[0]

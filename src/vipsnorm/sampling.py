@@ -104,8 +104,9 @@ def saturation(rgb: np.ndarray) -> np.ndarray:
     return np.divide(chroma, np.maximum(mx, 1), dtype=np.float32)
 
 
-def _otsu(values: np.ndarray, bins: int = 256, value_range=(0.0, 1.0)) -> float:
-    counts, edges = np.histogram(values, bins=bins, range=value_range)
+def _otsu(values: np.ndarray, bins: int = 256, value_range=(0.0, 1.0), weights: np.ndarray | None = None) -> float:
+    """Otsu's threshold of ``values`` (each counted ``weights`` times, when given), a bin centre."""
+    counts, edges = np.histogram(values, bins=bins, range=value_range, weights=weights)
     centers = (edges[:-1] + edges[1:]) / 2
     w0 = np.cumsum(counts)
     w1 = w0[-1] - w0
@@ -125,22 +126,43 @@ def tissue_mask(overview: np.ndarray, downsample: float = 1.0, path=None) -> Tis
     darkest channel. A threshold that does not separate two
     distinct classes (an all-glass slide, whose saturation is only noise) yields :class:`NoTissueError`.
     """
+    if overview.dtype != np.uint8:
+        raise TypeError(f"tissue_mask takes a uint8 overview, not {overview.dtype}")
     if overview.ndim == 2:
         overview = overview[..., np.newaxis]
     bands = overview.shape[-1]
     rule = "saturation" if bands == 3 else "intensity"
     if bands == 3:
-        mx, mn = _max_min(overview)
+        r, g, b = overview[..., 0], overview[..., 1], overview[..., 2]
+        mx = np.maximum(np.maximum(r, g), b)
+        mn = np.minimum(np.minimum(r, g), b)
+        chroma = mx - mn  # uint8, never negative
         candidates = mn < 205  # what could be tissue: glass is grey on any slide
-        if candidates.sum() >= 16 and np.percentile((mx - mn)[candidates], 99.9) <= _GREY_SPREAD:
+        # (np.percentile of the chroma values, from their 256 counts)
+        spread = value_counts(chroma, np.left_shift(candidates, 8, dtype=np.uint16))
+        if spread.sum() >= 16 and percentile(spread, 99.9) <= _GREY_SPREAD:
             # no chroma where there could be tissue: grey, whatever the band count
             rule = "intensity"
-            overview = mn.astype(np.uint8)[..., np.newaxis]
+            overview = mn[..., np.newaxis]
     if rule == "saturation":
-        s = saturation(overview)
-        t = min(max(_otsu(s), _MIN_THRESHOLD), _MAX_THRESHOLD)
-        mask = s > t
-        separation = s[mask].mean() - s[~mask].mean() if mask.any() and (~mask).any() else 0.0
+        # A pixel's saturation depends on its (chroma, max) pair only: the 65536 pairs are counted and
+        # each pair's saturation (as :func:`saturation` computes it) is histogrammed, thresholded and
+        # averaged with its count as weight. The same threshold and mask as from every pixel's value,
+        # in a third of the time (0.1 s on a 2048 px overview).
+        pair = np.left_shift(chroma, 8, dtype=np.uint16)
+        pair |= mx
+        pairs = np.bincount(pair.reshape(-1), minlength=1 << 16).astype(np.float64)
+        pair_chroma, pair_max = np.divmod(np.arange(1 << 16), 256)
+        s = np.divide(pair_chroma, np.maximum(pair_max, 1), dtype=np.float32)
+        t = min(max(_otsu(s, weights=pairs), _MIN_THRESHOLD), _MAX_THRESHOLD)
+        tissue_pairs = s > t
+        mask = np.take(tissue_pairs, pair)
+        inside, outside = pairs[tissue_pairs].sum(), pairs[~tissue_pairs].sum()
+        separation = (
+            (pairs * s)[tissue_pairs].sum() / inside - (pairs * s)[~tissue_pairs].sum() / outside
+            if inside > 0 and outside > 0
+            else 0.0
+        )
         if separation < _MIN_SEPARATION:
             mask = np.zeros_like(mask)
     else:
@@ -336,8 +358,40 @@ def _limit(values: np.ndarray, n: int, seed: int | np.random.Generator) -> np.nd
     """At most ``n`` rows of ``values`` (a uniform random choice, in their original order)."""
     if values.shape[0] <= n:
         return values
-    rng = np.random.default_rng(seed)
-    return values[np.sort(rng.choice(values.shape[0], n, replace=False))]
+    return _rows(values, _choose(values.shape[0], n, np.random.default_rng(seed)))
+
+
+def _rows(values: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """``values[keep]`` for a boolean ``keep`` over the rows of ``values``: ``np.compress`` copies a
+    pixel's 3 bytes at once, 5x faster than boolean indexing of ``(n, 3)`` rows."""
+    return np.compress(keep, values, axis=0)
+
+
+def _choose(total: int, n: int, rng: np.random.Generator) -> np.ndarray:
+    """A uniformly random ``n``-subset of ``range(total)`` (``0 < n < total``), as a boolean mask.
+
+    When ``n`` is a sizeable share of ``total`` (2 of 3 million pixels for a stain fit), each index is
+    kept with probability ``n / total`` and the surplus or shortfall (a few hundred) is then dropped
+    from the kept, or added from the others, uniformly at random. Every ``n``-subset is equally likely,
+    as with ``rng.choice(total, n, replace=False)``: given its size ``m``, the first draw is a uniform
+    ``m``-subset, and a uniform ``m - n`` of it removed (or a uniform ``n - m`` of the rest added)
+    leaves a uniform ``n``-subset. One random number per index instead of ``rng.choice``'s shuffle of
+    every index, and a mask instead of a sort: 0.11 -> 0.03 s for 2 of 3 million. A small ``n`` (under
+    2 % of ``total``) goes to ``rng.choice``, which draws it without touching every index.
+    """
+    keep = np.zeros(total, bool)
+    if n * 50 < total:
+        keep[rng.choice(total, n, replace=False, shuffle=False)] = True
+        return keep
+    np.less(rng.random(total), n / total, out=keep)
+    m = int(np.count_nonzero(keep))
+    if m > n:
+        kept = np.flatnonzero(keep)
+        keep[kept[rng.choice(m, m - n, replace=False, shuffle=False)]] = False
+    elif m < n:
+        rest = np.flatnonzero(~keep)
+        keep[rest[rng.choice(rest.size, n - m, replace=False, shuffle=False)]] = True
+    return keep
 
 
 def _gather(strips, mask: TissueMask | None, expected: float, n: int, seed: int) -> np.ndarray:
@@ -357,9 +411,11 @@ def _gather(strips, mask: TissueMask | None, expected: float, n: int, seed: int)
     for strip in strips:
         strip = strip if strip.ndim == 3 else strip[..., np.newaxis]
         bands = strip.shape[-1]
-        values = strip[_tissue_pixels_array(strip, mask)] if mask is not None else strip.reshape(-1, bands)
+        values = strip.reshape(-1, bands)
+        if mask is not None:
+            values = _rows(values, _tissue_pixels_array(strip, mask).reshape(-1))
         if rate < 1.0:
-            values = values[rng.random(values.shape[0]) < rate]
+            values = _rows(values, rng.random(values.shape[0]) < rate)
         kept.append(values)
     return _limit(np.concatenate(kept) if kept else np.zeros((0, bands), np.uint8), n, rng)
 
@@ -415,15 +471,13 @@ def _sample_tiles(
     w0, h0 = slide.dimensions
     tile = min(tile, w0, h0)
     cols, rows = -(-w0 // tile), -(-h0 // tile)
-    # Overview tissue pixels in every grid cell (at least one overview pixel each), from an integral
-    # image of the mask.
-    integral = np.pad(mask.mask.cumsum(0, dtype=np.int32).cumsum(1, dtype=np.int32), ((1, 0), (1, 0)))
+    # Overview tissue pixels in every grid cell (at least one overview pixel each).
     mh, mw = mask.mask.shape
     xs = np.minimum(np.round(np.arange(cols + 1) * tile / mask.downsample).astype(int), mw)
     ys = np.minimum(np.round(np.arange(rows + 1) * tile / mask.downsample).astype(int), mh)
     x1, y1 = np.minimum(np.maximum(xs[1:], xs[:-1] + 1), mw), np.minimum(np.maximum(ys[1:], ys[:-1] + 1), mh)
     x0, y0 = np.minimum(xs[:-1], x1 - 1), np.minimum(ys[:-1], y1 - 1)
-    inside = integral[np.ix_(y1, x1)] - integral[np.ix_(y0, x1)] - integral[np.ix_(y1, x0)] + integral[np.ix_(y0, x0)]
+    inside = _cell_sums(mask.mask, x0, x1, y0, y1)
     # Every cell with any tissue is a candidate, drawn with equal probability: each then contributes
     # its tissue pixels only, so the sum estimates the slide's tissue histogram without bias (keeping
     # only mostly-tissue cells would under-represent the pale tissue borders).
@@ -443,8 +497,10 @@ def _sample_tiles(
         cell_area = ((x1 - x0)[np.newaxis, :] * (y1 - y0)[:, np.newaxis]).astype(np.float64)
         expected = sum(inside[row, col] / cell_area[row, col] * tile * tile for col, row in (tissue_cells[i] for i in chosen))
         keep_rate = min(1.0, 1.5 * pixels / max(expected, 1.0))
+        keep_below = max(1, round(keep_rate * (1 << 16)))
 
-    def read(index: int) -> tuple[np.ndarray, np.ndarray | None]:
+    def read(job: tuple[int, int]) -> tuple[np.ndarray, np.ndarray | None]:
+        index, tile_seed = job
         col, row = tissue_cells[index]
         x, y = col * tile, row * tile
         # one crop per tile: a long-lived Region was faster per fetch but its buffers grew the peak
@@ -452,26 +508,56 @@ def _sample_tiles(
         crop = level0.crop(x, y, min(tile, w0 - x), min(tile, h0 - y))
         array = slide.decode(crop.numpy)
         tissue = _tissue_pixels_array(array, mask)
-        tissue_pixels = array.reshape(-1, array.shape[-1] if array.ndim == 3 else 1)[tissue.reshape(-1)] if pixels else None
-        return histograms(array, tissue), tissue_pixels
+        tile_hist = histograms(array, tissue)
+        if not pixels:
+            return tile_hist, None
+        # each tissue pixel kept with the same probability, drawn here in the reading thread (not in
+        # the one adding the tiles up: 0.24 s of a stain fit's 0.84 s at 20k) from the tile's own
+        # generator, so the draws do not depend on which thread reads which tile
+        # (16-bit draws, half the cost of float ones; the rate in steps of 1/65536)
+        if keep_rate < 1.0:
+            draws = np.random.default_rng(tile_seed).integers(0, 1 << 16, tissue.shape, dtype=np.uint16)
+            tissue &= draws < keep_below
+        return tile_hist, _rows(array.reshape(-1, array.shape[-1] if array.ndim == 3 else 1), tissue.reshape(-1))
 
     # Tiles are read by a few threads (libvips decodes, and numpy counts, without holding the GIL for
     # most of the time) and used in order, so the result does not depend on the threads. Not for the
     # OpenSlide backend, whose tiles come through Python callbacks.
     order = sorted(chosen)
+    jobs = list(zip(order, rng.integers(0, 2**63, len(order)).tolist()))
     threads = min(SAMPLE_THREADS, _cores()) if slide.backend == "libvips" else 1
     with ThreadPoolExecutor(threads) if threads > 1 else nullcontext() as pool:
         # a few tiles ahead of the one being added, never all of them in memory
         window = 4 * threads
-        for start in range(0, len(order), window):
-            part = order[start : start + window]
+        for start in range(0, len(jobs), window):
+            part = jobs[start : start + window]
             for tile_hist, tissue_pixels in pool.map(read, part) if pool is not None else map(read, part):
                 hist += tile_hist
                 if tissue_pixels is not None:
-                    kept.append(tissue_pixels[rng.random(tissue_pixels.shape[0]) < keep_rate])
+                    kept.append(tissue_pixels)
     if not pixels:
         return hist, None
     return hist, _limit(np.concatenate(kept) if kept else np.zeros((0, mask.bands), np.uint8), pixels, seed)
+
+
+def _cell_sums(mask: np.ndarray, x0: np.ndarray, x1: np.ndarray, y0: np.ndarray, y1: np.ndarray) -> np.ndarray:
+    """``mask[y0[r]:y1[r], x0[c]:x1[c]].sum()`` for every row ``r`` and column ``c`` of a grid of cells.
+
+    Cells that tile the mask exactly (the usual case: an overview pixel is smaller than a tile) are
+    summed in one pass with ``np.add.reduceat``; others (cells of one overview pixel that overlap, on
+    a coarse overview) from an integral image, whose two cumulative sums over a 2048 px mask cost
+    ten times as much (0.05 s).
+    """
+    mh, mw = mask.shape
+    if (
+        x0[0] == 0 and y0[0] == 0 and x1[-1] == mw and y1[-1] == mh
+        and np.array_equal(x0[1:], x1[:-1]) and np.array_equal(y0[1:], y1[:-1])
+        and (x1 > x0).all() and (y1 > y0).all()
+    ):
+        rows = np.add.reduceat(mask, y0, axis=0, dtype=np.int32)
+        return np.add.reduceat(rows, x0, axis=1, dtype=np.int32)
+    integral = np.pad(mask.cumsum(0, dtype=np.int32).cumsum(1, dtype=np.int32), ((1, 0), (1, 0)))
+    return integral[np.ix_(y1, x1)] - integral[np.ix_(y0, x1)] - integral[np.ix_(y1, x0)] + integral[np.ix_(y0, x0)]
 
 
 def _cores() -> int:

@@ -21,7 +21,7 @@ import pyvips
 
 from .. import _native
 from ..errors import InvalidReferenceError, NoTissueError, StainSeparationError, UnsupportedImageError
-from ._hist import STEP, take
+from ._hist import STEP, percentile, take
 from ._stain import (
     HE_REF,
     LAB_C,
@@ -266,11 +266,13 @@ def macenko_stains(
     pixels = np.asarray(pixels).reshape(-1, 3)
     table = od_lut(io)
     if pixels.dtype == np.uint8:  # the threshold applied to the 256 values, not to every pixel's OD
-        dark = table >= beta
-        keep = take(dark, pixels[:, 0])
-        keep &= take(dark, pixels[:, 1])
-        keep &= take(dark, pixels[:, 2])
-        odhat = take(table, pixels[keep])
+        # OD falls as the value rises, so the values dark enough are 0 .. dark - 1, and a pixel is
+        # dark enough in every channel when its brightest channel is (one comparison a pixel, where a
+        # lookup per channel took 0.1 s on 2 million pixels)
+        dark = int(np.count_nonzero(table >= beta))
+        brightest = np.maximum(np.maximum(pixels[:, 0], pixels[:, 1]), pixels[:, 2])
+        keep = brightest < dark if dark < 256 else np.ones(pixels.shape[0], bool)
+        odhat = take(table, np.compress(keep, pixels, axis=0))  # (5x faster than pixels[keep])
     else:
         od = table[pixels]
         odhat = od[(od >= beta).all(axis=1)]
@@ -939,15 +941,22 @@ def _glass_levels(option, sample: Sample) -> tuple[float, float] | None:
 
 def _tissue(pixels: np.ndarray, method: str, glass: tuple[float, float] | None) -> np.ndarray:
     """The pixels the statistics are taken on: all, or (glass protection) those it does not keep."""
-    darkest = pixels.min(axis=1)
-    n = int(np.count_nonzero(darkest < 205.0))
+    # (the channels as columns: min(axis=1) and ptp over millions of 3-value rows took 0.13 s)
+    darkest = np.minimum(np.minimum(pixels[:, 0], pixels[:, 1]), pixels[:, 2])
+    stained = darkest < 205.0
+    n = int(np.count_nonzero(stained))
     if n < MIN_STAINED_PIXELS:
         raise NoTissueError(
             None,
             f"{method}: only {n} of {pixels.shape[0]} pixels are tissue (darkest channel below 205); need "
             f"at least {MIN_STAINED_PIXELS}: the image is blank or all glass",
         )
-    if np.percentile(np.ptp(pixels[darkest < 205.0], axis=1), 99.9) <= GREY_SPREAD:  # (of the tissue: glass is grey)
+    spread = (np.maximum(np.maximum(pixels[:, 0], pixels[:, 1]), pixels[:, 2]) - darkest)[stained]
+    if pixels.dtype == np.uint8:  # np.percentile's value, from the 256 counts instead of a partition
+        spread_999 = percentile(np.bincount(spread, minlength=256), 99.9)
+    else:
+        spread_999 = float(np.percentile(spread, 99.9))
+    if spread_999 <= GREY_SPREAD:  # (of the tissue: glass is grey)
         # a grey image stored as RGB has no chroma to map: Reinhard would tint it with the target's mean
         # colour, or, as a target, take the colour out of every image
         raise UnsupportedImageError(
@@ -957,7 +966,7 @@ def _tissue(pixels: np.ndarray, method: str, glass: tuple[float, float] | None) 
         )
     if glass is None:
         return pixels
-    kept = pixels[darkest < glass[1]]
+    kept = np.compress(darkest < glass[1], pixels, axis=0)
     if kept.shape[0] < MIN_STAINED_PIXELS:
         # glass protection keeps the pixels at or above ``high`` as they are, and they are not counted
         raise NoTissueError(
