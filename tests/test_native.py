@@ -561,3 +561,93 @@ def luma_of(array):
 
     with _native.switched_off():
         return luma_array(array)
+
+
+@pytest.fixture
+def simd_restored():
+    yield
+    _native.simd(True)
+
+
+def test_ssse3_luma_is_the_integer_luma_of_every_colour(every_colour, simd_restored):
+    # the 16-pixel loop (where the CPU has SSSE3) and the scalar one, against the integer formula
+    rgb = every_colour.reshape(-1, 3).astype(np.int64)
+    want = ((4899 * rgb[:, 0] + 9617 * rgb[:, 1] + 1868 * rgb[:, 2] + 8192) >> 14).astype(np.uint8)
+    for on in (True, False):
+        _native.simd(on)
+        np.testing.assert_array_equal(_native.luma(every_colour).reshape(-1), want, err_msg=f"simd {on}")
+
+
+@pytest.mark.parametrize("npix", [0, 1, 15, 16, 17, 18, 19, 33, 1023, 1024, 1025, 2063, 65536])
+def test_ssse3_luma_change_equals_the_scalar_loop_at_every_length(npix, simd_restored):
+    # the SSSE3 loops do 16 pixels at a time (the luma's loads read 4 bytes ahead, so it stops 2 pixels
+    # early) and leave the rest to the scalar loop: every length around those edges, given luma or
+    # not, into a new array or in place, and the fused equalization
+    rng = np.random.default_rng(npix)
+    rgb = rng.integers(0, 256, (1, npix, 3)).astype(np.uint8)
+    rgb[0, ::7] = 255  # saturating up and down
+    rgb[0, 3::11] = 0
+    luts = [rng.integers(0, 256, 256).astype(np.uint8), np.full(256, 255, np.uint8), np.zeros(256, np.uint8)]
+    results = {}
+    for on in (True, False):
+        _native.simd(on)
+        y = _native.luma(rgb)
+        got = [y]
+        for lut in luts:
+            got.append(_native.apply_luma(rgb, lut, y))
+            got.append(_native.apply_luma(rgb, lut))
+            copy = rgb.copy()
+            _native.apply_luma(copy, lut, out=copy)
+            got.append(copy)
+        if npix:
+            got.extend(_native.equalize_luma(rgb)[:1])
+            got.append(_native.counts(rgb, luma=True)[0])
+        results[on] = got
+    for a, b in zip(results[True], results[False]):
+        np.testing.assert_array_equal(a, b)
+    # and the scalar loop against the numpy arithmetic
+    if npix:
+        y = results[False][0].astype(int)
+        want = np.clip(rgb.astype(int) + (luts[0].astype(int)[y] - y)[..., np.newaxis], 0, 255)
+        np.testing.assert_array_equal(results[False][1], want)
+
+
+def test_ssse3_loops_are_used_where_the_cpu_has_them(simd_restored):
+    import platform
+
+    on = _native.simd(True)
+    if platform.machine() in ("x86_64", "AMD64"):
+        # SSSE3 is on every x86-64 CPU since 2006 (and on the CI machines): the fast loops are tested
+        assert on
+    assert _native.simd(False) is False
+
+
+_GUARD_SCRIPT = r"""
+import ctypes, mmap, sys
+import numpy as np
+from vipsnorm import _native
+assert _native.available()
+page = mmap.PAGESIZE
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+for n in [int(v) for v in sys.argv[1:]]:
+    buffer = mmap.mmap(-1, 2 * page)
+    base = ctypes.addressof(ctypes.c_char.from_buffer(buffer))
+    assert libc.mprotect(base + page, page, 0) == 0  # PROT_NONE: the byte after the pixels faults
+    rgb = np.frombuffer(buffer, np.uint8, 3 * n, page - 3 * n).reshape(1, n, 3)
+    y = _native.luma(rgb)
+    _native.counts(rgb, luma=True)
+    _native.equalize_luma(rgb)
+    _native.apply_luma(rgb, np.arange(256, dtype=np.uint8)[::-1].copy())
+print("ok")
+"""
+
+
+def test_ssse3_luma_never_reads_past_the_pixels():
+    # the luma's 16-byte loads read 4 bytes past the 4 pixels they use: pixels that end where a page
+    # the process may not read begins must still be read without a fault, at every length near the end
+    import subprocess
+
+    lengths = [str(n) for n in (1, 2, 15, 16, 17, 18, 19, 20, 32, 33, 34, 35, 1024, 1025, 1026, 1041)]
+    done = subprocess.run([sys.executable, "-c", _GUARD_SCRIPT, *lengths], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", (done.returncode, done.stderr[-2000:])

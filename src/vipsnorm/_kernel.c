@@ -33,7 +33,14 @@
 
 #define VK_CHUNK 256
 #define VK_CUBE (1L << 24)
-#define VK_VERSION 5
+#define VK_VERSION 6
+
+/* SSSE3 versions of the luma and of the luma change (x86 with GCC or Clang), chosen at run time when
+   the CPU has SSSE3 (vk_simd); the same integer arithmetic as the scalar loops, bit for bit. */
+#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
+#include <immintrin.h>
+#define VK_SSSE3 1
+#endif
 
 /* The libvips (and GLib) functions used, passed in by vk_init. */
 typedef struct {
@@ -57,6 +64,7 @@ static int api_ready = 0;
 enum { OP_PAIRSUM = 1, OP_TOINDEX = 2, OP_COLUMNMIX = 3, OP_LUT = 4, OP_RECOMB = 5, OP_LUMA = 6, OP_BLEND = 7 };
 /* BT.601 luma in fixed point, as methods/_hist.py (LUMA_WEIGHTS) and OpenCV's RGB2YCrCb */
 static inline int luma_of(const uint8_t *px) { return (4899 * px[0] + 9617 * px[1] + 1868 * px[2] + 8192) >> 14; }
+void vk_luma(const uint8_t *in, long npix, uint8_t *y);
 
 /* what the chunk's pixels are between steps */
 enum { S_RGB8 = 0, S_F32 = 1, S_U16 = 2, S_U8 = 3 };
@@ -459,6 +467,89 @@ void vk_histograms(const uint8_t *in, int bands, long npix, const uint8_t *keep,
     }
 }
 
+/* --- SSSE3: 16 pixels at a time -------------------------------------------------------------- */
+
+static int simd_state = -1; /* -1: not decided yet; 0: scalar; 1: SSSE3 */
+
+static int simd_on(void) {
+    int state = __atomic_load_n(&simd_state, __ATOMIC_RELAXED);
+    if (state < 0) {
+#ifdef VK_SSSE3
+        __builtin_cpu_init();
+        state = __builtin_cpu_supports("ssse3") ? 1 : 0;
+#else
+        state = 0;
+#endif
+        __atomic_store_n(&simd_state, state, __ATOMIC_RELAXED);
+    }
+    return state;
+}
+
+/* Tests: 0 switches the SSSE3 loops off, 1 back on where the CPU has SSSE3. Returns whether they are on. */
+int vk_simd(int on) {
+    __atomic_store_n(&simd_state, on ? -1 : 0, __ATOMIC_RELAXED);
+    return simd_on();
+}
+
+#ifdef VK_SSSE3
+/* The luma of the first pixels of `in`, 16 at a time: y = (4899 R + 9617 G + 1868 B + 8192) >> 14 as
+   luma_of, from (R, G) and (B, 0) 16-bit pairs multiplied and added in 32 bits. Each 16-byte load
+   covers 4 pixels and reads 4 bytes past them, so it stops 2 pixels before the end. Returns how many
+   pixels it did (the rest are the caller's). */
+__attribute__((target("ssse3"))) static long luma_ssse3(const uint8_t *in, long npix, uint8_t *y) {
+    const __m128i rg = _mm_setr_epi8(0, -1, 1, -1, 3, -1, 4, -1, 6, -1, 7, -1, 9, -1, 10, -1);
+    const __m128i b = _mm_setr_epi8(2, -1, -1, -1, 5, -1, -1, -1, 8, -1, -1, -1, 11, -1, -1, -1);
+    const __m128i w_rg = _mm_setr_epi16(4899, 9617, 4899, 9617, 4899, 9617, 4899, 9617);
+    const __m128i w_b = _mm_setr_epi16(1868, 0, 1868, 0, 1868, 0, 1868, 0);
+    const __m128i half = _mm_set1_epi32(8192);
+    long i = 0;
+    for (; i + 18 <= npix; i += 16) {
+        const uint8_t *p = in + 3 * i;
+        __m128i q[4];
+        for (int k = 0; k < 4; k++) {
+            __m128i v = _mm_loadu_si128((const __m128i *)(p + 12 * k));
+            __m128i sum = _mm_add_epi32(_mm_madd_epi16(_mm_shuffle_epi8(v, rg), w_rg), _mm_madd_epi16(_mm_shuffle_epi8(v, b), w_b));
+            q[k] = _mm_srli_epi32(_mm_add_epi32(sum, half), 14);
+        }
+        _mm_storeu_si128((__m128i *)(y + i), _mm_packus_epi16(_mm_packs_epi32(q[0], q[1]), _mm_packs_epi32(q[2], q[3])));
+    }
+    return i;
+}
+
+/* out = clip(in + change) band by band for the first pixels, 16 at a time, the change of pixel i being
+   pn[y[i]]: its positive part in the low byte, its negative part in the high one (one of them 0), so
+   that a saturating add then a saturating subtract clip it as the scalar loop does. `out` may be `in`
+   (each 16 pixels are read before they are written). Returns how many pixels it did. */
+__attribute__((target("ssse3"))) static long change_ssse3(const uint8_t *in, const uint8_t *y, long npix,
+                                                          const uint16_t *pn, uint8_t *out) {
+    const __m128i e0 = _mm_setr_epi8(0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3, 4, 4, 4, 5);
+    const __m128i e1 = _mm_setr_epi8(5, 5, 6, 6, 6, 7, 7, 7, 8, 8, 8, 9, 9, 9, 10, 10);
+    const __m128i e2 = _mm_setr_epi8(10, 11, 11, 11, 12, 12, 12, 13, 13, 13, 14, 14, 14, 15, 15, 15);
+    const __m128i low = _mm_set1_epi16(0xff);
+    uint16_t d[16];
+    long i = 0;
+    for (; i + 16 <= npix; i += 16) {
+        for (int k = 0; k < 16; k++)
+            d[k] = pn[y[i + k]];
+        __m128i d0 = _mm_loadu_si128((const __m128i *)d), d1 = _mm_loadu_si128((const __m128i *)(d + 8));
+        __m128i pos = _mm_packus_epi16(_mm_and_si128(d0, low), _mm_and_si128(d1, low));
+        __m128i neg = _mm_packus_epi16(_mm_srli_epi16(d0, 8), _mm_srli_epi16(d1, 8));
+        const uint8_t *p = in + 3 * i;
+        uint8_t *q = out + 3 * i;
+        __m128i a0 = _mm_loadu_si128((const __m128i *)p);
+        __m128i a1 = _mm_loadu_si128((const __m128i *)(p + 16));
+        __m128i a2 = _mm_loadu_si128((const __m128i *)(p + 32));
+        a0 = _mm_subs_epu8(_mm_adds_epu8(a0, _mm_shuffle_epi8(pos, e0)), _mm_shuffle_epi8(neg, e0));
+        a1 = _mm_subs_epu8(_mm_adds_epu8(a1, _mm_shuffle_epi8(pos, e1)), _mm_shuffle_epi8(neg, e1));
+        a2 = _mm_subs_epu8(_mm_adds_epu8(a2, _mm_shuffle_epi8(pos, e2)), _mm_shuffle_epi8(neg, e2));
+        _mm_storeu_si128((__m128i *)q, a0);
+        _mm_storeu_si128((__m128i *)(q + 16), a1);
+        _mm_storeu_si128((__m128i *)(q + 32), a2);
+    }
+    return i;
+}
+#endif
+
 /* Counts of each band of `bands`-band pixels ((bands, 256), added to `out`), or of their luma (256)
    when `luma` (bands 3), whose values are also written to `y` if not NULL. Two tables, for even and
    odd pixels, so that a run of one value does not wait on its own previous increment. */
@@ -466,11 +557,13 @@ void vk_counts(const uint8_t *in, int bands, long npix, int luma, int64_t *out, 
     uint64_t h[2][768];
     memset(h, 0, sizeof(h));
     if (luma) {
-        for (long i = 0; i < npix; i++) {
-            int v = luma_of(in + 3 * i);
-            h[i & 1][v]++;
-            if (y)
-                y[i] = (uint8_t)v;
+        uint8_t block[1024];
+        for (long start = 0; start < npix; start += 1024) {
+            long n = npix - start < 1024 ? npix - start : 1024;
+            uint8_t *t = y ? y + start : block;
+            vk_luma(in + 3 * start, n, t);
+            for (long k = 0; k < n; k++)
+                h[k & 1][t[k]]++;
         }
         for (int v = 0; v < 256; v++)
             out[v] += (int64_t)(h[0][v] + h[1][v]);
@@ -516,7 +609,29 @@ void vk_apply_luma(const uint8_t *in, const uint8_t *y, long npix, const uint8_t
         delta[v] = (int16_t)((int)lut[v] - v + 255);
     for (int v = 0; v < 767; v++)
         clip[v] = (uint8_t)(v < 255 ? 0 : v > 510 ? 255 : v - 255);
-    for (long i = 0; i < npix; i++) {
+    long i = 0;
+#ifdef VK_SSSE3
+    if (simd_on() && npix >= 16) {
+        uint16_t pn[256];
+        for (int v = 0; v < 256; v++) {
+            int d = (int)lut[v] - v;
+            pn[v] = (uint16_t)(d > 0 ? d : (-d) << 8);
+        }
+        if (y) {
+            i = change_ssse3(in, y, npix, pn, out);
+        } else { /* the luma of a block, then its change (in place too: the block is read first) */
+            uint8_t block[1024];
+            while (npix - i >= 16) {
+                long n = npix - i < 1024 ? npix - i : 1024;
+                long done = luma_ssse3(in + 3 * i, n, block);
+                for (long k = done; k < n; k++)
+                    block[k] = (uint8_t)luma_of(in + 3 * (i + k));
+                i += change_ssse3(in + 3 * i, block, n, pn, out + 3 * i);
+            }
+        }
+    }
+#endif
+    for (; i < npix; i++) {
         const uint8_t *px = in + 3 * i;
         int d = delta[y ? y[i] : luma_of(px)];
         out[3 * i] = clip[px[0] + d];
@@ -527,7 +642,12 @@ void vk_apply_luma(const uint8_t *in, const uint8_t *y, long npix, const uint8_t
 
 /* y = the luma of each RGB pixel. */
 void vk_luma(const uint8_t *in, long npix, uint8_t *y) {
-    for (long i = 0; i < npix; i++)
+    long i = 0;
+#ifdef VK_SSSE3
+    if (simd_on())
+        i = luma_ssse3(in, npix, y);
+#endif
+    for (; i < npix; i++)
         y[i] = (uint8_t)luma_of(in + 3 * i);
 }
 
@@ -536,17 +656,22 @@ void vk_luma(const uint8_t *in, long npix, uint8_t *y) {
    equalize_lut computes it, and the luma's change added to every band (apply_luma). Returns how many
    luma values occur: with one or none the LUT is the identity (and `out` the input). */
 int vk_equalize_luma(const uint8_t *in, long npix, uint8_t *y, uint8_t *out) {
-    int64_t h[2][256];
+    vk_luma(in, npix, y);
+    int64_t h[4][256]; /* four tables: a run of one value does not wait on its own previous increment */
     memset(h, 0, sizeof(h));
-    for (long i = 0; i < npix; i++) {
-        int v = luma_of(in + 3 * i);
-        h[i & 1][v]++;
-        y[i] = (uint8_t)v;
+    long i = 0;
+    for (; i + 4 <= npix; i += 4) {
+        h[0][y[i]]++;
+        h[1][y[i + 1]]++;
+        h[2][y[i + 2]]++;
+        h[3][y[i + 3]]++;
     }
+    for (; i < npix; i++)
+        h[0][y[i]]++;
     int64_t counts[256];
     int present = 0, first = -1;
     for (int v = 0; v < 256; v++) {
-        counts[v] = h[0][v] + h[1][v];
+        counts[v] = h[0][v] + h[1][v] + h[2][v] + h[3][v];
         if (counts[v]) {
             present++;
             if (first < 0)

@@ -46,7 +46,7 @@ __all__ = [
 
 _THINSTRIP = 2  # libvips' VIPS_DEMAND_STYLE_THINSTRIP, read from libvips when the kernel loads
 #: VK_VERSION of _kernel.c (with the sizes of the structs passed to it: vk_abi).
-_VERSION = 5
+_VERSION = 6
 
 OP = {"pair": 1, "index": 2, "mix": 3, "lut": 4, "recomb": 5, "luma": 6, "blend": 7}
 
@@ -190,6 +190,8 @@ def _load_kernel() -> tuple[ctypes.CDLL | None, str]:
     kernel.vk_luma.argtypes = [pointer, ctypes.c_long, pointer]
     kernel.vk_equalize_luma.argtypes = [pointer, ctypes.c_long, pointer, pointer]
     kernel.vk_equalize_luma.restype = ctypes.c_int
+    kernel.vk_simd.argtypes = [ctypes.c_int]
+    kernel.vk_simd.restype = ctypes.c_int
     kernel.vk_region_counts.argtypes = [pointer] + [ctypes.c_int] * 6 + [pointer] * 3
     kernel.vk_clahe_luts.argtypes = [pointer, ctypes.c_long, ctypes.c_long, ctypes.c_float, pointer]
     for function in (
@@ -662,6 +664,13 @@ def luma(rgb: np.ndarray) -> np.ndarray | None:
     out = np.empty(rgb.shape[:-1], np.uint8)
     kernel.vk_luma(rgb.ctypes.data, rgb.size // 3, out.ctypes.data)
     return out
+
+
+def simd(on: bool) -> bool:
+    """Tests: switch the kernel's SSSE3 loops (luma, luma change) off, or back on where the CPU has
+    SSSE3; returns whether they are on (False when the kernel is not loaded)."""
+    kernel = _load()[0] if available() else None
+    return bool(kernel.vk_simd(int(on))) if kernel is not None else False
 
 
 def equalize_luma(rgb: np.ndarray) -> tuple[np.ndarray, int] | None:
