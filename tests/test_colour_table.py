@@ -270,3 +270,28 @@ def test_a_reader_gives_its_slot_back_when_it_has_no_cube_to_hold(small_slide, r
         reader.method, reader.params = lut, fit_slide(slide, lut, Options())  # and back: the slot goes
         reader.read(0, 10, 10, 64)
         assert not reader.cube and _native._reader_cubes == before
+
+
+def test_a_luminance_reader_maps_with_the_kernel_without_taking_a_cube_slot(small_slide, reference):
+    # luminance equalization's program (the luma's change alone) runs faster than a cube lookup: a
+    # reader maps its windows with it whatever the slots, and holds none; the windows are the slide's
+    from vipsnorm import _native
+
+    if not _native.available():
+        pytest.skip(f"native kernel: {_native.reason()}")
+    import gc
+
+    gc.collect()
+    before = _native._reader_cubes
+    method = make("equalize", reference)
+    with vipsnorm.open(small_slide) as slide:
+        params = fit_slide(slide, method, Options())
+        readers = [PatchReader(slide, method, params) for _ in range(_native.READER_CUBES + 1)]
+        windows = [reader.read(0, 300, 400, 96) for reader in readers]
+        assert all(reader.cube for reader in readers)
+        assert _native._reader_cubes == before
+        expected = method.apply(slide.level_image(0), params).crop(300, 400, 96, 96).numpy()
+        for window in windows:
+            np.testing.assert_array_equal(window, expected)
+        with _native.switched_off():
+            np.testing.assert_array_equal(PatchReader(slide, method, params, colour_table=False).read(0, 300, 400, 96), expected)

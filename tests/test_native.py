@@ -218,8 +218,20 @@ def test_luminance_kernel_equals_the_chains_on_every_colour(every_colour):
     np.testing.assert_array_equal(numpy_chain, chain)
     np.testing.assert_array_equal(apply_luts_image(_image(every_colour), lut, "luminance").numpy(), chain)
     np.testing.assert_array_equal(apply_luts_array(every_colour, lut, "luminance"), chain)
-    cubed = _native.Program([("luma", {"t1": lut[0]})]).build_cube()
-    np.testing.assert_array_equal(cubed.image(_image(every_colour)).numpy(), chain)
+    # the luma's change alone runs directly, faster than a cube: none is built for it, and the lazy
+    # image (a libvips region a row at a time) gives the chain's bytes, with the SSSE3 loops and without
+    program = _native.Program([("luma", {"t1": lut[0]})])
+    assert not program.needs_cube
+    assert program.build_cube() is program and not program.has_cube and program.cube_blocks == 0
+    try:
+        for on in (True, False):
+            _native.simd(on)
+            np.testing.assert_array_equal(program.image(_image(every_colour)).numpy(), chain)
+            np.testing.assert_array_equal(program.run(every_colour), chain)
+    finally:
+        _native.simd(True)
+    two = _native.Program([("luma", {"t1": lut[0]}), ("blend", {"t1": np.full(256, 255, np.uint8)})])
+    assert two.needs_cube  # any longer chain still does
 
 
 def test_hand_computed_luminance_pixels():

@@ -65,6 +65,15 @@ enum { OP_PAIRSUM = 1, OP_TOINDEX = 2, OP_COLUMNMIX = 3, OP_LUT = 4, OP_RECOMB =
 /* BT.601 luma in fixed point, as methods/_hist.py (LUMA_WEIGHTS) and OpenCV's RGB2YCrCb */
 static inline int luma_of(const uint8_t *px) { return (4899 * px[0] + 9617 * px[1] + 1868 * px[2] + 8192) >> 14; }
 void vk_luma(const uint8_t *in, long npix, uint8_t *y);
+/* The change of each luma value under a luma LUT: delta[v] = lut[v] - v, and (for the SSSE3 loop) its
+   positive part in the low byte and its negative part in the high one. Built once per LUT: a program
+   keeps its own (vk_run maps a libvips region a row at a time, often a few hundred pixels). */
+typedef struct {
+    int16_t delta[256];
+    uint16_t pn[256];
+} luma_change;
+static void apply_change(const uint8_t *in, const uint8_t *y, long npix, const luma_change *c, uint8_t *out);
+static void luma_change_init(luma_change *c, const uint8_t *lut);
 
 /* what the chunk's pixels are between steps */
 enum { S_RGB8 = 0, S_F32 = 1, S_U16 = 2, S_U8 = 3 };
@@ -207,6 +216,13 @@ vk_program *vk_program_new(const vk_step *steps, int nops) {
                 return NULL;
             }
             memcpy(*dst[k], src[k], bytes);
+        }
+        if (s->kind == OP_LUMA) { /* its change tables, for a program of this step alone (vk_run) */
+            if (!(o->t2 = malloc(sizeof(luma_change)))) {
+                program_free(p);
+                return NULL;
+            }
+            luma_change_init(o->t2, o->t1);
         }
     }
     if (state != S_U8) { /* the output must be uchar RGB */
@@ -373,6 +389,10 @@ static int fill_block(vk_program *p, int b) {
    thread is filling is computed directly (no thread ever waits for another). */
 void vk_run(const vk_program *cp, const uint8_t *in, uint8_t *out, long npix) {
     vk_program *p = (vk_program *)cp; /* (the cube is a cache: filled as pixels need it) */
+    if (p->nops == 1 && p->ops[0].kind == OP_LUMA) { /* the luma's change alone: no cube needed */
+        apply_change(in, NULL, npix, p->ops[0].t2, out);
+        return;
+    }
     if (__atomic_load_n(&p->cube_ready, __ATOMIC_ACQUIRE)) { /* (a program may gain its cube while running) */
         const uint32_t *cube = p->cube;
         for (long i = 0; i < npix; i++) {
@@ -600,25 +620,24 @@ void vk_apply_luts(const uint8_t *in, int bands, long npix, const uint8_t *luts,
         out[i] = luts[in[i]];
 }
 
-/* out = clip(rgb + lut[y] - y) with y the luma of each RGB pixel (given, or computed if NULL): the
-   change from a 256-entry table, the clipping from a 767-entry one (no branches). */
-void vk_apply_luma(const uint8_t *in, const uint8_t *y, long npix, const uint8_t *lut, uint8_t *out) {
-    int16_t delta[256];
-    uint8_t clip[767]; /* clip[v + 255] for v in -255 .. 511 */
-    for (int v = 0; v < 256; v++)
-        delta[v] = (int16_t)((int)lut[v] - v + 255);
-    for (int v = 0; v < 767; v++)
-        clip[v] = (uint8_t)(v < 255 ? 0 : v > 510 ? 255 : v - 255);
+
+static void luma_change_init(luma_change *c, const uint8_t *lut) {
+    for (int v = 0; v < 256; v++) {
+        int d = (int)lut[v] - v;
+        c->delta[v] = (int16_t)d;
+        c->pn[v] = (uint16_t)(d > 0 ? d : (-d) << 8);
+    }
+}
+
+static inline uint8_t clamp255(int v) { return (uint8_t)(v < 0 ? 0 : v > 255 ? 255 : v); }
+
+/* out = clip(rgb + change) with y the luma of each RGB pixel (given, or computed if NULL). */
+static void apply_change(const uint8_t *in, const uint8_t *y, long npix, const luma_change *c, uint8_t *out) {
     long i = 0;
 #ifdef VK_SSSE3
-    if (simd_on() && npix >= 16) {
-        uint16_t pn[256];
-        for (int v = 0; v < 256; v++) {
-            int d = (int)lut[v] - v;
-            pn[v] = (uint16_t)(d > 0 ? d : (-d) << 8);
-        }
+    if (npix >= 16 && simd_on()) {
         if (y) {
-            i = change_ssse3(in, y, npix, pn, out);
+            i = change_ssse3(in, y, npix, c->pn, out);
         } else { /* the luma of a block, then its change (in place too: the block is read first) */
             uint8_t block[1024];
             while (npix - i >= 16) {
@@ -626,18 +645,25 @@ void vk_apply_luma(const uint8_t *in, const uint8_t *y, long npix, const uint8_t
                 long done = luma_ssse3(in + 3 * i, n, block);
                 for (long k = done; k < n; k++)
                     block[k] = (uint8_t)luma_of(in + 3 * (i + k));
-                i += change_ssse3(in + 3 * i, block, n, pn, out + 3 * i);
+                i += change_ssse3(in + 3 * i, block, n, c->pn, out + 3 * i);
             }
         }
     }
 #endif
     for (; i < npix; i++) {
         const uint8_t *px = in + 3 * i;
-        int d = delta[y ? y[i] : luma_of(px)];
-        out[3 * i] = clip[px[0] + d];
-        out[3 * i + 1] = clip[px[1] + d];
-        out[3 * i + 2] = clip[px[2] + d];
+        int d = c->delta[y ? y[i] : luma_of(px)];
+        out[3 * i] = clamp255(px[0] + d);
+        out[3 * i + 1] = clamp255(px[1] + d);
+        out[3 * i + 2] = clamp255(px[2] + d);
     }
+}
+
+/* out = clip(rgb + lut[y] - y) with y the luma of each RGB pixel (given, or computed if NULL). */
+void vk_apply_luma(const uint8_t *in, const uint8_t *y, long npix, const uint8_t *lut, uint8_t *out) {
+    luma_change c;
+    luma_change_init(&c, lut);
+    apply_change(in, y, npix, &c, out);
 }
 
 /* y = the luma of each RGB pixel. */

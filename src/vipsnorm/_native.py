@@ -318,6 +318,9 @@ class Program:
         if not self._pointer:
             raise ValueError(f"the native kernel refuses this chain: {[kind for kind, _ in steps]}")
         self.has_cube = False
+        #: False for a program whose step runs faster than a cube lookup (the luma's change alone, in
+        #: SSSE3 where the CPU has it): :meth:`build_cube` leaves such a program without one.
+        self.needs_cube = not (len(steps) == 1 and steps[0][0] == "luma")
 
     def __del__(self):
         pointer, self._pointer = getattr(self, "_pointer", None), None
@@ -329,11 +332,15 @@ class Program:
         (one value of B) computed the first time a pixel needs it (about 0.5 ms a block; all 256 cost
         what running the chain on 2^24 pixels does). Returns the program.
 
+        A program that does not need a cube (:attr:`needs_cube`) is returned as it is.
+
         Raises
         ------
         MemoryError
             The cube's 64 MiB cannot be allocated (the program is unchanged and runs per pixel).
         """
+        if not self.needs_cube:
+            return self
         with self._lock:
             if not self.has_cube:
                 if self._kernel.vk_cube_alloc(self._pointer) != 0:

@@ -701,26 +701,28 @@ class PatchReader:
 
     @property
     def cube(self) -> bool:
-        """Whether windows of this reader's fit are mapped through a kernel cube of its own (so far)."""
+        """Whether windows of this reader's fit are mapped by a kernel program of its own (so far), through
+        a cube of its own when the program needs one."""
         return self._cube is not None and self._cube[2] is not None
 
     def _new_cube(self) -> tuple:
-        """The cube state of the current fit: a slot claimed before anything is built, and given back
-        when there is nothing to hold (no kernel program, no memory for a cube, a slide not RGB)."""
+        """The cube state of the current fit: a slot claimed before a cube is built (for a program that
+        needs one), and given back when there is nothing to hold (no kernel program, a program without a
+        cube, no memory for a cube, a slide not RGB)."""
         method, params = self.method, self.params
         level0 = self.slide.level_image(0)
         program = None
         if level0.format == "uchar" and level0.bands == 3:
-            if self._cube_slot is None and _native.claim_reader_cube():
-                self._cube_slot = weakref.finalize(self, _native.release_reader_cube)
-            if self._cube_slot is not None:
-                program = method.kernel_program(params)
-                if program is not None:
-                    try:
-                        program.build_cube()
-                    except MemoryError:
-                        program = None
-        if program is None and self._cube_slot is not None:
+            program = method.kernel_program(params)
+            # (a program that runs faster than a cube, the luma's change alone, needs no slot)
+            if program is not None and program.needs_cube:
+                if self._cube_slot is None and _native.claim_reader_cube():
+                    self._cube_slot = weakref.finalize(self, _native.release_reader_cube)
+                try:
+                    program = program.build_cube() if self._cube_slot is not None else None
+                except MemoryError:
+                    program = None
+        if (program is None or not program.needs_cube) and self._cube_slot is not None:
             self._cube_slot()  # (runs release_reader_cube once, now)
             self._cube_slot = None
         return (method, params, program, {})
