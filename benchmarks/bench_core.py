@@ -19,11 +19,11 @@ Cases (each writes the same pyramidal tiled BigTIFF, tile 256, JPEG Q90, through
     sample tissue + fit, apply lazily, write the pyramid), CLI defaults (tile sampling, default modes).
     ``match`` maps onto a target palette fitted beforehand (not timed) on a small slide of another
     synthetic lab ("pale-blue", seed 1).
-``write only: original pixels``, ``write only: equalized pixels``
+``write only: original pixels``, ``write only: equalized pixels``, ``write only: macenko pixels``
     The writer alone, fed from uncompressed tiled TIFFs (prepared, not timed) of the slide and of its
-    ``vipsnorm equalize`` result: ``copy + (equalized - original)`` is the floor any equalization
-    reaches when its output must be written with the same JPEG settings (a contrast-enhanced image has
-    more detail to encode).
+    ``vipsnorm equalize`` (or ``macenko``) result: ``copy + (equalized - original)`` is the floor any
+    equalization reaches when its output must be written with the same JPEG settings (a
+    contrast-enhanced image has more detail to encode), and likewise for Macenko's output.
 ``equalize --mode rgb``
     Extra: equalize with one LUT per channel (a single ``maplut``) instead of the default luminance
     mode, to separate the cost of the luminance transform from the rest of the job.
@@ -86,6 +86,7 @@ CASES: dict[str, tuple[str, str | None, str | None, str | None, str]] = {
     "torchstain reinhard, tile by tile": ("torchstain", "reinhard", None, None, "libvips"),
     "write only: original pixels": ("copy", None, None, None, "raw-original"),
     "write only: equalized pixels": ("copy", None, None, None, "raw-equalized"),
+    "write only: macenko pixels": ("copy", None, None, None, "raw-macenko"),
     # The same jobs with the native colour kernel switched off (VIPSNORM_NATIVE=0): each method's
     # chain of libvips operations, as on an install without a C compiler.
     "equalize, kernel off": ("vipsnorm", "equalize", "tiles", None, "auto"),
@@ -332,8 +333,8 @@ from vipsnorm.io.slide import open_slide
 slide_path, kind, out = sys.argv[1], sys.argv[2], sys.argv[3]
 with open_slide(slide_path) as slide:
     image = slide.level_image(0)
-    if kind == "raw-equalized":
-        method = build_method("equalize")
+    if kind in ("raw-equalized", "raw-macenko"):
+        method = build_method("equalize" if kind == "raw-equalized" else "macenko")
         image = method.apply(image, fit_slide(slide, method, Options()))
     image.tiffsave(out, tile=True, tile_width=256, tile_height=256, bigtiff=True, compression="none")
 """
@@ -401,7 +402,8 @@ image.crop(image.width // 2 - 512, image.height // 2 - 512, 1024, 1024).pngsave(
 
 
 def _ensure_raw(workdir: Path, slide: Path, kind: str) -> Path:
-    """An uncompressed tiled TIFF of the slide's pixels (``raw-original``) or of its equalization."""
+    """An uncompressed tiled TIFF of the slide's pixels (``raw-original``), of its equalization
+    (``raw-equalized``) or of its Macenko normalization (``raw-macenko``)."""
     path = workdir / f"{kind}-{slide.stem}-{_code_hash('.')}.tif"
     if not path.exists():
         # those of other code are never read again, and a 40k one is 4.6 GB: a few filled the disk
@@ -515,13 +517,16 @@ def _markdown(results: dict[int, dict[str, dict]], machine: dict, concurrency: i
                 f"{r['cpu_seconds']:.1f} | {r['cpu_seconds'] / copy_cpu:.2f} | {r['maxrss_mb']:.0f} | {verdict} |"
             )
         lines.append("")
-        raw_o, raw_e = cases.get("write only: original pixels"), cases.get("write only: equalized pixels")
-        if raw_o and raw_e:
+        raw_o = cases.get("write only: original pixels")
+        for what, which in (("equalized", "equalization"), ("macenko", "Macenko normalization")):
+            raw_e = cases.get(f"write only: {what} pixels")
+            if not (raw_o and raw_e):
+                continue
             floor = (copy_s + raw_e["seconds"] - raw_o["seconds"]) / copy_s
             lines += [
-                f"Writing the equalized pixels takes {raw_e['seconds'] - raw_o['seconds']:+.1f} s more than writing the "
+                f"Writing the {what} pixels takes {raw_e['seconds'] - raw_o['seconds']:+.1f} s more than writing the "
                 f"original ones (output {raw_e['output_mb']:.0f} MB against {raw_o['output_mb']:.0f} MB): any "
-                f"equalization written with these JPEG settings takes at least **{floor:.2f}x** the copy here.",
+                f"{which} written with these JPEG settings takes at least **{floor:.2f}x** the copy here.",
                 "",
             ]
     sizes = list(results)
