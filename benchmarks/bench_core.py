@@ -76,8 +76,8 @@ CASES: dict[str, tuple[str, str | None, str | None, str | None, str]] = {
     "copy --backend openslide": ("copy", None, None, None, "openslide"),
     "stretch --backend openslide": ("vipsnorm", "stretch", "tiles", None, "openslide"),
     # The cost of the output's content alone: the same writer fed from uncompressed tiled TIFFs of the
-    # original pixels and of the equalized pixels (prepared, not timed). Their difference is what
-    # encoding an equalized slide costs more than encoding the original, however it is computed.
+    # original pixels and of the equalized (or Macenko) pixels (prepared, not timed). Their difference
+    # is what encoding such a slide costs more than encoding the original, however it is computed.
     # H&E stain normalization (issue 3): the whole job, and torchstain tile by tile (a sample of tiles,
     # extrapolated to the slide). reinhard maps onto a target fitted on the other lab's slide.
     "reinhard": ("vipsnorm", "reinhard", "tiles", None, "auto"),
@@ -356,7 +356,7 @@ def _code_hash(name: str) -> str:
     """Short hash of a module of the code under test (cache keys: a changed generator means new slides)."""
     base = _CODE_DIR / "vipsnorm" if _CODE_DIR is not None else Path(__file__).resolve().parents[1] / "src" / "vipsnorm"
     target = base / name
-    files = sorted(target.rglob("*.py")) if target.is_dir() else [target]
+    files = sorted([*target.rglob("*.py"), *target.rglob("*.c")]) if target.is_dir() else [target]
     digest = hashlib.sha256()
     for path in files:
         if path.exists():

@@ -310,7 +310,7 @@ def _mask_per_pixel(view: np.ndarray) -> tuple[np.ndarray, float]:
     s = saturation(view)
     t = min(max(sampling._otsu(s), sampling._MIN_THRESHOLD), sampling._MAX_THRESHOLD)
     mask = s > t
-    if not mask.any() or mask.all() or s[mask].mean() - s[~mask].mean() < sampling._MIN_SEPARATION:
+    if not mask.any() or mask.all() or s[mask].mean(dtype=np.float64) - s[~mask].mean(dtype=np.float64) < sampling._MIN_SEPARATION:
         mask = np.zeros_like(mask)
     return mask, t
 
@@ -357,3 +357,10 @@ def test_cell_sums_agree_with_an_integral_image():
     short = (xs[:-1], xs[1:], ys[:-2], ys[1:-1])  # not reaching the last row: not a tiling
     for cells in (tiling, overlapping, short):
         np.testing.assert_array_equal(sampling._cell_sums(mask, *cells), reference(*cells))
+
+
+def test_rows_refuses_a_mask_of_another_length():
+    values = np.arange(12, dtype=np.uint8).reshape(4, 3)
+    np.testing.assert_array_equal(sampling._rows(values, np.array([True, False, False, True])), values[[0, 3]])
+    with pytest.raises(ValueError, match="mask"):
+        sampling._rows(values, np.array([True, False, True]))  # np.compress alone would keep row 0 and 2

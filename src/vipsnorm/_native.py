@@ -318,8 +318,8 @@ class Program:
         if not self._pointer:
             raise ValueError(f"the native kernel refuses this chain: {[kind for kind, _ in steps]}")
         self.has_cube = False
-        #: False for a program whose step runs faster than a cube lookup (the luma's change alone, in
-        #: SSSE3 where the CPU has it): :meth:`build_cube` leaves such a program without one.
+        #: False for a program whose step runs faster per pixel than a cube lookup, with SSSE3 or
+        #: without (the luma's change alone): :meth:`build_cube` leaves such a program without one.
         self.needs_cube = not (len(steps) == 1 and steps[0][0] == "luma")
 
     def __del__(self):

@@ -609,8 +609,9 @@ class PatchReader:
         # per-pixel methods share the same params at every level (params_at_level): one table serves all
         self._table = colour_table and per_pixel(method)
         self._table_for: tuple = (None, None, None)  # (method, params, key) the key was made for
-        # the native kernel's cube for this fit, when the kernel runs the method's map and a slot is free
-        # (see _cube_image): (method, params, program or None, {level: image or None}), replaced whole
+        # the native kernel's program for this fit, when the kernel runs the method's map, with a cube of
+        # its own when it needs one and a slot is free (see _cube_image): (method, params, program or
+        # None, {level: image or None}), replaced whole
         self._cube: tuple | None = None
         self._cube_slot: weakref.finalize | None = None  # calling it gives the slot back
         self._cube_lock = threading.Lock()
@@ -675,8 +676,9 @@ class PatchReader:
         return self._fetch(self.level_image(level), x, y, width, height)
 
     def _cube_image(self, level: int) -> pyvips.Image | None:
-        """The level mapped lazily through the native kernel's cube of this reader's fit, or None (the
-        kernel is off or does not run this method, the slide is not RGB, or every reader slot is taken:
+        """The level mapped lazily by the native kernel's program of this reader's fit (through a cube of
+        its own, for a program that needs one), or None (the kernel is off or does not run this method,
+        the slide is not RGB, or the program needs a cube and every reader slot is taken:
         :data:`vipsnorm._native.READER_CUBES`). Measured on random 256 px patches of a 20000 px slide with
         Macenko: 1.15-1.23 ms CPU a patch, against 1.25-1.30 through the numpy colour table and 1.02-1.10
         for raw ones."""
@@ -713,8 +715,9 @@ class PatchReader:
         level0 = self.slide.level_image(0)
         program = None
         if level0.format == "uchar" and level0.bands == 3:
+            # (made before a slot is sought: a program that runs faster than a cube, the luma's change
+            # alone, needs none; a reader beyond the slots makes a stain program in vain, a few ms a fit)
             program = method.kernel_program(params)
-            # (a program that runs faster than a cube, the luma's change alone, needs no slot)
             if program is not None and program.needs_cube:
                 if self._cube_slot is None and _native.claim_reader_cube():
                     self._cube_slot = weakref.finalize(self, _native.release_reader_cube)
