@@ -620,7 +620,7 @@ void vk_apply_luts(const uint8_t *in, int bands, long npix, const uint8_t *luts,
         out[i] = luts[in[i]];
 }
 
-
+/* The change tables of a luma LUT (see luma_change). */
 static void luma_change_init(luma_change *c, const uint8_t *lut) {
     for (int v = 0; v < 256; v++) {
         int d = (int)lut[v] - v;
