@@ -571,24 +571,33 @@ __attribute__((target("ssse3"))) static long change_ssse3(const uint8_t *in, con
 #endif
 
 /* Counts of each band of `bands`-band pixels ((bands, 256), added to `out`), or of their luma (256)
-   when `luma` (bands 3), whose values are also written to `y` if not NULL. Two tables, for even and
-   odd pixels, so that a run of one value does not wait on its own previous increment. */
+   when `luma` (bands 3), whose values are also written to `y` if not NULL. Two tables (four for the
+   luma), for alternate pixels, so that a run of one value does not wait on its own previous increment. */
 void vk_counts(const uint8_t *in, int bands, long npix, int luma, int64_t *out, uint8_t *y) {
-    uint64_t h[2][768];
-    memset(h, 0, sizeof(h));
-    if (luma) {
+    if (luma) { /* the luma of a block (SSSE3 where it can), then counted in four tables */
+        uint64_t h4[4][256];
         uint8_t block[1024];
+        memset(h4, 0, sizeof(h4));
         for (long start = 0; start < npix; start += 1024) {
             long n = npix - start < 1024 ? npix - start : 1024;
             uint8_t *t = y ? y + start : block;
             vk_luma(in + 3 * start, n, t);
-            for (long k = 0; k < n; k++)
-                h[k & 1][t[k]]++;
+            long k = 0;
+            for (; k + 4 <= n; k += 4) {
+                h4[0][t[k]]++;
+                h4[1][t[k + 1]]++;
+                h4[2][t[k + 2]]++;
+                h4[3][t[k + 3]]++;
+            }
+            for (; k < n; k++)
+                h4[0][t[k]]++;
         }
         for (int v = 0; v < 256; v++)
-            out[v] += (int64_t)(h[0][v] + h[1][v]);
+            out[v] += (int64_t)(h4[0][v] + h4[1][v] + h4[2][v] + h4[3][v]);
         return;
     }
+    uint64_t h[2][768];
+    memset(h, 0, sizeof(h));
     if (bands == 3) {
         for (long i = 0; i < npix; i++) {
             const uint8_t *px = in + 3 * i;
@@ -682,22 +691,10 @@ void vk_luma(const uint8_t *in, long npix, uint8_t *y) {
    equalize_lut computes it, and the luma's change added to every band (apply_luma). Returns how many
    luma values occur: with one or none the LUT is the identity (and `out` the input). */
 int vk_equalize_luma(const uint8_t *in, long npix, uint8_t *y, uint8_t *out) {
-    vk_luma(in, npix, y);
-    int64_t h[4][256]; /* four tables: a run of one value does not wait on its own previous increment */
-    memset(h, 0, sizeof(h));
-    long i = 0;
-    for (; i + 4 <= npix; i += 4) {
-        h[0][y[i]]++;
-        h[1][y[i + 1]]++;
-        h[2][y[i + 2]]++;
-        h[3][y[i + 3]]++;
-    }
-    for (; i < npix; i++)
-        h[0][y[i]]++;
-    int64_t counts[256];
+    int64_t counts[256] = {0};
+    vk_counts(in, 3, npix, 1, counts, y);
     int present = 0, first = -1;
     for (int v = 0; v < 256; v++) {
-        counts[v] = h[0][v] + h[1][v] + h[2][v] + h[3][v];
         if (counts[v]) {
             present++;
             if (first < 0)

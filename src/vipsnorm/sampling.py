@@ -30,7 +30,7 @@ import pyvips
 from . import _native
 from .errors import NoTissueError
 from .io.slide import Slide
-from .methods._hist import counts as value_counts, histograms, luma_image, percentile
+from .methods._hist import brightest, counts as value_counts, darkest, histograms, luma_image, percentile
 from .methods.base import Sample
 
 __all__ = ["TissueMask", "tissue_mask", "saturation", "sample_slide", "STRATEGIES", "MIN_TISSUE_PIXELS"]
@@ -89,17 +89,13 @@ class TissueMask:
 
 def _max_min(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-pixel max and min over the channels of a uint8 ``(..., 3)`` array, as float32."""
-    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
-    mx = np.maximum(np.maximum(r, g), b).astype(np.float32)
-    mn = np.minimum(np.minimum(r, g), b).astype(np.float32)
-    return mx, mn
+    return brightest(rgb).astype(np.float32), darkest(rgb).astype(np.float32)
 
 
 def saturation(rgb: np.ndarray) -> np.ndarray:
     """HSV saturation ``(max - min) / max`` of a uint8 ``(..., 3)`` array, as float32 in [0, 1]."""
-    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
-    mx = np.maximum(np.maximum(r, g), b)
-    chroma = mx - np.minimum(np.minimum(r, g), b)  # uint8, never negative
+    mx = brightest(rgb)
+    chroma = mx - darkest(rgb)  # uint8, never negative
     # one float32 division (mx == 0 has chroma 0, so dividing by 1 there gives 0)
     return np.divide(chroma, np.maximum(mx, 1), dtype=np.float32)
 
@@ -140,9 +136,7 @@ def tissue_mask(overview: np.ndarray, downsample: float = 1.0, path=None) -> Tis
     bands = overview.shape[-1]
     rule = "saturation" if bands == 3 else "intensity"
     if bands == 3:
-        r, g, b = overview[..., 0], overview[..., 1], overview[..., 2]
-        mx = np.maximum(np.maximum(r, g), b)
-        mn = np.minimum(np.minimum(r, g), b)
+        mx, mn = brightest(overview), darkest(overview)
         chroma = mx - mn  # uint8, never negative
         candidates = mn < 205  # what could be tissue: glass is grey on any slide
         # (np.percentile of the chroma values, from their 256 counts)

@@ -37,6 +37,17 @@ _SHIFT = 14
 STEP = 15_360
 
 
+def brightest(rgb: np.ndarray) -> np.ndarray:
+    """Per-pixel max over the channels of an ``(..., 3)`` array, in its dtype (channel by channel:
+    faster than ``max(axis=-1)`` over 3-value rows)."""
+    return np.maximum(np.maximum(rgb[..., 0], rgb[..., 1]), rgb[..., 2])
+
+
+def darkest(rgb: np.ndarray) -> np.ndarray:
+    """Per-pixel min over the channels of an ``(..., 3)`` array, in its dtype (as :func:`brightest`)."""
+    return np.minimum(np.minimum(rgb[..., 0], rgb[..., 1]), rgb[..., 2])
+
+
 def luma_array(rgb: np.ndarray) -> np.ndarray:
     """BT.601 luma of an ``(..., 3)`` uint8 array, as uint8 (``(..., 1)`` arrays pass through)."""
     if rgb.shape[-1] == 1:
