@@ -39,6 +39,7 @@ import pyvips
 
 from .. import _native
 from ..errors import ImageTooLargeError, one_line, UnreadableImageError, UnsupportedImageError, VipsnormError
+from . import jpeg_tiles as _jpeg
 from ._virtual_tiff import VirtualTiff
 from .pixels import to_processing
 from .write import checked_before_rename
@@ -219,6 +220,13 @@ class Slide(ABC):
         pixels are in memory, or come through OpenSlide)."""
         return None
 
+    def jpeg_tiles(self, level: int) -> _jpeg.JpegTiles | None:
+        """A direct reader of ``level``'s windows (:class:`~vipsnorm.io.jpeg_tiles.JpegTiles`: only the
+        parts of its JPEG tiles a window needs are decoded), giving the bytes of :meth:`level_image`, or
+        ``None`` where there is none (not JPEG tiles it reads, the decoder is off, or a check of it
+        failed): read windows from :meth:`level_image` then, and also where its ``read`` gives None."""
+        return None
+
     def decoded_pixels(self) -> np.ndarray | None:
         """Level 0 in the processing format as an ``(h, w, bands)`` uint8 array, when the slide holds it
         decoded in memory (small ordinary images, see :data:`SMALL_IMAGE_PIXELS`); ``None`` otherwise
@@ -389,6 +397,8 @@ class VipsSlide(Slide):
         self._owned = False  # _memory's buffer is this slide's own (copy_memory made it)
         self._lenient = False  # a JPEG whose decoder warnings are all harmless (see probe)
         self._luma: np.ndarray | None = None  # its luma, once asked for (decoded_luma)
+        self._direct: dict[int, _jpeg.JpegTiles | None] = {}  # jpeg_tiles(level), once asked for
+        self._direct_lock = threading.Lock()
         fields = set(first.get_fields())
         self._load: list[dict] = [{}]
         levels = [Level(first.width, first.height, 1.0)]
@@ -531,7 +541,53 @@ class VipsSlide(Slide):
         self._memory, self._luma, self._owned = None, None, False
         return image, view
 
+    def jpeg_tiles(self, level: int) -> _jpeg.JpegTiles | None:
+        self._check_level(level)
+        if level in self._direct:
+            return self._direct[level]
+        with self._direct_lock:
+            if level not in self._direct:
+                self._direct[level] = self._verified_jpeg_tiles(level)
+            return self._direct[level]
+
+    def _verified_jpeg_tiles(self, level: int) -> _jpeg.JpegTiles | None:
+        """The level's direct reader, used only once a window across four of its tiles (or all of a
+        smaller level) read both ways is equal: it gives what libvips gives or is not used (a colour
+        space read otherwise, say). A window libvips fails on leaves the level to libvips."""
+        if not _jpeg.available() or not self.loader.startswith("tiffload") or self._memory is not None:
+            return None
+        loaded = self._level(level)
+        if (loaded.format, loaded.bands, loaded.coding, loaded.interpretation) != ("uchar", 3, "none", "srgb"):
+            return None  # (to_processing would change the bytes: the direct reader gives the file's)
+        try:
+            layout = _jpeg.read_layout(self.path, **self._load[level])
+        except (OSError, ValueError):
+            return None
+        if layout is None or (layout.width, layout.height) != (loaded.width, loaded.height):
+            return None
+        reader = _jpeg.JpegTiles(self.path, layout)
+        # a window on the corner of four tiles near the middle, at odd offsets in each
+        tw, th = layout.tile_width, layout.tile_height
+        w, h = min(layout.width, 2 * tw - 2 * (tw // 3)), min(layout.height, 2 * th - 2 * (th // 3))
+        x = min(max(0, (layout.tiles_across // 2) * tw - w // 2 - 1), layout.width - w)
+        y = min(max(0, (layout.tiles_down // 2) * th - h // 2 - 1), layout.height - h)
+        try:
+            expected = self.read_region(level, x, y, w, h)
+        except VipsnormError:
+            reader.close()
+            return None
+        got = reader.read(x, y, w, h)
+        if got is None or not np.array_equal(got, expected):
+            reader.close()
+            return None
+        return reader
+
     def close(self) -> None:
+        with self._direct_lock:
+            for reader in self._direct.values():
+                if reader is not None:
+                    reader.close()
+            self._direct.clear()
         self._levels.clear()
         self._memory = None
         self._luma = None

@@ -1,0 +1,229 @@
+/* Direct windows of JPEG-tiled TIFF levels (vipsnorm.io.jpeg_tiles), with libjpeg-turbo.
+ *
+ * A random 256 px window of a slide with 256 px tiles meets four tiles, and libvips decodes all of each
+ * (as OpenSlide does). Here each tile is decoded only as far as the window needs: rows below the
+ * window are never decoded, rows above it are skipped (jpeg_skip_scanlines: entropy decoding only,
+ * no inverse DCT or colour conversion), and columns outside it are cropped (jpeg_crop_scanline). The
+ * bytes are those of a full decode, hence of libvips' (the Python side checks that on every level
+ * before using it): skipping is exact, and cropping is exact once a margin of one iMCU is kept on
+ * either side when chroma is subsampled (fancy upsampling reads a neighbour there; measured: without
+ * the margin, 4:2:0 tiles differ by up to 6 levels in the cropped window's edge columns).
+ *
+ * Every libjpeg warning is taken as a failure, as libvips' reader takes them when failing on
+ * warnings: a tile cut short (which libjpeg fills with grey), garbled or missing gives a negative
+ * return, and the caller reads the window through libvips, which reports the damage. Nothing here
+ * calls Python: ctypes releases the GIL around vj_window, and several threads may call it at once.
+ *
+ * Built as an optional extension when jpeglib.h (libjpeg-turbo 1.5 or later) is present.
+ */
+
+#include <Python.h>
+
+#include <errno.h>
+#include <setjmp.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <jpeglib.h>
+
+#define VJ_VERSION 1
+
+#define VJ_OK 0
+#define VJ_JPEG (-1)   /* libjpeg error or warning */
+#define VJ_READ (-2)   /* the tile's bytes could not be read */
+#define VJ_SHAPE (-3)  /* a tile is not what the directory says (size, components) or the window is outside */
+#define VJ_MEMORY (-4)
+
+/* The largest tile accepted, in bytes of JPEG data (a 4096 px tile of noise is about 50 MB). */
+#define VJ_MAX_TILE_BYTES ((uint64_t)1 << 28)
+
+/* Rows decoded a call (libjpeg-turbo then converts colours a row group at a time). */
+#define VJ_ROWS 16
+
+struct vj_error {
+    struct jpeg_error_mgr pub;
+    jmp_buf jump;
+};
+
+static void vj_error_exit(j_common_ptr cinfo)
+{
+    longjmp(((struct vj_error *)cinfo->err)->jump, 1);
+}
+
+static void vj_emit_message(j_common_ptr cinfo, int level)
+{
+    if (level < 0) /* a warning: the data are damaged (libjpeg goes on, filling in grey) */
+        longjmp(((struct vj_error *)cinfo->err)->jump, 1);
+}
+
+static void vj_output_message(j_common_ptr cinfo)
+{
+    (void)cinfo; /* never printed: the caller reports what libvips says of the tile */
+}
+
+int vj_version(void) { return VJ_VERSION; }
+
+/* Read count bytes at offset of fd into buf (pread: no shared file position between threads). */
+static int vj_pread(int fd, unsigned char *buf, uint64_t count, uint64_t offset)
+{
+    uint64_t done = 0;
+    while (done < count) {
+        ssize_t got = pread(fd, buf + done, (size_t)(count - done), (off_t)(offset + done));
+        if (got < 0 && errno == EINTR)
+            continue;
+        if (got <= 0)
+            return -1;
+        done += (uint64_t)got;
+    }
+    return 0;
+}
+
+/* Decode the part [x0, x0 + w) x [y0, y0 + h) of one tile into out (rows of stride bytes).
+ * line: a buffer of VJ_ROWS rows of tile_w * 3 bytes. Returns VJ_OK or a VJ_ error. */
+static int vj_tile(j_decompress_ptr cinfo, struct vj_error *err, const unsigned char *data, uint64_t len,
+                   int rgb, int tile_w, int tile_h, int x0, int y0, int w, int h, unsigned char *out,
+                   size_t stride, unsigned char *line)
+{
+    volatile int status = VJ_JPEG;
+    if (setjmp(err->jump)) {
+        jpeg_abort_decompress(cinfo); /* keeps the tables for the next tile */
+        return status;
+    }
+    jpeg_mem_src(cinfo, data, (unsigned long)len);
+    if (jpeg_read_header(cinfo, TRUE) != JPEG_HEADER_OK) {
+        jpeg_abort_decompress(cinfo);
+        return VJ_JPEG;
+    }
+    if (cinfo->num_components != 3 || (int)cinfo->image_width != tile_w || (int)cinfo->image_height != tile_h) {
+        jpeg_abort_decompress(cinfo);
+        return VJ_SHAPE;
+    }
+    /* as libvips reads TIFF JPEG tiles: the photometric interpretation says what the components are */
+    cinfo->jpeg_color_space = rgb ? JCS_RGB : JCS_YCbCr;
+    cinfo->out_color_space = JCS_RGB;
+    jpeg_start_decompress(cinfo);
+    if (cinfo->output_components != 3) {
+        jpeg_abort_decompress(cinfo);
+        return VJ_SHAPE;
+    }
+
+    /* columns: the window with one iMCU either side when chroma is subsampled (see the top) */
+    int margin = cinfo->max_h_samp_factor > 1 ? cinfo->max_h_samp_factor * DCTSIZE : 0;
+    int left = x0 - margin < 0 ? 0 : x0 - margin;
+    int right = x0 + w + margin > tile_w ? tile_w : x0 + w + margin;
+    JDIMENSION xoffset = (JDIMENSION)left, width = (JDIMENSION)(right - left);
+    if (left > 0 || right < tile_w)
+        jpeg_crop_scanline(cinfo, &xoffset, &width); /* widened to whole iMCUs by libjpeg */
+    else
+        xoffset = 0;
+    if (y0 > 0 && jpeg_skip_scanlines(cinfo, (JDIMENSION)y0) != (JDIMENSION)y0) {
+        jpeg_abort_decompress(cinfo);
+        return VJ_JPEG;
+    }
+    size_t from = (size_t)(x0 - (int)xoffset) * 3, row_bytes = (size_t)width * 3;
+    JSAMPROW rows[VJ_ROWS];
+    for (int i = 0; i < VJ_ROWS; i++)
+        rows[i] = line + (size_t)i * row_bytes;
+    for (int y = 0; y < h;) {
+        JDIMENSION want = (JDIMENSION)(h - y < VJ_ROWS ? h - y : VJ_ROWS);
+        JDIMENSION got = jpeg_read_scanlines(cinfo, rows, want);
+        if (got == 0) {
+            jpeg_abort_decompress(cinfo);
+            return VJ_JPEG;
+        }
+        for (JDIMENSION i = 0; i < got; i++, y++)
+            memcpy(out + (size_t)y * stride, rows[i] + from, (size_t)w * 3);
+    }
+    jpeg_abort_decompress(cinfo); /* the rows below the window are not decoded */
+    return VJ_OK;
+}
+
+/* The window (x, y, w, h) of a level of JPEG tiles into out (h rows of w * 3 bytes, RGB).
+ *
+ * fd: the open TIFF; tables, tables_len: its JPEGTables (an abbreviated stream, may be empty);
+ * offsets, counts: the level's tiles in row-major order (ntiles of them, tiles_across a row);
+ * tile_w, tile_h: their size; level_w, level_h: the level's; rgb: 1 when the photometric
+ * interpretation is RGB (the JPEG holds RGB), 0 for YCbCr.
+ * Returns VJ_OK or a negative VJ_ error (out then holds part of the window). */
+int vj_window(int fd, const unsigned char *tables, uint64_t tables_len, const uint64_t *offsets,
+              const uint64_t *counts, int64_t ntiles, int tiles_across, int tile_w, int tile_h, int level_w,
+              int level_h, int rgb, int x, int y, int w, int h, unsigned char *out)
+{
+    if (w <= 0 || h <= 0 || x < 0 || y < 0 || x > level_w - w || y > level_h - h || tile_w <= 0 || tile_h <= 0
+        || tiles_across <= 0)
+        return VJ_SHAPE;
+    struct jpeg_decompress_struct cinfo;
+    struct vj_error err;
+    unsigned char *volatile buffer = NULL;
+    volatile uint64_t capacity = 0;
+    unsigned char *volatile line = malloc((size_t)tile_w * 3 * VJ_ROWS);
+    if (!line)
+        return VJ_MEMORY;
+    cinfo.err = jpeg_std_error(&err.pub);
+    err.pub.error_exit = vj_error_exit;
+    err.pub.emit_message = vj_emit_message;
+    err.pub.output_message = vj_output_message;
+    if (setjmp(err.jump)) { /* from jpeg_create_decompress or the tables */
+        jpeg_destroy_decompress(&cinfo);
+        free(line);
+        free(buffer);
+        return VJ_JPEG;
+    }
+    jpeg_create_decompress(&cinfo);
+    if (tables_len > 0) {
+        jpeg_mem_src(&cinfo, tables, (unsigned long)tables_len);
+        if (jpeg_read_header(&cinfo, FALSE) != JPEG_HEADER_TABLES_ONLY) {
+            jpeg_destroy_decompress(&cinfo);
+            free(line);
+            return VJ_JPEG;
+        }
+    }
+    int status = VJ_OK;
+    for (int ty = y / tile_h; status == VJ_OK && ty <= (y + h - 1) / tile_h; ty++) {
+        for (int tx = x / tile_w; status == VJ_OK && tx <= (x + w - 1) / tile_w; tx++) {
+            int64_t index = (int64_t)ty * tiles_across + tx;
+            if (tx >= tiles_across || index >= ntiles) {
+                status = VJ_SHAPE;
+                break;
+            }
+            uint64_t count = counts[index];
+            if (count == 0 || count > VJ_MAX_TILE_BYTES) { /* a missing (sparse) tile, or absurd */
+                status = VJ_READ;
+                break;
+            }
+            if (count > capacity) {
+                unsigned char *grown = realloc(buffer, (size_t)count);
+                if (!grown) {
+                    status = VJ_MEMORY;
+                    break;
+                }
+                buffer = grown;
+                capacity = count;
+            }
+            if (vj_pread(fd, buffer, count, offsets[index]) != 0) {
+                status = VJ_READ;
+                break;
+            }
+            int ax0 = x > tx * tile_w ? x : tx * tile_w;
+            int ay0 = y > ty * tile_h ? y : ty * tile_h;
+            int ax1 = x + w < (tx + 1) * tile_w ? x + w : (tx + 1) * tile_w;
+            int ay1 = y + h < (ty + 1) * tile_h ? y + h : (ty + 1) * tile_h;
+            status = vj_tile(&cinfo, &err, buffer, count, rgb, tile_w, tile_h, ax0 - tx * tile_w, ay0 - ty * tile_h,
+                             ax1 - ax0, ay1 - ay0, out + ((size_t)(ay0 - y) * w + (size_t)(ax0 - x)) * 3,
+                             (size_t)w * 3, line);
+        }
+    }
+    jpeg_destroy_decompress(&cinfo);
+    free(line);
+    free(buffer);
+    return status;
+}
+
+/* A module only so that the build makes it (and pip installs it); vipsnorm.io.jpeg_tiles loads the
+ * functions above with ctypes. */
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_jpegtiles", NULL, -1, NULL, NULL, NULL, NULL, NULL};
+
+PyMODINIT_FUNC PyInit__jpegtiles(void) { return PyModule_Create(&module); }

@@ -1,0 +1,285 @@
+"""Windows of JPEG-tiled TIFF levels read straight from the file, decoding only what they need.
+
+A random 256 px patch of a slide with 256 px tiles meets four tiles, and libvips (like OpenSlide)
+decodes all of each: four tiles of work for one tile of pixels. :class:`JpegTiles` reads the tiles'
+bytes itself (:func:`read_layout` finds them in the TIFF directory) and has libjpeg-turbo decode only
+the rows and columns of each tile inside the window (``_jpegtiles.c``): the same bytes as libvips
+gives, at about 1.7x the patches a second (measured on the 20000 px benchmark slide).
+
+It serves :class:`~vipsnorm.training.patches.PatchReader` through
+:meth:`vipsnorm.io.slide.VipsSlide.jpeg_tiles`, which uses a level only after a window of it read
+both ways came out equal, and reads any window it fails on (a damaged or missing tile, anything
+libjpeg warns about) through libvips, which then reports what is wrong as it always does.
+
+The decoder is an optional extension built when libjpeg-turbo's headers are present; without it, or
+with ``VIPSNORM_NATIVE=0`` in the environment (which also turns off the colour kernel), windows come
+from libvips. :func:`available` and :func:`reason` say which.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import os
+import struct
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["available", "reason", "TileLayout", "read_layout", "JpegTiles"]
+
+#: VJ_VERSION of _jpegtiles.c
+_VERSION = 1
+
+# TIFF tags read here
+_WIDTH, _LENGTH, _BITS, _COMPRESSION, _PHOTOMETRIC = 256, 257, 258, 259, 262
+_ORIENTATION, _SAMPLES, _PLANAR, _SAMPLE_FORMAT = 274, 277, 284, 339
+_TILE_WIDTH, _TILE_LENGTH, _TILE_OFFSETS, _TILE_COUNTS = 322, 323, 324, 325
+_SUB_IFDS, _JPEG_TABLES = 330, 347
+_JPEG = 7  # "new-style" JPEG compression (TIFF Technical Note 2), what slides use
+_RGB, _YCBCR = 2, 6
+
+# TIFF field types: numpy type (without byte order) and size
+_TYPES = {
+    1: ("u1", 1), 2: ("u1", 1), 3: ("u2", 2), 4: ("u4", 4), 6: ("i1", 1), 7: ("u1", 1), 8: ("i2", 2),
+    9: ("i4", 4), 13: ("u4", 4), 16: ("u8", 8), 17: ("i8", 8), 18: ("u8", 8),
+}
+_MAX_IFDS = 100_000  # pages walked at most (a loop in a damaged file ends there)
+_MAX_ENTRIES = 4096  # entries of one directory accepted
+
+
+@dataclass(frozen=True)
+class TileLayout:
+    """Where the JPEG tiles of one TIFF directory (a level) are, and what they hold."""
+
+    width: int
+    height: int
+    tile_width: int
+    tile_height: int
+    rgb: bool  # photometric RGB (the JPEG streams hold RGB); False: YCbCr
+    tables: bytes  # JPEGTables: the abbreviated stream of shared tables (may be empty)
+    offsets: np.ndarray  # uint64, one a tile, row-major
+    counts: np.ndarray  # uint64
+
+    @property
+    def tiles_across(self) -> int:
+        return -(-self.width // self.tile_width)
+
+    @property
+    def tiles_down(self) -> int:
+        return -(-self.height // self.tile_height)
+
+
+class _Directory:
+    """The entries of one TIFF directory (IFD), values read when asked for."""
+
+    def __init__(self, fh, offset: int, big: bool, order: str, size: int):
+        self._fh, self._big, self._order, self._size = fh, big, order, size
+        fh.seek(offset)
+        count_format, entry_size, inline = ("Q", 20, 8) if big else ("H", 12, 4)
+        raw = fh.read(8 if big else 2)
+        (count,) = struct.unpack(order + count_format, raw)
+        if not 0 < count <= _MAX_ENTRIES:
+            raise ValueError(f"a directory of {count} entries")
+        data = fh.read(count * entry_size + (8 if big else 4))
+        if len(data) != count * entry_size + (8 if big else 4):
+            raise ValueError("a directory cut short")
+        self.entries: dict[int, tuple[int, int, bytes]] = {}
+        for i in range(count):
+            entry = data[i * entry_size:(i + 1) * entry_size]
+            tag, kind = struct.unpack(order + "HH", entry[:4])
+            (n,) = struct.unpack(order + ("Q" if big else "I"), entry[4:12] if big else entry[4:8])
+            self.entries[tag] = (kind, n, entry[12:20] if big else entry[8:12])
+        (self.next,) = struct.unpack(order + ("Q" if big else "I"), data[count * entry_size:])
+        self._inline = inline
+
+    def values(self, tag: int) -> np.ndarray | None:
+        entry = self.entries.get(tag)
+        if entry is None:
+            return None
+        kind, n, field = entry
+        if kind not in _TYPES:
+            raise ValueError(f"tag {tag} has type {kind}")
+        code, size = _TYPES[kind]
+        nbytes = n * size
+        if nbytes <= self._inline:
+            raw = field[:nbytes]
+        else:
+            (offset,) = struct.unpack(self._order + ("Q" if self._big else "I"), field)
+            if offset + nbytes > self._size:
+                raise ValueError(f"tag {tag}'s values lie past the end of the file")
+            self._fh.seek(offset)
+            raw = self._fh.read(nbytes)
+        return np.frombuffer(raw, ("<" if self._order == "<" else ">") + code).astype(np.uint64 if code[0] == "u" else np.int64)
+
+    def value(self, tag: int, default: int | None = None) -> int | None:
+        values = self.values(tag)
+        if values is None or len(values) == 0:
+            return default
+        return int(values[0])
+
+    def raw(self, tag: int) -> bytes | None:
+        values = self.values(tag)
+        return None if values is None else values.astype(np.uint8).tobytes()
+
+
+def read_layout(path: str | os.PathLike[str], page: int = 0, subifd: int | None = None) -> TileLayout | None:
+    """The JPEG tiles of page ``page`` (or of its sub-IFD ``subifd``) of the TIFF at ``path``: None when
+    that directory is not 8-bit, 3-sample, chunky, JPEG-compressed tiles in upright orientation (what
+    :class:`JpegTiles` reads), or the file is not a TIFF this reads.
+
+    Raises
+    ------
+    OSError
+        The file cannot be read.
+    ValueError
+        The TIFF structure is damaged (a directory or values past the end of the file, a loop).
+    """
+    size = os.path.getsize(path)
+    with open(path, "rb") as fh:
+        head = fh.read(16)
+        if head[:2] not in (b"II", b"MM"):
+            return None
+        order = "<" if head[:2] == b"II" else ">"
+        (magic,) = struct.unpack(order + "H", head[2:4])
+        if magic == 42:
+            big, (offset,) = False, struct.unpack(order + "I", head[4:8])
+        elif magic == 43 and len(head) == 16:
+            big, (offset,) = True, struct.unpack(order + "Q", head[8:16])
+        else:
+            return None
+        seen = set()
+        directory = None
+        for _ in range(page + 1):
+            if offset == 0 or offset >= size or offset in seen or len(seen) >= _MAX_IFDS:
+                raise ValueError(f"the TIFF has no page {page}" if offset == 0 else "a damaged TIFF directory chain")
+            seen.add(offset)
+            directory = _Directory(fh, offset, big, order, size)
+            offset = directory.next
+        if subifd is not None:
+            subs = directory.values(_SUB_IFDS)
+            if subs is None or not 0 <= subifd < len(subs):
+                raise ValueError(f"page {page} has no sub-IFD {subifd}")
+            directory = _Directory(fh, int(subs[subifd]), big, order, size)
+        return _layout(directory)
+
+
+def _layout(d: _Directory) -> TileLayout | None:
+    bits = d.values(_BITS)
+    if (
+        d.value(_COMPRESSION) != _JPEG
+        or d.value(_SAMPLES, 1) != 3
+        or bits is None or not np.all(bits == 8)
+        or d.value(_PLANAR, 1) != 1
+        or d.value(_SAMPLE_FORMAT, 1) != 1
+        or d.value(_ORIENTATION, 1) != 1
+        or d.value(_PHOTOMETRIC) not in (_RGB, _YCBCR)
+        or d.value(_TILE_WIDTH) is None
+    ):
+        return None
+    width, height = d.value(_WIDTH), d.value(_LENGTH)
+    tile_width, tile_height = d.value(_TILE_WIDTH), d.value(_TILE_LENGTH)
+    if not width or not height or not tile_width or not tile_height or tile_width > 65535 or tile_height > 65535:
+        return None
+    offsets, counts = d.values(_TILE_OFFSETS), d.values(_TILE_COUNTS)
+    tiles = -(-width // tile_width) * -(-height // tile_height)
+    if offsets is None or counts is None or len(offsets) < tiles or len(counts) < tiles:
+        return None
+    return TileLayout(
+        width, height, tile_width, tile_height, d.value(_PHOTOMETRIC) == _RGB, d.raw(_JPEG_TABLES) or b"",
+        np.ascontiguousarray(offsets[:tiles], np.uint64), np.ascontiguousarray(counts[:tiles], np.uint64),
+    )
+
+
+class JpegTiles:
+    """Windows of one level (a :class:`TileLayout` of the file at ``path``), decoded straight from the
+    file. The file is held open until :meth:`close` (a file replaced since is still read as it was
+    when the layout was read). Several threads may read at once."""
+
+    def __init__(self, path: str | os.PathLike[str], layout: TileLayout):
+        lib = _load()[0]
+        if lib is None:
+            raise RuntimeError(f"direct JPEG tile reads are off: {reason()}")
+        self.path, self.layout, self._lib = Path(path), layout, lib
+        self._fd: int | None = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        self._tables = ctypes.create_string_buffer(layout.tables, max(len(layout.tables), 1))
+
+    def read(self, x: int, y: int, width: int, height: int) -> np.ndarray | None:
+        """The ``(height, width, 3)`` uint8 window at ``(x, y)`` (a new array), or None when a tile of it
+        cannot be decoded cleanly (read it through libvips, which says what is wrong) or the reader is
+        closed.
+
+        Raises
+        ------
+        ValueError
+            The window is not wholly inside the level.
+        """
+        layout, fd = self.layout, self._fd
+        if not (0 <= x and 0 <= y and width > 0 and height > 0 and x + width <= layout.width and y + height <= layout.height):
+            raise ValueError(f"window {width}x{height} at ({x}, {y}) is not inside {layout.width}x{layout.height}")
+        if fd is None:
+            return None
+        out = np.empty((height, width, 3), np.uint8)
+        status = self._lib.vj_window(
+            fd, self._tables, len(layout.tables), layout.offsets.ctypes.data, layout.counts.ctypes.data,
+            len(layout.offsets), layout.tiles_across, layout.tile_width, layout.tile_height, layout.width,
+            layout.height, int(layout.rgb), x, y, width, height, out.ctypes.data,
+        )
+        return out if status == 0 else None
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # (interpreter shutdown)
+            pass
+
+
+_loaded: tuple[ctypes.CDLL | None, str] | None = None
+_load_lock = threading.Lock()
+
+
+def _load() -> tuple[ctypes.CDLL | None, str]:
+    global _loaded
+    if _loaded is None:
+        with _load_lock:
+            if _loaded is None:
+                _loaded = _load_library()
+    return _loaded
+
+
+def _load_library() -> tuple[ctypes.CDLL | None, str]:
+    if os.environ.get("VIPSNORM_NATIVE", "1") == "0":
+        return None, "switched off (VIPSNORM_NATIVE=0)"
+    spec = importlib.util.find_spec("vipsnorm._jpegtiles")
+    if spec is None or not spec.origin:
+        return None, "not built (libjpeg-turbo's headers were missing at install, e.g. Debian's libjpeg62-turbo-dev)"
+    try:
+        lib = ctypes.CDLL(spec.origin)
+        if lib.vj_version() != _VERSION:
+            return None, f"built from another version (VJ_VERSION {lib.vj_version()}, expected {_VERSION}): reinstall"
+    except (OSError, AttributeError) as exc:
+        return None, f"cannot be loaded ({exc})"
+    lib.vj_window.restype = ctypes.c_int
+    lib.vj_window.argtypes = [
+        ctypes.c_int, ctypes.c_char_p, ctypes.c_uint64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+        ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+        ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
+    ]
+    return lib, "loaded"
+
+
+def available() -> bool:
+    """Whether windows can be decoded here (the extension is built and not switched off)."""
+    return _load()[0] is not None
+
+
+def reason() -> str:
+    """Why :func:`available` says what it says."""
+    return _load()[1]

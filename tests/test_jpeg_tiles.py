@@ -1,0 +1,301 @@
+"""Direct windows of JPEG-tiled levels (vipsnorm.io.jpeg_tiles): the TIFF directory read as tifffile
+reads it, windows equal to libvips' bytes for the colour layouts slides use (RGB JPEG, YCbCr 4:2:0,
+Aperio's RGB with subsampled chroma, OME sub-IFDs in a BigTIFF), a level used only once checked, damage
+left to libvips to report, and patch readers giving the same pixels with and without it.
+
+The decoder is an optional extension: tests that need it skip where it is not built, and
+``test_built_where_libjpeg_is`` fails when libjpeg-turbo's headers are present but it was not built.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import pyvips
+import tifffile
+
+import vipsnorm
+from vipsnorm.engine import Options, build_method, fit_slide
+from vipsnorm.errors import UnreadableImageError
+from vipsnorm.io import jpeg_tiles
+from vipsnorm.io.slide import VipsSlide
+from vipsnorm.training.patches import PatchReader
+
+needs_decoder = pytest.mark.skipif(not jpeg_tiles.available(), reason=f"direct JPEG tiles: {jpeg_tiles.reason()}")
+
+
+def test_built_where_libjpeg_is():
+    if not Path("/usr/include/jpeglib.h").is_file():
+        pytest.skip("no libjpeg headers here: the decoder is optional")
+    if os.environ.get("VIPSNORM_NATIVE") == "0":
+        pytest.skip("switched off by VIPSNORM_NATIVE=0")
+    assert jpeg_tiles.available(), jpeg_tiles.reason()
+
+
+@pytest.fixture(scope="module")
+def variants(small_slide, shared_data, tmp_path_factory) -> dict[str, Path]:
+    """The generated slide as written (RGB JPEG tiles), and re-saved by libvips in other layouts."""
+    folder = tmp_path_factory.mktemp("jpeg-tiles")
+    image = pyvips.Image.new_from_file(str(small_slide))
+    out = {"rgb": small_slide, "aperio": shared_data / "slides" / "CMU-1-Small-Region.svs"}
+    common = dict(tile=True, compression="jpeg", pyramid=True)
+    # Q < 90: YCbCr with 4:2:0 chroma (where cropping needs its margin)
+    out["ycbcr420"] = folder / "ycbcr420.tif"
+    image.tiffsave(str(out["ycbcr420"]), Q=75, tile_width=256, tile_height=256, **common)
+    # 240 px tiles (not a power of two, as Aperio's), RGB JPEG with subsampled chroma
+    out["rgb240"] = folder / "rgb240.tif"
+    image.tiffsave(str(out["rgb240"]), Q=80, rgbjpeg=True, tile_width=240, tile_height=240, **common)
+    # an OME-style pyramid: levels in sub-IFDs of a BigTIFF
+    out["subifd"] = folder / "subifd.tif"
+    image.tiffsave(str(out["subifd"]), Q=92, subifd=True, bigtiff=True, tile_width=128, tile_height=128, **common)
+    return out
+
+
+@pytest.mark.parametrize("name", ["rgb", "aperio", "ycbcr420", "rgb240", "subifd"])
+def test_layout_is_what_tifffile_reads(variants, name):
+    path = variants[name]
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages[0]
+        pages = [(dict(page=0), page)]
+        if name == "subifd":
+            pages += [(dict(page=0, subifd=i), p) for i, p in enumerate(page.pages)]
+        elif name != "aperio":
+            pages += [(dict(page=i), p) for i, p in enumerate(tif.pages) if i > 0]
+        assert len(pages) > (1 if name != "aperio" else 0)
+        for where, p in pages:
+            layout = jpeg_tiles.read_layout(path, **where)
+            assert layout is not None, where
+            assert (layout.width, layout.height) == (p.imagewidth, p.imagelength)
+            assert (layout.tile_width, layout.tile_height) == (p.tilewidth, p.tilelength)
+            assert layout.rgb == (p.photometric == tifffile.PHOTOMETRIC.RGB)
+            np.testing.assert_array_equal(layout.offsets, p.dataoffsets)
+            np.testing.assert_array_equal(layout.counts, p.databytecounts)
+            assert layout.tables == p.tags["JPEGTables"].value
+
+
+def test_layout_is_none_for_what_it_does_not_read(shared_data, tmp_path):
+    # deflate tiles, a JPEG-compressed strip image, and the label (not tiled) of an SVS
+    assert jpeg_tiles.read_layout(shared_data / "slides" / "boxes.tiff") is None
+    strips = tmp_path / "strips.tif"
+    pyvips.Image.black(64, 64, bands=3).tiffsave(str(strips), compression="jpeg")
+    assert jpeg_tiles.read_layout(strips) is None
+    assert jpeg_tiles.read_layout(shared_data / "slides" / "CMU-1-Small-Region.svs", page=1) is None
+    grey = tmp_path / "grey.tif"
+    pyvips.Image.black(64, 64).tiffsave(str(grey), compression="jpeg", tile=True, tile_width=16, tile_height=16)
+    assert jpeg_tiles.read_layout(grey) is None  # one sample
+    png = tmp_path / "x.png"
+    pyvips.Image.black(8, 8).pngsave(str(png))
+    assert jpeg_tiles.read_layout(png) is None  # not a TIFF
+
+
+def test_damaged_directories_are_value_errors(small_slide, tmp_path):
+    cut = tmp_path / "cut.tif"
+    data = small_slide.read_bytes()
+    with tifffile.TiffFile(small_slide) as tif:
+        first = tif.pages[0].offset
+    cut.write_bytes(data[: first + 20])  # the first directory cut short
+    with pytest.raises(ValueError):
+        jpeg_tiles.read_layout(cut)
+    with pytest.raises(ValueError, match="no page 99"):
+        jpeg_tiles.read_layout(small_slide, page=99)
+    looped = tmp_path / "looped.tif"  # the first directory's next pointer back to itself
+    raw = bytearray(data)
+    big = raw[2:4] == b"\x2b\x00"
+    if big:
+        (count,) = np.frombuffer(bytes(raw[first:first + 8]), "<u8")
+        at = first + 8 + int(count) * 20
+        raw[at:at + 8] = int(first).to_bytes(8, "little")
+    else:
+        (count,) = np.frombuffer(bytes(raw[first:first + 2]), "<u2")
+        at = first + 2 + int(count) * 12
+        raw[at:at + 4] = int(first).to_bytes(4, "little")
+    looped.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="chain"):
+        jpeg_tiles.read_layout(looped, page=3)
+
+
+def _windows(width: int, height: int, tile: int, rng: np.random.Generator, n: int) -> list[tuple[int, int, int, int]]:
+    """Random windows, and the awkward ones: single pixels at the corners, a whole level, one tile
+    exactly, windows on tile edges and in the partial last row and column of tiles."""
+    out = [(0, 0, 1, 1), (width - 1, height - 1, 1, 1), (0, height - 1, width, 1), (width - 1, 0, 1, height),
+           (0, 0, width, height), (0, 0, min(tile, width), min(tile, height))]
+    if width > tile and height > tile:
+        out += [(tile - 1, tile - 1, 2, 2), (tile, tile, min(tile, width - tile), min(tile, height - tile)),
+                (width - 37, height - 53, 37, 53)]
+    for _ in range(n):
+        w, h = int(rng.integers(1, min(width, 3 * tile) + 1)), int(rng.integers(1, min(height, 3 * tile) + 1))
+        out.append((int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1)), w, h))
+    return out
+
+
+@needs_decoder
+@pytest.mark.parametrize("name", ["rgb", "aperio", "ycbcr420", "rgb240", "subifd"])
+def test_windows_equal_libvips(variants, name):
+    slide = vipsnorm.open(variants[name])
+    assert isinstance(slide, VipsSlide)
+    rng = np.random.default_rng(7)
+    try:
+        for level in range(len(slide.levels)):
+            direct = slide.jpeg_tiles(level)
+            assert direct is not None, f"level {level} not read directly"
+            lvl = slide.levels[level]
+            for x, y, w, h in _windows(lvl.width, lvl.height, direct.layout.tile_width, rng, 40 if level == 0 else 8):
+                got = direct.read(x, y, w, h)
+                assert got is not None
+                np.testing.assert_array_equal(got, slide.read_region(level, x, y, w, h), err_msg=f"{name} {level} {(x, y, w, h)}")
+    finally:
+        slide.close()
+
+
+@needs_decoder
+def test_crop_margin_matters_for_subsampled_chroma(variants):
+    """The one-iMCU margin kept when cropping subsampled tiles is what makes them exact: measured as a
+    change of the decoder (without it, 4:2:0 windows differ by up to 6 levels at their edge columns),
+    and here as the fact that the windows most exposed to it, narrow ones at odd columns, are exact."""
+    slide = vipsnorm.open(variants["ycbcr420"])
+    direct = slide.jpeg_tiles(0)
+    for x in range(1, 40, 3):
+        np.testing.assert_array_equal(direct.read(300 + x, 301, 5, 7), slide.read_region(0, 300 + x, 301, 5, 7))
+
+
+@needs_decoder
+def test_a_level_is_used_only_once_checked(small_slide, monkeypatch):
+    real = jpeg_tiles.JpegTiles.read
+
+    def off_by_one(self, x, y, w, h):
+        got = real(self, x, y, w, h)
+        if got is not None:
+            got[0, 0, 0] ^= 1
+        return got
+
+    monkeypatch.setattr(jpeg_tiles.JpegTiles, "read", off_by_one)
+    slide = vipsnorm.open(small_slide)
+    assert slide.jpeg_tiles(0) is None
+    # and patches still come, through libvips
+    np.testing.assert_array_equal(PatchReader(slide).read(0, 10, 20, 64), slide.read_region(0, 10, 20, 64, 64))
+
+
+def test_none_where_there_are_no_jpeg_tiles(shared_data, tmp_path):
+    slide = vipsnorm.open(shared_data / "slides" / "boxes.tiff")
+    assert all(slide.jpeg_tiles(level) is None for level in range(len(slide.levels)))
+    png = tmp_path / "x.png"
+    pyvips.Image.black(300, 200, bands=3).pngsave(str(png))
+    assert vipsnorm.open(png).jpeg_tiles(0) is None
+    with pytest.raises(ValueError):
+        vipsnorm.open(png).jpeg_tiles(1)
+
+
+@needs_decoder
+def test_damaged_tile_is_left_to_libvips(shared_data, tmp_path):
+    """Half of tile 0 zeroed, the last tile pointing past the end of the file: a direct read of the
+    damaged part gives None (it never fills in grey) and the patch reader reports the damage as
+    libvips finds it."""
+    path = tmp_path / "damaged.svs"
+    shutil.copyfile(shared_data / "slides" / "CMU-1-Small-Region.svs", path)
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages[0]
+        offset, count = page.dataoffsets[0], page.databytecounts[0]
+    with open(path, "r+b") as f:
+        f.seek(offset + count // 2)
+        f.write(b"\0" * (count - count // 2))
+    slide = vipsnorm.open(path)
+    direct = slide.jpeg_tiles(0)
+    assert direct is not None  # the checked window, in the middle, is whole
+    assert direct.read(0, 0, 240, 240) is None
+    # rows above the damage are decoded from whole data (a JPEG is decoded in order): they are the
+    # original's bytes, never a fill
+    whole = vipsnorm.open(shared_data / "slides" / "CMU-1-Small-Region.svs")
+    np.testing.assert_array_equal(direct.read(10, 10, 5, 5), whole.read_region(0, 10, 10, 5, 5))
+    with pytest.raises(UnreadableImageError, match="cannot decode pixels"):
+        PatchReader(slide).read(0, 0, 0, 240)
+    # a tile's bytes past the end of the file
+    layout = direct.layout
+    bad = jpeg_tiles.TileLayout(**{**layout.__dict__, "offsets": layout.offsets.copy()})
+    bad.offsets[-1] = path.stat().st_size - 10
+    reader = jpeg_tiles.JpegTiles(path, bad)
+    try:
+        assert reader.read(layout.width - 1, layout.height - 1, 1, 1) is None
+    finally:
+        reader.close()
+    slide.close()
+
+
+@needs_decoder
+def test_closed_reader_gives_none_and_bounds_are_checked(small_slide):
+    slide = vipsnorm.open(small_slide)
+    direct = slide.jpeg_tiles(0)
+    with pytest.raises(ValueError):
+        direct.read(2040, 0, 16, 16)
+    with pytest.raises(ValueError):
+        direct.read(0, 0, 0, 16)
+    slide.close()
+    assert direct.read(0, 0, 16, 16) is None
+
+
+@needs_decoder
+def test_threads_read_the_same_windows(small_slide):
+    slide = vipsnorm.open(small_slide)
+    direct = slide.jpeg_tiles(0)
+    rng = np.random.default_rng(3)
+    windows = _windows(2048, 1536, 256, rng, 60)
+    expected = [slide.read_region(0, *w) for w in windows]
+    failures = []
+
+    def work(order):
+        for i in order:
+            if not np.array_equal(direct.read(*windows[i]), expected[i]):
+                failures.append(i)
+
+    threads = [threading.Thread(target=work, args=(np.random.default_rng(s).permutation(len(windows)),)) for s in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == []
+
+
+@needs_decoder
+@pytest.mark.parametrize("name, options", [(None, {}), ("macenko", {}), ("equalize", {}), ("equalize", {"mode": "rgb"}), ("stretch", {})])
+def test_patch_reader_same_with_and_without(small_slide, monkeypatch, name, options):
+    """Raw and normalized patches are the same bytes through the direct reader and through libvips."""
+    slide = vipsnorm.open(small_slide)
+    if name is None:
+        method = params = None
+    else:
+        method = build_method(name, **options)
+        params = fit_slide(slide, method, Options())
+    reader = PatchReader(slide, method, params)
+    rng = np.random.default_rng(11)
+    windows = [(level, *w) for level in (0, 1) for w in _windows(*map(int, (slide.levels[level].width, slide.levels[level].height)), 256, rng, 10)]
+    direct = [reader.read(level, x, y, w, h) for level, x, y, w, h in windows]
+    assert slide.jpeg_tiles(0) is not None
+    monkeypatch.setattr(VipsSlide, "jpeg_tiles", lambda self, level: None)
+    plain = PatchReader(slide, method, params)
+    for (level, x, y, w, h), got in zip(windows, direct):
+        np.testing.assert_array_equal(got, plain.read(level, x, y, w, h), err_msg=str((level, x, y, w, h)))
+    if method is not None:  # and the lazy pipeline itself, no table or kernel
+        lazy = PatchReader(slide, method, params, colour_table=False)
+        level, x, y, w, h = windows[-1]
+        np.testing.assert_array_equal(direct[-1], lazy.read(level, x, y, w, h))
+
+
+def test_switched_off_with_native_off(small_slide):
+    code = (
+        "import vipsnorm, numpy as np\n"
+        "from vipsnorm.io import jpeg_tiles\n"
+        "from vipsnorm.training.patches import PatchReader\n"
+        f"s = vipsnorm.open({str(small_slide)!r})\n"
+        "assert not jpeg_tiles.available() and 'VIPSNORM_NATIVE=0' in jpeg_tiles.reason()\n"
+        "assert s.jpeg_tiles(0) is None\n"
+        "assert PatchReader(s).read(0, 5, 7, 32).shape == (32, 32, 3)\n"
+    )
+    env = {**os.environ, "VIPSNORM_NATIVE": "0"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
