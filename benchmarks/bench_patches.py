@@ -5,7 +5,9 @@ One synthetic H&E slide (``vipsnorm.synth``, lab "reference", seed 0, 0.25 um/px
 BigTIFF, 256 px tiles) is generated once and cached in ``--workdir`` (not timed; the same file and name as
 ``bench_core.py`` uses, so its cache is reused). ``--patches`` random positions of ``--patch`` px windows
 with at least half tissue are drawn once (``vipsnorm.training.patches.random_patches``, seed 0) and every
-case reads the same ones, in the same order (sorted by row, as ``vipsnorm patches`` reads them).
+case reads the same ones, in the same order (sorted by row, as ``vipsnorm patches`` reads them). The
+cases marked ", shuffled" read them in a random order (seed 1), as a shuffling training loader does:
+decoders that keep tiles (libvips, OpenSlide) then find fewer of them kept.
 
 Reading cases, each in its own fresh Python process (its own caches; the file is in the page cache for
 all of them), side by side in one run, ``--repeat`` times in rotation:
@@ -14,8 +16,9 @@ all of them), side by side in one run, ``--repeat`` times in rotation:
     ``openslide.OpenSlide(path).read_region((x, y), 0, (size, size))`` as a numpy RGB array: what a
     training loader does without vipsnorm.
 ``vipsnorm raw``
-    ``PatchReader(slide).read_patch(p)``: a libvips ``Region`` fetch of the window, in the calling
-    thread, as a numpy array (no normalization).
+    ``PatchReader(slide).read(0, x, y, size)``, no normalization: the window decoded straight from the
+    slide's JPEG tiles, only the part of each tile it needs (``vipsnorm.io.jpeg_tiles``; "direct" in the
+    table), or where that reader is not built a libvips ``Region`` fetch in the calling thread.
 ``pyvips Region.fetch``
     Reference, no vipsnorm code: ``pyvips.Region.new(pyvips.Image.new_from_file(path)).fetch(x, y, size,
     size)`` as a numpy array, one Region for all patches: what libvips itself costs for a window, so
@@ -65,7 +68,11 @@ from pathlib import Path
 RAW_GOAL = 2.0  # vipsnorm raw / OpenSlide
 NORMALIZED_GOAL = 0.8  # vipsnorm macenko / vipsnorm raw
 AUG_GOAL = 1.0  # vipsnorm / albumentations
-READ_CASES = ["openslide read_region", "vipsnorm raw", "pyvips Region.fetch", "vipsnorm macenko", "vipsnorm equalize"]
+READ_CASES = [
+    "openslide read_region", "vipsnorm raw", "pyvips Region.fetch", "vipsnorm macenko", "vipsnorm equalize",
+    "openslide read_region, shuffled", "vipsnorm raw, shuffled", "pyvips Region.fetch, shuffled",
+]
+SHUFFLED = ", shuffled"
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 
@@ -114,7 +121,11 @@ def child(case: str, path: str, positions_file: str) -> dict:
     positions = json.loads(Path(positions_file).read_text())
     size = positions["size"]
     xy = positions["xy"]
+    if case.endswith(SHUFFLED):
+        case = case[: -len(SHUFFLED)]
+        xy = [xy[i] for i in np.random.default_rng(1).permutation(len(xy))]
     fit_seconds = None
+    direct = None
     start_open = time.perf_counter()
     if case == "openslide read_region":
         import openslide
@@ -147,6 +158,8 @@ def child(case: str, path: str, positions_file: str) -> dict:
             fit_seconds = time.perf_counter() - t0
             reader = PatchReader(slide, method, params)
 
+        direct = slide.jpeg_tiles(0) is not None
+
         def read(x, y):
             return reader.read(0, x, y, size, size)
 
@@ -164,6 +177,7 @@ def child(case: str, path: str, positions_file: str) -> dict:
         "rate": len(xy) / wall,
         "fit_seconds": fit_seconds,
         "open_seconds": open_seconds,
+        "direct": direct,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "checksum": checksum,
     }
@@ -319,7 +333,10 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
                 flush=True,
             )
-    same_pixels = {r["checksum"] for case in ("openslide read_region", "vipsnorm raw", "pyvips Region.fetch") for r in results.get(case, [])}
+    same_pixels = {
+        r["checksum"] for case in ("openslide read_region", "vipsnorm raw", "pyvips Region.fetch")
+        for r in results.get(case, []) + results.get(case + SHUFFLED, [])
+    }
     if len(same_pixels) > 1:
         print("warning: OpenSlide and vipsnorm read different raw pixels", file=sys.stderr)
     best = {case: max(rs, key=lambda r: r["rate"]) for case, rs in results.items()}
@@ -348,19 +365,23 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for case in read_cases:
         r = best[case]
-        if case == "openslide read_region":
+        order = SHUFFLED if case.endswith(SHUFFLED) else ""
+        base = case[: -len(order)] if order else case
+        if base == "openslide read_region":
             ratio, goal = "1.00 (OpenSlide)", ""
-        elif case == "vipsnorm raw":
-            ratio = f"{rate[case] / rate['openslide read_region']:.2f} x OpenSlide"
-            met = rate[case] >= RAW_GOAL * rate["openslide read_region"]
+        elif base == "vipsnorm raw":
+            ratio = f"{rate[case] / rate['openslide read_region' + order]:.2f} x OpenSlide"
+            met = rate[case] >= RAW_GOAL * rate["openslide read_region" + order]
             goal = f">= {RAW_GOAL}x OpenSlide: {'met' if met else 'MISSED'}"
         else:
-            ratio = f"{rate[case] / rate['vipsnorm raw']:.2f} x raw"
+            ratio = f"{rate[case] / rate['vipsnorm raw' + order]:.2f} x raw"
             goal = "reference: libvips alone" if case == "pyvips Region.fetch" else ""
-            if case == "vipsnorm macenko":
+            if base == "vipsnorm macenko":
                 met = rate[case] >= NORMALIZED_GOAL * rate["vipsnorm raw"]
                 goal = f">= {NORMALIZED_GOAL}x raw: {'met' if met else 'MISSED'}"
         fit = f" (fit {r['fit_seconds']:.2f} s, once)" if r["fit_seconds"] else ""
+        if r.get("direct") is not None:
+            fit += ", direct" if r["direct"] else ", libvips"
         cpu_ms = r["cpu_seconds"] / r["patches"] * 1000
         lines.append(f"| {case}{fit} | {r['rate']:.0f} | {cpu_ms:.2f} | {r['peak_rss_mb']:.0f} | {ratio} | {goal} |")
     lines += [
