@@ -299,3 +299,20 @@ def test_switched_off_with_native_off(small_slide):
     env = {**os.environ, "VIPSNORM_NATIVE": "0"}
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+@needs_decoder
+@pytest.mark.parametrize("name", ["equalize", "macenko", "stretch"])
+def test_slide_fits_same_with_and_without(small_slide, monkeypatch, name):
+    """The fit's full-resolution tiles (sampling._sample_tiles) come from the direct reader: the same
+    fitted parameters as through libvips, to the last bit."""
+    slide = vipsnorm.open(small_slide)
+    method = build_method(name)
+    options = Options(n_tiles=8)  # (few enough tiles that the slide is sampled, not counted whole)
+    calls = []
+    real = jpeg_tiles.JpegTiles.read
+    monkeypatch.setattr(jpeg_tiles.JpegTiles, "read", lambda self, *window: calls.append(window) or real(self, *window))
+    direct = fit_slide(slide, method, options)
+    assert len(calls) >= 8  # (the check at first use, and the sampled tiles)
+    monkeypatch.setattr(VipsSlide, "jpeg_tiles", lambda self, level: None)
+    assert fit_slide(vipsnorm.open(small_slide), method, options) == direct

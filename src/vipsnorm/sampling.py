@@ -496,6 +496,9 @@ def _sample_tiles(
     strata = np.array_split(np.arange(len(tissue_cells)), min(n_tiles, len(tissue_cells)))
     chosen = [int(rng.choice(stratum)) for stratum in strata]
     level0 = slide.level_image(0)
+    # tiles straight from the file's JPEG tiles where the slide has a checked reader for them: 0.39 ms
+    # CPU a 256 px tile of the bench slide, against 1.1-1.2 ms for a libvips crop made into an array
+    direct = slide.jpeg_tiles(0)
     hist = np.zeros((4, 256))
     kept: list[np.ndarray] = []
     if pixels:
@@ -509,10 +512,12 @@ def _sample_tiles(
         index, tile_seed = job
         col, row = tissue_cells[index]
         x, y = col * tile, row * tile
-        # one crop per tile: a long-lived Region was faster per fetch but its buffers grew the peak
-        # memory with the slide (209 MB at 20k, 314 MB at 40k, against 151 MB for both)
-        crop = level0.crop(x, y, min(tile, w0 - x), min(tile, h0 - y))
-        array = slide.decode(crop.numpy)
+        width, height = min(tile, w0 - x), min(tile, h0 - y)
+        array = direct.read(x, y, width, height) if direct is not None else None
+        if array is None:  # (None from read: a damaged tile, which libvips then reports)
+            # one crop per tile: a long-lived Region was faster per fetch but its buffers grew the peak
+            # memory with the slide (209 MB at 20k, 314 MB at 40k, against 151 MB for both)
+            array = slide.decode(level0.crop(x, y, width, height).numpy)
         tissue = _tissue_pixels_array(array, mask)
         tile_hist = histograms(array, tissue)
         if not pixels:
