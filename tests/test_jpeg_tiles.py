@@ -103,6 +103,10 @@ def test_damaged_directories_are_value_errors(small_slide, tmp_path):
     cut.write_bytes(data[: first + 20])  # the first directory cut short
     with pytest.raises(ValueError):
         jpeg_tiles.read_layout(cut)
+    header = tmp_path / "header.tif"  # the first directory's entry count cut in half
+    header.write_bytes(data[: first + 1])
+    with pytest.raises(ValueError, match="damaged"):
+        jpeg_tiles.read_layout(header)
     with pytest.raises(ValueError, match="no page 99"):
         jpeg_tiles.read_layout(small_slide, page=99)
     looped = tmp_path / "looped.tif"  # the first directory's next pointer back to itself

@@ -137,6 +137,13 @@ def read_layout(path: str | os.PathLike[str], page: int = 0, subifd: int | None 
     ValueError
         The TIFF structure is damaged (a directory or values past the end of the file, a loop).
     """
+    try:
+        return _read_layout(path, page, subifd)
+    except struct.error as exc:  # a field cut short by the end of the file
+        raise ValueError(f"a damaged TIFF directory ({exc})") from exc
+
+
+def _read_layout(path: str | os.PathLike[str], page: int, subifd: int | None) -> TileLayout | None:
     size = os.path.getsize(path)
     with open(path, "rb") as fh:
         head = fh.read(16)
