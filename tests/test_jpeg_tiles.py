@@ -198,9 +198,9 @@ def test_none_where_there_are_no_jpeg_tiles(shared_data, tmp_path):
 
 @needs_decoder
 def test_damaged_tile_is_left_to_libvips(shared_data, tmp_path):
-    """Half of tile 0 zeroed, the last tile pointing past the end of the file: a direct read of the
-    damaged part gives None (it never fills in grey) and the patch reader reports the damage as
-    libvips finds it."""
+    """Half of tile 0 zeroed, the last tile pointing past the end of the file: a direct read of any
+    part of them gives None (it never fills in grey, nor returns what it decoded before the damage)
+    and the patch reader reports the damage as libvips finds it."""
     path = tmp_path / "damaged.svs"
     shutil.copyfile(shared_data / "slides" / "CMU-1-Small-Region.svs", path)
     with tifffile.TiffFile(path) as tif:
@@ -212,11 +212,13 @@ def test_damaged_tile_is_left_to_libvips(shared_data, tmp_path):
     slide = vipsnorm.open(path)
     direct = slide.jpeg_tiles(0)
     assert direct is not None  # the checked window, in the middle, is whole
+    assert direct.valid_tiles() == 4  # (the four tiles of the checked window, decoded to their ends)
+    # a window in the rows above the damage: a tile's data are decoded to their end the first time it
+    # is read (garbled data can decode to wrong pixels with no warning until further down), so the
+    # damage is found whatever the window
+    assert direct.read(10, 10, 5, 5) is None
     assert direct.read(0, 0, 240, 240) is None
-    # rows above the damage are decoded from whole data (a JPEG is decoded in order): they are the
-    # original's bytes, never a fill
-    whole = vipsnorm.open(shared_data / "slides" / "CMU-1-Small-Region.svs")
-    np.testing.assert_array_equal(direct.read(10, 10, 5, 5), whole.read_region(0, 10, 10, 5, 5))
+    assert direct.valid_tiles() == 4
     with pytest.raises(UnreadableImageError, match="cannot decode pixels"):
         PatchReader(slide).read(0, 0, 0, 240)
     # a tile's bytes past the end of the file
@@ -320,3 +322,57 @@ def test_slide_fits_same_with_and_without(small_slide, monkeypatch, name):
     assert len(calls) >= 8  # (the check at first use, and the sampled tiles)
     monkeypatch.setattr(VipsSlide, "jpeg_tiles", lambda self, level: None)
     assert fit_slide(vipsnorm.open(small_slide), method, options) == direct
+
+
+def _jpeg_segments(stream: bytes) -> list[tuple[int, bytes]]:
+    """The marker segments of a JPEG stream up to its scan (which runs to the end), after SOI."""
+    out, i = [], 2
+    while True:
+        marker = stream[i + 1]
+        if marker == 0xDA:
+            out.append((marker, stream[i:]))
+            return out
+        length = int.from_bytes(stream[i + 2:i + 4], "big")
+        out.append((marker, stream[i:i + 2 + length]))
+        i += 2 + length
+
+
+@needs_decoder
+def test_each_tile_starts_from_the_shared_tables(small_slide, tmp_path):
+    """TIFF Technical Note 2: JPEGTables are the default for every tile that carries no tables of its
+    own. One tile here carries its own (quality 20, among quality 90 tiles that rely on the shared
+    tables): the tiles read after it in the same window must not decode with its tables."""
+    size = 256
+    image = pyvips.Image.new_from_file(str(small_slide)).crop(0, 0, 4 * size, 4 * size).numpy()
+    odd = (1, 2)  # (tile row, tile column) with tables of its own
+
+    def encode(tile: np.ndarray, quality: int) -> bytes:
+        return pyvips.Image.new_from_array(tile, interpretation="srgb").jpegsave_buffer(Q=quality, subsample_mode="on")
+
+    shared = b"\xff\xd8" + b"".join(
+        seg for marker, seg in _jpeg_segments(encode(image[:size, :size], 90)) if marker in (0xDB, 0xC4)
+    ) + b"\xff\xd9"
+
+    def tiles():
+        for ty in range(4):
+            for tx in range(4):
+                tile = np.ascontiguousarray(image[ty * size:(ty + 1) * size, tx * size:(tx + 1) * size])
+                if (ty, tx) == odd:
+                    yield encode(tile, 20)  # a whole stream, its own tables
+                else:  # abbreviated: the shared tables left out
+                    segments = _jpeg_segments(encode(tile, 90))
+                    yield b"\xff\xd8" + b"".join(seg for marker, seg in segments if marker not in (0xDB, 0xC4))
+
+    path = tmp_path / "own-tables.tif"
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(tiles(), shape=image.shape, dtype=np.uint8, tile=(size, size), compression="jpeg",
+                  photometric="ycbcr", subsampling=(2, 2), jpegtables=shared)
+    with tifffile.TiffFile(path, mode="r+b") as tif:  # (the streams hold YCbCr: say so)
+        if tif.pages[0].photometric != tifffile.PHOTOMETRIC.YCBCR:
+            tif.pages[0].tags["PhotometricInterpretation"].overwrite(6)
+    slide = vipsnorm.open(path)
+    direct = slide.jpeg_tiles(0)
+    assert direct is not None
+    oy, ox = odd[0] * size, odd[1] * size
+    for window in [(ox + 200, oy + 10, 200, 100), (ox + 10, oy + 200, 100, 150), (ox - 50, oy - 50, 400, 400)]:
+        np.testing.assert_array_equal(direct.read(*window), slide.read_region(0, *window), err_msg=str(window))

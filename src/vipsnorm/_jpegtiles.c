@@ -1,18 +1,25 @@
 /* Direct windows of JPEG-tiled TIFF levels (vipsnorm.io.jpeg_tiles), with libjpeg-turbo.
  *
  * A random 256 px window of a slide with 256 px tiles meets four tiles, and libvips decodes all of each
- * (as OpenSlide does). Here each tile is decoded only as far as the window needs: rows below the
- * window are never decoded, rows above it are skipped (jpeg_skip_scanlines: entropy decoding only,
- * no inverse DCT or colour conversion), and columns outside it are cropped (jpeg_crop_scanline). The
- * bytes are those of a full decode, hence of libvips' (the Python side checks that on every level
- * before using it): skipping is exact, and cropping is exact once a margin of one iMCU is kept on
- * either side when chroma is subsampled (fancy upsampling reads a neighbour there; measured: without
- * the margin, 4:2:0 tiles differ by up to 6 levels in the cropped window's edge columns).
+ * (as OpenSlide does). Here only the window's pixels are made: rows outside it are skipped
+ * (jpeg_skip_scanlines: entropy decoding only, no inverse DCT or colour conversion), and columns
+ * outside it cropped (jpeg_crop_scanline). The bytes are those of a full decode, hence of libvips'
+ * (the Python side checks that on every level before using it): skipping is exact, and cropping is
+ * exact once a margin of one iMCU is kept on either side when chroma is subsampled (fancy upsampling
+ * reads a neighbour there; measured: without the margin, 4:2:0 tiles differ by up to 6 levels in the
+ * cropped window's edge columns).
  *
- * Every libjpeg warning is taken as a failure, as libvips' reader takes them when failing on
- * warnings: a tile cut short (which libjpeg fills with grey), garbled or missing gives a negative
- * return, and the caller reads the window through libvips, which reports the damage. Nothing here
- * calls Python: ctypes releases the GIL around vj_window, and several threads may call it at once.
+ * Damage: every libjpeg warning is taken as a failure, as libvips' reader takes them when failing on
+ * warnings, and a tile cut short (which libjpeg fills with grey), garbled or missing gives a negative
+ * return; the caller then reads the window through libvips, which reports the damage. A garbled tile
+ * can decode to wrong pixels with no warning until further down its data, so the first time a tile
+ * is read its data are decoded to the end (rows below the window skipped, entropy decoding only) and
+ * its end checked; the caller's `valid` byte for the tile then records it, and later windows stop
+ * after their last row. Each tile starts from the level's JPEGTables (TIFF Technical Note 2: the
+ * default for a tile that carries no tables of its own; a tile that does must not change the next).
+ *
+ * Nothing here calls Python: ctypes releases the GIL around vj_window, and several threads may call
+ * it at once.
  *
  * Built as an optional extension when jpeglib.h (libjpeg-turbo 1.5 or later) is present.
  */
@@ -25,11 +32,12 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <jpeglib.h>
 
-#define VJ_VERSION 1
+#define VJ_VERSION 2
 
 #define VJ_OK 0
 #define VJ_JPEG (-1)   /* libjpeg error or warning */
@@ -81,16 +89,24 @@ static int vj_pread(int fd, unsigned char *buf, uint64_t count, uint64_t offset)
     return 0;
 }
 
-/* Decode the part [x0, x0 + w) x [y0, y0 + h) of one tile into out (rows of stride bytes).
- * line: a buffer of VJ_ROWS rows of tile_w * 3 bytes. Returns VJ_OK or a VJ_ error. */
-static int vj_tile(j_decompress_ptr cinfo, struct vj_error *err, const unsigned char *data, uint64_t len,
-                   int rgb, int tile_w, int tile_h, int x0, int y0, int w, int h, unsigned char *out,
-                   size_t stride, unsigned char *line)
+/* Decode the part [x0, x0 + w) x [y0, y0 + h) of one tile into out (rows of stride bytes), starting
+ * from the level's tables. line: a buffer of VJ_ROWS rows of tile_w * 3 bytes. valid: the tile's byte,
+ * nonzero once its data have been decoded to the end without a warning (set here when they are).
+ * Returns VJ_OK or a VJ_ error. */
+static int vj_tile(j_decompress_ptr cinfo, struct vj_error *err, const unsigned char *tables, uint64_t tables_len,
+                   const unsigned char *data, uint64_t len, int rgb, int tile_w, int tile_h, int x0, int y0,
+                   int w, int h, unsigned char *out, size_t stride, unsigned char *line, unsigned char *valid)
 {
-    volatile int status = VJ_JPEG;
     if (setjmp(err->jump)) {
-        jpeg_abort_decompress(cinfo); /* keeps the tables for the next tile */
-        return status;
+        jpeg_abort_decompress(cinfo);
+        return VJ_JPEG;
+    }
+    if (tables_len > 0) {
+        jpeg_mem_src(cinfo, tables, (unsigned long)tables_len);
+        if (jpeg_read_header(cinfo, FALSE) != JPEG_HEADER_TABLES_ONLY) {
+            jpeg_abort_decompress(cinfo);
+            return VJ_JPEG;
+        }
     }
     jpeg_mem_src(cinfo, data, (unsigned long)len);
     if (jpeg_read_header(cinfo, TRUE) != JPEG_HEADER_OK) {
@@ -137,7 +153,22 @@ static int vj_tile(j_decompress_ptr cinfo, struct vj_error *err, const unsigned 
         for (JDIMENSION i = 0; i < got; i++, y++)
             memcpy(out + (size_t)y * stride, rows[i] + from, (size_t)w * 3);
     }
-    jpeg_abort_decompress(cinfo); /* the rows below the window are not decoded */
+    if (cinfo->output_scanline < cinfo->output_height) {
+        if (__atomic_load_n(valid, __ATOMIC_RELAXED)) { /* checked to its end before */
+            jpeg_abort_decompress(cinfo);
+            return VJ_OK;
+        }
+        /* all rows but the last skipped (entropy decoding only), the last read: libjpeg-turbo skips
+           to the very end without decoding anything */
+        JDIMENSION rest = cinfo->output_height - cinfo->output_scanline - 1;
+        JSAMPROW row = line;
+        if ((rest > 0 && jpeg_skip_scanlines(cinfo, rest) != rest) || jpeg_read_scanlines(cinfo, &row, 1) != 1) {
+            jpeg_abort_decompress(cinfo);
+            return VJ_JPEG;
+        }
+    }
+    jpeg_finish_decompress(cinfo); /* reads to the end of the data: a warning there fails the tile too */
+    __atomic_store_n(valid, 1, __ATOMIC_RELAXED);
     return VJ_OK;
 }
 
@@ -145,11 +176,12 @@ static int vj_tile(j_decompress_ptr cinfo, struct vj_error *err, const unsigned 
  *
  * fd: the open TIFF; tables, tables_len: its JPEGTables (an abbreviated stream, may be empty);
  * offsets, counts: the level's tiles in row-major order (ntiles of them, tiles_across a row);
+ * valid: ntiles bytes, the tiles already decoded to their end without a warning (see the top);
  * tile_w, tile_h: their size; level_w, level_h: the level's; rgb: 1 when the photometric
  * interpretation is RGB (the JPEG holds RGB), 0 for YCbCr.
  * Returns VJ_OK or a negative VJ_ error (out then holds part of the window). */
 int vj_window(int fd, const unsigned char *tables, uint64_t tables_len, const uint64_t *offsets,
-              const uint64_t *counts, int64_t ntiles, int tiles_across, int tile_w, int tile_h, int level_w,
+              const uint64_t *counts, unsigned char *valid, int64_t ntiles, int tiles_across, int tile_w, int tile_h, int level_w,
               int level_h, int rgb, int x, int y, int w, int h, unsigned char *out)
 {
     if (w <= 0 || h <= 0 || x < 0 || y < 0 || x > level_w - w || y > level_h - h || tile_w <= 0 || tile_h <= 0
@@ -159,6 +191,9 @@ int vj_window(int fd, const unsigned char *tables, uint64_t tables_len, const ui
     struct vj_error err;
     unsigned char *volatile buffer = NULL;
     volatile uint64_t capacity = 0;
+    struct stat file;
+    if (fstat(fd, &file) != 0)
+        return VJ_READ;
     unsigned char *volatile line = malloc((size_t)tile_w * 3 * VJ_ROWS);
     if (!line)
         return VJ_MEMORY;
@@ -166,21 +201,13 @@ int vj_window(int fd, const unsigned char *tables, uint64_t tables_len, const ui
     err.pub.error_exit = vj_error_exit;
     err.pub.emit_message = vj_emit_message;
     err.pub.output_message = vj_output_message;
-    if (setjmp(err.jump)) { /* from jpeg_create_decompress or the tables */
+    if (setjmp(err.jump)) { /* from jpeg_create_decompress */
         jpeg_destroy_decompress(&cinfo);
         free(line);
         free(buffer);
         return VJ_JPEG;
     }
     jpeg_create_decompress(&cinfo);
-    if (tables_len > 0) {
-        jpeg_mem_src(&cinfo, tables, (unsigned long)tables_len);
-        if (jpeg_read_header(&cinfo, FALSE) != JPEG_HEADER_TABLES_ONLY) {
-            jpeg_destroy_decompress(&cinfo);
-            free(line);
-            return VJ_JPEG;
-        }
-    }
     int status = VJ_OK;
     for (int ty = y / tile_h; status == VJ_OK && ty <= (y + h - 1) / tile_h; ty++) {
         for (int tx = x / tile_w; status == VJ_OK && tx <= (x + w - 1) / tile_w; tx++) {
@@ -190,7 +217,8 @@ int vj_window(int fd, const unsigned char *tables, uint64_t tables_len, const ui
                 break;
             }
             uint64_t count = counts[index];
-            if (count == 0 || count > VJ_MAX_TILE_BYTES) { /* a missing (sparse) tile, or absurd */
+            if (count == 0 || count > VJ_MAX_TILE_BYTES || offsets[index] > (uint64_t)file.st_size
+                || count > (uint64_t)file.st_size - offsets[index]) { /* missing (sparse), absurd, or past the end */
                 status = VJ_READ;
                 break;
             }
@@ -211,9 +239,10 @@ int vj_window(int fd, const unsigned char *tables, uint64_t tables_len, const ui
             int ay0 = y > ty * tile_h ? y : ty * tile_h;
             int ax1 = x + w < (tx + 1) * tile_w ? x + w : (tx + 1) * tile_w;
             int ay1 = y + h < (ty + 1) * tile_h ? y + h : (ty + 1) * tile_h;
-            status = vj_tile(&cinfo, &err, buffer, count, rgb, tile_w, tile_h, ax0 - tx * tile_w, ay0 - ty * tile_h,
-                             ax1 - ax0, ay1 - ay0, out + ((size_t)(ay0 - y) * w + (size_t)(ax0 - x)) * 3,
-                             (size_t)w * 3, line);
+            status = vj_tile(&cinfo, &err, tables, tables_len, buffer, count, rgb, tile_w, tile_h,
+                             ax0 - tx * tile_w, ay0 - ty * tile_h, ax1 - ax0, ay1 - ay0,
+                             out + ((size_t)(ay0 - y) * w + (size_t)(ax0 - x)) * 3, (size_t)w * 3, line,
+                             valid + index);
         }
     }
     jpeg_destroy_decompress(&cinfo);

@@ -2,9 +2,11 @@
 
 A random 256 px patch of a slide with 256 px tiles meets four tiles, and libvips (like OpenSlide)
 decodes all of each: four tiles of work for one tile of pixels. :class:`JpegTiles` reads the tiles'
-bytes itself (:func:`read_layout` finds them in the TIFF directory) and has libjpeg-turbo decode only
-the rows and columns of each tile inside the window (``_jpegtiles.c``): the same bytes as libvips
-gives, at about 1.7x the patches a second (measured on the 20000 px benchmark slide).
+bytes itself (:func:`read_layout` finds them in the TIFF directory) and has libjpeg-turbo make only
+the pixels of each tile inside the window (``_jpegtiles.c``): rows outside it are skipped (entropy
+decoding only) and columns cropped, the same bytes as libvips gives. A tile's data are decoded to
+their end the first time it is read (a garbled tile can give wrong pixels with no warning until
+further down), and later windows of it stop after their last row.
 
 It serves :class:`~vipsnorm.training.patches.PatchReader` through
 :meth:`vipsnorm.io.slide.VipsSlide.jpeg_tiles`, which uses a level only after a window of it read
@@ -31,7 +33,7 @@ import numpy as np
 __all__ = ["available", "reason", "TileLayout", "read_layout", "JpegTiles"]
 
 #: VJ_VERSION of _jpegtiles.c
-_VERSION = 1
+_VERSION = 2
 
 # TIFF tags read here
 _WIDTH, _LENGTH, _BITS, _COMPRESSION, _PHOTOMETRIC = 256, 257, 258, 259, 262
@@ -203,15 +205,19 @@ def _layout(d: _Directory) -> TileLayout | None:
 class JpegTiles:
     """Windows of one level (a :class:`TileLayout` of the file at ``path``), decoded straight from the
     file. The file is held open until :meth:`close` (a file replaced since is still read as it was
-    when the layout was read). Several threads may read at once."""
+    when the layout was read; ``fd``: read through that descriptor, left open by :meth:`close`).
+    Several threads may read at once."""
 
-    def __init__(self, path: str | os.PathLike[str], layout: TileLayout):
+    def __init__(self, path: str | os.PathLike[str], layout: TileLayout, fd: int | None = None):
         lib = _load()[0]
         if lib is None:
             raise RuntimeError(f"direct JPEG tile reads are off: {reason()}")
         self.path, self.layout, self._lib = Path(path), layout, lib
-        self._fd: int | None = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        # fd: the file open already (the levels of a slide share one, which their owner closes)
+        self._owns_fd = fd is None
+        self._fd: int | None = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)) if fd is None else fd
         self._tables = ctypes.create_string_buffer(layout.tables, max(len(layout.tables), 1))
+        self._valid = np.zeros(len(layout.offsets), np.uint8)  # tiles decoded to their end cleanly
 
     def read(self, x: int, y: int, width: int, height: int) -> np.ndarray | None:
         """The ``(height, width, 3)`` uint8 window at ``(x, y)`` (a new array), or None when a tile of it
@@ -231,14 +237,21 @@ class JpegTiles:
         out = np.empty((height, width, 3), np.uint8)
         status = self._lib.vj_window(
             fd, self._tables, len(layout.tables), layout.offsets.ctypes.data, layout.counts.ctypes.data,
-            len(layout.offsets), layout.tiles_across, layout.tile_width, layout.tile_height, layout.width,
+            self._valid.ctypes.data, len(layout.offsets), layout.tiles_across, layout.tile_width, layout.tile_height, layout.width,
             layout.height, int(layout.rgb), x, y, width, height, out.ctypes.data,
         )
         return out if status == 0 else None
 
+    def valid_tiles(self) -> int:
+        """How many tiles have been decoded to their end without a warning (after which windows of
+        them stop after their last row)."""
+        return int(np.count_nonzero(self._valid))
+
     def close(self) -> None:
+        """Stop reading (later reads give None); close the file if this reader opened it. Not while
+        another thread reads."""
         fd, self._fd = self._fd, None
-        if fd is not None:
+        if fd is not None and self._owns_fd:
             os.close(fd)
 
     def __del__(self):
@@ -275,7 +288,8 @@ def _load_library() -> tuple[ctypes.CDLL | None, str]:
         return None, f"cannot be loaded ({exc})"
     lib.vj_window.restype = ctypes.c_int
     lib.vj_window.argtypes = [
-        ctypes.c_int, ctypes.c_char_p, ctypes.c_uint64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+        ctypes.c_int, ctypes.c_char_p, ctypes.c_uint64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+        ctypes.c_int64,
         ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
         ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
     ]

@@ -398,6 +398,7 @@ class VipsSlide(Slide):
         self._lenient = False  # a JPEG whose decoder warnings are all harmless (see probe)
         self._luma: np.ndarray | None = None  # its luma, once asked for (decoded_luma)
         self._direct: dict[int, _jpeg.JpegTiles | None] = {}  # jpeg_tiles(level), once asked for
+        self._direct_fd: int | None = None  # the file, open once for all of them
         self._direct_lock = threading.Lock()
         fields = set(first.get_fields())
         self._load: list[dict] = [{}]
@@ -543,8 +544,9 @@ class VipsSlide(Slide):
 
     def jpeg_tiles(self, level: int) -> _jpeg.JpegTiles | None:
         self._check_level(level)
-        if level in self._direct:
-            return self._direct[level]
+        reader = self._direct.get(level, False)
+        if reader is not False:
+            return reader
         with self._direct_lock:
             if level not in self._direct:
                 self._direct[level] = self._verified_jpeg_tiles(level)
@@ -565,7 +567,12 @@ class VipsSlide(Slide):
             return None
         if layout is None or (layout.width, layout.height) != (loaded.width, loaded.height):
             return None
-        reader = _jpeg.JpegTiles(self.path, layout)
+        if self._direct_fd is None:
+            try:
+                self._direct_fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            except OSError:
+                return None
+        reader = _jpeg.JpegTiles(self.path, layout, fd=self._direct_fd)
         # a window on the corner of four tiles near the middle, at odd offsets in each
         tw, th = layout.tile_width, layout.tile_height
         w, h = min(layout.width, 2 * tw - 2 * (tw // 3)), min(layout.height, 2 * th - 2 * (th // 3))
@@ -588,6 +595,9 @@ class VipsSlide(Slide):
                 if reader is not None:
                     reader.close()
             self._direct.clear()
+            if self._direct_fd is not None:
+                os.close(self._direct_fd)
+                self._direct_fd = None
         self._levels.clear()
         self._memory = None
         self._luma = None
