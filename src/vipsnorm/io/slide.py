@@ -221,8 +221,8 @@ class Slide(ABC):
         return None
 
     def jpeg_tiles(self, level: int) -> _jpeg.JpegTiles | None:
-        """A direct reader of ``level``'s windows (:class:`~vipsnorm.io.jpeg_tiles.JpegTiles`: only the
-        parts of its JPEG tiles a window needs are decoded), giving the bytes of :meth:`level_image`, or
+        """A direct reader of ``level``'s windows (:class:`~vipsnorm.io.jpeg_tiles.JpegTiles`: only a
+        window's pixels are made from its JPEG tiles), giving the bytes of :meth:`level_image`, or
         ``None`` where there is none (not JPEG tiles it reads, the decoder is off, or a check of it
         failed): read windows from :meth:`level_image` then, and also where its ``read`` gives None."""
         return None

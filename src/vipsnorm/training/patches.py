@@ -584,11 +584,15 @@ class PatchReader:
 
     Notes
     -----
-    Each :meth:`read` computes only its window with a ``pyvips.Region`` of the calling thread (kept per
-    thread for the next windows; several threads may read at once). A per-pixel method (every method but CLAHE) maps the raw window
-    through a :class:`~.colour_table.ColourTable` of the fit: the method's own pipeline, run once per
-    colour the slide shows and then looked up, several times cheaper per patch than the pipeline and
-    equal to it bit for bit (``colour_table=False``: the lazy pipeline on every window). CLAHE's
+    Each :meth:`read` computes only its window (several threads may read at once): raw pixels straight
+    from the level's JPEG tiles where the slide has a checked direct reader for them
+    (:meth:`~vipsnorm.io.slide.Slide.jpeg_tiles`: libvips' bytes, decoding only what the window needs),
+    otherwise with a ``pyvips.Region`` of the calling thread (kept per thread for the next windows). A
+    per-pixel method (every method but CLAHE) maps the raw window by the fit's native kernel program
+    (through its cube), or through a :class:`~.colour_table.ColourTable` of the fit: the method's own
+    pipeline, run once per colour the slide shows and then looked up, several times cheaper per patch
+    than the pipeline and equal to it bit for bit (``colour_table=False``: the lazy pipeline on every
+    window). CLAHE's
     windows are fetched from the lazy normalized image of the level, built once and kept. On
     OpenSlide-backed slides the raw level-0 window comes from OpenSlide's ``read_region``; without
     the table it is mapped by ``method.apply_array``, the method's numpy twin of its pipeline (tested
