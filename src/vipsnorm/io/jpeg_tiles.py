@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["available", "reason", "TileLayout", "read_layout", "JpegTiles"]
+__all__ = ["available", "reason", "TileLayout", "read_layout", "JpegTiles", "SharedFile"]
 
 #: VJ_VERSION of _jpegtiles.c
 _VERSION = 2
@@ -202,20 +202,38 @@ def _layout(d: _Directory) -> TileLayout | None:
     )
 
 
+class SharedFile:
+    """A file open for reading, shared by the readers of a slide's levels: closed by :meth:`close`, or
+    when the last object holding it is collected (a slide a dataset drops, say)."""
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.fd: int | None = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+
+    def close(self) -> None:
+        fd, self.fd = self.fd, None
+        if fd is not None:
+            os.close(fd)
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # (interpreter shutdown)
+            pass
+
+
 class JpegTiles:
     """Windows of one level (a :class:`TileLayout` of the file at ``path``), decoded straight from the
     file. The file is held open until :meth:`close` (a file replaced since is still read as it was
-    when the layout was read; ``fd``: read through that descriptor, left open by :meth:`close`).
-    Several threads may read at once."""
+    when the layout was read; ``file``: read through that :class:`SharedFile`, which :meth:`close`
+    leaves open for its other holders). Several threads may read at once."""
 
-    def __init__(self, path: str | os.PathLike[str], layout: TileLayout, fd: int | None = None):
+    def __init__(self, path: str | os.PathLike[str], layout: TileLayout, file: SharedFile | None = None):
         lib = _load()[0]
         if lib is None:
             raise RuntimeError(f"direct JPEG tile reads are off: {reason()}")
         self.path, self.layout, self._lib = Path(path), layout, lib
-        # fd: the file open already (the levels of a slide share one, which their owner closes)
-        self._owns_fd = fd is None
-        self._fd: int | None = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)) if fd is None else fd
+        self._owns_file = file is None
+        self._file: SharedFile | None = SharedFile(path) if file is None else file
         self._tables = ctypes.create_string_buffer(layout.tables, max(len(layout.tables), 1))
         self._valid = np.zeros(len(layout.offsets), np.uint8)  # tiles decoded to their end cleanly
 
@@ -229,7 +247,8 @@ class JpegTiles:
         ValueError
             The window is not wholly inside the level.
         """
-        layout, fd = self.layout, self._fd
+        layout, file = self.layout, self._file
+        fd = None if file is None else file.fd
         if not (0 <= x and 0 <= y and width > 0 and height > 0 and x + width <= layout.width and y + height <= layout.height):
             raise ValueError(f"window {width}x{height} at ({x}, {y}) is not inside {layout.width}x{layout.height}")
         if fd is None:
@@ -250,9 +269,9 @@ class JpegTiles:
     def close(self) -> None:
         """Stop reading (later reads give None); close the file if this reader opened it. Not while
         another thread reads."""
-        fd, self._fd = self._fd, None
-        if fd is not None and self._owns_fd:
-            os.close(fd)
+        file, self._file = self._file, None
+        if file is not None and self._owns_file:
+            file.close()
 
     def __del__(self):
         try:

@@ -398,7 +398,7 @@ class VipsSlide(Slide):
         self._lenient = False  # a JPEG whose decoder warnings are all harmless (see probe)
         self._luma: np.ndarray | None = None  # its luma, once asked for (decoded_luma)
         self._direct: dict[int, _jpeg.JpegTiles | None] = {}  # jpeg_tiles(level), once asked for
-        self._direct_fd: int | None = None  # the file, open once for all of them
+        self._direct_file: _jpeg.SharedFile | None = None  # the file, open once for all of them
         self._direct_lock = threading.Lock()
         fields = set(first.get_fields())
         self._load: list[dict] = [{}]
@@ -567,12 +567,12 @@ class VipsSlide(Slide):
             return None
         if layout is None or (layout.width, layout.height) != (loaded.width, loaded.height):
             return None
-        if self._direct_fd is None:
+        if self._direct_file is None:
             try:
-                self._direct_fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                self._direct_file = _jpeg.SharedFile(self.path)
             except OSError:
                 return None
-        reader = _jpeg.JpegTiles(self.path, layout, fd=self._direct_fd)
+        reader = _jpeg.JpegTiles(self.path, layout, file=self._direct_file)
         # a window on the corner of four tiles near the middle, at odd offsets in each
         tw, th = layout.tile_width, layout.tile_height
         w, h = min(layout.width, 2 * tw - 2 * (tw // 3)), min(layout.height, 2 * th - 2 * (th // 3))
@@ -595,9 +595,9 @@ class VipsSlide(Slide):
                 if reader is not None:
                     reader.close()
             self._direct.clear()
-            if self._direct_fd is not None:
-                os.close(self._direct_fd)
-                self._direct_fd = None
+            if self._direct_file is not None:
+                self._direct_file.close()
+                self._direct_file = None
         self._levels.clear()
         self._memory = None
         self._luma = None
