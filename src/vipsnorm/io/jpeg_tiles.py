@@ -114,7 +114,8 @@ class _Directory:
                 raise ValueError(f"tag {tag}'s values lie past the end of the file")
             self._fh.seek(offset)
             raw = self._fh.read(nbytes)
-        return np.frombuffer(raw, ("<" if self._order == "<" else ">") + code).astype(np.uint64 if code[0] == "u" else np.int64)
+        values = np.frombuffer(raw, ("<" if self._order == "<" else ">") + code)
+        return values.astype(np.uint64 if code[0] == "u" else np.int64)
 
     def value(self, tag: int, default: int | None = None) -> int | None:
         values = self.values(tag)
@@ -249,15 +250,16 @@ class JpegTiles:
         """
         layout, file = self.layout, self._file
         fd = None if file is None else file.fd
-        if not (0 <= x and 0 <= y and width > 0 and height > 0 and x + width <= layout.width and y + height <= layout.height):
+        if not (0 <= x and 0 <= y and width > 0 and height > 0
+                and x + width <= layout.width and y + height <= layout.height):
             raise ValueError(f"window {width}x{height} at ({x}, {y}) is not inside {layout.width}x{layout.height}")
         if fd is None:
             return None
         out = np.empty((height, width, 3), np.uint8)
         status = self._lib.vj_window(
             fd, self._tables, len(layout.tables), layout.offsets.ctypes.data, layout.counts.ctypes.data,
-            self._valid.ctypes.data, len(layout.offsets), layout.tiles_across, layout.tile_width, layout.tile_height, layout.width,
-            layout.height, int(layout.rgb), x, y, width, height, out.ctypes.data,
+            self._valid.ctypes.data, len(layout.offsets), layout.tiles_across, layout.tile_width,
+            layout.tile_height, layout.width, layout.height, int(layout.rgb), x, y, width, height, out.ctypes.data,
         )
         return out if status == 0 else None
 
