@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
+import tifffile
 
 #: ../shared/data from the repository root (CI has the same layout). Never copied into the project.
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -32,3 +34,18 @@ def glass_slide(tmp_path_factory) -> Path:
     from vipsnorm.synth import write_synthetic_slide
 
     return write_synthetic_slide(tmp_path_factory.mktemp("slides") / "glass.tif", 1024, 768, tissue=0)
+
+
+@pytest.fixture(scope="session")
+def damaged_svs(shared_data, tmp_path_factory) -> Path:
+    """CMU-1-Small-Region.svs with the second half of JPEG tile 0 of level 0 zeroed (a corner tile: the
+    centre window probed at open time stays whole, so only reading the pixels can find it)."""
+    path = tmp_path_factory.mktemp("damaged") / "damaged.svs"
+    shutil.copyfile(shared_data / "slides" / "CMU-1-Small-Region.svs", path)
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages[0]
+        offset, count = page.dataoffsets[0], page.databytecounts[0]
+    with open(path, "r+b") as f:
+        f.seek(offset + count // 2)
+        f.write(b"\0" * (count - count // 2))
+    return path

@@ -24,21 +24,6 @@ from vipsnorm.errors import UnreadableImageError, UnsupportedImageError
 from vipsnorm.io.write import PART_MARKER
 
 
-@pytest.fixture(scope="module")
-def damaged_svs(shared_data, tmp_path_factory) -> Path:
-    """CMU-1-Small-Region.svs with the second half of JPEG tile 0 of level 0 zeroed (a corner tile: the
-    centre window probed at open time stays whole, so only reading the pixels can find it)."""
-    path = tmp_path_factory.mktemp("damaged") / "damaged.svs"
-    shutil.copyfile(shared_data / "slides" / "CMU-1-Small-Region.svs", path)
-    with tifffile.TiffFile(path) as tif:
-        page = tif.pages[0]
-        offset, count = page.dataoffsets[0], page.databytecounts[0]
-    with open(path, "r+b") as f:
-        f.seek(offset + count // 2)
-        f.write(b"\0" * (count - count // 2))
-    return path
-
-
 def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
