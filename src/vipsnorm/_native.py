@@ -45,6 +45,7 @@ __all__ = [
 ]
 
 _THINSTRIP = 2  # libvips' VIPS_DEMAND_STYLE_THINSTRIP, read from libvips when the kernel loads
+_ANY = 3  # VIPS_DEMAND_STYLE_ANY, read from libvips when the kernel loads
 #: VK_VERSION of _kernel.c (with the sizes of the structs passed to it: vk_abi).
 _VERSION = 7
 
@@ -167,6 +168,10 @@ def _load_kernel() -> tuple[ctypes.CDLL | None, str]:
     vips.vips_image_get_data.argtypes = [ctypes.c_void_p]
     vips.vips_image_ispartial.restype = ctypes.c_int
     vips.vips_image_ispartial.argtypes = [ctypes.c_void_p]
+    vips.vips_image_pipeline_array.restype = ctypes.c_int
+    vips.vips_image_pipeline_array.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
+    global _ANY
+    _ANY = pyvips.vips_lib.vips_enum_from_nick(b"vipsnorm", pyvips.type_from_name("VipsDemandStyle"), b"any")
     global _vips
     _vips = vips
     pointer = ctypes.c_void_p
@@ -569,6 +574,22 @@ def memory_pixels(image: pyvips.Image, writable: bool = False) -> np.ndarray | N
     if not address:
         return None
     return np.asarray(_Buffer(image, address, writable))
+
+
+def adopt_fields(image: pyvips.Image, source: pyvips.Image) -> bool:
+    """Give ``image``, a memory image just made (``new_from_memory``) of ``source``'s size, bands and
+    format, every header field and all the metadata of ``source`` (resolution, interpretation, EXIF, ICC
+    profile, ...), in place, as libvips gives an operation's output those of its input (5 us, where
+    copying ~20 fields through pyvips took 0.2 ms). False (and ``image`` unchanged) when the kernel is
+    off or the two differ in size, bands, format or coding."""
+    if not available() or _vips is None:
+        return False
+    if (image.width, image.height, image.bands, image.format, image.coding) != (
+        source.width, source.height, source.bands, source.format, source.coding
+    ):
+        return False
+    inputs = (ctypes.c_void_p * 2)(_address(source), None)
+    return _vips.vips_image_pipeline_array(_address(image), _ANY, inputs) == 0
 
 
 def _pixels(array: np.ndarray) -> tuple[np.ndarray, int, int] | None:

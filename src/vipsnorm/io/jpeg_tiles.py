@@ -33,7 +33,7 @@ import numpy as np
 __all__ = ["available", "reason", "TileLayout", "read_layout", "JpegTiles", "SharedFile"]
 
 #: VJ_VERSION of _jpegtiles.c
-_VERSION = 2
+_VERSION = 3
 
 # TIFF tags read here
 _WIDTH, _LENGTH, _BITS, _COMPRESSION, _PHOTOMETRIC = 256, 257, 258, 259, 262
@@ -314,6 +314,19 @@ def _load_library() -> tuple[ctypes.CDLL | None, str]:
         ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
         ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
     ]
+    # whole files (vipsnorm.io.small_jpeg)
+    lib.vj_decode.restype = ctypes.c_int
+    lib.vj_decode.argtypes = [
+        ctypes.c_char_p, ctypes.c_char_p, ctypes.c_uint64, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
+    ]
+    lib.vj_encode.restype = ctypes.c_int
+    lib.vj_encode.argtypes = [
+        ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+        ctypes.c_int, ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_ulong),
+    ]
+    lib.vj_free.restype = None
+    lib.vj_free.argtypes = [ctypes.c_void_p]
+    lib.vj_layout_count.restype = ctypes.c_int
     return lib, "loaded"
 
 
