@@ -23,7 +23,8 @@ setup(
             "vipsnorm._jpegtiles",
             sources=["src/vipsnorm/_jpegtiles.c"],
             optional=True,
-            extra_compile_args=["-O2"],
+            extra_compile_args=["-O2", "-pthread"],
+            extra_link_args=["-pthread"],
             libraries=["jpeg"],
         ),
     ]

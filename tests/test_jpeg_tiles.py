@@ -21,7 +21,7 @@ import pyvips
 import tifffile
 
 import vipsnorm
-from vipsnorm.engine import Options, build_method, fit_slide
+from vipsnorm.engine import Options, build_method, fit_slide, normalize_file
 from vipsnorm.errors import UnreadableImageError
 from vipsnorm.io import jpeg_tiles
 from vipsnorm.io.slide import VipsSlide
@@ -402,3 +402,137 @@ def test_a_dropped_slide_closes_its_file(small_slide):
         gc.collect()
         counts.append(open_fds())
     assert counts[1] <= counts[0] + 1
+
+
+# --- whole levels streamed to libvips (Slide.stream_image) ---------------------------------------------
+
+
+def _decoded(image: pyvips.Image) -> np.ndarray:
+    return np.frombuffer(image.write_to_memory(), np.uint8).reshape(image.height, image.width, image.bands)
+
+
+@needs_decoder
+@pytest.mark.parametrize("name", ["rgb", "aperio", "ycbcr420", "rgb240", "subifd"])
+def test_streamed_levels_equal_libvips(variants, name):
+    """Every level, whole: libvips' bytes, and the image libvips' own fields (size, resolution, ...)."""
+    slide = vipsnorm.open(variants[name])
+    for level in range(len(slide.levels)):
+        reference = slide.level_image(level)
+        streamed = slide.stream_image(level)
+        if slide.jpeg_tiles(level) is None:
+            assert streamed is reference
+            continue
+        assert streamed is not reference, level  # (the direct source, not libvips' loader)
+        assert streamed.get_fields() == reference.get_fields()
+        assert (streamed.xres, streamed.yres, streamed.interpretation) == (reference.xres, reference.yres, "srgb")
+        assert np.array_equal(_decoded(streamed), _decoded(reference)), (name, level)
+    slide.close()
+
+
+@needs_decoder
+def test_streamed_level_in_any_order_and_from_threads(small_slide):
+    """Made for one pass from top to bottom, but right for any access: windows across tile rows, rows
+    evicted and decoded again (bottom to top), several threads at once."""
+    slide = vipsnorm.open(small_slide)
+    reference = _decoded(slide.level_image(0))
+    streamed = slide.stream_image(0)
+    h, w = reference.shape[:2]
+    rng = np.random.default_rng(3)
+    windows = [(x, y, 300, 300) for x, y in zip(rng.integers(0, w - 300, 12), rng.integers(0, h - 300, 12))]
+    windows += [(0, y, w, 40) for y in range(h - 40, -1, -200)]  # bottom to top, full width, across rows
+    for x, y, ww, hh in windows:
+        got = _decoded(streamed.crop(int(x), int(y), ww, hh))
+        assert np.array_equal(got, reference[y:y + hh, x:x + ww]), (x, y)
+    errors = []
+
+    def read(seed):
+        r = np.random.default_rng(seed)
+        for _ in range(6):
+            x, y = int(r.integers(0, w - 256)), int(r.integers(0, h - 256))
+            region = pyvips.Region.new(streamed).fetch(x, y, 256, 256)
+            if not np.array_equal(np.frombuffer(region, np.uint8).reshape(256, 256, 3), reference[y:y + 256, x:x + 256]):
+                errors.append((x, y))
+
+    threads = [threading.Thread(target=read, args=(seed,)) for seed in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    slide.close()
+
+
+@needs_decoder
+def test_streamed_level_outlives_its_slide(small_slide):
+    """The image holds its own copy of the level and its own descriptor: read after the slide is closed,
+    and the descriptor closed once the image is gone."""
+    import gc
+
+    if not Path("/proc/self/fd").is_dir():
+        pytest.skip("no /proc/self/fd here")
+
+    def open_on_slide() -> int:  # descriptors open on the slide's file (libvips' own included)
+        count = 0
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                count += os.readlink(f"/proc/self/fd/{fd}") == str(Path(small_slide).resolve())
+            except OSError:
+                pass
+        return count
+
+    slide = vipsnorm.open(small_slide)
+    reference = _decoded(slide.level_image(0))
+    assert slide.jpeg_tiles(0) is not None  # (its file opened)
+    before = open_on_slide()
+    streamed = slide.stream_image(0)
+    assert open_on_slide() == before + 1
+    slide.close()
+    assert np.array_equal(_decoded(streamed), reference)
+    after_close = open_on_slide()
+    del streamed
+    gc.collect()
+    assert open_on_slide() == after_close - 1
+
+
+@needs_decoder
+def test_streamed_damage_is_reported_as_before(damaged_svs, tmp_path, monkeypatch):
+    """A damaged tile: the direct source gives its requests to libvips' loader, which fails on it as it
+    always did, and the job's error is the same with the source and without."""
+    slide = vipsnorm.open(damaged_svs)
+    streamed = slide.stream_image(0)
+    assert streamed is not slide.level_image(0)
+    # (libvips' TIFF loader fills a damaged tile with grey and leaves a warning: Slide.decode finds it)
+    with pytest.raises(UnreadableImageError, match="damaged"):
+        slide.decode(lambda: streamed.crop(0, 0, 64, 64).avg())
+    slide.close()
+    method = build_method("stretch")
+    with_source = normalize_file(damaged_svs, tmp_path, method, options=Options(n_tiles=8))
+    monkeypatch.setattr(VipsSlide, "stream_image", lambda self, level=0: self.level_image(level))
+    without = normalize_file(damaged_svs, tmp_path, method, options=Options(n_tiles=8))
+    assert with_source.status == without.status == "error"
+    assert with_source.error == without.error
+    assert "damaged" in with_source.error
+    assert not list(tmp_path.iterdir())  # nothing left behind
+
+
+@needs_decoder
+@pytest.mark.parametrize("name", ["stretch", "macenko"])
+def test_normalized_slides_identical_with_and_without(small_slide, tmp_path, monkeypatch, name):
+    """The whole job writes the same slide (lossless output, compared pixel for pixel on every level)."""
+    import tifffile
+
+    method = build_method(name)
+    options = Options(compression="deflate")
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    calls = []
+    real = VipsSlide.stream_image
+    monkeypatch.setattr(VipsSlide, "stream_image", lambda self, level=0: calls.append(level) or real(self, level))
+    first = normalize_file(small_slide, tmp_path / "a", method, options=options)
+    assert first.status == "ok" and calls == [0]
+    monkeypatch.setattr(VipsSlide, "stream_image", lambda self, level=0: self.level_image(level))
+    second = normalize_file(small_slide, tmp_path / "b", method, options=options)
+    assert second.status == "ok"
+    with tifffile.TiffFile(first.output) as a, tifffile.TiffFile(second.output) as b:
+        assert len(a.pages) == len(b.pages) > 1
+        for pa, pb in zip(a.pages, b.pages):
+            assert np.array_equal(pa.asarray(), pb.asarray())

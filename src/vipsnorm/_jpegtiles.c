@@ -37,7 +37,7 @@
 
 #include <jpeglib.h>
 
-#define VJ_VERSION 3
+#define VJ_VERSION 4
 
 #define VJ_OK 0
 #define VJ_JPEG (-1)   /* libjpeg error or warning */
@@ -180,9 +180,24 @@ static int vj_tile(j_decompress_ptr cinfo, struct vj_error *err, const unsigned 
  * tile_w, tile_h: their size; level_w, level_h: the level's; rgb: 1 when the photometric
  * interpretation is RGB (the JPEG holds RGB), 0 for YCbCr.
  * Returns VJ_OK or a negative VJ_ error (out then holds part of the window). */
+static int vj_read(int fd, const unsigned char *tables, uint64_t tables_len, const uint64_t *offsets,
+                   const uint64_t *counts, unsigned char *valid, int64_t ntiles, int tiles_across, int tile_w,
+                   int tile_h, int level_w, int level_h, int rgb, int x, int y, int w, int h, unsigned char *out,
+                   size_t stride);
+
 int vj_window(int fd, const unsigned char *tables, uint64_t tables_len, const uint64_t *offsets,
               const uint64_t *counts, unsigned char *valid, int64_t ntiles, int tiles_across, int tile_w, int tile_h, int level_w,
               int level_h, int rgb, int x, int y, int w, int h, unsigned char *out)
+{
+    return vj_read(fd, tables, tables_len, offsets, counts, valid, ntiles, tiles_across, tile_w, tile_h, level_w,
+                   level_h, rgb, x, y, w, h, out, (size_t)w * 3);
+}
+
+/* vj_window with rows of out stride bytes apart */
+static int vj_read(int fd, const unsigned char *tables, uint64_t tables_len, const uint64_t *offsets,
+                   const uint64_t *counts, unsigned char *valid, int64_t ntiles, int tiles_across, int tile_w,
+                   int tile_h, int level_w, int level_h, int rgb, int x, int y, int w, int h, unsigned char *out,
+                   size_t stride)
 {
     if (w <= 0 || h <= 0 || x < 0 || y < 0 || x > level_w - w || y > level_h - h || tile_w <= 0 || tile_h <= 0
         || tiles_across <= 0)
@@ -241,13 +256,193 @@ int vj_window(int fd, const unsigned char *tables, uint64_t tables_len, const ui
             int ay1 = y + h < (ty + 1) * tile_h ? y + h : (ty + 1) * tile_h;
             status = vj_tile(&cinfo, &err, tables, tables_len, buffer, count, rgb, tile_w, tile_h,
                              ax0 - tx * tile_w, ay0 - ty * tile_h, ax1 - ax0, ay1 - ay0,
-                             out + ((size_t)(ay0 - y) * w + (size_t)(ax0 - x)) * 3, (size_t)w * 3, line,
+                             out + (size_t)(ay0 - y) * stride + (size_t)(ax0 - x) * 3, stride, line,
                              valid + index);
         }
     }
     jpeg_destroy_decompress(&cinfo);
     free(line);
     free(buffer);
+    return status;
+}
+
+/* ---------------------------------------------------------------------------------------------------
+ * A level as a pixel source for libvips (vipsnorm._native.tile_source), for a pass over a whole level
+ * from top to bottom (a slide written out). libvips' TIFF loader decodes the tiles of one loaded file
+ * one at a time, and so would a tile cache in front of this: the threads writing a pyramid all work in
+ * the same row of tiles, and wait for each other's tile. Here a row of tiles ("band") is decoded by
+ * every thread that needs it, each taking the next tile not yet taken, into a band buffer that then
+ * serves every request in its rows. A few bands are kept, the least recently used reused.
+ *
+ * The level holds copies of everything it reads from, its own file descriptor among them, so that it
+ * outlives the Python objects it was made from.
+ */
+
+#include <pthread.h>
+
+#define VJ_BANDS 3
+
+typedef struct {
+    int row;            /* tile row held, -1: none */
+    int filling;        /* tiles still being decoded */
+    int next, done;     /* the next tile to take, the tiles done */
+    int failed;         /* a tile failed: requests in it go to libvips */
+    int users;          /* requests copying from it */
+    uint64_t used;      /* last use, for reuse of the least recent */
+    unsigned char *pixels; /* tile_h rows of level_w * 3 bytes */
+} vj_band;
+
+typedef struct {
+    int fd;
+    unsigned char *tables;
+    uint64_t tables_len;
+    uint64_t *offsets, *counts;
+    unsigned char *valid;
+    int64_t ntiles;
+    int tiles_across, tile_w, tile_h, level_w, level_h, rgb;
+    pthread_mutex_t lock;
+    pthread_cond_t changed;
+    uint64_t clock;
+    vj_band bands[VJ_BANDS];
+} vj_level;
+
+void vj_level_free(void *pointer)
+{
+    vj_level *level = pointer;
+    if (!level)
+        return;
+    if (level->fd >= 0)
+        close(level->fd);
+    free(level->tables);
+    free(level->offsets);
+    free(level->counts);
+    free(level->valid);
+    for (int i = 0; i < VJ_BANDS; i++)
+        free(level->bands[i].pixels);
+    pthread_mutex_destroy(&level->lock);
+    pthread_cond_destroy(&level->changed);
+    free(level);
+}
+
+/* A level of the open TIFF fd (duplicated here), as for vj_window; NULL when out of memory or
+ * descriptors. */
+void *vj_level_new(int fd, const unsigned char *tables, uint64_t tables_len, const uint64_t *offsets,
+                   const uint64_t *counts, int64_t ntiles, int tiles_across, int tile_w, int tile_h, int level_w,
+                   int level_h, int rgb)
+{
+    if (ntiles <= 0 || tiles_across <= 0 || tile_w <= 0 || tile_h <= 0 || level_w <= 0 || level_h <= 0
+        || (int64_t)tiles_across * ((level_h + tile_h - 1) / tile_h) > ntiles)
+        return NULL;
+    vj_level *level = calloc(1, sizeof *level);
+    if (!level)
+        return NULL;
+    pthread_mutex_init(&level->lock, NULL);
+    pthread_cond_init(&level->changed, NULL);
+    level->fd = dup(fd);
+    level->tables = malloc(tables_len ? (size_t)tables_len : 1);
+    level->offsets = malloc((size_t)ntiles * sizeof(uint64_t));
+    level->counts = malloc((size_t)ntiles * sizeof(uint64_t));
+    level->valid = calloc((size_t)ntiles, 1);
+    int ok = level->fd >= 0 && level->tables && level->offsets && level->counts && level->valid;
+    for (int i = 0; i < VJ_BANDS; i++) {
+        level->bands[i].row = -1;
+        level->bands[i].pixels = malloc((size_t)tile_h * (size_t)level_w * 3);
+        ok = ok && level->bands[i].pixels;
+    }
+    if (!ok) {
+        vj_level_free(level);
+        return NULL;
+    }
+    if (tables_len)
+        memcpy(level->tables, tables, (size_t)tables_len);
+    memcpy(level->offsets, offsets, (size_t)ntiles * sizeof(uint64_t));
+    memcpy(level->counts, counts, (size_t)ntiles * sizeof(uint64_t));
+    level->tables_len = tables_len;
+    level->ntiles = ntiles;
+    level->tiles_across = tiles_across;
+    level->tile_w = tile_w;
+    level->tile_h = tile_h;
+    level->level_w = level_w;
+    level->level_h = level_h;
+    level->rgb = rgb;
+    return level;
+}
+
+/* The band holding tile row `row`, decoded (with this thread's help), its `users` counted; NULL only
+ * if the lock fails. Called with the lock held; returns with it held. */
+static vj_band *vj_band_get(vj_level *l, int row)
+{
+    for (;;) {
+        vj_band *band = NULL, *free_band = NULL;
+        for (int i = 0; i < VJ_BANDS; i++) {
+            vj_band *b = &l->bands[i];
+            if (b->row == row)
+                band = b;
+            else if (!b->filling && b->users == 0 && (!free_band || b->used < free_band->used))
+                free_band = b;
+        }
+        if (!band && !free_band) { /* every band busy: wait for one */
+            pthread_cond_wait(&l->changed, &l->lock);
+            continue;
+        }
+        if (!band) {
+            band = free_band;
+            band->row = row;
+            band->filling = 1;
+            band->next = band->done = band->failed = 0;
+        }
+        int top = row * l->tile_h, h = l->level_h - top < l->tile_h ? l->level_h - top : l->tile_h;
+        while (band->filling && band->next < l->tiles_across) { /* take tiles not yet taken */
+            int tx = band->next++;
+            int x = tx * l->tile_w, w = l->level_w - x < l->tile_w ? l->level_w - x : l->tile_w;
+            pthread_mutex_unlock(&l->lock);
+            int status = vj_read(l->fd, l->tables, l->tables_len, l->offsets, l->counts, l->valid, l->ntiles,
+                                 l->tiles_across, l->tile_w, l->tile_h, l->level_w, l->level_h, l->rgb, x, top, w, h,
+                                 band->pixels + (size_t)x * 3, (size_t)l->level_w * 3);
+            pthread_mutex_lock(&l->lock);
+            band->failed |= status != VJ_OK;
+            if (++band->done == l->tiles_across) {
+                band->filling = 0;
+                pthread_cond_broadcast(&l->changed);
+            }
+        }
+        while (band->filling && band->row == row) /* the rest is being decoded by other threads */
+            pthread_cond_wait(&l->changed, &l->lock);
+        if (band->row != row) /* (cannot happen while filling: a filling band is never reused) */
+            continue;
+        band->users++;
+        band->used = ++l->clock;
+        return band;
+    }
+}
+
+/* The window (x, y, w, h) of the level into out, rows stride bytes apart: VJ_OK, or VJ_JPEG when a tile
+ * of it could not be decoded (the caller then asks libvips for the window), VJ_SHAPE outside the level.
+ * Thread-safe. */
+int vj_level_read(void *pointer, int x, int y, int w, int h, unsigned char *out, long stride)
+{
+    vj_level *l = pointer;
+    if (stride < (long)w * 3 || w <= 0 || h <= 0 || x < 0 || y < 0 || x > l->level_w - w || y > l->level_h - h)
+        return VJ_SHAPE;
+    int status = VJ_OK;
+    pthread_mutex_lock(&l->lock);
+    for (int row = y / l->tile_h; status == VJ_OK && row <= (y + h - 1) / l->tile_h; row++) {
+        vj_band *band = vj_band_get(l, row);
+        if (band->failed) {
+            status = VJ_JPEG;
+        } else {
+            pthread_mutex_unlock(&l->lock);
+            int top = row * l->tile_h;
+            int y0 = y > top ? y : top, y1 = y + h < top + l->tile_h ? y + h : top + l->tile_h;
+            for (int yy = y0; yy < y1; yy++)
+                memcpy(out + (size_t)(yy - y) * (size_t)stride,
+                       band->pixels + ((size_t)(yy - top) * (size_t)l->level_w + (size_t)x) * 3, (size_t)w * 3);
+            pthread_mutex_lock(&l->lock);
+        }
+        band->users--;
+        pthread_cond_broadcast(&l->changed);
+    }
+    pthread_mutex_unlock(&l->lock);
     return status;
 }
 

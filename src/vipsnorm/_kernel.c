@@ -34,7 +34,7 @@
 
 #define VK_CHUNK 256 /* (cube_fill runs one block of 256 colours as one chunk) */
 #define VK_CUBE (1L << 24)
-#define VK_VERSION 7
+#define VK_VERSION 8
 
 /* SSSE3 versions of the luma and of the luma change (x86 with GCC or Clang), chosen at run time when
    the CPU has SSSE3 (vk_simd); the same integer arithmetic as the scalar loops, bit for bit. */
@@ -860,6 +860,72 @@ void *vk_image(void *in, vk_program *program, int demand) {
     }
     __atomic_add_fetch(&program->refs, 1, __ATOMIC_ACQ_REL);
     api.set_data_full(out, "vipsnorm-program", program, unref_program);
+    return out;
+}
+
+/* --- a pixel source: a level whose tiles another library decodes -------------------------------- */
+
+/* Reads the window (x, y, w, h) into out (rows stride bytes apart); 0 on success. */
+typedef int (*vk_read_fn)(void *ctx, int x, int y, int w, int h, uint8_t *out, long stride);
+
+typedef struct {
+    vk_read_fn read;
+    void *ctx;
+    void (*destroy)(void *ctx);
+} vk_source_t;
+
+static void free_source(void *pointer) {
+    vk_source_t *source = pointer;
+    if (source->destroy)
+        source->destroy(source->ctx);
+    free(source);
+}
+
+static int source_generate(void *out_region, void *seq, void *a, void *b, int *stop) {
+    const vk_source_t *source = b;
+    const int *valid = (const int *)((char *)out_region + api.valid_offset);
+    int rect[4] = {valid[0], valid[1], valid[2], valid[3]};
+    int bpl = *(const int *)((char *)out_region + api.bpl_offset);
+    (void)a;
+    (void)stop;
+    if (source->read(source->ctx, rect[0], rect[1], rect[2], rect[3], region_addr(out_region, rect[0], rect[1]), bpl) == 0)
+        return 0;
+    /* not decodable here (damaged, say): libvips' own loader gives the pixels, or its error */
+    if (api.region_prepare(seq, rect))
+        return -1;
+    for (int y = 0; y < rect[3]; y++)
+        memcpy(region_addr(out_region, rect[0], rect[1] + y), region_addr(seq, rect[0], rect[1] + y), (size_t)rect[2] * 3);
+    return 0;
+}
+
+/* A new image with the size, fields and metadata of `in` (uchar RGB, checked by the caller), whose pixels
+   `read` gives, and `in` where it fails. The image owns `ctx` (`destroy` frees it) and holds a reference
+   to `in`. `demand`: libvips' VIPS_DEMAND_STYLE_SMALLTILE. NULL on failure (`ctx` then destroyed). */
+void *vk_source(void *in, vk_read_fn read, void *ctx, void (*destroy)(void *), int demand) {
+    vk_source_t *source = api_ready ? malloc(sizeof *source) : NULL;
+    if (!source) {
+        if (destroy)
+            destroy(ctx);
+        return NULL;
+    }
+    source->read = read;
+    source->ctx = ctx;
+    source->destroy = destroy;
+    void *out = api.image_new();
+    if (!out) {
+        free_source(source);
+        return NULL;
+    }
+    api.set_data_full(out, "vipsnorm-source", source, free_source);
+    if (api.pipelinev(out, demand, in, (void *)NULL)) {
+        api.object_unref(out);
+        return NULL;
+    }
+    api.set_data_full(out, "vipsnorm-input", api.object_ref(in), api.object_unref);
+    if (api.generate(out, api.start_one, (void *)source_generate, api.stop_one, in, source)) {
+        api.object_unref(out);
+        return NULL;
+    }
     return out;
 }
 

@@ -46,8 +46,9 @@ __all__ = [
 
 _THINSTRIP = 2  # libvips' VIPS_DEMAND_STYLE_THINSTRIP, read from libvips when the kernel loads
 _ANY = 3  # VIPS_DEMAND_STYLE_ANY, read from libvips when the kernel loads
+_SMALLTILE = 0  # VIPS_DEMAND_STYLE_SMALLTILE, read from libvips when the kernel loads
 #: VK_VERSION of _kernel.c (with the sizes of the structs passed to it: vk_abi).
-_VERSION = 7
+_VERSION = 8
 
 OP = {"pair": 1, "index": 2, "mix": 3, "lut": 4, "recomb": 5, "luma": 6, "blend": 7}
 
@@ -170,8 +171,11 @@ def _load_kernel() -> tuple[ctypes.CDLL | None, str]:
     vips.vips_image_ispartial.argtypes = [ctypes.c_void_p]
     vips.vips_image_pipeline_array.restype = ctypes.c_int
     vips.vips_image_pipeline_array.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
-    global _ANY
+    global _ANY, _SMALLTILE
     _ANY = pyvips.vips_lib.vips_enum_from_nick(b"vipsnorm", pyvips.type_from_name("VipsDemandStyle"), b"any")
+    _SMALLTILE = pyvips.vips_lib.vips_enum_from_nick(
+        b"vipsnorm", pyvips.type_from_name("VipsDemandStyle"), b"smalltile"
+    )
     global _vips
     _vips = vips
     pointer = ctypes.c_void_p
@@ -185,6 +189,8 @@ def _load_kernel() -> tuple[ctypes.CDLL | None, str]:
     kernel.vk_run.argtypes = [pointer, pointer, pointer, ctypes.c_long]
     kernel.vk_image.restype = pointer
     kernel.vk_image.argtypes = [pointer, pointer, ctypes.c_int]
+    kernel.vk_source.restype = pointer
+    kernel.vk_source.argtypes = [pointer, pointer, pointer, pointer, ctypes.c_int]
     kernel.vk_tissue.argtypes = [pointer, ctypes.c_int, ctypes.c_long, ctypes.c_int, ctypes.c_double, pointer]
     kernel.vk_histograms.argtypes = [pointer, ctypes.c_int, ctypes.c_long, pointer, pointer]
     kernel.vk_counts.argtypes = [pointer, ctypes.c_int, ctypes.c_long, ctypes.c_int, pointer, pointer]
@@ -590,6 +596,22 @@ def adopt_fields(image: pyvips.Image, source: pyvips.Image) -> bool:
         return False
     inputs = (ctypes.c_void_p * 2)(_address(source), None)
     return _vips.vips_image_pipeline_array(_address(image), _ANY, inputs) == 0
+
+
+def tile_source(image: pyvips.Image, level: int, read: int, free: int) -> pyvips.Image | None:
+    """A lazy image with the size, fields and metadata of ``image`` (uchar RGB) whose pixels the C
+    function at ``read`` decodes from ``level`` (``int read(level, x, y, w, h, out, stride)``, 0 on
+    success), in libvips' worker threads, and ``image`` gives where it fails (libvips then reports what
+    is wrong, as it would have). The image owns ``level`` and frees it with ``free`` (also on failure).
+    None when the kernel is off or the image cannot be made."""
+    kernel = _load()[0]
+    if kernel is None or image.format != "uchar" or image.bands != 3 or image.coding != "none":
+        ctypes.CFUNCTYPE(None, ctypes.c_void_p)(free)(level)
+        return None
+    out = kernel.vk_source(_address(image), read, level, free, _SMALLTILE)
+    if not out:
+        return None
+    return pyvips.Image(pyvips.ffi.cast("VipsImage *", out))
 
 
 def _pixels(array: np.ndarray) -> tuple[np.ndarray, int, int] | None:

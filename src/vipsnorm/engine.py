@@ -372,7 +372,7 @@ def normalize_file(
             elif params.method != method.name:
                 raise InvalidReferenceError(None, f"reference holds {params.method} parameters, not {method.name}")
             result.params = params
-            image = slide.level_image(0)
+            image = slide.stream_image(0)
             taken = slide.take_decoded()  # a small image decoded in memory: mapped in place, if the method can
             if taken is not None and method.apply_in_place(taken[1], params):
                 image = taken[0]

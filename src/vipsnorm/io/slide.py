@@ -221,6 +221,14 @@ class Slide(ABC):
         pixels are in memory, or come through OpenSlide)."""
         return None
 
+    def stream_image(self, level: int = 0) -> pyvips.Image:
+        """The pixels of :meth:`level_image`, for one pass over the whole level from top to bottom (a
+        slide written out): where the direct reader decodes the level (:meth:`jpeg_tiles`), its tiles
+        are decoded by all of libvips' threads at once, a row of tiles at a time, rather than one at a
+        time by libvips' TIFF loader. Same bytes; slow for scattered windows (each costs a row of
+        tiles): read those from :meth:`level_image`."""
+        return self.level_image(level)
+
     def jpeg_tiles(self, level: int) -> _jpeg.JpegTiles | None:
         """A direct reader of ``level``'s windows (:class:`~vipsnorm.io.jpeg_tiles.JpegTiles`: only a
         window's pixels are made from its JPEG tiles), giving the bytes of :meth:`level_image`, or
@@ -499,6 +507,15 @@ class VipsSlide(Slide):
         if level == 0 and self._memory is not None:
             return self._memory
         return super().level_image(level)
+
+    def stream_image(self, level: int = 0) -> pyvips.Image:
+        image = self.level_image(level)
+        reader = self.jpeg_tiles(level)
+        native = None if reader is None else reader.native_level()
+        if native is None:
+            return image
+        streamed = _native.tile_source(image, *native)
+        return image if streamed is None else streamed
 
     def independent_level_image(self, level: int = 0) -> pyvips.Image | None:
         if level == 0 and self._memory is not None:
