@@ -37,7 +37,7 @@
 
 #include <jpeglib.h>
 
-#define VJ_VERSION 4
+#define VJ_VERSION 5
 
 #define VJ_OK 0
 #define VJ_JPEG (-1)   /* libjpeg error or warning */
@@ -303,14 +303,13 @@ typedef struct {
     pthread_mutex_t lock;
     pthread_cond_t changed;
     uint64_t clock;
+    int released; /* vj_level_release was called: reads fail (the caller asks libvips) */
+    int refs;     /* holders: the libvips image, and the slide while open (vj_level_ref) */
     vj_band bands[VJ_BANDS];
 } vj_level;
 
-void vj_level_free(void *pointer)
+static void vj_level_destroy(vj_level *level)
 {
-    vj_level *level = pointer;
-    if (!level)
-        return;
     if (level->fd >= 0)
         close(level->fd);
     free(level->tables);
@@ -324,8 +323,47 @@ void vj_level_free(void *pointer)
     free(level);
 }
 
-/* A level of the open TIFF fd (duplicated here), as for vj_window; NULL when out of memory or
- * descriptors. */
+/* Another holder of the level. */
+void vj_level_ref(void *pointer) { __atomic_add_fetch(&((vj_level *)pointer)->refs, 1, __ATOMIC_ACQ_REL); }
+
+/* A holder lets go of the level; the last frees it. */
+void vj_level_free(void *pointer)
+{
+    vj_level *level = pointer;
+    if (level && __atomic_sub_fetch(&level->refs, 1, __ATOMIC_ACQ_REL) == 0)
+        vj_level_destroy(level);
+}
+
+/* Give back the level's memory and file now (its slide is closed), though libvips may keep the image
+ * (in its operation cache, say): reads from then on fail, and the image asks libvips' loader. Waits for
+ * reads under way. */
+void vj_level_release(void *pointer)
+{
+    vj_level *l = pointer;
+    pthread_mutex_lock(&l->lock);
+    l->released = 1;
+    for (;;) {
+        int busy = 0;
+        for (int i = 0; i < VJ_BANDS; i++)
+            busy |= l->bands[i].filling || l->bands[i].users > 0;
+        if (!busy)
+            break;
+        pthread_cond_wait(&l->changed, &l->lock);
+    }
+    for (int i = 0; i < VJ_BANDS; i++) {
+        free(l->bands[i].pixels);
+        l->bands[i].pixels = NULL;
+        l->bands[i].row = -1;
+    }
+    if (l->fd >= 0)
+        close(l->fd);
+    l->fd = -1;
+    pthread_cond_broadcast(&l->changed);
+    pthread_mutex_unlock(&l->lock);
+}
+
+/* A level of the open TIFF fd (duplicated here), as for vj_window, with one holder; NULL when out of
+ * memory or descriptors. Rows of tiles are allocated as they are first needed. */
 void *vj_level_new(int fd, const unsigned char *tables, uint64_t tables_len, const uint64_t *offsets,
                    const uint64_t *counts, int64_t ntiles, int tiles_across, int tile_w, int tile_h, int level_w,
                    int level_h, int rgb)
@@ -343,13 +381,10 @@ void *vj_level_new(int fd, const unsigned char *tables, uint64_t tables_len, con
     level->offsets = malloc((size_t)ntiles * sizeof(uint64_t));
     level->counts = malloc((size_t)ntiles * sizeof(uint64_t));
     level->valid = calloc((size_t)ntiles, 1);
-    int ok = level->fd >= 0 && level->tables && level->offsets && level->counts && level->valid;
-    for (int i = 0; i < VJ_BANDS; i++) {
+    level->refs = 1;
+    for (int i = 0; i < VJ_BANDS; i++)
         level->bands[i].row = -1;
-        level->bands[i].pixels = malloc((size_t)tile_h * (size_t)level_w * 3);
-        ok = ok && level->bands[i].pixels;
-    }
-    if (!ok) {
+    if (level->fd < 0 || !level->tables || !level->offsets || !level->counts || !level->valid) {
         vj_level_free(level);
         return NULL;
     }
@@ -368,11 +403,14 @@ void *vj_level_new(int fd, const unsigned char *tables, uint64_t tables_len, con
     return level;
 }
 
-/* The band holding tile row `row`, decoded (with this thread's help), its `users` counted; NULL only
- * if the lock fails. Called with the lock held; returns with it held. */
+/* The band holding tile row `row`, decoded (with this thread's help), its `users` counted; NULL when
+ * the level is released or a band's memory cannot be had. Called with the lock held; returns with it
+ * held. */
 static vj_band *vj_band_get(vj_level *l, int row)
 {
     for (;;) {
+        if (l->released)
+            return NULL;
         vj_band *band = NULL, *free_band = NULL;
         for (int i = 0; i < VJ_BANDS; i++) {
             vj_band *b = &l->bands[i];
@@ -387,9 +425,12 @@ static vj_band *vj_band_get(vj_level *l, int row)
         }
         if (!band) {
             band = free_band;
+            if (!band->pixels && !(band->pixels = malloc((size_t)l->tile_h * (size_t)l->level_w * 3)))
+                return NULL;
             band->row = row;
             band->filling = 1;
             band->next = band->done = band->failed = 0;
+            band->used = ++l->clock; /* (else, decoded, it could be taken for reuse before its waiters see it) */
         }
         int top = row * l->tile_h, h = l->level_h - top < l->tile_h ? l->level_h - top : l->tile_h;
         while (band->filling && band->next < l->tiles_across) { /* take tiles not yet taken */
@@ -408,7 +449,7 @@ static vj_band *vj_band_get(vj_level *l, int row)
         }
         while (band->filling && band->row == row) /* the rest is being decoded by other threads */
             pthread_cond_wait(&l->changed, &l->lock);
-        if (band->row != row) /* (cannot happen while filling: a filling band is never reused) */
+        if (band->row != row) /* reused once decoded, before this thread woke (rare): again */
             continue;
         band->users++;
         band->used = ++l->clock;
@@ -428,6 +469,10 @@ int vj_level_read(void *pointer, int x, int y, int w, int h, unsigned char *out,
     pthread_mutex_lock(&l->lock);
     for (int row = y / l->tile_h; status == VJ_OK && row <= (y + h - 1) / l->tile_h; row++) {
         vj_band *band = vj_band_get(l, row);
+        if (!band) {
+            status = VJ_READ;
+            break;
+        }
         if (band->failed) {
             status = VJ_JPEG;
         } else {
@@ -547,20 +592,27 @@ int vj_encode(const unsigned char *pixels, int w, int h, int components, int rgb
     struct vj_error err;
     *out = NULL;
     *size = 0;
-    if (layout < 0 || layout >= vj_layout_count())
+    if (layout < 0 || layout >= vj_layout_count() || w <= 0 || h <= 0 || w > 4096 || h > 4096)
         return VJ_SHAPE;
+    /* a buffer no JPEG of these pixels outgrows (libjpeg would otherwise replace it, freeing the one
+       *out still names, as it grows: an error after that must not free it again) */
+    unsigned long capacity = (unsigned long)w * (unsigned long)h * (unsigned long)components * 4 + 65536;
+    unsigned char *volatile buffer = malloc(capacity);
+    if (!buffer)
+        return VJ_MEMORY;
+    unsigned char *target = buffer;
+    unsigned long used = capacity;
     cinfo.err = jpeg_std_error(&err.pub);
     err.pub.error_exit = vj_error_exit;
     err.pub.emit_message = vj_emit_message;
     err.pub.output_message = vj_output_message;
     if (setjmp(err.jump)) {
         jpeg_destroy_compress(&cinfo);
-        free(*out);
-        *out = NULL;
+        free(buffer);
         return VJ_JPEG;
     }
     jpeg_create_compress(&cinfo);
-    jpeg_mem_dest(&cinfo, out, size);
+    jpeg_mem_dest(&cinfo, &target, &used);
     cinfo.image_width = (JDIMENSION)w;
     cinfo.image_height = (JDIMENSION)h;
     cinfo.input_components = components;
@@ -583,6 +635,13 @@ int vj_encode(const unsigned char *pixels, int w, int h, int components, int rgb
     }
     jpeg_finish_compress(&cinfo);
     jpeg_destroy_compress(&cinfo);
+    if (target != buffer) { /* (cannot happen, see above) */
+        free(target);
+        free(buffer);
+        return VJ_MEMORY;
+    }
+    *out = buffer;
+    *size = used;
     return VJ_OK;
 }
 

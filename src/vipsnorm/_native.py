@@ -602,8 +602,8 @@ def tile_source(image: pyvips.Image, level: int, read: int, free: int) -> pyvips
     """A lazy image with the size, fields and metadata of ``image`` (uchar RGB) whose pixels the C
     function at ``read`` decodes from ``level`` (``int read(level, x, y, w, h, out, stride)``, 0 on
     success), in libvips' worker threads, and ``image`` gives where it fails (libvips then reports what
-    is wrong, as it would have). The image owns ``level`` and frees it with ``free`` (also on failure).
-    None when the kernel is off or the image cannot be made."""
+    is wrong, as it would have). The image is one holder of ``level``, and lets go of it with ``free``
+    when it is freed (or at once, on failure). None when the kernel is off or the image cannot be made."""
     kernel = _load()[0]
     if kernel is None or image.format != "uchar" or image.bands != 3 or image.coding != "none":
         ctypes.CFUNCTYPE(None, ctypes.c_void_p)(free)(level)

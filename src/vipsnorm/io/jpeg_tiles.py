@@ -37,10 +37,10 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["available", "reason", "TileLayout", "read_layout", "JpegTiles", "SharedFile"]
+__all__ = ["available", "reason", "TileLayout", "read_layout", "JpegTiles", "SharedFile", "NativeLevel"]
 
 #: VJ_VERSION of _jpegtiles.c
-_VERSION = 4
+_VERSION = 5
 
 # TIFF tags read here
 _WIDTH, _LENGTH, _BITS, _COMPRESSION, _PHOTOMETRIC = 256, 257, 258, 259, 262
@@ -270,11 +270,10 @@ class JpegTiles:
         )
         return out if status == 0 else None
 
-    def native_level(self) -> tuple[int, int, int] | None:
-        """A C copy of this level for a libvips image decoding it in libvips' threads
-        (:func:`vipsnorm._native.tile_source`): ``(level, read, free)``, the level's address and those of
-        ``vj_level_read`` and ``vj_level_free``, the owner of the level to call ``free`` on it once. None
-        when the reader is closed or out of memory or file descriptors."""
+    def native_level(self) -> NativeLevel | None:
+        """A C copy of this level (tables, offsets, its own file descriptor) for a libvips image that
+        decodes it in libvips' threads (:func:`vipsnorm._native.tile_source`), or None when the reader is
+        closed or out of memory or file descriptors."""
         layout, file = self.layout, self._file
         fd = None if file is None else file.fd
         if fd is None:
@@ -284,10 +283,7 @@ class JpegTiles:
             len(layout.offsets), layout.tiles_across, layout.tile_width, layout.tile_height, layout.width,
             layout.height, int(layout.rgb),
         )
-        if not level:
-            return None
-        address = ctypes.cast
-        return level, address(self._lib.vj_level_read, ctypes.c_void_p).value, address(self._lib.vj_level_free, ctypes.c_void_p).value
+        return NativeLevel(self._lib, level) if level else None
 
     def valid_tiles(self) -> int:
         """How many tiles have been decoded to their end without a warning (after which windows of
@@ -300,6 +296,37 @@ class JpegTiles:
         file, self._file = self._file, None
         if file is not None and self._owns_file:
             file.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # (interpreter shutdown)
+            pass
+
+
+class NativeLevel:
+    """One holder of a C level (``vj_level``); the libvips image made of it is another
+    (:meth:`share`). :meth:`close` gives its memory (rows of decoded tiles) and its file descriptor back
+    at once, even while libvips still holds the image (its operation cache may, for a while): the image
+    then reads through libvips' loader. Closed when collected, too."""
+
+    def __init__(self, lib: ctypes.CDLL, pointer: int):
+        self._lib, self.pointer = lib, pointer
+        self.read = ctypes.cast(lib.vj_level_read, ctypes.c_void_p).value  # address of vj_level_read
+        self.free = ctypes.cast(lib.vj_level_free, ctypes.c_void_p).value  # of vj_level_free
+
+    def share(self) -> int:
+        """The level's address, with one more holder (to be let go with :attr:`free`)."""
+        if not self.pointer:
+            raise ValueError("the level is closed")
+        self._lib.vj_level_ref(self.pointer)
+        return self.pointer
+
+    def close(self) -> None:
+        pointer, self.pointer = self.pointer, 0
+        if pointer:
+            self._lib.vj_level_release(pointer)
+            self._lib.vj_level_free(pointer)
 
     def __del__(self):
         try:
@@ -346,8 +373,9 @@ def _load_library() -> tuple[ctypes.CDLL | None, str]:
         ctypes.c_int, ctypes.c_char_p, ctypes.c_uint64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
         ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
     ]
-    lib.vj_level_free.restype = None
-    lib.vj_level_free.argtypes = [ctypes.c_void_p]
+    for name in ("vj_level_free", "vj_level_ref", "vj_level_release"):
+        getattr(lib, name).restype = None
+        getattr(lib, name).argtypes = [ctypes.c_void_p]
     # whole files (vipsnorm.io.small_jpeg)
     lib.vj_decode.restype = ctypes.c_int
     lib.vj_decode.argtypes = [

@@ -408,6 +408,7 @@ class VipsSlide(Slide):
         self._luma: np.ndarray | None = None  # its luma, once asked for (decoded_luma)
         self._direct: dict[int, _jpeg.JpegTiles | None] = {}  # jpeg_tiles(level), once asked for
         self._direct_file: _jpeg.SharedFile | None = None  # the file, open once for all of them
+        self._streams: list[_jpeg.NativeLevel] = []  # stream_image's levels, closed with the slide
         self._direct_lock = threading.Lock()
         fields = set(first.get_fields())
         self._load: list[dict] = [{}]
@@ -514,8 +515,15 @@ class VipsSlide(Slide):
         native = None if reader is None else reader.native_level()
         if native is None:
             return image
-        streamed = _native.tile_source(image, *native)
-        return image if streamed is None else streamed
+        streamed = _native.tile_source(image, native.share(), native.read, native.free)
+        if streamed is None:
+            native.close()
+            return image
+        # its decoded rows and descriptor given back when the slide closes, though libvips' operation
+        # cache may keep the image a while (it then reads through libvips' loader)
+        with self._direct_lock:
+            self._streams.append(native)
+        return streamed
 
     def independent_level_image(self, level: int = 0) -> pyvips.Image | None:
         if level == 0 and self._memory is not None:
@@ -609,6 +617,9 @@ class VipsSlide(Slide):
 
     def close(self) -> None:
         with self._direct_lock:
+            for native in self._streams:
+                native.close()
+            self._streams.clear()
             for reader in self._direct.values():
                 if reader is not None:
                     reader.close()
