@@ -663,3 +663,58 @@ def test_ssse3_luma_never_reads_past_the_pixels():
     lengths = [str(n) for n in (1, 2, 15, 16, 17, 18, 19, 20, 32, 33, 34, 35, 1024, 1025, 1026, 1041)]
     done = subprocess.run([sys.executable, "-c", _GUARD_SCRIPT, *lengths], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "ok", (done.returncode, done.stderr[-2000:])
+
+
+def test_hand_computed_pair_counts_and_mask():
+    rgb = np.array([[[200, 100, 50], [10, 10, 10], [255, 0, 0]]], np.uint8)
+    pairs, spread = _native.pair_counts(rgb, 205)
+    # (chroma, max): (150, 200), (0, 10), (255, 255); darkest below 205: all three
+    assert {int(i): int(pairs[i]) for i in np.flatnonzero(pairs)} == {150 << 8 | 200: 1, 10: 1, 255 << 8 | 255: 1}
+    assert {int(i): int(spread[i]) for i in np.flatnonzero(spread)} == {150: 1, 0: 1, 255: 1}
+    _, spread = _native.pair_counts(rgb, 10)  # (darkest 50, 10, 0: only the last is below 10)
+    assert {int(i): int(spread[i]) for i in np.flatnonzero(spread)} == {255: 1}
+    table = np.zeros(1 << 16, bool)
+    table[150 << 8 | 200] = True
+    assert _native.pair_mask(rgb, table).tolist() == [[True, False, False]]
+
+
+def _overviews(shared_data):
+    import vipsnorm
+    from vipsnorm.sampling import overview
+
+    rng = np.random.default_rng(11)
+    out = {}
+    with vipsnorm.open(shared_data / "slides" / "CMU-1-Small-Region.svs") as slide:
+        out["CMU-1"] = overview(slide)[0]
+    tile = pyvips.Image.new_from_file(str(shared_data / "tiles" / "henorm-example1.png"))[:3].numpy()
+    out["H&E tile"] = np.ascontiguousarray(tile)
+    out["noise"] = rng.integers(0, 256, (300, 400, 3), dtype=np.uint8)
+    pale = np.full((200, 300, 3), 240, np.uint8)
+    pale[50:150, 60:200] = (rng.integers(0, 256, (100, 140, 1)) * 0.3 + 120).astype(np.uint8)  # grey tissue
+    out["grey as RGB"] = pale
+    return out
+
+
+def test_tissue_mask_same_with_and_without_kernel(shared_data, monkeypatch):
+    """sampling.tissue_mask counts in C when it can: the same threshold, rule and mask as numpy's."""
+    from vipsnorm.errors import NoTissueError
+    from vipsnorm.sampling import tissue_mask
+
+    def masks():
+        out = {}
+        for name, view in _overviews(shared_data).items():
+            try:
+                m = tissue_mask(view, 2.0)
+                out[name] = (m.threshold, m.rule, m.mask.tobytes())
+            except NoTissueError as exc:
+                out[name] = str(exc)
+        return out
+
+    calls = []
+    real = _native.pair_counts
+    monkeypatch.setattr(_native, "pair_counts", lambda *a: calls.append(1) or real(*a))
+    native = masks()
+    assert len(calls) == 4
+    monkeypatch.setattr(_native, "pair_counts", lambda *a: None)
+    assert masks() == native
+    assert native["grey as RGB"][1] == "intensity" and native["CMU-1"][1] == "saturation"

@@ -34,7 +34,7 @@
 
 #define VK_CHUNK 256 /* (cube_fill runs one block of 256 colours as one chunk) */
 #define VK_CUBE (1L << 24)
-#define VK_VERSION 8
+#define VK_VERSION 9
 
 /* SSSE3 versions of the luma and of the luma change (x86 with GCC or Clang), chosen at run time when
    the CPU has SSSE3 (vk_simd); the same integer arithmetic as the scalar loops, bit for bit. */
@@ -460,6 +460,34 @@ void vk_tissue(const uint8_t *in, int bands, long npix, int rule, double thresho
         } else {
             keep[i] = (float)mn < threshold;
         }
+    }
+}
+
+/* The tissue mask's counts over an RGB overview (sampling.tissue_mask): pairs[(chroma << 8) | max] for
+   every pixel (chroma = max - min of its channels), and spread[chroma] for the pixels whose min is below
+   `dark_below` (what could be tissue). Both added to. */
+void vk_pair_counts(const uint8_t *in, long npix, int dark_below, int64_t *pairs, int64_t *spread) {
+    for (long i = 0; i < npix; i++) {
+        const uint8_t *px = in + 3 * (size_t)i;
+        int mx = px[0] > px[1] ? px[0] : px[1];
+        mx = mx > px[2] ? mx : px[2];
+        int mn = px[0] < px[1] ? px[0] : px[1];
+        mn = mn < px[2] ? mn : px[2];
+        pairs[((mx - mn) << 8) | mx]++;
+        if (mn < dark_below)
+            spread[mx - mn]++;
+    }
+}
+
+/* keep[i] = table[(chroma << 8) | max] of pixel i (table: 65536 bytes, one a pair). */
+void vk_pair_mask(const uint8_t *in, long npix, const uint8_t *table, uint8_t *keep) {
+    for (long i = 0; i < npix; i++) {
+        const uint8_t *px = in + 3 * (size_t)i;
+        int mx = px[0] > px[1] ? px[0] : px[1];
+        mx = mx > px[2] ? mx : px[2];
+        int mn = px[0] < px[1] ? px[0] : px[1];
+        mn = mn < px[2] ? mn : px[2];
+        keep[i] = table[((mx - mn) << 8) | mx];
     }
 }
 

@@ -48,7 +48,7 @@ _THINSTRIP = 2  # libvips' VIPS_DEMAND_STYLE_THINSTRIP, read from libvips when t
 _ANY = 3  # VIPS_DEMAND_STYLE_ANY, read from libvips when the kernel loads
 _SMALLTILE = 0  # VIPS_DEMAND_STYLE_SMALLTILE, read from libvips when the kernel loads
 #: VK_VERSION of _kernel.c (with the sizes of the structs passed to it: vk_abi).
-_VERSION = 8
+_VERSION = 9
 
 OP = {"pair": 1, "index": 2, "mix": 3, "lut": 4, "recomb": 5, "luma": 6, "blend": 7}
 
@@ -205,9 +205,12 @@ def _load_kernel() -> tuple[ctypes.CDLL | None, str]:
     kernel.vk_simd.restype = ctypes.c_int
     kernel.vk_region_counts.argtypes = [pointer] + [ctypes.c_int] * 6 + [pointer] * 3
     kernel.vk_clahe_luts.argtypes = [pointer, ctypes.c_long, ctypes.c_long, ctypes.c_float, pointer]
+    kernel.vk_pair_counts.argtypes = [pointer, ctypes.c_long, ctypes.c_int, pointer, pointer]
+    kernel.vk_pair_mask.argtypes = [pointer, ctypes.c_long, pointer, pointer]
     for function in (
         kernel.vk_tissue, kernel.vk_histograms, kernel.vk_counts, kernel.vk_apply_luts, kernel.vk_apply_luma,
         kernel.vk_add_change, kernel.vk_clahe_map, kernel.vk_region_counts, kernel.vk_clahe_luts, kernel.vk_luma,
+        kernel.vk_pair_counts, kernel.vk_pair_mask,
     ):  # fmt: skip
         function.restype = None
     return kernel, "loaded"
@@ -623,6 +626,34 @@ def _pixels(array: np.ndarray) -> tuple[np.ndarray, int, int] | None:
         return None
     array = np.ascontiguousarray(array)
     return array, bands, array.size // bands
+
+
+def pair_counts(rgb: np.ndarray, dark_below: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """For :func:`vipsnorm.sampling.tissue_mask`, in one pass over a uint8 ``(h, w, 3)`` array: int64
+    counts of each pixel's ``(chroma << 8) | max`` (65536), and of the chroma of the pixels whose darkest
+    channel is below ``dark_below`` (256); None (kernel off, other array)."""
+    kernel = _load()[0] if available() else None
+    got = _pixels(rgb) if kernel is not None and rgb.ndim == 3 else None
+    if got is None or got[1] != 3:
+        return None
+    array, _, n = got
+    pairs, spread = np.zeros(1 << 16, np.int64), np.zeros(256, np.int64)
+    kernel.vk_pair_counts(array.ctypes.data, n, int(dark_below), pairs.ctypes.data, spread.ctypes.data)
+    return pairs, spread
+
+
+def pair_mask(rgb: np.ndarray, table: np.ndarray) -> np.ndarray | None:
+    """Boolean ``(h, w)``: ``table[(chroma << 8) | max]`` of each pixel of a uint8 ``(h, w, 3)`` array
+    (``table``: 65536 bools), or None (kernel off, other array)."""
+    kernel = _load()[0] if available() else None
+    got = _pixels(rgb) if kernel is not None and rgb.ndim == 3 else None
+    if got is None or got[1] != 3 or table.shape != (1 << 16,):
+        return None
+    array, _, n = got
+    lookup = np.ascontiguousarray(table, np.uint8)
+    keep = np.empty(array.shape[:2], np.bool_)
+    kernel.vk_pair_mask(array.ctypes.data, n, lookup.ctypes.data, keep.ctypes.data)
+    return keep
 
 
 def tissue(pixels: np.ndarray, saturation: bool, threshold: float) -> np.ndarray | None:

@@ -49,6 +49,8 @@ _MIN_SEPARATION = 0.06
 _MIN_GREY_SEPARATION = 12
 #: A colour image whose channels differ by at most this many levels (on 99.9% of its overview) is grey.
 _GREY_SPREAD = 2
+#: A pixel whose darkest channel is this or above is glass whatever its colour (tissue_mask's grey check).
+_DARK_BELOW = 205
 
 
 @dataclass(frozen=True)
@@ -135,16 +137,23 @@ def tissue_mask(overview: np.ndarray, downsample: float = 1.0, path=None) -> Tis
         overview = overview[..., np.newaxis]
     bands = overview.shape[-1]
     rule = "saturation" if bands == 3 else "intensity"
+    native = _native.pair_counts(overview, _DARK_BELOW) if bands == 3 else None
     if bands == 3:
-        mx, mn = brightest(overview), darkest(overview)
-        chroma = mx - mn  # uint8, never negative
-        candidates = mn < 205  # what could be tissue: glass is grey on any slide
-        # (np.percentile of the chroma values, from their 256 counts)
-        spread = value_counts(chroma, np.left_shift(candidates, 8, dtype=np.uint16))
+        if native is not None:  # the counts below, in one pass in C (0.047 -> 0.012 s a 2048 px overview)
+            pair_counts, spread = native
+        else:
+            mx, mn = brightest(overview), darkest(overview)
+            chroma = mx - mn  # uint8, never negative
+            candidates = mn < _DARK_BELOW  # what could be tissue: glass is grey on any slide
+            # (np.percentile of the chroma values, from their 256 counts)
+            spread = value_counts(chroma, np.left_shift(candidates, 8, dtype=np.uint16))
+            pair = np.left_shift(chroma, 8, dtype=np.uint16)
+            pair |= mx
+            pair_counts = np.bincount(pair.reshape(-1), minlength=1 << 16)
         if spread.sum() >= 16 and percentile(spread, 99.9) <= _GREY_SPREAD:
             # no chroma where there could be tissue: grey, whatever the band count
             rule = "intensity"
-            overview = mn[..., np.newaxis]
+            overview = darkest(overview)[..., np.newaxis]
     if rule == "saturation":
         # A pixel's saturation depends on its (chroma, max) pair only: the 65536 pairs are counted and
         # each pair's saturation (as :func:`saturation` computes it) is histogrammed, thresholded and
@@ -152,14 +161,17 @@ def tissue_mask(overview: np.ndarray, downsample: float = 1.0, path=None) -> Tis
         # in half the time (0.075 -> 0.035 s on a 2048 px overview, with the grey check); the classes' mean saturations are exact
         # float64 sums (float32 means before), which can decide the separation test differently only
         # within about 1e-8 of its limit.
-        pair = np.left_shift(chroma, 8, dtype=np.uint16)
-        pair |= mx
-        pairs = np.bincount(pair.reshape(-1), minlength=1 << 16).astype(np.float64)
+        pairs = pair_counts.astype(np.float64)
         pair_chroma, pair_max = np.divmod(np.arange(1 << 16), 256)
         s = np.divide(pair_chroma, np.maximum(pair_max, 1), dtype=np.float32)
         t = min(max(_otsu(s, weights=pairs), _MIN_THRESHOLD), _MAX_THRESHOLD)
         tissue_pairs = s > t
-        mask = np.take(tissue_pairs, pair)
+        mask = _native.pair_mask(overview, tissue_pairs) if native is not None else None
+        if mask is None:
+            if native is not None:  # (the kernel was there for the counts: not expected)
+                pair = np.left_shift(brightest(overview) - darkest(overview), 8, dtype=np.uint16)
+                pair |= brightest(overview)
+            mask = np.take(tissue_pairs, pair)
         inside, outside = pairs[tissue_pairs].sum(), pairs[~tissue_pairs].sum()
         separation = (
             (pairs * s)[tissue_pairs].sum() / inside - (pairs * s)[~tissue_pairs].sum() / outside
