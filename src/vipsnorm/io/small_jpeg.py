@@ -69,7 +69,8 @@ def _encode(lib, pixels: np.ndarray, rgb: bool, layout: int, progressive: bool, 
 def _variants(lib):
     """(name, bands, rgb, layout index, progressive, restart rows) of every layout :func:`decode` takes."""
     names = ("4:4:4", "4:2:2", "4:4:0", "4:2:0", "4:1:1")
-    assert lib.vj_layout_count() == len(names), "vj_layouts and this list must name the same layouts"
+    if lib.vj_layout_count() != len(names):  # (vj_layouts and this list must name the same layouts)
+        raise RuntimeError(f"the extension decodes {lib.vj_layout_count()} layouts, not the {len(names)} checked here")
     yield "grey", 1, False, 0, False, 0
     yield "RGB", 3, True, 0, False, 0
     for layout, name in enumerate(names):
