@@ -439,6 +439,13 @@ int vk_cube_blocks(const vk_program *p) {
 
 /* --- counting and small maps on numpy arrays (the fits of tiles and patches) -------------------- */
 
+/* The brightest and darkest channel of an RGB pixel. */
+static inline void max_min(const uint8_t *px, int *mx, int *mn) {
+    int hi = px[0] > px[1] ? px[0] : px[1], lo = px[0] < px[1] ? px[0] : px[1];
+    *mx = hi > px[2] ? hi : px[2];
+    *mn = lo < px[2] ? lo : px[2];
+}
+
 /* keep[i] = 1 where pixel i counts as tissue, else 0 (sampling.py's _tissue_pixels_array): rule 0,
    saturation: (max - min) > max * threshold, in float32 as numpy computes it; rule 1, intensity: the
    darkest channel < threshold, in float32; grey (`bands` 1): the value < threshold, in float64. */
@@ -450,10 +457,8 @@ void vk_tissue(const uint8_t *in, int bands, long npix, int rule, double thresho
             keep[i] = (double)px[0] < threshold64;
             continue;
         }
-        int mx = px[0] > px[1] ? px[0] : px[1];
-        mx = mx > px[2] ? mx : px[2];
-        int mn = px[0] < px[1] ? px[0] : px[1];
-        mn = mn < px[2] ? mn : px[2];
+        int mx, mn;
+        max_min(px, &mx, &mn);
         if (rule == 0) {
             float product = (float)mx * threshold; /* (rounded to float32 before the comparison) */
             keep[i] = (float)(mx - mn) > product;
@@ -469,10 +474,8 @@ void vk_tissue(const uint8_t *in, int bands, long npix, int rule, double thresho
 void vk_pair_counts(const uint8_t *in, long npix, int dark_below, int64_t *pairs, int64_t *spread) {
     for (long i = 0; i < npix; i++) {
         const uint8_t *px = in + 3 * (size_t)i;
-        int mx = px[0] > px[1] ? px[0] : px[1];
-        mx = mx > px[2] ? mx : px[2];
-        int mn = px[0] < px[1] ? px[0] : px[1];
-        mn = mn < px[2] ? mn : px[2];
+        int mx, mn;
+        max_min(px, &mx, &mn);
         pairs[((mx - mn) << 8) | mx]++;
         if (mn < dark_below)
             spread[mx - mn]++;
@@ -483,10 +486,8 @@ void vk_pair_counts(const uint8_t *in, long npix, int dark_below, int64_t *pairs
 void vk_pair_mask(const uint8_t *in, long npix, const uint8_t *table, uint8_t *keep) {
     for (long i = 0; i < npix; i++) {
         const uint8_t *px = in + 3 * (size_t)i;
-        int mx = px[0] > px[1] ? px[0] : px[1];
-        mx = mx > px[2] ? mx : px[2];
-        int mn = px[0] < px[1] ? px[0] : px[1];
-        mn = mn < px[2] ? mn : px[2];
+        int mx, mn;
+        max_min(px, &mx, &mn);
         keep[i] = table[((mx - mn) << 8) | mx];
     }
 }
@@ -868,12 +869,9 @@ static int generate(void *out_region, void *seq, void *a, void *b, int *stop) {
 
 static void unref_program(void *p) { vk_program_unref(p); }
 
-/* A new image: `program` run lazily on `in` (uchar RGB, checked by the caller); the image holds a
-   reference to the program and to `in`. `demand`: libvips' VIPS_DEMAND_STYLE_THINSTRIP, as its own
-   point operations. NULL on failure. */
-void *vk_image(void *in, vk_program *program, int demand) {
-    if (!api_ready)
-        return NULL;
+/* A new image with the fields of `in`, whose pixels `gen` makes (with `in` and `b`); it holds a
+   reference to `in`. NULL on failure. */
+static void *image_of(void *in, int demand, void *gen, void *b) {
     void *out = api.image_new();
     if (!out)
         return NULL;
@@ -882,10 +880,22 @@ void *vk_image(void *in, vk_program *program, int demand) {
         return NULL;
     }
     api.set_data_full(out, "vipsnorm-input", api.object_ref(in), api.object_unref);
-    if (api.generate(out, api.start_one, (void *)generate, api.stop_one, in, program)) {
+    if (api.generate(out, api.start_one, gen, api.stop_one, in, b)) {
         api.object_unref(out);
         return NULL;
     }
+    return out;
+}
+
+/* A new image: `program` run lazily on `in` (uchar RGB, checked by the caller); the image holds a
+   reference to the program and to `in`. `demand`: libvips' VIPS_DEMAND_STYLE_THINSTRIP, as its own
+   point operations. NULL on failure. */
+void *vk_image(void *in, vk_program *program, int demand) {
+    if (!api_ready)
+        return NULL;
+    void *out = image_of(in, demand, (void *)generate, program);
+    if (!out)
+        return NULL;
     __atomic_add_fetch(&program->refs, 1, __ATOMIC_ACQ_REL);
     api.set_data_full(out, "vipsnorm-program", program, unref_program);
     return out;
@@ -939,21 +949,12 @@ void *vk_source(void *in, vk_read_fn read, void *ctx, void (*destroy)(void *), i
     source->read = read;
     source->ctx = ctx;
     source->destroy = destroy;
-    void *out = api.image_new();
+    void *out = image_of(in, demand, (void *)source_generate, source);
     if (!out) {
         free_source(source);
         return NULL;
     }
     api.set_data_full(out, "vipsnorm-source", source, free_source);
-    if (api.pipelinev(out, demand, in, (void *)NULL)) {
-        api.object_unref(out);
-        return NULL;
-    }
-    api.set_data_full(out, "vipsnorm-input", api.object_ref(in), api.object_unref);
-    if (api.generate(out, api.start_one, (void *)source_generate, api.stop_one, in, source)) {
-        api.object_unref(out);
-        return NULL;
-    }
     return out;
 }
 
