@@ -72,6 +72,16 @@ static void vj_output_message(j_common_ptr cinfo)
     (void)cinfo; /* never printed: the caller reports what libvips says of the tile */
 }
 
+/* err's manager, set up as above: every warning and error jumps to err->jump. */
+static struct jpeg_error_mgr *vj_errors(struct vj_error *err)
+{
+    struct jpeg_error_mgr *pub = jpeg_std_error(&err->pub);
+    pub->error_exit = vj_error_exit;
+    pub->emit_message = vj_emit_message;
+    pub->output_message = vj_output_message;
+    return pub;
+}
+
 int vj_version(void) { return VJ_VERSION; }
 
 /* Read count bytes at offset of fd into buf (pread: no shared file position between threads). */
@@ -212,10 +222,7 @@ static int vj_read(int fd, const unsigned char *tables, uint64_t tables_len, con
     unsigned char *volatile line = malloc((size_t)tile_w * 3 * VJ_ROWS);
     if (!line)
         return VJ_MEMORY;
-    cinfo.err = jpeg_std_error(&err.pub);
-    err.pub.error_exit = vj_error_exit;
-    err.pub.emit_message = vj_emit_message;
-    err.pub.output_message = vj_output_message;
+    cinfo.err = vj_errors(&err);
     if (setjmp(err.jump)) { /* from jpeg_create_decompress */
         jpeg_destroy_decompress(&cinfo);
         free(line);
@@ -536,10 +543,7 @@ int vj_decode(const char *path, const unsigned char *data, uint64_t len, int w, 
         if (!file)
             return VJ_READ;
     }
-    cinfo.err = jpeg_std_error(&err.pub);
-    err.pub.error_exit = vj_error_exit;
-    err.pub.emit_message = vj_emit_message;
-    err.pub.output_message = vj_output_message;
+    cinfo.err = vj_errors(&err);
     volatile int status = VJ_JPEG;
     if (setjmp(err.jump))
         goto done;
@@ -602,10 +606,7 @@ int vj_encode(const unsigned char *pixels, int w, int h, int components, int rgb
         return VJ_MEMORY;
     unsigned char *target = buffer;
     unsigned long used = capacity;
-    cinfo.err = jpeg_std_error(&err.pub);
-    err.pub.error_exit = vj_error_exit;
-    err.pub.emit_message = vj_emit_message;
-    err.pub.output_message = vj_output_message;
+    cinfo.err = vj_errors(&err);
     if (setjmp(err.jump)) {
         jpeg_destroy_compress(&cinfo);
         free(buffer);

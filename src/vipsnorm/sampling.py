@@ -115,6 +115,16 @@ def _otsu(values: np.ndarray, bins: int = 256, value_range=(0.0, 1.0), weights: 
     return float(centers[int(np.argmax(between))])
 
 
+def _pair_keys(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Of each pixel of a uint8 ``(..., 3)`` array: its darkest channel, its chroma (max - min) and the
+    uint16 key ``(chroma << 8) | max``, on which its saturation alone depends."""
+    mx, mn = brightest(rgb), darkest(rgb)
+    chroma = mx - mn  # uint8, never negative
+    pair = np.left_shift(chroma, 8, dtype=np.uint16)
+    pair |= mx
+    return mn, chroma, pair
+
+
 def tissue_mask(overview: np.ndarray, downsample: float = 1.0, path=None) -> TissueMask:
     """Separate tissue from white glass on a low-resolution overview.
 
@@ -142,13 +152,10 @@ def tissue_mask(overview: np.ndarray, downsample: float = 1.0, path=None) -> Tis
         if native is not None:  # the counts below, in one pass in C (0.047 -> 0.012 s a 2048 px overview)
             pair_counts, spread = native
         else:
-            mx, mn = brightest(overview), darkest(overview)
-            chroma = mx - mn  # uint8, never negative
+            mn, chroma, pair = _pair_keys(overview)
             candidates = mn < _DARK_BELOW  # what could be tissue: glass is grey on any slide
             # (np.percentile of the chroma values, from their 256 counts)
             spread = value_counts(chroma, np.left_shift(candidates, 8, dtype=np.uint16))
-            pair = np.left_shift(chroma, 8, dtype=np.uint16)
-            pair |= mx
             pair_counts = np.bincount(pair.reshape(-1), minlength=1 << 16)
         if spread.sum() >= 16 and percentile(spread, 99.9) <= _GREY_SPREAD:
             # no chroma where there could be tissue: grey, whatever the band count
@@ -168,10 +175,7 @@ def tissue_mask(overview: np.ndarray, downsample: float = 1.0, path=None) -> Tis
         tissue_pairs = s > t
         mask = _native.pair_mask(overview, tissue_pairs) if native is not None else None
         if mask is None:
-            if native is not None:  # (the kernel was there for the counts: not expected)
-                pair = np.left_shift(brightest(overview) - darkest(overview), 8, dtype=np.uint16)
-                pair |= brightest(overview)
-            mask = np.take(tissue_pairs, pair)
+            mask = np.take(tissue_pairs, pair if native is None else _pair_keys(overview)[2])
         inside, outside = pairs[tissue_pairs].sum(), pairs[~tissue_pairs].sum()
         separation = (
             (pairs * s)[tissue_pairs].sum() / inside - (pairs * s)[~tissue_pairs].sum() / outside
