@@ -1,7 +1,9 @@
 """Small JPEGs decoded with libjpeg-turbo directly (vipsnorm.io.small_jpeg): libvips' bytes and metadata
 on every layout it takes (JPEGs written by another encoder than its own check's: Pillow's), other
 layouts and damaged files left to libvips, the process check able to fail, and outputs of the whole
-job identical with and without it.
+job identical with and without it. And encoded (small_jpeg.save): files byte for byte libvips'
+jpegsave's, whatever their metadata, quality and bands; a coder that differs is noticed (process
+check, per-fields check) and left unused; a failed write leaves nothing.
 
 The decoder lives in the optional JPEG extension: tests that need it skip where it is not built
 (``test_jpeg_tiles.test_built_where_libjpeg_is`` fails when the headers are present and it was not).
@@ -69,11 +71,8 @@ def jpegs(tmp_path_factory, shared_data) -> dict[str, Path]:
     exif = Image.Exif()
     exif[0x0112] = 6  # orientation: kept as metadata, never applied by vipsnorm
     exif[0x010F] = "vipsnorm test camera"
-    icc = pyvips.Image.new_from_file(str(shared_data / "tiles" / "kather-template.jpg")).copy()
-    profile = icc.get("icc-profile-data") if icc.get_typeof("icc-profile-data") else None
-    options = dict(quality=88, exif=exif.tobytes(), comment=b"a comment")
-    if profile:
-        options["icc_profile"] = profile
+    profile = pyvips.Image.new_from_file(str(shared_data / "images" / "sample.jpg")).get("icc-profile-data")
+    options = dict(quality=88, exif=exif.tobytes(), comment=b"a comment", icc_profile=profile)
     Image.fromarray(_photo(96, 64)).save(tagged, "JPEG", **options)
     out["tagged"] = tagged
     return out
@@ -131,8 +130,10 @@ def test_the_metadata_survives_the_whole_job(jpegs, tmp_path):
 
 
 def _slow(monkeypatch):
-    """Turn the direct decoder off for the libvips path (small_jpeg.decode always declines)."""
+    """Turn the direct decoder and coder off for the libvips path (small_jpeg.decode always declines,
+    small_jpeg.save is libvips' jpegsave)."""
     monkeypatch.setattr(small_jpeg, "decode", lambda path, header: None)
+    monkeypatch.setattr(small_jpeg, "save", lambda image, path, quality, pixels=None: image.jpegsave(str(path), Q=quality))
 
 
 @needs_decoder
@@ -290,3 +291,192 @@ def test_the_job_uses_it(jpegs, tmp_path, monkeypatch):
     result = normalize_file(jpegs["kather"], tmp_path, build_method("equalize"))
     assert result.status == "ok", result.error
     assert len(made) == 1 and made[0] is not None
+
+
+# --------------------------------------------------------------------------------------------------
+# encoding: small_jpeg.save
+
+needs_coder = pytest.mark.skipif(not small_jpeg._save_state()[0], reason=f"JPEG coder: {small_jpeg._save_state()[1]}")
+
+
+@pytest.fixture
+def fresh_saves(monkeypatch):
+    """small_jpeg.save with nothing checked yet in this process (its caches are module-wide)."""
+    monkeypatch.setattr(small_jpeg, "_headers", {})
+    monkeypatch.setattr(small_jpeg, "_counts", {"checks": 0, "hits": 0})
+    return small_jpeg
+
+
+def test_coder_on_where_the_decoder_is():
+    if small_jpeg.available():
+        assert small_jpeg._save_state() == (True, "checked against libvips")
+
+
+def _in_memory(image: pyvips.Image) -> tuple[pyvips.Image, np.ndarray]:
+    from vipsnorm import _native
+
+    image = image.copy_memory()
+    pixels = _native.memory_pixels(image)
+    assert pixels is not None
+    return image, pixels
+
+
+def _saved_both_ways(image: pyvips.Image, folder: Path, name: str, quality: int) -> tuple[bytes, bytes]:
+    image, pixels = _in_memory(image)
+    ours, theirs = folder / f"{name}-ours.jpg", folder / f"{name}-libvips.jpg"
+    small_jpeg.save(image, ours, quality, pixels)
+    image.jpegsave(str(theirs), Q=quality)
+    return ours.read_bytes(), theirs.read_bytes()
+
+
+@needs_coder
+@pytest.mark.parametrize("quality", [90, 75, 100, 89, 1])
+def test_saves_are_libvips_bytes(jpegs, quality, tmp_path, fresh_saves):
+    """Every file libvips' own, at qualities with (below 90) and without chroma subsampling; the second
+    and third images of each kind are coded here (hits), not saved by libvips."""
+    kinds = {
+        "sample": pyvips.Image.new_from_file(str(jpegs["sample"])),  # a camera's JPEG
+        "tagged": pyvips.Image.new_from_file(str(jpegs["tagged"])),  # EXIF with an orientation, ICC, a comment
+        "grey": pyvips.Image.new_from_file(str(jpegs["grey"])),
+        "odd": pyvips.Image.new_from_file(str(jpegs["444 17x9"])),
+        "bare": pyvips.Image.new_from_memory(_photo(40, 24).tobytes(), 40, 24, 3, "uchar"),  # no fields at all
+    }
+    for name, image in kinds.items():
+        for round_ in range(3):  # new pixels each time (same fields): the coded part changes
+            image = image.invert() if round_ % 2 else image.flip("horizontal")
+            ours, theirs = _saved_both_ways(image, tmp_path, f"{name}{round_}", quality)
+            assert ours == theirs, (name, round_)
+    assert small_jpeg._counts == {"checks": len(kinds), "hits": 2 * len(kinds)}
+    assert all(small_jpeg._headers.values())
+
+
+@needs_coder
+def test_other_fields_get_their_own_markers(jpegs, tmp_path, fresh_saves):
+    """Images of one size with other metadata (EXIF, orientation, resolution, ICC profile) never get
+    the markers checked for another's."""
+    base = pyvips.Image.new_from_file(str(jpegs["tagged"])).copy_memory()
+    variants = {
+        "as is": base,
+        "orientation 3": base.copy(),
+        "other resolution": base.copy(xres=11.811, yres=11.811),
+        "no EXIF": base.copy(),
+        "no ICC": base.copy(),
+    }
+    variants["orientation 3"].set_type(pyvips.GValue.gint_type, "orientation", 3)
+    variants["no EXIF"].remove("exif-data")
+    variants["no ICC"].remove("icc-profile-data")
+    for name, image in list(variants.items()) * 2:
+        ours, theirs = _saved_both_ways(image, tmp_path, name.replace(" ", "-"), 90)
+        assert ours == theirs, name
+    assert small_jpeg._counts == {"checks": len(variants), "hits": len(variants)}
+    assert len(set(small_jpeg._headers.values())) == len(variants)
+
+
+class _Recoded:
+    """The extension with a coder whose output differs from libvips' by one bit of coded data."""
+
+    def __init__(self, lib, when=lambda width: True):
+        self._lib, self._when = lib, when
+
+    def __getattr__(self, name):
+        return getattr(self._lib, name)
+
+    def vj_save(self, pixels, width, height, bands, quality, out, size):
+        status = self._lib.vj_save(pixels, width, height, bands, quality, out, size)
+        if status == 0 and self._when(width):
+            byte = ctypes.c_uint8.from_address(out._obj.value + size._obj.value - 10)
+            byte.value ^= 1
+        return status
+
+
+@needs_coder
+def test_the_coders_process_check_can_fail():
+    lib = jpeg_tiles._load()[0]
+    assert small_jpeg._save_self_check(lib) == (True, "checked against libvips")
+    ok, why = small_jpeg._save_self_check(_Recoded(lib, when=lambda width: width == 300))
+    assert not ok and "coded otherwise" in why
+
+
+@needs_coder
+def test_fields_whose_coding_differs_stay_with_libvips(jpegs, tmp_path, fresh_saves, monkeypatch):
+    """The per-fields check compares the whole coded part: one bit off, and those fields are left to
+    libvips for good (every file still libvips' own)."""
+    lib = jpeg_tiles._load()[0]
+    monkeypatch.setattr(jpeg_tiles, "_load", lambda: (_Recoded(lib), "loaded"))
+    image = pyvips.Image.new_from_file(str(jpegs["kather"]))
+    for round_ in range(3):
+        ours, theirs = _saved_both_ways(image.invert() if round_ == 1 else image, tmp_path, f"k{round_}", 90)
+        assert ours == theirs
+    assert list(small_jpeg._headers.values()) == [False]
+    assert small_jpeg._counts == {"checks": 1, "hits": 0}
+
+
+@needs_coder
+def test_checks_stop_when_fields_never_repeat(tmp_path, fresh_saves):
+    """Every image of other fields (here: other sizes): after the free checks, none more (each would
+    cost a second coding), and every file is still libvips' own."""
+    for width in range(16, 16 + small_jpeg._FREE_CHECKS + 4):
+        image = pyvips.Image.new_from_memory(_photo(width, 20).tobytes(), width, 20, 3, "uchar")
+        ours, theirs = _saved_both_ways(image, tmp_path, f"w{width}", 90)
+        assert ours == theirs
+    assert small_jpeg._counts == {"checks": small_jpeg._FREE_CHECKS, "hits": 0}
+
+
+def test_lazy_images_and_other_kinds_are_left_to_libvips(jpegs, tmp_path, fresh_saves):
+    """No pixels in memory, 2 or 4 bands, 16 bits, another colour space: libvips saves, nothing checked."""
+    image = pyvips.Image.new_from_file(str(jpegs["kather"]))
+    cases = {
+        "lazy": (image.invert(), None),
+        "alpha": _in_memory(image.bandjoin(255)),
+        "16-bit": (wide := image.cast("ushort").copy(interpretation="rgb16").copy_memory(), wide.numpy()),
+        "lab": _in_memory(image.colourspace("lab").cast("uchar")),
+    }
+    for name, (picture, pixels) in cases.items():
+        ours, theirs = tmp_path / f"{name}-ours.jpg", tmp_path / f"{name}-libvips.jpg"
+        small_jpeg.save(picture, ours, 90, pixels)
+        picture.jpegsave(str(theirs), Q=90)
+        assert ours.read_bytes() == theirs.read_bytes(), name
+    assert small_jpeg._counts == {"checks": 0, "hits": 0} and not small_jpeg._headers
+
+
+@needs_coder
+def test_a_failed_write_leaves_nothing(jpegs, tmp_path, fresh_saves, monkeypatch):
+    """A coded file that cannot be written (disk full) is an OutputError naming the output, and no
+    file, finished or not, is left."""
+    from vipsnorm.errors import OutputError
+    from vipsnorm.io.write import write_image
+
+    image, _ = _in_memory(pyvips.Image.new_from_file(str(jpegs["kather"])))
+    write_image(image, tmp_path / "first.jpg")  # checked: the next is coded here
+    assert small_jpeg._counts["checks"] == 1
+
+    class Full:
+        def __init__(self, *args):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def write(self, data):
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(small_jpeg, "open", Full, raising=False)
+    with pytest.raises(OutputError, match="No space left") as info:
+        write_image(image, tmp_path / "second.jpg")
+    assert str(tmp_path / "second.jpg") in str(info.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["first.jpg"]
+
+
+@needs_coder
+def test_the_job_codes_its_jpegs(jpegs, tmp_path, fresh_saves):
+    """normalize_file's JPEG outputs are coded here once their fields are checked, and are what the
+    libvips path writes (test_outputs_are_byte_identical compares whole jobs)."""
+    method = build_method("stretch")
+    for i in range(3):
+        result = normalize_file(jpegs["kather"], tmp_path, method, name=f"k{i}")
+        assert result.status == "ok", result.error
+    assert small_jpeg._counts == {"checks": 1, "hits": 2}
+    assert len({(tmp_path / f"k{i}.jpg").read_bytes() for i in range(3)}) == 1

@@ -37,7 +37,7 @@
 
 #include <jpeglib.h>
 
-#define VJ_VERSION 5
+#define VJ_VERSION 6
 
 #define VJ_OK 0
 #define VJ_JPEG (-1)   /* libjpeg error or warning */
@@ -643,6 +643,71 @@ int vj_encode(const unsigned char *pixels, int w, int h, int components, int rgb
     }
     *out = buffer;
     *size = used;
+    return VJ_OK;
+}
+
+/* Encode w x h pixels (rows of w * components bytes: 1, grey; 3, RGB) as libvips' jpegsave does by
+ * default with libjpeg-turbo (or mozjpeg set to its libjpeg-turbo-compatible profile): a baseline JPEG of
+ * quality q, the IJG tables scaled to q, YCbCr with chroma not subsampled at q >= 90 and 4:2:0 below,
+ * standard Huffman tables, no restart markers, and no JFIF marker (libvips writes none: the file holds
+ * only the metadata markers libvips adds after its SOI, which the Python side puts there; see
+ * vipsnorm.io.small_jpeg.save). *out (free it with vj_free) holds the file from its SOI to its EOI.
+ * Returns VJ_OK, VJ_SHAPE (bad arguments), VJ_MEMORY or VJ_JPEG. No Python is called: ctypes releases
+ * the GIL around it. */
+int vj_save(const unsigned char *pixels, int w, int h, int components, int quality, unsigned char **out,
+            unsigned long *size)
+{
+    struct jpeg_compress_struct cinfo;
+    struct vj_error err;
+    *out = NULL;
+    *size = 0;
+    if (w <= 0 || h <= 0 || w > 65500 || h > 65500 || (components != 1 && components != 3) || quality < 1
+        || quality > 100)
+        return VJ_SHAPE;
+    /* A first buffer that a JPEG of these pixels rarely outgrows (Q90 H&E: about a third of the raw
+       bytes). If it does, libjpeg moves the data to a larger buffer of its own, which `target` then
+       names (jpeg_mem_dest's contract); ours stays ours to free. */
+    unsigned long capacity = (unsigned long)w * (unsigned long)h * (unsigned long)components / 2 + 65536;
+    unsigned char *volatile buffer = malloc(capacity);
+    if (!buffer)
+        return VJ_MEMORY;
+    struct {
+        unsigned char *target;
+        unsigned long used;
+    } dest = {buffer, capacity};
+    cinfo.err = vj_errors(&err);
+    if (setjmp(err.jump)) {
+        /* (dest is read through a volatile pointer: libjpeg changed it through the address it was given) */
+        unsigned char *moved = ((volatile __typeof__(dest) *)&dest)->target;
+        jpeg_destroy_compress(&cinfo);
+        if (moved && moved != buffer)
+            free(moved);
+        free(buffer);
+        return VJ_JPEG;
+    }
+    jpeg_create_compress(&cinfo);
+    jpeg_mem_dest(&cinfo, &dest.target, &dest.used);
+    cinfo.image_width = (JDIMENSION)w;
+    cinfo.image_height = (JDIMENSION)h;
+    cinfo.input_components = components;
+    cinfo.in_color_space = components == 3 ? JCS_RGB : JCS_GRAYSCALE;
+    jpeg_set_defaults(&cinfo);
+    jpeg_set_quality(&cinfo, quality, TRUE);
+    cinfo.write_JFIF_header = FALSE;
+    cinfo.optimize_coding = FALSE;
+    if (components == 3 && quality >= 90)
+        cinfo.comp_info[0].h_samp_factor = cinfo.comp_info[0].v_samp_factor = 1;
+    jpeg_start_compress(&cinfo, TRUE);
+    while (cinfo.next_scanline < cinfo.image_height) {
+        JSAMPROW row = (JSAMPROW)(pixels + (size_t)cinfo.next_scanline * (size_t)w * (size_t)components);
+        jpeg_write_scanlines(&cinfo, &row, 1);
+    }
+    jpeg_finish_compress(&cinfo);
+    jpeg_destroy_compress(&cinfo);
+    if (dest.target != buffer)
+        free(buffer);
+    *out = dest.target;
+    *size = dest.used;
     return VJ_OK;
 }
 

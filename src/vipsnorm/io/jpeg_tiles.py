@@ -40,7 +40,7 @@ import numpy as np
 __all__ = ["available", "reason", "TileLayout", "read_layout", "JpegTiles", "SharedFile", "NativeLevel"]
 
 #: VJ_VERSION of _jpegtiles.c
-_VERSION = 5
+_VERSION = 6
 
 # TIFF tags read here
 _WIDTH, _LENGTH, _BITS, _COMPRESSION, _PHOTOMETRIC = 256, 257, 258, 259, 262
@@ -385,6 +385,11 @@ def _load_library() -> tuple[ctypes.CDLL | None, str]:
     lib.vj_encode.argtypes = [
         ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
         ctypes.c_int, ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_ulong),
+    ]
+    lib.vj_save.restype = ctypes.c_int
+    lib.vj_save.argtypes = [
+        ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+        ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_ulong),
     ]
     lib.vj_free.restype = None
     lib.vj_free.argtypes = [ctypes.c_void_p]

@@ -20,7 +20,9 @@ from pathlib import Path
 
 import pyvips
 
+from .. import _native
 from ..errors import OutputError, one_line
+from . import small_jpeg
 
 __all__ = [
     "atomic_path",
@@ -477,6 +479,8 @@ def write_image(
         raise ValueError(f"compression must be one of {COMPRESSIONS}, not {compression!r}")
     mpp, quality = check_mpp(mpp), check_quality(quality)
     check_size(path, image.width, image.height)
+    # a JPEG of pixels already in memory is coded by small_jpeg.save, with libvips' metadata
+    pixels = _native.memory_pixels(image) if kind == "jpeg" else None
     image = _clean(image, keep_exif=True)
     resolution = {}
     if mpp is not None:  # libvips takes resolution in pixels per millimetre
@@ -484,7 +488,7 @@ def write_image(
         image = image.copy(**resolution)
     with _output_errors(path), atomic_path(path) as temp:
         if kind == "jpeg":
-            image.jpegsave(str(temp), Q=quality)
+            small_jpeg.save(image, temp, quality, pixels)
         elif kind == "png":
             image.pngsave(str(temp))
         elif kind == "webp":
