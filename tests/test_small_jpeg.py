@@ -315,7 +315,9 @@ def test_coder_on_where_the_decoder_is():
 def _in_memory(image: pyvips.Image) -> tuple[pyvips.Image, np.ndarray]:
     from vipsnorm import _native
 
-    image = image.copy_memory()
+    # (a copy: copy_memory of an image already in memory gives back that image, and one made with
+    # new_from_memory would no longer keep its Python buffer alive)
+    image = image.copy().copy_memory()
     pixels = _native.memory_pixels(image)
     assert pixels is not None
     return image, pixels
@@ -480,3 +482,89 @@ def test_the_job_codes_its_jpegs(jpegs, tmp_path, fresh_saves):
         assert result.status == "ok", result.error
     assert small_jpeg._counts == {"checks": 1, "hits": 2}
     assert len({(tmp_path / f"k{i}.jpg").read_bytes() for i in range(3)}) == 1
+
+
+@needs_coder
+def test_fields_it_cannot_read_never_stop_a_save(tmp_path, fresh_saves):
+    """A field pyvips cannot read (a guint) or that is no plain value (an image): libvips saves the file,
+    as it would without this module, and nothing is checked."""
+    from pyvips import GValue, type_from_name, vips_lib
+
+    image, pixels = _in_memory(pyvips.Image.new_from_memory(_photo(40, 24).tobytes(), 40, 24, 3, "uchar"))
+    unreadable = image.copy()
+    value = GValue()
+    value.set_type(type_from_name("guint"))
+    assert vips_lib.vips_image_set(unreadable.pointer, b"some-uint", value.pointer) is None
+    with pytest.raises(pyvips.Error):
+        unreadable.get("some-uint")
+    pictured = image.copy()
+    pictured.set_type(pyvips.GValue.image_type, "a-picture", image)
+    for name, picture in {"unreadable": unreadable, "pictured": pictured}.items():
+        small_jpeg.save(picture, tmp_path / f"{name}.jpg", 90, pixels)  # (pixels: the copies' source's, as write_image)
+        picture.jpegsave(str(tmp_path / f"{name}-libvips.jpg"), Q=90)
+        assert (tmp_path / f"{name}.jpg").read_bytes() == (tmp_path / f"{name}-libvips.jpg").read_bytes(), name
+    assert small_jpeg._counts == {"checks": 0, "hits": 0} and not small_jpeg._headers
+    small_jpeg.save(image, tmp_path / "plain.jpg", 90, pixels)  # the same pixels with readable fields: checked
+    assert small_jpeg._counts == {"checks": 1, "hits": 0}
+
+
+@needs_coder
+def test_a_file_it_cannot_read_back_stays_libvips(jpegs, tmp_path, fresh_saves, monkeypatch):
+    """The check reads the file libvips wrote: when it cannot, that file stays (the save succeeded) and
+    the fields are left unchecked."""
+
+    def unreadable(path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(small_jpeg, "_read_back", unreadable)
+    ours, theirs = _saved_both_ways(pyvips.Image.new_from_file(str(jpegs["kather"])), tmp_path, "k", 90)
+    assert ours == theirs
+    assert small_jpeg._counts == {"checks": 1, "hits": 0} and not small_jpeg._headers
+
+
+@needs_coder
+def test_a_coder_failing_on_a_hit_leaves_the_file_to_libvips(jpegs, tmp_path, fresh_saves, monkeypatch):
+    image = pyvips.Image.new_from_file(str(jpegs["kather"]))
+    assert _saved_both_ways(image, tmp_path, "first", 90)[0] == _saved_both_ways(image, tmp_path, "again", 90)[1]
+    assert small_jpeg._counts == {"checks": 1, "hits": 1}
+    monkeypatch.setattr(small_jpeg, "_save_encode", lambda lib, pixels, quality: None)
+    ours, theirs = _saved_both_ways(image.invert(), tmp_path, "failed", 90)
+    assert ours == theirs and small_jpeg._counts == {"checks": 1, "hits": 1}
+
+
+@needs_coder
+def test_a_coded_file_larger_than_the_first_buffer(tmp_path, fresh_saves):
+    """Noise at Q100 outgrows the coder's first buffer (half the raw bytes): the buffer grows, the file
+    is libvips' all the same."""
+    noise = np.random.default_rng(3).integers(0, 256, (384, 512, 3), dtype=np.uint8)
+    for round_, pixels in enumerate((noise, noise[::-1].copy())):
+        image = pyvips.Image.new_from_memory(pixels.tobytes(), 512, 384, 3, "uchar")
+        ours, theirs = _saved_both_ways(image.copy(interpretation="srgb"), tmp_path, f"noise{round_}", 100)
+        assert ours == theirs and len(ours) > noise.nbytes // 2 + 65536
+    assert small_jpeg._counts == {"checks": 1, "hits": 1}
+
+
+@needs_coder
+def test_threads_saving_at_once(jpegs, tmp_path, fresh_saves):
+    from concurrent.futures import ThreadPoolExecutor
+
+    base = pyvips.Image.new_from_file(str(jpegs["kather"])).copy_memory()
+
+    def one(i: int) -> bool:
+        image = base.linear(1, i % 40).cast("uchar") if i % 3 else base.invert()
+        ours, theirs = _saved_both_ways(image, tmp_path, f"t{i}", 90)
+        return ours == theirs
+
+    with ThreadPoolExecutor(4) as pool:
+        assert all(pool.map(one, range(60)))
+    assert small_jpeg._counts["hits"] >= 50
+
+
+@needs_coder
+def test_at_most_so_many_sets_are_kept(tmp_path, fresh_saves, monkeypatch):
+    monkeypatch.setattr(small_jpeg, "_MAX_HEADERS", 3)
+    for width in range(16, 22):
+        image = pyvips.Image.new_from_memory(_photo(width, 20).tobytes(), width, 20, 3, "uchar")
+        ours, theirs = _saved_both_ways(image, tmp_path, f"w{width}", 90)
+        assert ours == theirs
+    assert small_jpeg._counts == {"checks": 3, "hits": 0} and len(small_jpeg._headers) == 3

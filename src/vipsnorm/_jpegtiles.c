@@ -585,50 +585,88 @@ done:
     return status;
 }
 
-/* Encode w x h pixels (rows of w * components bytes) as a JPEG in memory, for the Python side's check
- * of vj_decode against libvips: components 3 stored as YCbCr with luma sampled (hs, vs) (layout: an
- * index into vj_layouts), or as RGB (rgb nonzero); progressive or baseline; restart: a restart marker
- * every that many MCU rows (0: none). *out is malloc'ed (free it with vj_free). Returns VJ_OK or VJ_JPEG. */
-int vj_encode(const unsigned char *pixels, int w, int h, int components, int rgb, int layout, int progressive,
-              int restart, unsigned char **out, unsigned long *size)
+/* A growable buffer as libjpeg's destination. (libjpeg's own jpeg_mem_dest hands a buffer it had to
+ * grow back only at the end of compression: after an error it is lost to the caller.) */
+struct vj_dest {
+    struct jpeg_destination_mgr pub;
+    unsigned char *buffer;
+    size_t size;
+};
+
+static void vj_dest_start(j_compress_ptr cinfo) { (void)cinfo; }
+
+static boolean vj_dest_grow(j_compress_ptr cinfo)
+{
+    struct vj_dest *dest = (struct vj_dest *)cinfo->dest;
+    size_t used = dest->size; /* (called when the buffer is full) */
+    unsigned char *grown = used <= SIZE_MAX / 2 ? realloc(dest->buffer, used * 2) : NULL;
+    if (!grown)
+        longjmp(((struct vj_error *)cinfo->err)->jump, 1); /* (out of memory: as any libjpeg error) */
+    dest->buffer = grown;
+    dest->size = used * 2;
+    dest->pub.next_output_byte = grown + used;
+    dest->pub.free_in_buffer = used;
+    return TRUE;
+}
+
+static void vj_dest_end(j_compress_ptr cinfo) { (void)cinfo; }
+
+/* How vj_compress codes: quality; for 3 components, RGB (rgb nonzero) or YCbCr with luma sampled as
+ * vj_layouts[layout] (chroma 1x1); progressive or baseline; a restart marker every `restart` MCU rows
+ * (0: none); with or without a JFIF marker. */
+struct vj_coding {
+    int quality, rgb, layout, progressive, restart, jfif;
+};
+
+/* w x h pixels (rows of w * components bytes; components 1, grey, or 3, RGB) coded as `coding` says.
+ * *out (free it with vj_free) holds the file, SOI to EOI, *size bytes. Returns VJ_OK, VJ_SHAPE (bad
+ * arguments), VJ_MEMORY or VJ_JPEG. Calls no Python. */
+static int vj_compress(const unsigned char *pixels, int w, int h, int components, const struct vj_coding *coding,
+                       unsigned char **out, unsigned long *size)
 {
     struct jpeg_compress_struct cinfo;
     struct vj_error err;
+    struct vj_dest dest;
     *out = NULL;
     *size = 0;
-    if (layout < 0 || layout >= vj_layout_count() || w <= 0 || h <= 0 || w > 4096 || h > 4096)
+    if (w <= 0 || h <= 0 || w > 65500 || h > 65500 || (components != 1 && components != 3) || coding->quality < 1
+        || coding->quality > 100 || coding->layout < 0 || coding->layout >= vj_layout_count())
         return VJ_SHAPE;
-    /* a buffer no JPEG of these pixels outgrows (libjpeg would otherwise replace it, freeing the one
-       *out still names, as it grows: an error after that must not free it again) */
-    unsigned long capacity = (unsigned long)w * (unsigned long)h * (unsigned long)components * 4 + 65536;
-    unsigned char *volatile buffer = malloc(capacity);
-    if (!buffer)
+    /* a first buffer a JPEG of these pixels seldom outgrows (Q90 H&E: about a third of the raw bytes) */
+    dest.size = (size_t)w * (size_t)h * (size_t)components / 2 + 65536;
+    dest.buffer = malloc(dest.size);
+    if (!dest.buffer)
         return VJ_MEMORY;
-    unsigned char *target = buffer;
-    unsigned long used = capacity;
+    dest.pub.init_destination = vj_dest_start;
+    dest.pub.empty_output_buffer = vj_dest_grow;
+    dest.pub.term_destination = vj_dest_end;
+    dest.pub.next_output_byte = dest.buffer;
+    dest.pub.free_in_buffer = dest.size;
     cinfo.err = vj_errors(&err);
     if (setjmp(err.jump)) {
         jpeg_destroy_compress(&cinfo);
-        free(buffer);
+        free(((volatile struct vj_dest *)&dest)->buffer); /* (as vj_dest_grow last left it) */
         return VJ_JPEG;
     }
     jpeg_create_compress(&cinfo);
-    jpeg_mem_dest(&cinfo, &target, &used);
+    cinfo.dest = &dest.pub;
     cinfo.image_width = (JDIMENSION)w;
     cinfo.image_height = (JDIMENSION)h;
     cinfo.input_components = components;
     cinfo.in_color_space = components == 3 ? JCS_RGB : JCS_GRAYSCALE;
     jpeg_set_defaults(&cinfo);
-    jpeg_set_quality(&cinfo, 80, TRUE);
-    if (components == 3 && rgb)
+    jpeg_set_quality(&cinfo, coding->quality, TRUE);
+    cinfo.write_JFIF_header = coding->jfif ? TRUE : FALSE;
+    cinfo.optimize_coding = FALSE;
+    if (components == 3 && coding->rgb)
         jpeg_set_colorspace(&cinfo, JCS_RGB);
     else if (components == 3) {
-        cinfo.comp_info[0].h_samp_factor = vj_layouts[layout][0];
-        cinfo.comp_info[0].v_samp_factor = vj_layouts[layout][1];
+        cinfo.comp_info[0].h_samp_factor = vj_layouts[coding->layout][0];
+        cinfo.comp_info[0].v_samp_factor = vj_layouts[coding->layout][1];
     }
-    if (progressive)
+    if (coding->progressive)
         jpeg_simple_progression(&cinfo);
-    cinfo.restart_in_rows = restart;
+    cinfo.restart_in_rows = coding->restart;
     jpeg_start_compress(&cinfo, TRUE);
     while (cinfo.next_scanline < cinfo.image_height) {
         JSAMPROW row = (JSAMPROW)(pixels + (size_t)cinfo.next_scanline * (size_t)w * (size_t)components);
@@ -636,79 +674,32 @@ int vj_encode(const unsigned char *pixels, int w, int h, int components, int rgb
     }
     jpeg_finish_compress(&cinfo);
     jpeg_destroy_compress(&cinfo);
-    if (target != buffer) { /* (cannot happen, see above) */
-        free(target);
-        free(buffer);
-        return VJ_MEMORY;
-    }
-    *out = buffer;
-    *size = used;
+    *out = dest.buffer;
+    *size = (unsigned long)(dest.size - dest.pub.free_in_buffer);
     return VJ_OK;
 }
 
-/* Encode w x h pixels (rows of w * components bytes: 1, grey; 3, RGB) as libvips' jpegsave does by
- * default with libjpeg-turbo (or mozjpeg set to its libjpeg-turbo-compatible profile): a baseline JPEG of
- * quality q, the IJG tables scaled to q, YCbCr with chroma not subsampled at q >= 90 and 4:2:0 below,
- * standard Huffman tables, no restart markers, and no JFIF marker (libvips writes none: the file holds
- * only the metadata markers libvips adds after its SOI, which the Python side puts there; see
- * vipsnorm.io.small_jpeg.save). *out (free it with vj_free) holds the file from its SOI to its EOI.
- * Returns VJ_OK, VJ_SHAPE (bad arguments), VJ_MEMORY or VJ_JPEG. No Python is called: ctypes releases
- * the GIL around it. */
+/* Encode w x h pixels as a JPEG in memory, for the Python side's check of vj_decode against libvips:
+ * components 3 stored as YCbCr with luma sampled as vj_layouts[layout], or as RGB (rgb nonzero);
+ * progressive or baseline; restart: a restart marker every that many MCU rows (0: none); quality 80,
+ * with a JFIF marker. As vj_compress. */
+int vj_encode(const unsigned char *pixels, int w, int h, int components, int rgb, int layout, int progressive,
+              int restart, unsigned char **out, unsigned long *size)
+{
+    const struct vj_coding coding = {80, rgb, layout, progressive, restart, 1};
+    return vj_compress(pixels, w, h, components, &coding, out, size);
+}
+
+/* Encode w x h pixels as libvips' jpegsave does by default with libjpeg-turbo (or mozjpeg set to its
+ * libjpeg-turbo-compatible profile): baseline, quality q (the IJG tables scaled to q), YCbCr with chroma
+ * not subsampled at q >= 90 and 4:2:0 below, standard Huffman tables, no restart markers, and no JFIF
+ * marker (libvips writes none: its file holds only the metadata markers it puts after the SOI, which
+ * the Python side puts there; see vipsnorm.io.small_jpeg.save). As vj_compress. */
 int vj_save(const unsigned char *pixels, int w, int h, int components, int quality, unsigned char **out,
             unsigned long *size)
 {
-    struct jpeg_compress_struct cinfo;
-    struct vj_error err;
-    *out = NULL;
-    *size = 0;
-    if (w <= 0 || h <= 0 || w > 65500 || h > 65500 || (components != 1 && components != 3) || quality < 1
-        || quality > 100)
-        return VJ_SHAPE;
-    /* A first buffer that a JPEG of these pixels rarely outgrows (Q90 H&E: about a third of the raw
-       bytes). If it does, libjpeg moves the data to a larger buffer of its own, which `target` then
-       names (jpeg_mem_dest's contract); ours stays ours to free. */
-    unsigned long capacity = (unsigned long)w * (unsigned long)h * (unsigned long)components / 2 + 65536;
-    unsigned char *volatile buffer = malloc(capacity);
-    if (!buffer)
-        return VJ_MEMORY;
-    struct {
-        unsigned char *target;
-        unsigned long used;
-    } dest = {buffer, capacity};
-    cinfo.err = vj_errors(&err);
-    if (setjmp(err.jump)) {
-        /* (dest is read through a volatile pointer: libjpeg changed it through the address it was given) */
-        unsigned char *moved = ((volatile __typeof__(dest) *)&dest)->target;
-        jpeg_destroy_compress(&cinfo);
-        if (moved && moved != buffer)
-            free(moved);
-        free(buffer);
-        return VJ_JPEG;
-    }
-    jpeg_create_compress(&cinfo);
-    jpeg_mem_dest(&cinfo, &dest.target, &dest.used);
-    cinfo.image_width = (JDIMENSION)w;
-    cinfo.image_height = (JDIMENSION)h;
-    cinfo.input_components = components;
-    cinfo.in_color_space = components == 3 ? JCS_RGB : JCS_GRAYSCALE;
-    jpeg_set_defaults(&cinfo);
-    jpeg_set_quality(&cinfo, quality, TRUE);
-    cinfo.write_JFIF_header = FALSE;
-    cinfo.optimize_coding = FALSE;
-    if (components == 3 && quality >= 90)
-        cinfo.comp_info[0].h_samp_factor = cinfo.comp_info[0].v_samp_factor = 1;
-    jpeg_start_compress(&cinfo, TRUE);
-    while (cinfo.next_scanline < cinfo.image_height) {
-        JSAMPROW row = (JSAMPROW)(pixels + (size_t)cinfo.next_scanline * (size_t)w * (size_t)components);
-        jpeg_write_scanlines(&cinfo, &row, 1);
-    }
-    jpeg_finish_compress(&cinfo);
-    jpeg_destroy_compress(&cinfo);
-    if (dest.target != buffer)
-        free(buffer);
-    *out = dest.target;
-    *size = dest.used;
-    return VJ_OK;
+    const struct vj_coding coding = {quality, 0, quality >= 90 ? 0 : 3, 0, 0, 0}; /* 4:4:4 or 4:2:0 */
+    return vj_compress(pixels, w, h, components, &coding, out, size);
 }
 
 void vj_free(void *pointer) { free(pointer); }

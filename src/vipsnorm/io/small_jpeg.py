@@ -43,8 +43,24 @@ from . import jpeg_tiles
 
 __all__ = ["available", "reason", "decode", "save"]
 
-_checked: tuple[bool, str] | None = None
-_check_lock = threading.Lock()
+#: the process checks' verdicts, by name ("decode", "save"): (on, why)
+_verdicts: dict[str, tuple[bool, str]] = {}
+_check_lock = threading.RLock()  # (the coder's check asks for the decoder's verdict first)
+
+
+def _verdict(name: str, check) -> tuple[bool, str]:
+    """The verdict of the process check ``name``: ``check()`` made once, the first time it is asked."""
+    verdict = _verdicts.get(name)
+    if verdict is None:
+        with _check_lock:
+            verdict = _verdicts.get(name)
+            if verdict is None:
+                try:
+                    verdict = check()
+                except (RuntimeError, pyvips.Error) as exc:
+                    verdict = False, f"off: its check failed ({exc})"
+                _verdicts[name] = verdict
+    return verdict
 
 
 def _pattern(width: int, height: int, bands: int) -> np.ndarray:
@@ -103,22 +119,17 @@ def _self_check(lib) -> tuple[bool, str]:
     return True, "checked against libvips"
 
 
+def _decoder_check() -> tuple[bool, str]:
+    lib, why = jpeg_tiles._load()
+    if lib is None:
+        return False, f"off: the JPEG extension is {why}"
+    if not _native.available():
+        return False, f"off: the colour kernel is off ({_native.reason()})"
+    return _self_check(lib)
+
+
 def _state() -> tuple[bool, str]:
-    global _checked
-    if _checked is None:
-        with _check_lock:
-            if _checked is None:
-                lib, why = jpeg_tiles._load()
-                if lib is None:
-                    _checked = False, f"off: the JPEG extension is {why}"
-                elif not _native.available():
-                    _checked = False, f"off: the colour kernel is off ({_native.reason()})"
-                else:
-                    try:
-                        _checked = _self_check(lib)
-                    except (RuntimeError, pyvips.Error) as exc:
-                        _checked = False, f"off: its check failed ({exc})"
-    return _checked
+    return _verdict("decode", _decoder_check)
 
 
 def available() -> bool:
@@ -165,7 +176,6 @@ _MAX_HEADERS = 64
 _counts = {"checks": 0, "hits": 0}
 #: checks made before the hits must keep up with them
 _FREE_CHECKS = 8
-_save_checked: tuple[bool, str] | None = None
 
 
 def _save_encode(lib, pixels: np.ndarray, quality: int) -> bytes | None:
@@ -216,21 +226,13 @@ def _save_self_check(lib) -> tuple[bool, str]:
     return True, "checked against libvips"
 
 
+def _coder_check() -> tuple[bool, str]:
+    decoding, why = _state()  # (the extension loaded, the kernel on: memory_pixels needs it)
+    return _save_self_check(jpeg_tiles._load()[0]) if decoding else (False, why)
+
+
 def _save_state() -> tuple[bool, str]:
-    global _save_checked
-    if _save_checked is None:
-        decoding, why = _state()  # (before the lock: _state takes it too)
-        with _check_lock:
-            if _save_checked is None:
-                lib = jpeg_tiles._load()[0]
-                if lib is None or not decoding:
-                    _save_checked = False, why
-                else:
-                    try:
-                        _save_checked = _save_self_check(lib)
-                    except (RuntimeError, pyvips.Error) as exc:
-                        _save_checked = False, f"off: its check failed ({exc})"
-    return _save_checked
+    return _verdict("save", _coder_check)
 
 
 def _save_key(image: pyvips.Image, quality: int) -> tuple | None:
@@ -247,17 +249,30 @@ def _save_key(image: pyvips.Image, quality: int) -> tuple | None:
     return (quality, tuple(fields))
 
 
+def _may_check() -> bool:
+    """Whether a new set of fields may still be checked (see :data:`_FREE_CHECKS`, :data:`_MAX_HEADERS`)."""
+    if len(_headers) >= _MAX_HEADERS:
+        return False
+    return _counts["checks"] < _FREE_CHECKS or _counts["hits"] >= _counts["checks"]
+
+
+def _read_back(path: str | os.PathLike[str]) -> bytes:
+    return Path(path).read_bytes()
+
+
 def save(image: pyvips.Image, path: str | os.PathLike[str], quality: int, pixels: np.ndarray | None = None) -> None:
     """Write ``image`` to the JPEG ``path`` exactly as ``image.jpegsave(path, Q=quality)`` does, faster
     where it can (see the module's description).
 
-    ``pixels``: the image's pixels as an ``(h, w, bands)`` uint8 array already in memory
-    (:func:`vipsnorm._native.memory_pixels`), or None (then libvips saves it). Raises what
-    ``jpegsave`` raises, and ``OSError`` when the file cannot be written.
+    ``pixels``: the image's own pixels, an ``(h, w, bands)`` uint8 array over its memory
+    (:func:`vipsnorm._native.memory_pixels` of ``image`` or of the image it is a copy of), or None
+    (then libvips saves it). Raises what ``jpegsave`` raises, and ``OSError`` when the file cannot be
+    written; nothing else (a field this module cannot read, say) stops a save.
     """
     key = None
     if (
         pixels is not None
+        and (_may_check() or any(_headers.values()))
         and image.format == "uchar"
         and image.coding == "none"
         and image.bands in (1, 3)
@@ -267,7 +282,10 @@ def save(image: pyvips.Image, path: str | os.PathLike[str], quality: int, pixels
         and pixels.flags.c_contiguous
         and _save_state()[0]
     ):
-        key = _save_key(image, quality)
+        try:
+            key = _save_key(image, quality)
+        except Exception:  # noqa: BLE001 (a field pyvips cannot read: libvips saves, as without this module)
+            key = None
     header = _headers.get(key) if key is not None else None
     if header:
         coded = _save_encode(jpeg_tiles._load()[0], pixels, quality)
@@ -278,10 +296,11 @@ def save(image: pyvips.Image, path: str | os.PathLike[str], quality: int, pixels
                 file.write(memoryview(coded)[2:])
             return
     image.jpegsave(str(path), Q=quality)
-    if key is None or header is not None or len(_headers) >= _MAX_HEADERS:
-        return
-    if _counts["checks"] >= _FREE_CHECKS and _counts["hits"] < _counts["checks"]:
-        return  # (fields seldom repeat here: checking each new set costs more than it saves)
+    if key is None or header is not None or not _may_check():
+        return  # (where fields seldom repeat, checking each new set would cost more than it saves)
     _counts["checks"] += 1
-    theirs = Path(path).read_bytes()
+    try:
+        theirs = _read_back(path)
+    except OSError:  # (a write-only file, say: the file written is libvips' and stays; nothing learned)
+        return
     _headers[key] = _same_coding(theirs, _save_encode(jpeg_tiles._load()[0], pixels, quality)) or False
