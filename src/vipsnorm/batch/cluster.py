@@ -3,8 +3,8 @@
 Only this module imports Dask, and :mod:`vipsnorm.batch.run` imports it only when a cluster is used.
 
 The local cluster uses worker *processes* started with ``spawn`` (never ``fork``: libvips in a forked
-child of a process that has already computed pixels can deadlock on its thread pool), one thread each,
-and as many libvips threads as leave the machine's cores busy without oversubscribing them.
+child of a process that has already computed pixels can deadlock on its thread pool), the cores divided
+among them both as tasks at a time and as libvips threads per image (:func:`local_size`).
 """
 
 from __future__ import annotations
@@ -46,8 +46,9 @@ _LOST = (
 )
 #: The error of a file whose task the scheduler dropped every time (a task it no longer knows of).
 _DROPPED = "the Dask scheduler dropped this file's task on every attempt (it restarted, or forgot the task)"
-#: Memory a local worker is given room for: a slide job peaks at about 400 MB (README, Performance).
-WORKER_MEMORY = 1 << 30
+#: Memory a task a local worker runs is given room for: a slide job peaks at about 400 MB (README,
+#: Performance; 460 MB for clahe on a 40,000 px slide).
+TASK_MEMORY = 1 << 30
 #: Tasks kept submitted per worker thread: enough that no worker waits for the next one.
 WINDOW_PER_THREAD = 2
 
@@ -63,19 +64,37 @@ def machine() -> tuple[int, int]:
     return max(1, cpus), int(psutil.virtual_memory().total)
 
 
-def local_size(n_files: int, workers: int | None = None) -> tuple[int, int]:
-    """Worker processes and libvips threads per worker for a local cluster.
+def local_size(n_files: int, workers: int | None = None, threads: int | None = None) -> tuple[int, int, int]:
+    """Worker processes, libvips threads per image, and tasks at a time per worker (Dask threads) for a
+    local cluster: ``start_local(*local_size(...))``.
 
-    Without ``workers``: one process per core, no more than there are files, and no more than memory
-    holds at :data:`WORKER_MEMORY` each. libvips gets the cores left over (a few large slides on a big
-    machine still use every core).
+    Without ``workers``: one process per core (per ``threads`` cores, if given), no more than there are
+    files, and no more than memory holds at :data:`TASK_MEMORY` a task. The cores are divided among the
+    workers twice over, as Dask's own ``LocalCluster`` divides them:
+
+    - libvips threads per image, so that a few large slides on a big machine still use every core;
+    - tasks at a time (without ``threads``; no more than memory holds at :data:`TASK_MEMORY` a task).
+      One per worker when there is a worker per core. With fewer workers than cores a worker runs
+      several: one task's phases leave cores idle part of the time (a slide's fit is serial numpy and
+      small reads, its pyramid's last levels run on one thread; a small JPEG is decoded and encoded on
+      one), and another task in flight fills them. On 2 cores (``benchmarks/bench_batch.py``, two
+      runs) one worker running two tasks at a time took 1.07x and 1.23x the plain copy's time on 4
+      slides of 10,000 px, against 1.23x and 1.32x running one, and normalized 298 and 332 small
+      JPEGs a second against 184 and 208. Two tasks at a time on each of two workers did not help:
+      293 JPEGs a second against 352 with one each.
     """
     cpus, memory = machine()
+    room = max(1, memory // TASK_MEMORY)
     if workers is None:
-        workers = max(1, min(cpus, n_files, memory // WORKER_MEMORY))
+        per = max(1, threads or 1)
+        workers = max(1, min(cpus // per, n_files, room // per))
     if workers < 1:
         raise ValueError(f"a local cluster needs at least 1 worker (0 runs in this process), not {workers}")
-    return workers, max(1, cpus // workers)
+    if threads is None:
+        threads = max(1, min(cpus, room) // workers)
+    if threads < 1:
+        raise ValueError(f"a local worker runs at least 1 task at a time, not {threads}")
+    return workers, max(1, cpus // workers), threads
 
 
 class VipsSettings(WorkerPlugin):
@@ -112,8 +131,9 @@ class VipsSettings(WorkerPlugin):
         pyvips.cache_set_max_files(self.cache_files)
 
 
-def start_local(n_workers: int, vips_threads: int) -> tuple[Client, LocalCluster]:
-    """A local cluster of ``n_workers`` spawned processes with one thread each, and a client."""
+def start_local(n_workers: int, vips_threads: int, threads: int = 1) -> tuple[Client, LocalCluster]:
+    """A local cluster of ``n_workers`` spawned processes running ``threads`` tasks at a time each, with
+    ``vips_threads`` libvips threads an image, and a client."""
     settings = {
         "distributed.worker.multiprocessing-method": "spawn",
         "distributed.scheduler.allowed-failures": ALLOWED_FAILURES,
@@ -126,7 +146,7 @@ def start_local(n_workers: int, vips_threads: int) -> tuple[Client, LocalCluster
         with dask.config.set(settings):
             cluster = LocalCluster(
                 n_workers=n_workers,
-                threads_per_worker=1,
+                threads_per_worker=threads,
                 processes=True,
                 dashboard_address=":0",  # a free port: 8787 may be another cluster's
                 silence_logs=logging.ERROR,
