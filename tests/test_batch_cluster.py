@@ -505,7 +505,8 @@ def test_local_cluster_workers_are_spawned_with_the_libvips_settings(threads):
 
 
 def test_threads_per_worker_sizes_the_local_cluster(tmp_path, monkeypatch, capsys):
-    monkeypatch.delenv(SCHEDULER_ENV, raising=False)
+    # a local cluster's option: the cluster the environment names is not used, as with --workers
+    monkeypatch.setenv(SCHEDULER_ENV, "tcp://127.0.0.1:1")
     rng = np.random.default_rng(1)
     for i in range(8):
         pixels = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)

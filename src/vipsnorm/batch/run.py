@@ -459,7 +459,7 @@ def _engine(
         from .cluster import DaskRunner
 
         return DaskRunner(client)
-    if scheduler is None and workers is None:
+    if scheduler is None and workers is None and threads is None:  # (either sizes a local cluster)
         scheduler = os.environ.get(SCHEDULER_ENV) or None
     if scheduler is not None:
         from .cluster import DaskRunner, connect
@@ -582,7 +582,7 @@ def normalize_batch(
         Run on this client's cluster (left open).
     scheduler : str, optional
         Address (``tcp://host:port``) or scheduler file of a running Dask cluster; default: the
-        ``VIPSNORM_SCHEDULER`` environment variable, unless ``workers`` is given.
+        ``VIPSNORM_SCHEDULER`` environment variable, unless ``workers`` or ``threads_per_worker`` is given.
     workers : int, optional
         Worker processes of a new local cluster; 0 runs everything in this process. Default: a local
         cluster sized to the machine, or one child process when the batch is no more than one task.
