@@ -77,11 +77,11 @@ def local_size(n_files: int, workers: int | None = None, threads: int | None = N
       One per worker when there is a worker per core. With fewer workers than cores a worker runs
       several: one task's phases leave cores idle part of the time (a slide's fit is serial numpy and
       small reads, its pyramid's last levels run on one thread; a small JPEG is decoded and encoded on
-      one), and another task in flight fills them. On 2 cores (``benchmarks/bench_batch.py``, two
-      runs) one worker running two tasks at a time took 1.07x and 1.23x the plain copy's time on 4
-      slides of 10,000 px, against 1.23x and 1.32x running one, and normalized 298 and 332 small
-      JPEGs a second against 184 and 208. Two tasks at a time on each of two workers did not help:
-      293 JPEGs a second against 352 with one each.
+      one), and another task in flight fills them. On 2 cores (``benchmarks/bench_batch.py``, three
+      runs) one worker running two tasks at a time took 1.07-1.23x the plain copy's time on 4 slides
+      of 10,000 px, against 1.23-1.32x running one, and normalized 296-332 small JPEGs a second
+      against 184-208. Two tasks at a time on each of two workers did not help: 293 JPEGs a second
+      against 352 with one each.
     """
     cpus, memory = machine()
     room = max(1, memory // TASK_MEMORY)
