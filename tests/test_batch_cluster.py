@@ -587,8 +587,11 @@ def test_patches_refuse_threads_per_worker_before_any_work(tmp_path, capsys):
         (2, 24, 4, None, 2, (1, 2, 2)),  # a worker per two cores when each runs two tasks
         (2, 24, 2000, 2, 3, (2, 1, 3)),  # both given: as given
         (8, 4, 100, None, None, (4, 2, 1)),  # memory for four tasks: four workers, one task each
-        (8, 4, 100, 1, None, (1, 8, 4)),  # one worker: no more tasks at a time than memory holds
-        (64, 256, 3, None, None, (3, 21, 21)),  # few slides on a big machine still use every core
+        (8, 2, 100, 1, None, (1, 8, 2)),  # one worker: no more tasks at a time than memory holds...
+        (8, 4, 100, 1, None, (1, 8, 2)),  # ... and two at most
+        (8, 1, 100, 1, None, (1, 8, 1)),
+        (64, 256, 3, None, None, (3, 21, 2)),  # few slides on a big machine still use every core (libvips)
+        (64, 256, 100, 1, 16, (1, 64, 16)),  # as given
     ],
 )
 def test_local_size_divides_the_cores_among_the_workers(monkeypatch, cpus, gib, n_files, workers, threads, expected):

@@ -63,8 +63,8 @@ def add_engine_options(g) -> None:
         type=int,
         metavar="T",
         help="tasks each worker of the local cluster runs at a time (default: the cores divided among the "
-        "workers, as memory allows: 1 with a worker per core; with fewer workers, one file's serial phases "
-        "leave cores to another)",
+        "workers, as memory allows, at most 2: 1 with a worker per core; with fewer workers, one file's serial "
+        "phases leave cores to another)",
     )
     g.add_argument(
         "--scheduler",

@@ -49,6 +49,10 @@ _DROPPED = "the Dask scheduler dropped this file's task on every attempt (it res
 #: Memory a task a local worker runs is given room for: a slide job peaks at about 400 MB (README,
 #: Performance; 460 MB for clahe on a 40,000 px slide).
 TASK_MEMORY = 1 << 30
+#: Most tasks a local worker runs at a time when it sizes itself (see :func:`local_size`): the second
+#: fills the cores one task's serial phases leave idle; more would multiply libvips threads (each
+#: image has the worker's share of the cores) and, for small images, Python threads under one GIL.
+MAX_TASKS_PER_WORKER = 2
 #: Tasks kept submitted per worker thread: enough that no worker waits for the next one.
 WINDOW_PER_THREAD = 2
 
@@ -73,9 +77,9 @@ def local_size(n_files: int, workers: int | None = None, threads: int | None = N
     workers twice over, as Dask's own ``LocalCluster`` divides them:
 
     - libvips threads per image, so that a few large slides on a big machine still use every core;
-    - tasks at a time (without ``threads``; no more than memory holds at :data:`TASK_MEMORY` a task).
-      One per worker when there is a worker per core. With fewer workers than cores a worker runs
-      several: one task's phases leave cores idle part of the time (a slide's fit is serial numpy and
+    - tasks at a time (without ``threads``; no more than memory holds at :data:`TASK_MEMORY` a task,
+      and at most :data:`MAX_TASKS_PER_WORKER`). One per worker when there is a worker per core. With
+      fewer workers than cores a worker runs two: one task's phases leave cores idle part of the time (a slide's fit is serial numpy and
       small reads, its pyramid's last levels run on one thread; a small JPEG is decoded and encoded on
       one), and another task in flight fills them. On 2 cores (``benchmarks/bench_batch.py``, three
       runs) one worker running two tasks at a time took 1.07-1.23x the plain copy's time on 4 slides
@@ -91,7 +95,7 @@ def local_size(n_files: int, workers: int | None = None, threads: int | None = N
     if workers < 1:
         raise ValueError(f"a local cluster needs at least 1 worker (0 runs in this process), not {workers}")
     if threads is None:
-        threads = max(1, min(cpus, room) // workers)
+        threads = max(1, min(MAX_TASKS_PER_WORKER, min(cpus, room) // workers))
     if threads < 1:
         raise ValueError(f"a local worker runs at least 1 task at a time, not {threads}")
     return workers, max(1, cpus // workers), threads

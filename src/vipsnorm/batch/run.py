@@ -588,8 +588,9 @@ def normalize_batch(
         cluster sized to the machine, or one child process when the batch is no more than one task.
     threads_per_worker : int, optional
         Tasks each worker of a new local cluster runs at a time. Default: the cores divided among the
-        workers, as memory allows (:func:`~vipsnorm.batch.cluster.local_size`): 1 with a worker per
-        core, 2 with ``workers=1`` on 2 cores. Given, a batch of one task runs on a local cluster too.
+        workers, as memory allows, at most 2 (:func:`~vipsnorm.batch.cluster.local_size`): 1 with a
+        worker per core, 2 with ``workers=1`` on 2 cores. Given, a batch of one task runs on a local
+        cluster too.
     reference : str
         What the manifest names as the reference (a file, for the record).
     progress : bool or None
