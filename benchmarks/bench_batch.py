@@ -12,23 +12,17 @@ Two data sets are generated once and cached in ``--workdir`` (not timed): ``--im
     ``vipsnorm.batch.normalize_batch(..., workers=0)``: the whole vipsnorm job for every file (open,
     fit, apply, write, manifest), no Dask. The per-file cost of the method itself, apart from the engine.
 ``1 worker``, ``2 workers``
-    The same call on a local Dask cluster of 1 and 2 worker processes (``--workers N``) sized as
-    vipsnorm sizes it: the cores divided among the workers, both as tasks at a time (Dask threads) and
-    as libvips threads per image (on 2 cores: one worker runs two tasks at a time, two workers one
-    each). "job" is the whole command (cluster start + work); "work" starts once the workers are up and
-    have imported vipsnorm, pyvips and OpenSlide (about 0.5 s per worker, paid once per run, in
-    "cluster start").
-``1 worker, 1 thread``, ``2 workers, 1 thread``
-    The same with one task at a time per worker (``--threads-per-worker 1``): a worker then runs one
-    core's worth of small images, and the 2-worker / 1-worker ratio shows how the engine scales with
-    workers (sized as vipsnorm sizes them, one worker already keeps two cores busy).
+    The same call on a local Dask cluster of 1 and 2 worker processes (``--workers N``): libvips threads
+    per worker = cores / workers. "job" is the whole command (cluster start + work); "work" starts once
+    the workers are up and have imported vipsnorm, pyvips and OpenSlide (about 0.5 s per worker, paid
+    once per run, in "cluster start").
 ``no-op, 1 worker``
     The scheduling machinery alone on 1 worker: the same discovery, grouping into tasks, tasks sent
     to the worker and rows returned and appended to a manifest, but each task touches no file. Its work
     time divided by the number of files is the engine's overhead per file.
 
-Goals (issue 5): 1 worker within **1.15x** of the floor; 2 workers at least **1.7x** the throughput of 1
-(reported for both thread settings); scheduler overhead per small image under **1 ms**.
+Goals (issue 5): 1 worker within **1.15x** of the floor; 2 workers at least **1.7x** the throughput of 1;
+scheduler overhead per small image under **1 ms**.
 
 Usage::
 
@@ -60,7 +54,7 @@ import bench_core  # noqa: E402  (the code snapshot and the machine description)
 GOAL_ONE_WORKER = 1.15
 GOAL_TWO_WORKERS = 1.7
 GOAL_OVERHEAD_MS = 1.0
-CASES = ("floor", "in-process", "1 worker", "2 workers", "1 worker, 1 thread", "2 workers, 1 thread", "no-op, 1 worker")
+CASES = ("floor", "in-process", "1 worker", "2 workers", "no-op, 1 worker")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -95,7 +89,7 @@ def _child(case: str, dataset: str, out: str, method_name: str) -> None:
     out_path.mkdir(parents=True, exist_ok=True)
     method = build_method(method_name)
     manifest = out_path.with_name(out_path.name + ".manifest.csv")
-    startup, ok, size = 0.0, 0, None
+    startup, ok = 0.0, 0
     cpu0 = resource.getrusage(resource.RUSAGE_SELF)
     if case == "floor":
         from vipsnorm.io.write import write_pyramid
@@ -121,8 +115,7 @@ def _child(case: str, dataset: str, out: str, method_name: str) -> None:
 
         n = 2 if case.startswith("2") else 1
         t0 = time.perf_counter()
-        size = local_size(len(files), n, 1 if case.endswith("1 thread") else None)
-        client, cluster = start_local(*size)
+        client, cluster = start_local(*local_size(len(files), n))
         client.run(_warm_up)  # what the first file would import, once per worker: a fixed cost, counted in start
         startup = time.perf_counter() - t0
         t1 = time.perf_counter()
@@ -147,7 +140,7 @@ def _child(case: str, dataset: str, out: str, method_name: str) -> None:
     print(json.dumps({
         "case": case, "files": len(files), "ok": ok, "seconds": seconds, "startup_seconds": startup,
         "client_cpu_seconds": (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime),
-        "concurrency": pyvips.concurrency_get(), "workers_threads": None if size is None else [size[0], size[2]],
+        "concurrency": pyvips.concurrency_get(),
     }), flush=True)  # fmt: skip
 
 
@@ -235,39 +228,33 @@ def _markdown(results: dict[str, dict[str, dict]], machine: dict, args) -> str:
         lines += [
             f"**{name}** ({n} files)",
             "",
-            "| case | workers x tasks at a time | job s | cluster start s | work s | files/s (work) | work x floor "
-            "| job x floor | process CPU s | CPU x floor |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| case | job s | cluster start s | work s | files/s (work) | work x floor | job x floor | process CPU s | CPU x floor |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for case, r in cases.items():
             job = r["seconds"] + r["startup_seconds"]
             cpu = r.get("process_cpu_seconds", float("nan"))
-            wt = r.get("workers_threads")
-            size = f"{wt[0]} x {wt[1]}" if wt else ""
             lines.append(
-                f"| {case} | {size} | {job:.2f} | {r['startup_seconds']:.2f} | {r['seconds']:.2f} | {n / r['seconds']:.1f} | "
+                f"| {case} | {job:.2f} | {r['startup_seconds']:.2f} | {r['seconds']:.2f} | {n / r['seconds']:.1f} | "
                 f"{r['seconds'] / floor['seconds']:.2f} | {job / floor['seconds']:.2f} | {cpu:.2f} | "
                 f"{cpu / floor.get('process_cpu_seconds', float('nan')):.2f} |"
             )
-        noop = cases.get("no-op, 1 worker")
+        one, two, noop = cases.get("1 worker"), cases.get("2 workers"), cases.get("no-op, 1 worker")
         lines.append("")
-        for suffix, label in (("", "workers sized by vipsnorm"), (", 1 thread", "1 task at a time a worker")):
-            one, two = cases.get("1 worker" + suffix), cases.get("2 workers" + suffix)
-            if one:
-                ratio = one["seconds"] / floor["seconds"]
-                verdict = "ok" if ratio <= GOAL_ONE_WORKER else "MISS"
-                text = (f"- {label}: 1 worker / floor (work): **{ratio:.2f}x** (goal {GOAL_ONE_WORKER}x: {verdict}); "
-                        f"whole job {(one['seconds'] + one['startup_seconds']) / floor['seconds']:.2f}x")  # fmt: skip
-                here = cases.get("in-process")
-                if here:  # the method's own cost per file, and the engine's on top of it
-                    text += (f"; in-process / floor {here['seconds'] / floor['seconds']:.2f}x, "
-                             f"1 worker / in-process {one['seconds'] / here['seconds']:.2f}x")  # fmt: skip
-                lines.append(text)
-            if one and two:
-                speedup = one["seconds"] / two["seconds"]
-                verdict = "ok" if speedup >= GOAL_TWO_WORKERS else "MISS"
-                lines.append(f"- {label}: 2 workers / 1 worker throughput (work): **{speedup:.2f}x** "
-                             f"(goal {GOAL_TWO_WORKERS}x: {verdict})")  # fmt: skip
+        if one:
+            ratio = one["seconds"] / floor["seconds"]
+            verdict = "ok" if ratio <= GOAL_ONE_WORKER else "MISS"
+            text = (f"- 1 worker / floor (work): **{ratio:.2f}x** (goal {GOAL_ONE_WORKER}x: {verdict}); "
+                    f"whole job {(one['seconds'] + one['startup_seconds']) / floor['seconds']:.2f}x")  # fmt: skip
+            here = cases.get("in-process")
+            if here:  # the method's own cost per file, and the engine's on top of it
+                text += (f"; in-process / floor {here['seconds'] / floor['seconds']:.2f}x, "
+                         f"1 worker / in-process {one['seconds'] / here['seconds']:.2f}x")  # fmt: skip
+            lines.append(text)
+        if one and two:
+            speedup = one["seconds"] / two["seconds"]
+            verdict = "ok" if speedup >= GOAL_TWO_WORKERS else "MISS"
+            lines.append(f"- 2 workers / 1 worker throughput (work): **{speedup:.2f}x** (goal {GOAL_TWO_WORKERS}x: {verdict})")
         if noop:
             per_file = noop["seconds"] / n * 1000
             if "JPEG" in name:

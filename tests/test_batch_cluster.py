@@ -69,13 +69,11 @@ def cluster(tmp_path_factory):
             time.sleep(0.1)
         address = json.loads(scheduler_file.read_text())["address"]
         assert address.startswith("tcp://127.0.0.1:")
-        # w1 runs two tasks at a time, as a worker of vipsnorm's local cluster does: the files of two
-        # tasks in one process at once
-        for name, threads in (("w0", "1"), ("w1", "2")):
+        for name in ("w0", "w1"):
             processes.append(
                 subprocess.Popen(
-                    [*dask, "worker", address, "--name", name, "--nthreads", threads, "--nworkers", "1",
-                     "--host", "127.0.0.1", "--memory-limit", "2GB", "--no-dashboard", "--local-directory", str(folder / name)],
+                    [*dask, "worker", address, "--name", name, "--nthreads", "1", "--nworkers", "1", "--host", "127.0.0.1",
+                     "--memory-limit", "2GB", "--no-dashboard", "--local-directory", str(folder / name)],
                     stdout=log, stderr=subprocess.STDOUT, env=_env(),
                 )
             )  # fmt: skip
@@ -479,65 +477,25 @@ def test_default_is_a_local_cluster(tmp_path, monkeypatch, capsys):
     from vipsnorm.batch.cluster import machine
 
     n = min(machine()[0], 70)
-    assert rc == 0 and f"(local Dask cluster, {n} worker{'s' if n > 1 else ''} x 1 thread)" in err
+    assert rc == 0 and f"(local Dask cluster, {n} worker{'s' if n > 1 else ''})" in err
     rows = read_manifest(default_manifest(tmp_path / "out"))
     assert len(rows) == 70 and all(r["worker"].startswith("tcp://") for r in rows)
     assert len({r["worker"] for r in rows}) == n
 
 
-@pytest.mark.parametrize("threads", [1, 2])
-def test_local_cluster_workers_are_spawned_with_the_libvips_settings(threads):
+def test_local_cluster_workers_are_spawned_with_the_libvips_settings():
     from vipsnorm.batch.cluster import DaskRunner, VipsSettings, start_local
 
-    client, cluster = start_local(1, 1, threads)
+    client, cluster = start_local(1, 1)
     try:
         DaskRunner(client, settings=VipsSettings(1))
         (info,) = client.run(_worker_info).values()
-        (nthreads,) = client.nthreads().values()
     finally:
         client.close()
         cluster.close()
     assert "spawn_main" in info["cmdline"]  # spawned, not forked from this process
     assert info["env"] == {"VIPS_CONCURRENCY": "1", "MALLOC_TRIM_THRESHOLD_": None}
-    # libvips threads per image as given, not divided among the worker's task threads
     assert info["vips"] == (1, 64 << 20, 16)
-    assert nthreads == threads
-
-
-def test_threads_per_worker_sizes_the_local_cluster(tmp_path, monkeypatch, capsys):
-    # a local cluster's option: the cluster the environment names is not used, as with --workers
-    monkeypatch.setenv(SCHEDULER_ENV, "tcp://127.0.0.1:1")
-    rng = np.random.default_rng(1)
-    for i in range(8):
-        pixels = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
-        pyvips.Image.new_from_array(pixels).copy(interpretation="srgb").pngsave(str(tmp_path / f"p{i}.png"))
-    # one task's worth of files: given, the option still starts a local cluster (no plain child process)
-    out = tmp_path / "out"
-    rc = main(["normalize", str(tmp_path), "-o", str(out), "--method", "stretch", "--threads-per-worker", "3"])
-    from vipsnorm.batch.cluster import machine
-
-    n = max(1, min(machine()[0] // 3, 8))  # a worker per 3 cores
-    assert rc == 0 and f"(local Dask cluster, {n} worker{'s' if n > 1 else ''} x 3 threads)" in capsys.readouterr().err
-    rows = read_manifest(default_manifest(tmp_path / "out"))
-    assert len(rows) == 8 and all(r["status"] == "ok" and r["worker"].startswith("tcp://") for r in rows)
-
-
-@pytest.mark.parametrize(
-    "args, message",
-    [
-        (["--threads-per-worker", "0"], "--threads-per-worker must be 1 or more, not 0"),
-        (["--threads-per-worker", "2", "--workers", "0"], "--workers 0 has none"),
-        (["--threads-per-worker", "2", "--scheduler", "tcp://127.0.0.1:1"], "running cluster's workers keep their own"),
-    ],
-)
-def test_threads_per_worker_refused_where_it_means_nothing(tmp_path, args, message, capsys):
-    pyvips.Image.black(8, 8, bands=3).pngsave(str(tmp_path / "a.png"))
-    image = str(tmp_path / "a.png")
-    for command in (["normalize", image, "-o", str(tmp_path / "out"), "--method", "stretch"],
-                    ["fit", image, "-o", str(tmp_path / "ref.json"), "--method", "stretch"]):  # fmt: skip
-        rc = main([*command, *args])
-        assert rc == 2 and message in capsys.readouterr().err
-    assert not (tmp_path / "out").exists() and not (tmp_path / "ref.json").exists()
 
 
 def _worker_info() -> dict:
@@ -565,47 +523,3 @@ def test_patches_run_on_the_cluster_as_in_process(healthy, dataset, tmp_path):
     assert files == sorted(p.relative_to(tmp_path / "dask") for p in (tmp_path / "dask").rglob("*.npy"))
     for f in files:
         np.testing.assert_array_equal(np.load(tmp_path / "local" / f), np.load(tmp_path / "dask" / f))
-
-
-def test_patches_refuse_threads_per_worker_before_any_work(tmp_path, capsys):
-    from vipsnorm.synth import write_synthetic_slide
-    from vipsnorm.training.cli import main as patches_main
-
-    slide = tmp_path / "s.tif"
-    write_synthetic_slide(slide, 512, 512, seed=0)
-    args = ["--size", "64", "--workers", "0", "--threads-per-worker", "2"]
-    rc = patches_main([str(slide), "-o", str(tmp_path / "out"), *args])
-    assert rc == 2 and "--workers 0 has none" in capsys.readouterr().err
-    assert not (tmp_path / "out").exists()
-
-
-@pytest.mark.parametrize(
-    "cpus, gib, n_files, workers, threads, expected",
-    [
-        (2, 24, 2000, None, None, (2, 1, 1)),  # a worker per core, one task at a time each
-        (2, 24, 2000, 1, None, (1, 2, 2)),  # one worker: both cores, as libvips threads and as tasks
-        (2, 24, 4, None, 2, (1, 2, 2)),  # a worker per two cores when each runs two tasks
-        (2, 24, 2000, 2, 3, (2, 1, 3)),  # both given: as given
-        (8, 4, 100, None, None, (4, 2, 1)),  # memory for four tasks: four workers, one task each
-        (8, 2, 100, 1, None, (1, 8, 2)),  # one worker: no more tasks at a time than memory holds...
-        (8, 4, 100, 1, None, (1, 8, 2)),  # ... and two at most
-        (8, 1, 100, 1, None, (1, 8, 1)),
-        (64, 256, 3, None, None, (3, 21, 2)),  # few slides on a big machine still use every core (libvips)
-        (64, 256, 100, 1, 16, (1, 64, 16)),  # as given
-    ],
-)
-def test_local_size_divides_the_cores_among_the_workers(monkeypatch, cpus, gib, n_files, workers, threads, expected):
-    from vipsnorm.batch import cluster
-
-    monkeypatch.setattr(cluster, "machine", lambda: (cpus, gib << 30))
-    assert cluster.local_size(n_files, workers, threads) == expected
-
-
-def test_local_size_refuses_no_worker_or_no_thread(monkeypatch):
-    from vipsnorm.batch import cluster
-
-    monkeypatch.setattr(cluster, "machine", lambda: (2, 24 << 30))
-    with pytest.raises(ValueError, match="at least 1 worker"):
-        cluster.local_size(10, 0)
-    with pytest.raises(ValueError, match="at least 1 task at a time"):
-        cluster.local_size(10, 1, 0)

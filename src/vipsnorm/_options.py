@@ -59,14 +59,6 @@ def add_engine_options(g) -> None:
         "child process for a batch of a single task; 0: run in this process, where a decoder crash ends the run)",
     )
     g.add_argument(
-        "--threads-per-worker",
-        type=int,
-        metavar="T",
-        help="tasks each worker of the local cluster runs at a time (default: the cores divided among the "
-        "workers, as memory allows, at most 2: 1 with a worker per core; with fewer workers, one file's serial "
-        "phases leave cores to another)",
-    )
-    g.add_argument(
         "--scheduler",
         metavar="ADDR",
         help=f"use the Dask cluster at ADDR (tcp://host:port, or a scheduler file) (default: ${SCHEDULER_ENV})",

@@ -405,7 +405,6 @@ def _normalize(args) -> int:
         overwrite=args.overwrite,
         scheduler=args.scheduler,
         workers=args.workers,
-        threads_per_worker=args.threads_per_worker,
         reference=str(args.reference or ""),
         progress=args.progress,
         on_row=lambda row: _report(row, args.json),
@@ -431,7 +430,6 @@ def _fit(args) -> int:
         overwrite=args.overwrite,
         scheduler=args.scheduler,
         workers=args.workers,
-        threads_per_worker=args.threads_per_worker,
         progress=args.progress,
     )
     for result in results:

@@ -3,8 +3,8 @@
 Only this module imports Dask, and :mod:`vipsnorm.batch.run` imports it only when a cluster is used.
 
 The local cluster uses worker *processes* started with ``spawn`` (never ``fork``: libvips in a forked
-child of a process that has already computed pixels can deadlock on its thread pool), the cores divided
-among them both as tasks at a time and as libvips threads per image (:func:`local_size`).
+child of a process that has already computed pixels can deadlock on its thread pool), one thread each,
+and as many libvips threads as leave the machine's cores busy without oversubscribing them.
 """
 
 from __future__ import annotations
@@ -46,13 +46,8 @@ _LOST = (
 )
 #: The error of a file whose task the scheduler dropped every time (a task it no longer knows of).
 _DROPPED = "the Dask scheduler dropped this file's task on every attempt (it restarted, or forgot the task)"
-#: Memory a task a local worker runs is given room for: a slide job peaks at about 400 MB (README,
-#: Performance; 460 MB for clahe on a 40,000 px slide).
-TASK_MEMORY = 1 << 30
-#: Most tasks a local worker runs at a time when it sizes itself (see :func:`local_size`): the second
-#: fills the cores one task's serial phases leave idle; more would multiply libvips threads (each
-#: image has the worker's share of the cores) and, for small images, Python threads under one GIL.
-MAX_TASKS_PER_WORKER = 2
+#: Memory a local worker is given room for: a slide job peaks at about 400 MB (README, Performance).
+WORKER_MEMORY = 1 << 30
 #: Tasks kept submitted per worker thread: enough that no worker waits for the next one.
 WINDOW_PER_THREAD = 2
 
@@ -68,37 +63,19 @@ def machine() -> tuple[int, int]:
     return max(1, cpus), int(psutil.virtual_memory().total)
 
 
-def local_size(n_files: int, workers: int | None = None, threads: int | None = None) -> tuple[int, int, int]:
-    """Worker processes, libvips threads per image, and tasks at a time per worker (Dask threads) for a
-    local cluster: ``start_local(*local_size(...))``.
+def local_size(n_files: int, workers: int | None = None) -> tuple[int, int]:
+    """Worker processes and libvips threads per worker for a local cluster.
 
-    Without ``workers``: one process per core (per ``threads`` cores, if given), no more than there are
-    files, and no more than memory holds at :data:`TASK_MEMORY` a task. The cores are divided among the
-    workers twice over, as Dask's own ``LocalCluster`` divides them:
-
-    - libvips threads per image, so that a few large slides on a big machine still use every core;
-    - tasks at a time (without ``threads``; no more than memory holds at :data:`TASK_MEMORY` a task,
-      and at most :data:`MAX_TASKS_PER_WORKER`). One per worker when there is a worker per core. With
-      fewer workers than cores a worker runs two: one task's phases leave cores idle part of the time (a slide's fit is serial numpy and
-      small reads, its pyramid's last levels run on one thread; a small JPEG is decoded and encoded on
-      one), and another task in flight fills them. On 2 cores (``benchmarks/bench_batch.py``, three
-      runs) one worker running two tasks at a time took 1.07-1.23x the plain copy's time on 4 slides
-      of 10,000 px, against 1.23-1.32x running one, and normalized 296-332 small JPEGs a second
-      against 184-208. Two tasks at a time on each of two workers did not help: 293 JPEGs a second
-      against 352 with one each.
+    Without ``workers``: one process per core, no more than there are files, and no more than memory
+    holds at :data:`WORKER_MEMORY` each. libvips gets the cores left over (a few large slides on a big
+    machine still use every core).
     """
     cpus, memory = machine()
-    room = max(1, memory // TASK_MEMORY)
     if workers is None:
-        per = max(1, threads or 1)
-        workers = max(1, min(cpus // per, n_files, room // per))
+        workers = max(1, min(cpus, n_files, memory // WORKER_MEMORY))
     if workers < 1:
         raise ValueError(f"a local cluster needs at least 1 worker (0 runs in this process), not {workers}")
-    if threads is None:
-        threads = max(1, min(MAX_TASKS_PER_WORKER, min(cpus, room) // workers))
-    if threads < 1:
-        raise ValueError(f"a local worker runs at least 1 task at a time, not {threads}")
-    return workers, max(1, cpus // workers), threads
+    return workers, max(1, cpus // workers)
 
 
 class VipsSettings(WorkerPlugin):
@@ -135,9 +112,8 @@ class VipsSettings(WorkerPlugin):
         pyvips.cache_set_max_files(self.cache_files)
 
 
-def start_local(n_workers: int, vips_threads: int, threads: int = 1) -> tuple[Client, LocalCluster]:
-    """A local cluster of ``n_workers`` spawned processes running ``threads`` tasks at a time each, with
-    ``vips_threads`` libvips threads an image, and a client."""
+def start_local(n_workers: int, vips_threads: int) -> tuple[Client, LocalCluster]:
+    """A local cluster of ``n_workers`` spawned processes with one thread each, and a client."""
     settings = {
         "distributed.worker.multiprocessing-method": "spawn",
         "distributed.scheduler.allowed-failures": ALLOWED_FAILURES,
@@ -150,7 +126,7 @@ def start_local(n_workers: int, vips_threads: int, threads: int = 1) -> tuple[Cl
         with dask.config.set(settings):
             cluster = LocalCluster(
                 n_workers=n_workers,
-                threads_per_worker=threads,
+                threads_per_worker=1,
                 processes=True,
                 dashboard_address=":0",  # a free port: 8787 may be another cluster's
                 silence_logs=logging.ERROR,

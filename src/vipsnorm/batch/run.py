@@ -429,37 +429,24 @@ def _error_row(item: Item, error: str) -> dict:
     }
 
 
-def _check_engine(client, scheduler: str | None, workers: int | None, threads: int | None = None) -> None:
+def _check_engine(client, scheduler: str | None, workers: int | None) -> None:
     """Refuse contradictory choices before any work."""
     if workers is not None and workers < 0:
         raise ValueError(f"--workers must be 0 or more (0: in this process), not {workers}")
     if workers is not None and (scheduler is not None or client is not None):
         raise ValueError("--workers sizes a local cluster; it cannot be combined with --scheduler or a client")
-    if threads is not None:
-        if threads < 1:
-            raise ValueError(f"--threads-per-worker must be 1 or more, not {threads}")
-        if scheduler is not None or client is not None:
-            raise ValueError(
-                "--threads-per-worker sizes a local cluster; a running cluster's workers keep their own "
-                "(dask worker --nthreads)"
-            )
-        if workers == 0:
-            raise ValueError("--threads-per-worker sizes a local cluster's workers; --workers 0 has none")
     if scheduler is not None and client is not None:
         raise ValueError("give a client or a scheduler address, not both")
 
 
-def _engine(
-    n_files: int, fits_one_task: bool, client, scheduler: str | None, workers: int | None, threads: int | None = None
-):
+def _engine(n_files: int, fits_one_task: bool, client, scheduler: str | None, workers: int | None):
     """In-process, one child process (a batch of one task), the given client, the cluster at
-    ``scheduler``, or a new local cluster (``threads`` tasks at a time a worker; default: as
-    :func:`~vipsnorm.batch.cluster.local_size` sizes it)."""
+    ``scheduler``, or a new local cluster."""
     if client is not None:
         from .cluster import DaskRunner
 
         return DaskRunner(client)
-    if scheduler is None and workers is None and threads is None:  # (either sizes a local cluster)
+    if scheduler is None and workers is None:
         scheduler = os.environ.get(SCHEDULER_ENV) or None
     if scheduler is not None:
         from .cluster import DaskRunner, connect
@@ -467,24 +454,18 @@ def _engine(
         return DaskRunner(connect(scheduler), owned=True)
     if workers == 0 or n_files == 0:
         return _InProcess()
-    if workers is None and threads is None and fits_one_task:
+    if workers is None and fits_one_task:
         return ChildRunner()
     from .cluster import DaskRunner, VipsSettings, local_size, start_local
 
-    n_workers, vips_threads, threads = local_size(n_files, workers, threads)
-    client, cluster = start_local(n_workers, vips_threads, threads)
+    n_workers, vips_threads = local_size(n_files, workers)
+    client, cluster = start_local(n_workers, vips_threads)
     plural = "s" if n_workers > 1 else ""
-    description = f"local Dask cluster, {n_workers} worker{plural} x {threads} thread{'s' if threads > 1 else ''}"
+    description = f"local Dask cluster, {n_workers} worker{plural}"
     return DaskRunner(client, cluster, owned=True, description=description, settings=VipsSettings(vips_threads))
 
 
-def runner(
-    n_tasks: int,
-    client=None,
-    scheduler: str | None = None,
-    workers: int | None = None,
-    threads_per_worker: int | None = None,
-):
+def runner(n_tasks: int, client=None, scheduler: str | None = None, workers: int | None = None):
     """What runs ``n_tasks`` tasks of one input each (a slide each, say): one child process for one task,
     this process for ``workers=0``, the given client, the cluster at ``scheduler`` (or ``$VIPSNORM_SCHEDULER``), or a new
     local cluster (the default).
@@ -493,8 +474,8 @@ def runner(
     module-level function returning a list, passed to ``on_results`` as each task ends; ``fail(item,
     cause)`` makes the entry of an item whose worker died), ``threads()``, ``description`` and ``close()``.
     """
-    _check_engine(client, scheduler, workers, threads_per_worker)
-    return _engine(n_tasks, n_tasks <= 1, client, scheduler, workers, threads_per_worker)
+    _check_engine(client, scheduler, workers)
+    return _engine(n_tasks, n_tasks <= 1, client, scheduler, workers)
 
 
 def _fits_one_task(items: Sequence[Item]) -> bool:
@@ -556,7 +537,6 @@ def normalize_batch(
     client=None,
     scheduler: str | None = None,
     workers: int | None = None,
-    threads_per_worker: int | None = None,
     reference: str = "",
     progress: bool | None = False,
     on_row: Callable[[dict], None] | None = None,
@@ -582,15 +562,10 @@ def normalize_batch(
         Run on this client's cluster (left open).
     scheduler : str, optional
         Address (``tcp://host:port``) or scheduler file of a running Dask cluster; default: the
-        ``VIPSNORM_SCHEDULER`` environment variable, unless ``workers`` or ``threads_per_worker`` is given.
+        ``VIPSNORM_SCHEDULER`` environment variable, unless ``workers`` is given.
     workers : int, optional
         Worker processes of a new local cluster; 0 runs everything in this process. Default: a local
         cluster sized to the machine, or one child process when the batch is no more than one task.
-    threads_per_worker : int, optional
-        Tasks each worker of a new local cluster runs at a time. Default: the cores divided among the
-        workers, as memory allows, at most 2 (:func:`~vipsnorm.batch.cluster.local_size`): 1 with a
-        worker per core, 2 with ``workers=1`` on 2 cores. Given, a batch of one task runs on a local
-        cluster too.
     reference : str
         What the manifest names as the reference (a file, for the record).
     progress : bool or None
@@ -610,11 +585,10 @@ def normalize_batch(
     VipsnormError
         The Dask cluster cannot be reached or started, or dropped the tasks.
     ValueError
-        No input, a list file that cannot be read, ``workers`` or ``threads_per_worker`` with
-        ``scheduler``.
+        No input, a list file that cannot be read, or ``workers`` with ``scheduler``.
     """
     start = time.perf_counter()
-    _check_engine(client, scheduler, workers, threads_per_worker)
+    _check_engine(client, scheduler, workers)
     out_root = Path(os.path.abspath(out_dir))
     manifest_path = Path(os.path.abspath(manifest)) if manifest is not None else default_manifest(out_root)
     if params is not None and params.method != method.name:
@@ -674,7 +648,7 @@ def normalize_batch(
                 # work to do, so that a resume with nothing left runs over a read-only output tree
                 live = _claim(live_marker(out_root, manifest_path), token)
             remove_part_files(_contained(out_root, folders))
-            engine = _engine(len(todo), _fits_one_task(todo), client, scheduler, workers, threads_per_worker)
+            engine = _engine(len(todo), _fits_one_task(todo), client, scheduler, workers)
             try:
                 job = NormalizeJob(str(out_root), method, params, options, None if live is None else str(live), token)
                 fail = lambda item, cause: _error_row(item, f"{item.input}: {cause}")  # noqa: E731
@@ -771,15 +745,13 @@ def fit_batch(
     client=None,
     scheduler: str | None = None,
     workers: int | None = None,
-    threads_per_worker: int | None = None,
     progress: bool | None = False,
 ) -> tuple[Reference, list[Result]]:
     """:func:`vipsnorm.engine.fit_files` over many inputs in parallel: each input is sampled and
     summarized by a worker (:func:`vipsnorm.engine.summarize_file`), then the summaries are combined
     here, in input order, by :func:`vipsnorm.engine.fit_reference` (the same result as ``fit_files``).
 
-    Inputs, ``client``, ``scheduler``, ``workers``, ``threads_per_worker`` and ``progress`` are as for
-    :func:`normalize_batch`.
+    Inputs, ``client``, ``scheduler``, ``workers`` and ``progress`` are as for :func:`normalize_batch`.
     With ``cache`` (a JSON-lines file, see :mod:`vipsnorm.batch.fitcache`), every summary is kept there
     as it arrives, and inputs an earlier fit with the same settings summarized, unchanged since, are not
     sampled again (their results have status ``skipped``); ``overwrite`` samples everything again.
@@ -797,7 +769,7 @@ def fit_batch(
 
     method_options = method_options or {}
     check_fit(method_name, method_options)  # before any work
-    _check_engine(client, scheduler, workers, threads_per_worker)
+    _check_engine(client, scheduler, workers)
     # every file once, whatever the names that reach it: a file pooled twice would weigh twice
     entries = _discover_or_fail(inputs, lists, include, exclude, once_per="file")
     items = []
@@ -834,7 +806,7 @@ def fit_batch(
             return item.index, Result(Path(item.input), status="error", error=f"{item.input}: {cause}"), None
 
         try:
-            engine = _engine(len(todo), _fits_one_task(todo), client, scheduler, workers, threads_per_worker)
+            engine = _engine(len(todo), _fits_one_task(todo), client, scheduler, workers)
             try:
                 job = (method_name, options, method_options)
                 engine.run(sample_items, job, _group(todo, engine.threads()), collect, fail)

@@ -234,7 +234,6 @@ def run(args) -> int:
             keep_patches=False,
             scheduler=args.scheduler,
             workers=args.workers,
-            threads_per_worker=args.threads_per_worker,
         )
     except (OSError, VipsnormError, ValueError) as exc:  # the output folder, manifest or table; --workers
         print(f"error  {exc}", file=sys.stderr)

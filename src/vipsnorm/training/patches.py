@@ -1575,7 +1575,6 @@ def extract_slides(
     client=None,
     scheduler: str | None = None,
     workers: int | None = None,
-    threads_per_worker: int | None = None,
 ) -> list[SlideResult]:
     """:func:`extract_slide` for every slide not finished before, through the batch engine, each result
     recorded in the manifest as it arrives; then the coordinates table ``OUT/patches.csv``.
@@ -1603,7 +1602,7 @@ def extract_slides(
     keep_patches : bool
         False: drop each result's ``patches`` and ``files`` once ``on_result`` has seen it (``count``
         stays), so that a batch of many slides does not hold every patch in memory.
-    client, scheduler, workers, threads_per_worker
+    client, scheduler, workers
         Where the slides run (one task each): one child process for a single slide, this process for
         ``workers=0``, else on a Dask cluster, as :func:`vipsnorm.batch.runner` chooses.
 
@@ -1640,9 +1639,7 @@ def extract_slides(
     (``skipped`` rows repeat the record).
     """
     from ..batch import runner as batch_runner
-    from ..batch.run import _check_engine
 
-    _check_engine(client, scheduler, workers, threads_per_worker)  # before any work, as normalize does
     out = Path(os.path.abspath(out_dir))
     manifest_path = Path(os.path.abspath(manifest)) if manifest is not None else default_manifest(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -1715,7 +1712,7 @@ def extract_slides(
         ended = False
         try:
             if todo:
-                engine = batch_runner(len(todo), client, scheduler, workers, threads_per_worker)
+                engine = batch_runner(len(todo), client, scheduler, workers)
                 try:
                     engine.run(
                         _extract_group, (out, job, method, params, options, config), [[t] for t in todo], collect, error
