@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -69,11 +70,12 @@ def cluster(tmp_path_factory):
             time.sleep(0.1)
         address = json.loads(scheduler_file.read_text())["address"]
         assert address.startswith("tcp://127.0.0.1:")
-        for name in ("w0", "w1"):
+        # w1 has two Dask threads, as a cluster of the user's own may: it still works on one file at a time
+        for name, threads in (("w0", "1"), ("w1", "2")):
             processes.append(
                 subprocess.Popen(
-                    [*dask, "worker", address, "--name", name, "--nthreads", "1", "--nworkers", "1", "--host", "127.0.0.1",
-                     "--memory-limit", "2GB", "--no-dashboard", "--local-directory", str(folder / name)],
+                    [*dask, "worker", address, "--name", name, "--nthreads", threads, "--nworkers", "1",
+                     "--host", "127.0.0.1", "--memory-limit", "2GB", "--no-dashboard", "--local-directory", str(folder / name)],
                     stdout=log, stderr=subprocess.STDOUT, env=_env(),
                 )
             )  # fmt: skip
@@ -211,6 +213,31 @@ def test_mixed_batch_on_two_worker_processes(healthy, dataset, shared_data, tmp_
         if row["status"] == "ok":
             twin = here / Path(row["output"]).relative_to(out)
             assert twin.read_bytes() == Path(row["output"]).read_bytes(), row["output"]
+
+
+def test_damage_is_told_on_a_worker_with_two_threads(healthy, damaged_svs, shared_data, tmp_path, capsys):
+    """Damaged and healthy slides and broken files over a worker with two Dask threads: each file keeps
+    its own verdict (libvips' error buffer is one per process: a worker works on one file at a time)."""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for i in range(3):
+        shutil.copyfile(damaged_svs, inputs / f"damaged{i}.svs")
+    for i in range(5):
+        shutil.copyfile(shared_data / "slides" / "CMU-1-Small-Region.svs", inputs / f"good{i}.svs")
+    for name in ("truncated.jpg", "unopenable.tiff"):
+        shutil.copyfile(shared_data / "bad" / name, inputs / name)
+    out = tmp_path / "out"
+    rc = main(["normalize", str(inputs), "-o", str(out), "--method", "stretch", "--scheduler", healthy.address])
+    assert rc == 1, capsys.readouterr().err
+    rows = {Path(r["input"]).name: r for r in read_manifest(default_manifest(out))}
+    assert len(rows) == 10
+    for name, row in rows.items():
+        if name.startswith("good"):
+            assert row["status"] == "ok", row["error"]
+        else:
+            assert row["status"] == "error" and row["error"].startswith(str(inputs / name)), row
+            assert ("a JPEG tile is damaged" in row["error"]) == name.startswith("damaged"), row["error"]
+    assert sorted(p.name for p in out.iterdir()) == [f"good{i}.tif" for i in range(5)]
 
 
 def test_a_worker_killed_mid_run(healthy, dataset, tmp_path):

@@ -177,9 +177,10 @@ def test_a_pixel_size_no_output_can_state_is_an_error_naming_the_input(tmp_path)
 
 
 def test_a_good_slide_read_beside_a_damaged_one_in_threads_is_not_refused(damaged_svs, shared_data, tmp_path):
-    # libvips' error buffer is one for the process: a damaged slide's trace, seen by a good slide's
-    # decode on another thread, sends that decode to a re-check with the process to itself (it used to
-    # refuse the good slide, 2 times in 6 here)
+    # libvips' error buffer is one for the process: files are normalized one at a time per process
+    # (engine.FILE_LOCK); before, a damaged slide's trace seen by a good slide's decode on another
+    # thread refused the good slide, and the other thread's pyvips calls, which clear the buffer,
+    # let the damaged one through (each about half the time here)
     from concurrent.futures import ThreadPoolExecutor
 
     good = tmp_path / "good.svs"
@@ -198,3 +199,39 @@ def test_a_good_slide_read_beside_a_damaged_one_in_threads_is_not_refused(damage
     for path, result in results:
         if path == good:
             assert result.status == "ok", result.error
+        else:
+            assert result.status == "error" and "a JPEG tile is damaged" in result.error, result
+
+
+def test_a_damaged_slide_is_refused_while_other_threads_call_libvips(damaged_svs, shared_data, tmp_path):
+    """Another thread's failing libvips calls (a truncated JPEG, over and over) clear libvips' error
+    buffer, where the damaged tile's only trace is: files run one at a time per process, so the trace
+    stays the damaged slide's, and the truncated JPEG keeps its own error."""
+    import threading
+
+    method = vipsnorm.Stretch()
+    params = method.fit(vipsnorm.sample_slide(vipsnorm.open(shared_data / "slides" / "CMU-1-Small-Region.svs")))
+    truncated = shared_data / "bad" / "truncated.jpg"
+    stop, other = threading.Event(), []
+
+    def churn():
+        out = tmp_path / "other"
+        out.mkdir()
+        while not stop.is_set():
+            other.append(normalize_file(truncated, out, method, params=params))
+
+    thread = threading.Thread(target=churn)
+    thread.start()
+    try:
+        results = []
+        for i in range(6):
+            out = tmp_path / f"out{i}"
+            out.mkdir()
+            results.append(normalize_file(damaged_svs, out, method, params=params))
+    finally:
+        stop.set()
+        thread.join()
+    assert all(r.status == "error" and "a JPEG tile is damaged" in r.error for r in results), results
+    assert all(not any(d.iterdir()) for d in tmp_path.glob("out*"))
+    assert other and all(r.status == "error" and r.error.startswith(str(truncated)) for r in other)
+    assert not any("JPEG tile is damaged" in r.error for r in other)

@@ -84,7 +84,7 @@ from ..batch._signals import terminate_as_interrupt
 from ..batch.inputs import PART_FILE, input_stat
 from ..batch.manifest import COLUMNS, Manifest
 from ..batch.run import config_hash, default_manifest, worker_id
-from ..engine import Options, build_method, fit_slide, load_reference
+from ..engine import Options, build_method, fit_slide, load_reference, one_file_at_a_time
 from ..errors import (
     InvalidReferenceError,
     NoTissueError,
@@ -1139,6 +1139,7 @@ def _writer(out_dir: Path, name: str, job: PatchJob):
     return _FolderWriter(out_dir, name, job.format, job.quality)
 
 
+@one_file_at_a_time
 def extract_slide(
     path: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
