@@ -235,3 +235,60 @@ def test_a_damaged_slide_is_refused_while_other_threads_call_libvips(damaged_svs
     assert all(not any(d.iterdir()) for d in tmp_path.glob("out*"))
     assert other and all(r.status == "error" and r.error.startswith(str(truncated)) for r in other)
     assert not any("JPEG tile is damaged" in r.error for r in other)
+
+
+def test_a_damaged_window_is_refused_while_other_threads_call_libvips(damaged_svs, shared_data, tmp_path, monkeypatch):
+    """The same for patches fetched through libvips (no direct JPEG reader): the damaged corner tile
+    is refused on every read while another thread's failing calls clear libvips' error buffer."""
+    import threading
+
+    from vipsnorm.io.slide import VipsSlide
+    from vipsnorm.training.patches import PatchReader
+
+    monkeypatch.setattr(VipsSlide, "jpeg_tiles", lambda self, level: None)
+    method = vipsnorm.Stretch()
+    truncated = shared_data / "bad" / "truncated.jpg"
+    stop = threading.Event()
+
+    def churn():
+        out = tmp_path / "other"
+        out.mkdir()
+        while not stop.is_set():
+            normalize_file(truncated, out, method)
+
+    thread = threading.Thread(target=churn)
+    thread.start()
+    try:
+        for _ in range(20):
+            with vipsnorm.open(damaged_svs) as slide:  # (each a new load: nothing of the last read cached)
+                with pytest.raises(UnreadableImageError, match="a JPEG tile is damaged"):
+                    PatchReader(slide).read(0, 0, 0, 256)
+    finally:
+        stop.set()
+        thread.join()
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_a_damaged_slide_kept_open_is_refused_on_every_read(damaged_svs, monkeypatch, direct):
+    """libvips keeps the tile it filled with grey in the level's cache: a second read of the window
+    (the next epoch of a dataset whose slide stays open) got the grey pixels without a word. A slide
+    found damaged is refused on every later read through libvips, of any window; the direct JPEG
+    reader checks every tile it decodes itself, and still serves windows of whole tiles."""
+    from vipsnorm.io.slide import VipsSlide
+    from vipsnorm.training.patches import PatchReader
+
+    if not direct:
+        monkeypatch.setattr(VipsSlide, "jpeg_tiles", lambda self, level: None)
+    with vipsnorm.open(damaged_svs) as slide:
+        far = slide.levels[0].width - 64, slide.levels[0].height - 64
+        whole = PatchReader(slide).read(0, *far, 64)  # a whole tile, before the damage is met
+        for _ in range(3):
+            with pytest.raises(UnreadableImageError, match="a JPEG tile is damaged"):
+                PatchReader(slide).read(0, 0, 0, 256)
+        if direct:
+            np.testing.assert_array_equal(PatchReader(slide).read(0, *far, 64), whole)
+        else:
+            with pytest.raises(UnreadableImageError, match="a JPEG tile is damaged"):
+                PatchReader(slide).read(0, *far, 64)
+        with pytest.raises(UnreadableImageError, match="a JPEG tile is damaged"):
+            slide.decode(slide.level_image(0).avg)

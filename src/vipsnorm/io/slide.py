@@ -179,6 +179,11 @@ class Slide(ABC):
     levels: tuple[Level, ...]
     mpp: tuple[float, float] | None
     associated: tuple[str, ...]
+    #: Why this slide was found damaged by a :meth:`decode` that libvips let pass, if it was: every
+    #: later decode refuses it with the same cause. libvips keeps the tile it filled with grey in the
+    #: level's cache, and would hand it back to a second read of the window without a word (a patch
+    #: read again in the next epoch, a dataset's slide kept open).
+    _damage_found: str | None = None
 
     @property
     def is_slide(self) -> bool:
@@ -294,8 +299,11 @@ class Slide(ABC):
         libvips' error buffer, where some of that damage leaves its only trace, is one for the process:
         when another decode ran at the same time (another thread) and a trace appeared, or the buffer
         filled up, ``work()`` is run again with the process's decodes to itself before a slide is
-        refused. A ``decode`` inside another (same thread) leaves the check to the outer one.
+        refused. A ``decode`` inside another (same thread) leaves the check to the outer one. A slide
+        found damaged stays so: every later decode refuses it with the same cause (``_damage_found``).
         """
+        if self._damage_found is not None:
+            raise UnreadableImageError(self.path, self._damage_found)
         if getattr(_IN_DECODE, "active", False):  # the outer decode checks, its hook still set
             try:
                 return work()
@@ -322,7 +330,8 @@ class Slide(ABC):
         def check() -> None:
             damage = self._damage(before, alone(), sure)
             if damage:
-                raise UnreadableImageError(self.path, f"cannot decode pixels ({damage})")
+                self._damage_found = f"cannot decode pixels ({damage})"
+                raise UnreadableImageError(self.path, self._damage_found)
 
         try:
             with checked_before_rename(check):  # an output written by work() is checked before it is kept

@@ -84,7 +84,7 @@ from ..batch._signals import terminate_as_interrupt
 from ..batch.inputs import PART_FILE, input_stat
 from ..batch.manifest import COLUMNS, Manifest
 from ..batch.run import config_hash, default_manifest, worker_id
-from ..engine import Options, build_method, fit_slide, load_reference, one_file_at_a_time
+from ..engine import FILE_LOCK, Options, build_method, fit_slide, load_reference, one_file_at_a_time
 from ..errors import (
     InvalidReferenceError,
     NoTissueError,
@@ -587,7 +587,9 @@ class PatchReader:
     Each :meth:`read` computes only its window (several threads may read at once): raw pixels straight
     from the level's JPEG tiles where the slide has a checked direct reader for them
     (:meth:`~vipsnorm.io.slide.Slide.jpeg_tiles`: libvips' bytes, decoding only what the window needs),
-    otherwise with a ``pyvips.Region`` of the calling thread (kept per thread for the next windows). A
+    otherwise with a ``pyvips.Region`` of the calling thread (kept per thread for the next windows;
+    such fetches run one at a time per process, :data:`vipsnorm.engine.FILE_LOCK`, since a damaged
+    tile is told only by libvips' process-wide error buffer). A
     per-pixel method (every method but CLAHE) maps the raw window by the fit's native kernel program
     (through its cube), or through a :class:`~.colour_table.ColourTable` of the fit: the method's own
     pipeline, run once per colour the slide shows and then looked up, several times cheaper per patch
@@ -786,7 +788,10 @@ class PatchReader:
     ) -> np.ndarray:
         if region is None:
             region = _thread_region(image) if width * height <= _KEPT_REGION_PIXELS else pyvips.Region.new(image)
-        data = self.slide.decode(lambda: region.fetch(x, y, width, height))
+        # one libvips read at a time per process, as files are (engine.FILE_LOCK): a damaged tile's
+        # only trace is in libvips' error buffer, which another thread's pyvips calls clear or add to
+        with FILE_LOCK:
+            data = self.slide.decode(lambda: region.fetch(x, y, width, height))
         return np.frombuffer(bytearray(data) if copy else data, np.uint8).reshape(height, width, image.bands)
 
     def read_patch(self, patch: Patch) -> np.ndarray:
