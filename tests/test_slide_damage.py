@@ -10,6 +10,7 @@ was refused as "OpenSlide cannot open it" even with ``backend="libvips"``; level
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 from pathlib import Path
 
@@ -178,7 +179,7 @@ def test_a_pixel_size_no_output_can_state_is_an_error_naming_the_input(tmp_path)
 
 def test_a_good_slide_read_beside_a_damaged_one_in_threads_is_not_refused(damaged_svs, shared_data, tmp_path):
     # libvips' error buffer is one for the process: files are normalized one at a time per process
-    # (engine.FILE_LOCK); before, a damaged slide's trace seen by a good slide's decode on another
+    # (vipsnorm.io.slide.FILE_LOCK); before, a damaged slide's trace seen by a good slide's decode on another
     # thread refused the good slide, and the other thread's pyvips calls, which clear the buffer,
     # let the damaged one through (each about half the time here)
     from concurrent.futures import ThreadPoolExecutor
@@ -292,3 +293,84 @@ def test_a_damaged_slide_kept_open_is_refused_on_every_read(damaged_svs, monkeyp
                 PatchReader(slide).read(0, *far, 64)
         with pytest.raises(UnreadableImageError, match="a JPEG tile is damaged"):
             slide.decode(slide.level_image(0).avg)
+
+
+@pytest.fixture(scope="module")
+def centre_damaged_svs(shared_data, tmp_path_factory) -> Path:
+    """CMU-1-Small-Region.svs with the second half of its centre JPEG tile of level 0 zeroed: the
+    window read when the slide is opened meets it, so opening it leaves a trace in libvips' buffer."""
+    path = tmp_path_factory.mktemp("centre") / "centre.svs"
+    shutil.copyfile(shared_data / "slides" / "CMU-1-Small-Region.svs", path)
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages[0]
+        across = -(-page.imagewidth // page.tilewidth)
+        index = page.imagelength // 2 // page.tilelength * across + page.imagewidth // 2 // page.tilewidth
+        offset, count = page.dataoffsets[index], page.databytecounts[index]
+    with open(path, "r+b") as f:
+        f.seek(offset + count // 2)
+        f.write(b"\0" * (count - count // 2))
+    return path
+
+
+def test_a_healthy_slide_is_not_refused_while_another_thread_opens_a_damaged_one(centre_damaged_svs, shared_data):
+    """Opening a slide reads pixels (its probe): the trace a damaged one leaves there was taken by a
+    healthy slide read at the same time on another thread, and refused it for as long as it was open
+    (286 reads in 300). Opening holds FILE_LOCK as reading does."""
+    import threading
+
+    from vipsnorm.training.patches import PatchReader
+
+    method = vipsnorm.Stretch()
+    good = vipsnorm.open(shared_data / "slides" / "CMU-1-Small-Region.svs")
+    reader = PatchReader(good, method, method.fit(vipsnorm.sample_slide(good)), colour_table=False)
+    stop, opened = threading.Event(), []
+
+    def open_damaged():
+        while not stop.is_set():
+            try:
+                vipsnorm.open(centre_damaged_svs).close()
+                opened.append("opened")
+            except UnreadableImageError as exc:
+                opened.append(str(exc))
+
+    thread = threading.Thread(target=open_damaged)
+    thread.start()
+    rng = np.random.default_rng(0)
+    try:
+        width, height = good.dimensions
+        for _ in range(60):
+            reader.read(0, int(rng.integers(0, width - 128)), int(rng.integers(0, height - 128)), 128)
+    finally:
+        stop.set()
+        thread.join()
+        good.close()
+    assert opened and good._damage_found is None
+
+
+def test_a_child_forked_while_a_thread_reads_can_read(shared_data):
+    """A child forked while another thread held FILE_LOCK and a decode (a plain-fork data loader)
+    waited for them forever."""
+    import threading
+
+    from vipsnorm.io.slide import _DECODES, FILE_LOCK
+
+    held, release = threading.Event(), threading.Event()
+
+    def hold():
+        with FILE_LOCK, _DECODES.shared():
+            held.set()
+            release.wait()
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    held.wait()
+    try:
+        pid = os.fork()
+        if pid == 0:  # the child: both free, without the thread that held them
+            ok = FILE_LOCK.acquire(timeout=5) and _DECODES._active == 0
+            os._exit(0 if ok else 3)
+        _, status = os.waitpid(pid, 0)
+    finally:
+        release.set()
+        thread.join()
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0

@@ -5,10 +5,8 @@ This is the layer the command line calls; it is the only one that both reads and
 
 from __future__ import annotations
 
-import functools
 import inspect
 import os
-import threading
 import time
 from typing import Any
 from collections.abc import Collection, Sequence
@@ -27,7 +25,7 @@ from .errors import (
     UnsupportedImageError,
     VipsnormError,
 )
-from .io.slide import BACKENDS, DEFAULT_MAX_PIXELS, Slide, open_slide
+from .io.slide import BACKENDS, DEFAULT_MAX_PIXELS, Slide, one_file_at_a_time, open_slide
 from .io.write import (
     COMPRESSIONS,
     IMAGE_SUFFIXES,
@@ -62,27 +60,6 @@ __all__ = [
 
 #: Output formats for ``--format``; "auto" keeps ordinary images in their format, slides as pyramids.
 FORMATS = ("auto", "tiff", "jpeg", "png", "webp")
-#: Held while a file is read, fitted and written (:func:`normalize_file`, :func:`sample_file`,
-#: :func:`vipsnorm.training.patches.extract_slide`): one file at a time per process, whatever the
-#: threads calling. Damage that libvips lets pass (a JPEG tile of a TIFF filled with grey, a JPEG's
-#: harmless warnings told from harmful ones) is told only by libvips' error buffer, which is one for
-#: the process and which pyvips clears on every failed call and failed property lookup, from any
-#: thread: two files read at once in one process could each lose the other's trace or take it for
-#: their own (measured with two threads: a damaged slide normalized and reported ok 33 times in 40, a
-#: healthy one refused with the other's error 22 times in 40). A file's own reading threads (its
-#: sampled tiles, CLAHE's halves) are :meth:`~vipsnorm.io.slide.Slide.decode`'s concern.
-FILE_LOCK = threading.RLock()
-
-
-def one_file_at_a_time(fn):
-    """``fn`` run holding :data:`FILE_LOCK`."""
-
-    @functools.wraps(fn)
-    def locked(*args, **kwargs):
-        with FILE_LOCK:
-            return fn(*args, **kwargs)
-
-    return locked
 _FORMAT_SUFFIX = {"jpeg": ".jpg", "png": ".png", "webp": ".webp", "tiff": ".tif"}
 _LOADER_SUFFIX = {"jpegload": ".jpg", "pngload": ".png", "webpload": ".webp", "tiffload": ".tif"}
 
@@ -349,7 +326,7 @@ def normalize_file(
     stage: str | None = None,
 ) -> Result:
     """Normalize one input into ``out_dir``; errors are returned in the result, never half-written files.
-    Calls from several threads of a process run one after the other (:data:`FILE_LOCK`).
+    Calls from several threads of a process run one after the other (:data:`vipsnorm.io.slide.FILE_LOCK`).
 
     Parameters
     ----------

@@ -25,6 +25,7 @@ and larger images keep streaming.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import re
@@ -138,8 +139,41 @@ class _Decodes:
                 self._cond.notify_all()
 
 
+#: Held while a file is opened, read, fitted and written (:func:`open_slide`,
+#: :func:`vipsnorm.engine.normalize_file`, :func:`~vipsnorm.engine.sample_file`,
+#: :func:`vipsnorm.training.patches.extract_slide`, ``PatchReader.read``): one file at a time per
+#: process, whatever the threads calling (other :class:`Slide` methods called from several threads at
+#: once: hold it around them). Damage that libvips lets pass (a JPEG tile of a TIFF filled with grey, a JPEG's
+#: harmless warnings told from harmful ones) is told only by libvips' error buffer, which is one for
+#: the process and which pyvips clears on every failed call and failed property lookup, from any
+#: thread: two files read at once in one process could each lose the other's trace or take it for
+#: their own (measured with two threads: a damaged slide normalized and reported ok 33 times in 40, a
+#: healthy one refused with the other's error 22 times in 40). A file's own reading threads (its
+#: sampled tiles, CLAHE's halves) are :meth:`~vipsnorm.io.slide.Slide.decode`'s concern.
+FILE_LOCK = threading.RLock()
+if hasattr(os, "register_at_fork"):
+    # a child forked while another thread held it (a plain-fork data loader) would wait for it forever;
+    # reset in place: other modules hold the lock object itself
+    os.register_at_fork(after_in_child=FILE_LOCK._at_fork_reinit)
+
+
+def one_file_at_a_time(fn):
+    """``fn`` run holding :data:`FILE_LOCK`."""
+
+    @functools.wraps(fn)
+    def locked(*args, **kwargs):
+        with FILE_LOCK:
+            return fn(*args, **kwargs)
+
+    return locked
+
+
 _DECODES = _Decodes()
 _IN_DECODE = threading.local()
+if hasattr(os, "register_at_fork"):
+    # a child forked during another thread's decode would count it as in progress forever, and a
+    # re-check there would wait for it
+    os.register_at_fork(after_in_child=lambda: _DECODES.__init__())
 
 
 @dataclass(frozen=True)
@@ -959,6 +993,7 @@ def _open_openslide(path: Path):
 BACKENDS = ("auto", "libvips", "openslide")
 
 
+@one_file_at_a_time
 def open_slide(
     path: str | os.PathLike[str], *, max_pixels: int = DEFAULT_MAX_PIXELS, backend: str = "auto"
 ) -> Slide:

@@ -17,7 +17,9 @@ Worker processes
     slide read or fit starts them): the child hangs on its first libvips call. Such forked workers get
     a clear error instead; start them with ``multiprocessing_context="forkserver"`` (what
     ``PatchDataset.loader`` does) or ``"spawn"``, or, with Keras, use threads
-    (``use_multiprocessing=False``, the default) or the ``spawn`` start method.
+    (``use_multiprocessing=False``, the default) or the ``spawn`` start method. Threads of one process
+    read patches one at a time (:data:`vipsnorm.io.slide.FILE_LOCK`: a damaged tile is told only by
+    libvips' process-wide error buffer); the augmentations run in parallel beside them.
 
 Random augmentations
     With ``seed`` set, item ``i`` of epoch ``e`` is transformed with its own generator
@@ -50,7 +52,7 @@ from typing import Any
 import numpy as np
 
 from ..engine import Options, fit_slide
-from ..io.slide import open_slide
+from ..io.slide import FILE_LOCK, open_slide
 from ..methods import Method, Params
 from .augment import takes_rng
 from .colour_table import MAX_TABLES
@@ -304,8 +306,9 @@ class PatchSource:
                 elif fixed is not None:
                     self.params[slide] = fixed
                 else:
-                    with open_slide(slide, max_pixels=options.max_pixels, backend=options.backend) as opened:
-                        self.params[slide] = fit_slide(opened, self.method, options)
+                    with FILE_LOCK:  # (the fit reads pixels: one file at a time per process)
+                        with open_slide(slide, max_pixels=options.max_pixels, backend=options.backend) as opened:
+                            self.params[slide] = fit_slide(opened, self.method, options)
         elif params is not None:
             raise ValueError("params given without a method")
         self.transform = transform
@@ -353,7 +356,8 @@ class PatchSource:
             while len(self._readers) >= self.max_open:
                 # dropped, not closed: a thread may still be reading it; it is released with its last reference
                 self._readers.popitem(last=False)
-            opened = open_slide(slide, max_pixels=self.options.max_pixels, backend=self.options.backend)
+            with FILE_LOCK:  # (its probe reads pixels: one file at a time per process, as every read)
+                opened = open_slide(slide, max_pixels=self.options.max_pixels, backend=self.options.backend)
             # one colour table per slide fit; with more fits than a process keeps tables, they would
             # be dropped and refilled over and over: the pipeline is then cheaper
             tables = len(set(map(repr, self.params.values()))) <= MAX_TABLES

@@ -84,7 +84,7 @@ from ..batch._signals import terminate_as_interrupt
 from ..batch.inputs import PART_FILE, input_stat
 from ..batch.manifest import COLUMNS, Manifest
 from ..batch.run import config_hash, default_manifest, worker_id
-from ..engine import FILE_LOCK, Options, build_method, fit_slide, load_reference, one_file_at_a_time
+from ..engine import Options, build_method, fit_slide, load_reference
 from ..errors import (
     InvalidReferenceError,
     NoTissueError,
@@ -94,7 +94,7 @@ from ..errors import (
     VipsnormError,
     one_line,
 )
-from ..io.slide import Slide, open_slide
+from ..io.slide import FILE_LOCK, Slide, one_file_at_a_time, open_slide
 from ..io.write import PART_MARKER, atomic_path
 from ..methods import Method, Params
 from ..reference import Reference
@@ -584,12 +584,12 @@ class PatchReader:
 
     Notes
     -----
-    Each :meth:`read` computes only its window (several threads may read at once): raw pixels straight
-    from the level's JPEG tiles where the slide has a checked direct reader for them
+    Each :meth:`read` computes only its window; several threads may call it, and their reads run one at a
+    time per process (:data:`vipsnorm.io.slide.FILE_LOCK`: a damaged tile is told only by libvips'
+    process-wide error buffer, which any pyvips call of another thread may clear or add to). Raw pixels
+    come straight from the level's JPEG tiles where the slide has a checked direct reader for them
     (:meth:`~vipsnorm.io.slide.Slide.jpeg_tiles`: libvips' bytes, decoding only what the window needs),
-    otherwise with a ``pyvips.Region`` of the calling thread (kept per thread for the next windows;
-    such fetches run one at a time per process, :data:`vipsnorm.engine.FILE_LOCK`, since a damaged
-    tile is told only by libvips' process-wide error buffer). A
+    otherwise with a ``pyvips.Region`` of the calling thread (kept per thread for the next windows). A
     per-pixel method (every method but CLAHE) maps the raw window by the fit's native kernel program
     (through its cube), or through a :class:`~.colour_table.ColourTable` of the fit: the method's own
     pipeline, run once per colour the slide shows and then looked up, several times cheaper per patch
@@ -655,6 +655,13 @@ class PatchReader:
                 f"{self.slide.path}: window {width}x{height} at ({x}, {y}) is not inside level {level} "
                 f"({lvl.width}x{lvl.height})"
             )
+        # one read at a time per process, as files are (FILE_LOCK): damage libvips lets pass is
+        # told by its process-wide error buffer, which every pyvips call of another thread (a pipeline
+        # built, a slide opened) may clear or add to
+        with FILE_LOCK:
+            return self._read(level, x, y, width, height)
+
+    def _read(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
         if self._numpy_path and level == 0:
             # above level 0 a window's level-0 position is not a whole number of level pixels when the
             # downsample is not whole, and read_region resamples it: such windows come from the level's
@@ -788,10 +795,7 @@ class PatchReader:
     ) -> np.ndarray:
         if region is None:
             region = _thread_region(image) if width * height <= _KEPT_REGION_PIXELS else pyvips.Region.new(image)
-        # one libvips read at a time per process, as files are (engine.FILE_LOCK): a damaged tile's
-        # only trace is in libvips' error buffer, which another thread's pyvips calls clear or add to
-        with FILE_LOCK:
-            data = self.slide.decode(lambda: region.fetch(x, y, width, height))
+        data = self.slide.decode(lambda: region.fetch(x, y, width, height))  # (under FILE_LOCK: read)
         return np.frombuffer(bytearray(data) if copy else data, np.uint8).reshape(height, width, image.bands)
 
     def read_patch(self, patch: Patch) -> np.ndarray:
