@@ -75,7 +75,8 @@ def cluster(tmp_path_factory):
             processes.append(
                 subprocess.Popen(
                     [*dask, "worker", address, "--name", name, "--nthreads", threads, "--nworkers", "1",
-                     "--host", "127.0.0.1", "--memory-limit", "2GB", "--no-dashboard", "--local-directory", str(folder / name)],
+                     "--host", "127.0.0.1", "--memory-limit", "2GB", "--no-dashboard",
+                     "--local-directory", str(folder / name)],
                     stdout=log, stderr=subprocess.STDOUT, env=_env(),
                 )
             )  # fmt: skip

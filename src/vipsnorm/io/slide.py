@@ -143,13 +143,13 @@ class _Decodes:
 #: :func:`vipsnorm.engine.normalize_file`, :func:`~vipsnorm.engine.sample_file`,
 #: :func:`vipsnorm.training.patches.extract_slide`, ``PatchReader.read``): one file at a time per
 #: process, whatever the threads calling (other :class:`Slide` methods called from several threads at
-#: once: hold it around them). Damage that libvips lets pass (a JPEG tile of a TIFF filled with grey, a JPEG's
-#: harmless warnings told from harmful ones) is told only by libvips' error buffer, which is one for
-#: the process and which pyvips clears on every failed call and failed property lookup, from any
-#: thread: two files read at once in one process could each lose the other's trace or take it for
+#: once: hold it around them). Damage that libvips lets pass (a JPEG tile of a TIFF filled with grey,
+#: a JPEG's harmless warnings told from harmful ones) is told only by libvips' error buffer, which is
+#: one for the process and which pyvips clears on every failed call and failed property lookup, from
+#: any thread: two files read at once in one process could each lose the other's trace or take it for
 #: their own (measured with two threads: a damaged slide normalized and reported ok 33 times in 40, a
 #: healthy one refused with the other's error 22 times in 40). A file's own reading threads (its
-#: sampled tiles, CLAHE's halves) are :meth:`~vipsnorm.io.slide.Slide.decode`'s concern.
+#: sampled tiles, CLAHE's halves) are :meth:`Slide.decode`'s concern.
 FILE_LOCK = threading.RLock()
 if hasattr(os, "register_at_fork"):
     # a child forked while another thread held it (a plain-fork data loader) would wait for it forever;

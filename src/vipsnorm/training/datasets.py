@@ -356,12 +356,12 @@ class PatchSource:
             while len(self._readers) >= self.max_open:
                 # dropped, not closed: a thread may still be reading it; it is released with its last reference
                 self._readers.popitem(last=False)
-            with FILE_LOCK:  # (its probe reads pixels: one file at a time per process, as every read)
-                opened = open_slide(slide, max_pixels=self.options.max_pixels, backend=self.options.backend)
             # one colour table per slide fit; with more fits than a process keeps tables, they would
             # be dropped and refilled over and over: the pipeline is then cheaper
             tables = len(set(map(repr, self.params.values()))) <= MAX_TABLES
-            reader = PatchReader(opened, self.method, self.params.get(slide), colour_table=tables)
+            with FILE_LOCK:  # (opening reads pixels, and a reader makes pipelines: as every read)
+                opened = open_slide(slide, max_pixels=self.options.max_pixels, backend=self.options.backend)
+                reader = PatchReader(opened, self.method, self.params.get(slide), colour_table=tables)
             self._readers[slide] = (opened, reader)
             return reader
 
