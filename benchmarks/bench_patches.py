@@ -18,7 +18,11 @@ all of them), side by side in one run, ``--repeat`` times in rotation:
 ``vipsnorm raw``
     ``PatchReader(slide).read(0, x, y, size)``, no normalization: the window decoded straight from the
     slide's JPEG tiles, only the part of each tile it needs (``vipsnorm.io.jpeg_tiles``; "direct" in the
-    table), or where that reader is not built a libvips ``Region`` fetch in the calling thread.
+    table), tiles kept as their coefficients for later windows while reads meet them again (the default
+    48 MB store), or where that reader is not built a libvips ``Region`` fetch in the calling thread.
+``vipsnorm raw, none kept``
+    Reference: the same with no tiles kept as coefficients (``VIPSNORM_KEPT_TILES_MB=0``): every window
+    decodes its tiles from their start, as the direct reader did before it kept tiles.
 ``pyvips Region.fetch``
     Reference, no vipsnorm code: ``pyvips.Region.new(pyvips.Image.new_from_file(path)).fetch(x, y, size,
     size)`` as a numpy array, one Region for all patches: what libvips itself costs for a window, so
@@ -69,10 +73,12 @@ RAW_GOAL = 2.0  # vipsnorm raw / OpenSlide
 NORMALIZED_GOAL = 0.8  # vipsnorm macenko / vipsnorm raw
 AUG_GOAL = 1.0  # vipsnorm / albumentations
 READ_CASES = [
-    "openslide read_region", "vipsnorm raw", "pyvips Region.fetch", "vipsnorm macenko", "vipsnorm equalize",
-    "openslide read_region, shuffled", "vipsnorm raw, shuffled", "pyvips Region.fetch, shuffled",
+    "openslide read_region", "vipsnorm raw", "vipsnorm raw, none kept", "pyvips Region.fetch", "vipsnorm macenko",
+    "vipsnorm equalize", "openslide read_region, shuffled", "vipsnorm raw, shuffled",
+    "vipsnorm raw, none kept, shuffled", "pyvips Region.fetch, shuffled",
 ]
 SHUFFLED = ", shuffled"
+NONE_KEPT = ", none kept"
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 
@@ -124,6 +130,9 @@ def child(case: str, path: str, positions_file: str) -> dict:
     if case.endswith(SHUFFLED):
         case = case[: -len(SHUFFLED)]
         xy = [xy[i] for i in np.random.default_rng(1).permutation(len(xy))]
+    if case.endswith(NONE_KEPT):  # the direct reader keeping no tiles (as before it kept any)
+        case = case[: -len(NONE_KEPT)]
+        os.environ["VIPSNORM_KEPT_TILES_MB"] = "0"
     fit_seconds = None
     direct = None
     start_open = time.perf_counter()
@@ -334,7 +343,8 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
     same_pixels = {
-        r["checksum"] for case in ("openslide read_region", "vipsnorm raw", "pyvips Region.fetch")
+        r["checksum"]
+        for case in ("openslide read_region", "vipsnorm raw", "vipsnorm raw" + NONE_KEPT, "pyvips Region.fetch")
         for r in results.get(case, []) + results.get(case + SHUFFLED, [])
     }
     if len(same_pixels) > 1:
@@ -369,6 +379,9 @@ def main(argv: list[str] | None = None) -> int:
         base = case[: -len(order)] if order else case
         if base == "openslide read_region":
             ratio, goal = "1.00 (OpenSlide)", ""
+        elif base == "vipsnorm raw" + NONE_KEPT:
+            ratio = f"{rate[case] / rate['openslide read_region' + order]:.2f} x OpenSlide"
+            goal = "reference: no tiles kept"
         elif base == "vipsnorm raw":
             ratio = f"{rate[case] / rate['openslide read_region' + order]:.2f} x OpenSlide"
             met = rate[case] >= RAW_GOAL * rate["openslide read_region" + order]

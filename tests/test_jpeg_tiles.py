@@ -567,3 +567,203 @@ def test_normalized_slides_identical_with_and_without(small_slide, tmp_path, mon
         assert len(a.pages) == len(b.pages) > 1
         for pa, pb in zip(a.pages, b.pages):
             assert np.array_equal(pa.asarray(), pb.asarray())
+
+
+# --- tiles kept as coefficients (JpegTiles.keeping) --------------------------------------------------
+
+needs_keeping = pytest.mark.skipif(
+    not jpeg_tiles.keeping_supported(), reason="the decoder cannot keep tiles (libjpeg-turbo 2.x or 3.x needed)"
+)
+
+
+@pytest.fixture
+def budget():
+    """Set the process's store of kept tiles to a budget in MB for the test (the list of tiles met starts
+    again), and back to the default afterwards."""
+    yield jpeg_tiles.set_kept_budget
+    jpeg_tiles.set_kept_budget(jpeg_tiles._budget_from_environment() / (1 << 20))
+
+
+def _sorted_windows(width, height, tile, seed, n):
+    """Awkward and random windows (see _windows), each twice, in row order: tiles are met again, by the
+    same window and by others, cropped and not."""
+    windows = _windows(width, height, tile, np.random.default_rng(seed), n)
+    return sorted(windows + windows[::3], key=lambda w: (w[1], w[0]))
+
+
+@needs_keeping
+@pytest.mark.parametrize("name", ["rgb", "aperio", "ycbcr420", "rgb240", "subifd"])
+def test_kept_tiles_give_libvips_bytes(variants, name, budget):
+    """Every level of every layout: windows read from kept tiles (an output pass over stored
+    coefficients, cropped and skipped) are libvips' bytes, whatever window of the tile came before."""
+    budget(64)
+    slide = vipsnorm.open(variants[name])
+    try:
+        for level in range(len(slide.levels)):
+            direct = slide.jpeg_tiles(level)
+            assert direct is not None and direct.keeping, f"level {level} does not keep tiles"
+            before = jpeg_tiles.kept_stats()
+            lvl = slide.levels[level]
+            for x, y, w, h in _sorted_windows(lvl.width, lvl.height, direct.layout.tile_width, level, 30):
+                got = direct._read(x, y, w, h, jpeg_tiles.KEEP_ALWAYS)
+                assert got is not None
+                np.testing.assert_array_equal(got, slide.read_region(level, x, y, w, h),
+                                              err_msg=f"{name} {level} {(x, y, w, h)}")
+            after = jpeg_tiles.kept_stats()
+            assert after["hits"] - before["hits"] > 10  # (tiles were met again while kept)
+    finally:
+        slide.close()
+
+
+@needs_keeping
+def test_tiles_are_kept_only_while_reads_meet_them_again(small_slide, budget):
+    """Adaptive keeping: reads cycling over more tiles than the list of tiles met holds (48 tiles, a
+    list of 16 at a 2 MB budget) soon stop keeping tiles and decode them the other way; reads that meet
+    the same tiles again keep them again. The bytes stay libvips' either way."""
+    budget(2)
+    slide = vipsnorm.open(small_slide)
+    direct = slide.jpeg_tiles(0)
+    assert direct.keeping
+    budget(2)  # (the check at open met and kept its tiles: start the list again, without them)
+    direct.forget_kept()
+    tiles = [(tx * 256, ty * 256) for ty in range(6) for tx in range(8)]
+    expected = {xy: slide.read_region(0, *xy, 256, 256) for xy in tiles}
+    start = jpeg_tiles.kept_stats()
+    for _ in range(4):
+        for xy in tiles:
+            np.testing.assert_array_equal(direct.read(*xy, 256, 256), expected[xy])
+    cycled = jpeg_tiles.kept_stats()
+    # no tile met again within 16 others: once the share of reads meeting one fell below a fifth (about
+    # 100 reads), the rest were decoded without keeping (and the last tiles kept were found kept)
+    assert cycled["others"] - start["others"] > 60
+    assert cycled["loads"] - start["loads"] < 130 and cycled["hits"] - start["hits"] <= 8
+    assert cycled["bytes"] <= 2 << 20
+    direct.forget_kept()
+    for _ in range(60):  # one tile over and over: met again, kept again
+        np.testing.assert_array_equal(direct.read(*tiles[5], 256, 256), expected[tiles[5]])
+    again = jpeg_tiles.kept_stats()
+    assert again["loads"] > cycled["loads"] and again["hits"] - cycled["hits"] > 30
+    slide.close()
+
+
+@needs_keeping
+def test_the_store_keeps_within_its_budget_and_closing_gives_back(small_slide, budget):
+    budget(1)  # two 256 px RGB tiles (416 KB each)
+    slide = vipsnorm.open(small_slide)
+    direct = slide.jpeg_tiles(0)
+    rng = np.random.default_rng(5)
+    for x, y, w, h in _sorted_windows(2048, 1536, 256, 5, 40):
+        direct._read(x, y, w, h, jpeg_tiles.KEEP_ALWAYS)
+        assert jpeg_tiles.kept_stats()["bytes"] <= 1 << 20
+    assert 0 < direct.kept_bytes() <= 1 << 20
+    budget(0)  # nothing kept from now on, and what was is given back
+    assert direct.kept_bytes() == 0
+    x, y = int(rng.integers(0, 1800)), int(rng.integers(0, 1300))
+    np.testing.assert_array_equal(direct._read(x, y, 200, 200, jpeg_tiles.KEEP_ALWAYS),
+                                  slide.read_region(0, x, y, 200, 200))
+    assert jpeg_tiles.kept_stats()["tiles"] == 0
+    budget(8)
+    direct._read(300, 300, 300, 300, jpeg_tiles.KEEP_ALWAYS)
+    assert direct.kept_bytes() > 0
+    slide.close()
+    assert direct.kept_bytes() == 0
+    # a slide opened while the budget is 0 never keeps
+    budget(0)
+    assert vipsnorm.open(small_slide).jpeg_tiles(0).keeping is False
+
+
+@needs_keeping
+def test_a_damaged_tile_is_never_kept(damaged_svs, budget):
+    """Loading a tile consumes all its data, failing on any warning: the damaged tile is refused however
+    often it is read, and nothing of it is kept."""
+    budget(64)
+    slide = vipsnorm.open(damaged_svs)
+    direct = slide.jpeg_tiles(0)
+    assert direct.keeping
+    held = direct.kept_bytes()
+    for _ in range(3):
+        assert direct._read(10, 10, 5, 5, jpeg_tiles.KEEP_ALWAYS) is None
+        assert direct.read(0, 0, 240, 240) is None
+    assert direct.kept_bytes() == held and direct.valid_tiles() == 4
+    with pytest.raises(UnreadableImageError, match="cannot decode pixels"):
+        PatchReader(slide).read(0, 0, 0, 240)
+    slide.close()
+
+
+@needs_keeping
+def test_a_level_keeps_tiles_only_once_checked(small_slide, monkeypatch, budget):
+    """A kept tile that came out different from libvips in the check at open leaves the level read
+    directly without keeping."""
+    budget(64)
+    real = jpeg_tiles.JpegTiles._read
+
+    def off_when_kept(self, x, y, w, h, keep):
+        got = real(self, x, y, w, h, keep)
+        if got is not None and keep == jpeg_tiles.KEEP_ALWAYS:
+            got[-1, -1, 2] ^= 1
+        return got
+
+    monkeypatch.setattr(jpeg_tiles.JpegTiles, "_read", off_when_kept)
+    slide = vipsnorm.open(small_slide)
+    direct = slide.jpeg_tiles(0)
+    assert direct is not None and direct.keeping is False and direct.kept_bytes() == 0
+    monkeypatch.undo()
+    np.testing.assert_array_equal(PatchReader(slide).read(0, 10, 20, 64), slide.read_region(0, 10, 20, 64, 64))
+    slide.close()
+
+
+_FORK_CHILD = r"""
+import hashlib, os, sys, threading
+import numpy as np
+import vipsnorm
+from vipsnorm.io import jpeg_tiles
+
+jpeg_tiles.set_kept_budget(16)
+slide = vipsnorm.open(sys.argv[1])
+direct = slide.jpeg_tiles(0)
+assert direct.keeping
+windows = [(x, y, 300, 200) for y in range(0, 1300, 170) for x in range(0, 1700, 230)]
+def digest():
+    return hashlib.sha256(b"".join(direct._read(*w, jpeg_tiles.KEEP_ALWAYS).tobytes() for w in windows)).hexdigest()
+expected = digest()
+stop = False
+def churn():  # another thread reading kept tiles whenever the main thread forks
+    while not stop:
+        direct._read(123, 456, 500, 400, jpeg_tiles.KEEP_ALWAYS)
+thread = threading.Thread(target=churn)
+thread.start()
+for _ in range(8):
+    pid = os.fork()
+    if pid == 0:  # the child reads from the store it inherited (and new tiles)
+        os._exit(0 if digest() == expected else 3)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, status
+stop = True
+thread.join()
+print("ok")
+"""
+
+
+@needs_keeping
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
+def test_a_forked_child_reads_kept_tiles_while_another_thread_reads(small_slide):
+    """A child forked while another thread reads kept tiles gets a whole store (the fork waits for it)
+    and reads the parent's bytes; a store copied mid-read could hang the child or give it wrong pixels."""
+    proc = subprocess.run([sys.executable, "-c", _FORK_CHILD, str(small_slide)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+
+
+def test_budget_from_the_environment(small_slide):
+    code = ("from vipsnorm.io import jpeg_tiles as j; import vipsnorm, sys; s = vipsnorm.open(sys.argv[1]); "
+            "r = s.jpeg_tiles(0); print(j.kept_stats()['budget'], r is not None and r.keeping)")
+    for value, budget_bytes, keeping in (("0", 0, False), ("3", 3 << 20, True), ("", 48 << 20, True)):
+        env = {**os.environ, "VIPSNORM_KEPT_TILES_MB": value}
+        proc = subprocess.run([sys.executable, "-c", code, str(small_slide)], capture_output=True, text=True, env=env)
+        assert proc.returncode == 0, proc.stderr
+        got_budget, got_keeping = proc.stdout.split()
+        if not (jpeg_tiles.available() and jpeg_tiles.keeping_supported()):
+            keeping = False
+        assert got_keeping == str(keeping)
+        if jpeg_tiles.keeping_supported():
+            assert int(got_budget) == budget_bytes

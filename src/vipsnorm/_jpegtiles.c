@@ -18,6 +18,9 @@
  * after their last row. Each tile starts from the level's JPEGTables (TIFF Technical Note 2: the
  * default for a tile that carries no tables of its own; a tile that does must not change the next).
  *
+ * A reader may also keep tiles it decoded, as their coefficients, for later windows (see "Tiles kept as
+ * coefficients" below).
+ *
  * Nothing here calls Python: ctypes releases the GIL around vj_window, and several threads may call
  * it at once.
  *
@@ -27,6 +30,7 @@
 #include <Python.h>
 
 #include <errno.h>
+#include <pthread.h>
 #include <setjmp.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -37,7 +41,7 @@
 
 #include <jpeglib.h>
 
-#define VJ_VERSION 6
+#define VJ_VERSION 7
 
 #define VJ_OK 0
 #define VJ_JPEG (-1)   /* libjpeg error or warning */
@@ -99,6 +103,75 @@ static int vj_pread(int fd, unsigned char *buf, uint64_t count, uint64_t offset)
     return 0;
 }
 
+/* The level's tables (tables_len bytes, may be none), then the header of the tile's len bytes at data,
+ * read into cinfo and checked against the level (three components, tile_w x tile_h), its colours set
+ * to be read as libvips reads TIFF JPEG tiles (the photometric interpretation says what the components
+ * are). Returns VJ_OK, VJ_JPEG or VJ_SHAPE; libjpeg errors jump to the caller's setjmp. */
+static int vj_header(j_decompress_ptr cinfo, const unsigned char *tables, uint64_t tables_len,
+                     const unsigned char *data, uint64_t len, int rgb, int tile_w, int tile_h)
+{
+    if (tables_len > 0) {
+        jpeg_mem_src(cinfo, tables, (unsigned long)tables_len);
+        if (jpeg_read_header(cinfo, FALSE) != JPEG_HEADER_TABLES_ONLY)
+            return VJ_JPEG;
+    }
+    jpeg_mem_src(cinfo, data, (unsigned long)len);
+    if (jpeg_read_header(cinfo, TRUE) != JPEG_HEADER_OK)
+        return VJ_JPEG;
+    if (cinfo->num_components != 3 || (int)cinfo->image_width != tile_w || (int)cinfo->image_height != tile_h)
+        return VJ_SHAPE;
+    cinfo->jpeg_color_space = rgb ? JCS_RGB : JCS_YCbCr;
+    cinfo->out_color_space = JCS_RGB;
+    return VJ_OK;
+}
+
+/* Rows [y0, y0 + h) of columns [x0, x0 + w) of the tile whose output pass cinfo is at the start of,
+ * into out (rows of stride bytes): the rest cropped (with one iMCU either side when chroma is
+ * subsampled, see the top) and skipped. line: a buffer of VJ_ROWS rows of tile_w * 3 bytes. Returns
+ * VJ_OK or VJ_JPEG (libjpeg errors and warnings jump to the caller's setjmp). */
+static int vj_rows(j_decompress_ptr cinfo, int tile_w, int x0, int y0, int w, int h, unsigned char *out,
+                   size_t stride, unsigned char *line)
+{
+    int margin = cinfo->max_h_samp_factor > 1 ? cinfo->max_h_samp_factor * DCTSIZE : 0;
+    int left = x0 - margin < 0 ? 0 : x0 - margin;
+    int right = x0 + w + margin > tile_w ? tile_w : x0 + w + margin;
+    JDIMENSION xoffset = (JDIMENSION)left, width = (JDIMENSION)(right - left);
+    if (left > 0 || right < tile_w)
+        jpeg_crop_scanline(cinfo, &xoffset, &width); /* widened to whole iMCUs by libjpeg */
+    else
+        xoffset = 0;
+    if (y0 > 0 && jpeg_skip_scanlines(cinfo, (JDIMENSION)y0) != (JDIMENSION)y0)
+        return VJ_JPEG;
+    size_t from = (size_t)(x0 - (int)xoffset) * 3, row_bytes = (size_t)width * 3;
+    JSAMPROW rows[VJ_ROWS];
+    for (int i = 0; i < VJ_ROWS; i++)
+        rows[i] = line + (size_t)i * row_bytes;
+    for (int y = 0; y < h;) {
+        JDIMENSION want = (JDIMENSION)(h - y < VJ_ROWS ? h - y : VJ_ROWS);
+        JDIMENSION got = jpeg_read_scanlines(cinfo, rows, want);
+        if (got == 0)
+            return VJ_JPEG;
+        for (JDIMENSION i = 0; i < got; i++, y++)
+            memcpy(out + (size_t)y * stride, rows[i] + from, (size_t)w * 3);
+    }
+    return VJ_OK;
+}
+
+/* The count bytes at offset of fd into *buffer, grown to hold them (*capacity bytes). VJ_OK, VJ_READ or
+ * VJ_MEMORY. */
+static int vj_fetch(int fd, uint64_t offset, uint64_t count, unsigned char *volatile *buffer,
+                    volatile uint64_t *capacity)
+{
+    if (count > *capacity) {
+        unsigned char *grown = realloc(*buffer, (size_t)count);
+        if (!grown)
+            return VJ_MEMORY;
+        *buffer = grown;
+        *capacity = count;
+    }
+    return vj_pread(fd, *buffer, count, offset) == 0 ? VJ_OK : VJ_READ;
+}
+
 /* Decode the part [x0, x0 + w) x [y0, y0 + h) of one tile into out (rows of stride bytes), starting
  * from the level's tables. line: a buffer of VJ_ROWS rows of tile_w * 3 bytes. valid: the tile's byte,
  * nonzero once its data have been decoded to the end without a warning (set here when they are).
@@ -111,57 +184,21 @@ static int vj_tile(j_decompress_ptr cinfo, struct vj_error *err, const unsigned 
         jpeg_abort_decompress(cinfo);
         return VJ_JPEG;
     }
-    if (tables_len > 0) {
-        jpeg_mem_src(cinfo, tables, (unsigned long)tables_len);
-        if (jpeg_read_header(cinfo, FALSE) != JPEG_HEADER_TABLES_ONLY) {
-            jpeg_abort_decompress(cinfo);
-            return VJ_JPEG;
-        }
-    }
-    jpeg_mem_src(cinfo, data, (unsigned long)len);
-    if (jpeg_read_header(cinfo, TRUE) != JPEG_HEADER_OK) {
+    int status = vj_header(cinfo, tables, tables_len, data, len, rgb, tile_w, tile_h);
+    if (status != VJ_OK) {
         jpeg_abort_decompress(cinfo);
-        return VJ_JPEG;
+        return status;
     }
-    if (cinfo->num_components != 3 || (int)cinfo->image_width != tile_w || (int)cinfo->image_height != tile_h) {
-        jpeg_abort_decompress(cinfo);
-        return VJ_SHAPE;
-    }
-    /* as libvips reads TIFF JPEG tiles: the photometric interpretation says what the components are */
-    cinfo->jpeg_color_space = rgb ? JCS_RGB : JCS_YCbCr;
-    cinfo->out_color_space = JCS_RGB;
     jpeg_start_decompress(cinfo);
     if (cinfo->output_components != 3) {
         jpeg_abort_decompress(cinfo);
         return VJ_SHAPE;
     }
 
-    /* columns: the window with one iMCU either side when chroma is subsampled (see the top) */
-    int margin = cinfo->max_h_samp_factor > 1 ? cinfo->max_h_samp_factor * DCTSIZE : 0;
-    int left = x0 - margin < 0 ? 0 : x0 - margin;
-    int right = x0 + w + margin > tile_w ? tile_w : x0 + w + margin;
-    JDIMENSION xoffset = (JDIMENSION)left, width = (JDIMENSION)(right - left);
-    if (left > 0 || right < tile_w)
-        jpeg_crop_scanline(cinfo, &xoffset, &width); /* widened to whole iMCUs by libjpeg */
-    else
-        xoffset = 0;
-    if (y0 > 0 && jpeg_skip_scanlines(cinfo, (JDIMENSION)y0) != (JDIMENSION)y0) {
+    status = vj_rows(cinfo, tile_w, x0, y0, w, h, out, stride, line);
+    if (status != VJ_OK) {
         jpeg_abort_decompress(cinfo);
-        return VJ_JPEG;
-    }
-    size_t from = (size_t)(x0 - (int)xoffset) * 3, row_bytes = (size_t)width * 3;
-    JSAMPROW rows[VJ_ROWS];
-    for (int i = 0; i < VJ_ROWS; i++)
-        rows[i] = line + (size_t)i * row_bytes;
-    for (int y = 0; y < h;) {
-        JDIMENSION want = (JDIMENSION)(h - y < VJ_ROWS ? h - y : VJ_ROWS);
-        JDIMENSION got = jpeg_read_scanlines(cinfo, rows, want);
-        if (got == 0) {
-            jpeg_abort_decompress(cinfo);
-            return VJ_JPEG;
-        }
-        for (JDIMENSION i = 0; i < got; i++, y++)
-            memcpy(out + (size_t)y * stride, rows[i] + from, (size_t)w * 3);
+        return status;
     }
     if (cinfo->output_scanline < cinfo->output_height) {
         if (__atomic_load_n(valid, __ATOMIC_RELAXED)) { /* checked to its end before */
@@ -182,6 +219,354 @@ static int vj_tile(j_decompress_ptr cinfo, struct vj_error *err, const unsigned 
     return VJ_OK;
 }
 
+/* ---------------------------------------------------------------------------------------------------
+ * Tiles kept as coefficients. A tile read by one window is often read again soon by another (random
+ * patches read in row order meet 40% of their tiles a second time), and each read above entropy-decodes
+ * the tile from its start again. A kept tile was decoded once in libjpeg's buffered-image mode:
+ * jpeg_consume_input to the end of its data (the same damage check: every warning fails the tile)
+ * leaves all its coefficients in memory, and each window of it is then an output pass over them
+ * (jpeg_start_output; cropped and skipped as above: in this mode skipping only moves the output row,
+ * and the bytes are those of a full decode, as the Python side checks on every level before keeping).
+ *
+ * One store for the process, least recently used tiles given back first, within a budget of bytes
+ * (vj_keep_configure; a 256 px tile with chroma not subsampled keeps 393 KB). Tiles are keyed by
+ * (level, tile): level is the reader's own number (vipsnorm.io.jpeg_tiles.JpegTiles), whose
+ * vj_keep_drop gives its tiles back.
+ *
+ * keep 1 (adaptive): keeping costs a read that finds no kept tile about a tenth more than decoding it
+ * the other way (coefficients written to memory and read back), so a tile is kept only while recent
+ * reads would have found theirs: the last tiles met (as many as the budget keeps of 256 px tiles) are
+ * listed without their data, and a running share of reads that met a listed tile is kept. Shuffled
+ * reads of a large slide seldom meet one and go on decoding the other way. keep 2: always keep (the
+ * Python side's check of a level). Progressive tiles are never kept (decoded the other way).
+ *
+ * libjpeg-turbo's jpeg_crop_scanline leaves the crop in the decompressor, partly in its internal
+ * master struct (jpegint.h), and no later output pass resets it: the uncropped state is saved when the
+ * tile is loaded and put back before every pass. Built only against the libjpeg-turbo versions whose
+ * internals this was checked on (2.x, 3.x); elsewhere nothing is kept.
+ *
+ * Threads: one lock for the store; a read that finds it busy decodes the other way rather than wait
+ * (keep 2 waits). A fork waits for the store to be free (pthread_atfork), so the child's copy is whole.
+ */
+
+#if defined(LIBJPEG_TURBO_VERSION_NUMBER) && LIBJPEG_TURBO_VERSION_NUMBER >= 2000000 \
+    && LIBJPEG_TURBO_VERSION_NUMBER < 4000000
+#include <jpegint.h>
+#define VJ_KEEP 1
+#else
+#define VJ_KEEP 0
+#endif
+
+#define VJ_NOT_KEPT 1          /* (from vj_kept_tile) decode the tile the other way */
+#define VJ_SLOTS 512           /* tiles kept at most */
+#define VJ_SEEN_MAX 512        /* tiles listed at most */
+#define VJ_TYPICAL_TILE 425984 /* bytes kept for a 256 px 4:4:4 tile, with libjpeg's other state */
+#define VJ_OVERHEAD 32768      /* bytes counted for libjpeg's state beside a tile's coefficients */
+#define VJ_REUSE_WORTH 0.2     /* share of reads meeting a listed tile above which tiles are kept */
+
+int vj_keep_supported(void) { return VJ_KEEP; }
+
+#if VJ_KEEP
+
+typedef struct {
+    uint64_t level; /* 0: a free slot */
+    int64_t index;
+    uint64_t used;  /* the store's clock at its last read */
+    size_t bytes;
+    int created;    /* cinfo created (kept for the slot's next tile once given back) */
+    struct jpeg_decompress_struct cinfo;
+    struct vj_error err;
+    JDIMENSION output_width, downsampled_width[MAX_COMPONENTS];
+    JDIMENSION first_iMCU_col, last_iMCU_col, first_MCU_col[MAX_COMPONENTS], last_MCU_col[MAX_COMPONENTS];
+} vj_kept;
+
+typedef struct {
+    uint64_t level;
+    int64_t index;
+} vj_seen;
+
+static struct {
+    pthread_mutex_t lock;
+    int fork_handlers;
+    uint64_t budget, total, clock;
+    vj_kept slots[VJ_SLOTS];
+    vj_seen seen[VJ_SEEN_MAX];
+    int seen_size, seen_next;
+    double reuse;
+    long hits, loads, others;
+} vj_store = {.lock = PTHREAD_MUTEX_INITIALIZER, .reuse = 1.0, .seen_size = 1};
+
+static void vj_store_lock(void) { pthread_mutex_lock(&vj_store.lock); }
+
+static void vj_store_unlock(void) { pthread_mutex_unlock(&vj_store.lock); }
+
+/* Give back slot's tile (its coefficients: libjpeg's image memory). Store locked. */
+static void vj_unkeep(vj_kept *slot)
+{
+    if (slot->level == 0)
+        return;
+    jpeg_abort_decompress(&slot->cinfo);
+    vj_store.total -= slot->bytes;
+    slot->level = 0;
+    slot->index = -1;
+    slot->bytes = 0;
+}
+
+/* Give back the least recently used tiles, other than `spare`, until the store is within its budget.
+ * Store locked. */
+static void vj_trim(const vj_kept *spare)
+{
+    while (vj_store.total > vj_store.budget) {
+        vj_kept *oldest = NULL;
+        for (int i = 0; i < VJ_SLOTS; i++) {
+            vj_kept *slot = &vj_store.slots[i];
+            if (slot->level != 0 && slot != spare && (!oldest || slot->used < oldest->used))
+                oldest = slot;
+        }
+        if (!oldest)
+            return;
+        vj_unkeep(oldest);
+    }
+}
+
+#endif /* VJ_KEEP */
+
+/* Set the store's budget in bytes (0: keep nothing), giving back tiles beyond it; the list of tiles met
+ * starts again. */
+void vj_keep_configure(uint64_t budget)
+{
+#if VJ_KEEP
+    vj_store_lock();
+    if (!vj_store.fork_handlers) {
+        pthread_atfork(vj_store_lock, vj_store_unlock, vj_store_unlock);
+        vj_store.fork_handlers = 1;
+    }
+    vj_store.budget = budget;
+    uint64_t listed = budget / VJ_TYPICAL_TILE;
+    vj_store.seen_size = listed < 16 ? 16 : listed > VJ_SEEN_MAX ? VJ_SEEN_MAX : (int)listed;
+    for (int i = 0; i < VJ_SEEN_MAX; i++)
+        vj_store.seen[i].level = 0;
+    vj_store.seen_next = 0;
+    vj_store.reuse = 1.0;
+    vj_trim(NULL);
+    vj_store_unlock();
+#else
+    (void)budget;
+#endif
+}
+
+/* Give back every tile kept for level. */
+void vj_keep_drop(uint64_t level)
+{
+#if VJ_KEEP
+    vj_store_lock();
+    for (int i = 0; i < VJ_SLOTS; i++)
+        if (vj_store.slots[i].level == level)
+            vj_unkeep(&vj_store.slots[i]);
+    vj_store_unlock();
+#else
+    (void)level;
+#endif
+}
+
+/* Bytes kept for level. */
+int64_t vj_keep_held(uint64_t level)
+{
+    int64_t bytes = 0;
+#if VJ_KEEP
+    vj_store_lock();
+    for (int i = 0; i < VJ_SLOTS; i++)
+        if (vj_store.slots[i].level == level)
+            bytes += (int64_t)vj_store.slots[i].bytes;
+    vj_store_unlock();
+#else
+    (void)level;
+#endif
+    return bytes;
+}
+
+/* The store's counts into out[6]: reads of kept tiles, tiles kept (loaded), tile reads decoded the
+ * other way while keeping was asked for, bytes kept, tiles kept now, budget. */
+void vj_keep_stats(int64_t *out)
+{
+    for (int i = 0; i < 6; i++)
+        out[i] = 0;
+#if VJ_KEEP
+    vj_store_lock();
+    out[0] = vj_store.hits;
+    out[1] = vj_store.loads;
+    out[2] = vj_store.others;
+    out[3] = (int64_t)vj_store.total;
+    for (int i = 0; i < VJ_SLOTS; i++)
+        out[4] += vj_store.slots[i].level != 0;
+    out[5] = (int64_t)vj_store.budget;
+    vj_store_unlock();
+#endif
+}
+
+#if VJ_KEEP
+
+/* Load the tile (its len bytes at data) into slot: all its data consumed in buffered-image mode, the
+ * uncropped output state saved. Returns VJ_OK, VJ_NOT_KEPT (progressive), or a VJ_ error (the slot then
+ * free). Store locked. */
+static int vj_keep_load(vj_kept *slot, uint64_t level, int64_t index, const unsigned char *tables,
+                        uint64_t tables_len, const unsigned char *data, uint64_t len, int rgb, int tile_w,
+                        int tile_h)
+{
+    j_decompress_ptr cinfo = &slot->cinfo;
+    vj_unkeep(slot);
+    if (setjmp(slot->err.jump)) {
+        if (slot->created)
+            jpeg_abort_decompress(cinfo);
+        return VJ_JPEG;
+    }
+    if (!slot->created) {
+        cinfo->err = vj_errors(&slot->err);
+        jpeg_create_decompress(cinfo);
+        slot->created = 1;
+    }
+    int status = vj_header(cinfo, tables, tables_len, data, len, rgb, tile_w, tile_h);
+    if (status == VJ_OK && cinfo->progressive_mode)
+        status = VJ_NOT_KEPT;
+    if (status != VJ_OK) {
+        jpeg_abort_decompress(cinfo);
+        return status;
+    }
+    cinfo->buffered_image = TRUE;
+    jpeg_start_decompress(cinfo);
+    if (cinfo->output_components != 3) {
+        jpeg_abort_decompress(cinfo);
+        return VJ_SHAPE;
+    }
+    for (;;) { /* to the end of the data: a warning fails the tile */
+        int got = jpeg_consume_input(cinfo);
+        if (got == JPEG_REACHED_EOI)
+            break;
+        if (got == JPEG_SUSPENDED) { /* (the data ended with no end marker: libjpeg warns first) */
+            jpeg_abort_decompress(cinfo);
+            return VJ_JPEG;
+        }
+    }
+    size_t bytes = VJ_OVERHEAD;
+    for (int ci = 0; ci < cinfo->num_components; ci++) {
+        const jpeg_component_info *c = &cinfo->comp_info[ci];
+        size_t across = (c->width_in_blocks + c->h_samp_factor - 1) / c->h_samp_factor * c->h_samp_factor;
+        size_t down = (c->height_in_blocks + c->v_samp_factor - 1) / c->v_samp_factor * c->v_samp_factor;
+        bytes += across * down * sizeof(JBLOCK);
+        slot->downsampled_width[ci] = c->downsampled_width;
+        slot->first_MCU_col[ci] = cinfo->master->first_MCU_col[ci];
+        slot->last_MCU_col[ci] = cinfo->master->last_MCU_col[ci];
+    }
+    slot->output_width = cinfo->output_width;
+    slot->first_iMCU_col = cinfo->master->first_iMCU_col;
+    slot->last_iMCU_col = cinfo->master->last_iMCU_col;
+    slot->level = level;
+    slot->index = index;
+    slot->bytes = bytes;
+    vj_store.total += bytes;
+    return VJ_OK;
+}
+
+/* One output pass of a kept tile: the part (x0, y0, w, h) into out. VJ_OK, or VJ_JPEG (the tile is then
+ * given back). Store locked. */
+static int vj_keep_pass(vj_kept *slot, int tile_w, int x0, int y0, int w, int h, unsigned char *out,
+                        size_t stride, unsigned char *line)
+{
+    j_decompress_ptr cinfo = &slot->cinfo;
+    if (setjmp(slot->err.jump)) {
+        vj_unkeep(slot);
+        return VJ_JPEG;
+    }
+    cinfo->output_width = slot->output_width;
+    for (int ci = 0; ci < cinfo->num_components; ci++) {
+        cinfo->comp_info[ci].downsampled_width = slot->downsampled_width[ci];
+        cinfo->master->first_MCU_col[ci] = slot->first_MCU_col[ci];
+        cinfo->master->last_MCU_col[ci] = slot->last_MCU_col[ci];
+    }
+    cinfo->master->first_iMCU_col = slot->first_iMCU_col;
+    cinfo->master->last_iMCU_col = slot->last_iMCU_col;
+    jpeg_start_output(cinfo, cinfo->input_scan_number);
+    int status = vj_rows(cinfo, tile_w, x0, y0, w, h, out, stride, line);
+    jpeg_finish_output(cinfo);
+    if (status != VJ_OK)
+        vj_unkeep(slot);
+    return status;
+}
+
+#endif /* VJ_KEEP */
+
+/* The part (x0, y0, w, h) of tile `index` of `level` from the store, loading the tile (its count bytes
+ * at offset of fd, read into *buffer as vj_fetch does) if it is not kept and keeping is worth it (keep
+ * 1) or asked for (keep 2). Returns VJ_OK, a VJ_ error, or VJ_NOT_KEPT: decode it the other way. */
+static int vj_kept_tile(uint64_t level, int keep, int64_t index, int fd, uint64_t offset, uint64_t count,
+                        unsigned char *volatile *buffer, volatile uint64_t *capacity, const unsigned char *tables,
+                        uint64_t tables_len, int rgb, int tile_w, int tile_h, int x0, int y0, int w, int h,
+                        unsigned char *out, size_t stride, unsigned char *line, unsigned char *valid)
+{
+#if VJ_KEEP
+    if (keep == 2)
+        vj_store_lock();
+    else if (pthread_mutex_trylock(&vj_store.lock) != 0)
+        return VJ_NOT_KEPT; /* another thread reads kept tiles: do not wait */
+    if (vj_store.budget == 0) {
+        vj_store_unlock();
+        return VJ_NOT_KEPT;
+    }
+    /* the list of tiles met, and the share of reads that met one listed */
+    int met = 0;
+    for (int i = 0; i < vj_store.seen_size && !met; i++)
+        met = vj_store.seen[i].level == level && vj_store.seen[i].index == index;
+    if (!met) {
+        vj_store.seen[vj_store.seen_next] = (vj_seen){level, index};
+        vj_store.seen_next = (vj_store.seen_next + 1) % vj_store.seen_size;
+    }
+    vj_store.reuse += ((met ? 1.0 : 0.0) - vj_store.reuse) / 64.0;
+
+    vj_kept *slot = NULL, *oldest = NULL;
+    for (int i = 0; i < VJ_SLOTS; i++) {
+        vj_kept *s = &vj_store.slots[i];
+        if (s->level == level && s->index == index) {
+            slot = s;
+            break;
+        }
+        if (!oldest || (oldest->level != 0 && (s->level == 0 || s->used < oldest->used)))
+            oldest = s; /* a free slot first, else the least recently used */
+    }
+    int status = VJ_OK;
+    if (slot) {
+        vj_store.hits++;
+    } else if (keep == 1 && vj_store.reuse < VJ_REUSE_WORTH) {
+        vj_store.others++;
+        vj_store_unlock();
+        return VJ_NOT_KEPT;
+    } else {
+        slot = oldest;
+        status = vj_fetch(fd, offset, count, buffer, capacity);
+        if (status == VJ_OK)
+            status = vj_keep_load(slot, level, index, tables, tables_len, *buffer, count, rgb, tile_w, tile_h);
+        if (status != VJ_OK) {
+            vj_store_unlock();
+            return status;
+        }
+        vj_store.loads++;
+        __atomic_store_n(valid, 1, __ATOMIC_RELAXED);
+        vj_trim(slot);
+    }
+    slot->used = ++vj_store.clock;
+    status = vj_keep_pass(slot, tile_w, x0, y0, w, h, out, stride, line);
+    if (status == VJ_OK && vj_store.total > vj_store.budget) /* (a tile larger than the budget) */
+        vj_unkeep(slot);
+    vj_store_unlock();
+    return status;
+#else
+    (void)level, (void)keep, (void)index, (void)fd, (void)offset, (void)count, (void)buffer, (void)capacity;
+    (void)tables, (void)tables_len, (void)rgb;
+    (void)tile_w, (void)tile_h, (void)x0, (void)y0, (void)w, (void)h, (void)out, (void)stride, (void)line;
+    (void)valid;
+    return VJ_NOT_KEPT;
+#endif
+}
+
 /* The window (x, y, w, h) of a level of JPEG tiles into out (h rows of w * 3 bytes, RGB).
  *
  * fd: the open TIFF; tables, tables_len: its JPEGTables (an abbreviated stream, may be empty);
@@ -193,21 +578,21 @@ static int vj_tile(j_decompress_ptr cinfo, struct vj_error *err, const unsigned 
 static int vj_read(int fd, const unsigned char *tables, uint64_t tables_len, const uint64_t *offsets,
                    const uint64_t *counts, unsigned char *valid, int64_t ntiles, int tiles_across, int tile_w,
                    int tile_h, int level_w, int level_h, int rgb, int x, int y, int w, int h, unsigned char *out,
-                   size_t stride);
+                   size_t stride, uint64_t level, int keep);
 
 int vj_window(int fd, const unsigned char *tables, uint64_t tables_len, const uint64_t *offsets,
               const uint64_t *counts, unsigned char *valid, int64_t ntiles, int tiles_across, int tile_w, int tile_h, int level_w,
-              int level_h, int rgb, int x, int y, int w, int h, unsigned char *out)
+              int level_h, int rgb, int x, int y, int w, int h, unsigned char *out, uint64_t level, int keep)
 {
     return vj_read(fd, tables, tables_len, offsets, counts, valid, ntiles, tiles_across, tile_w, tile_h, level_w,
-                   level_h, rgb, x, y, w, h, out, (size_t)w * 3);
+                   level_h, rgb, x, y, w, h, out, (size_t)w * 3, level, keep);
 }
 
 /* vj_window with rows of out stride bytes apart */
 static int vj_read(int fd, const unsigned char *tables, uint64_t tables_len, const uint64_t *offsets,
                    const uint64_t *counts, unsigned char *valid, int64_t ntiles, int tiles_across, int tile_w,
                    int tile_h, int level_w, int level_h, int rgb, int x, int y, int w, int h, unsigned char *out,
-                   size_t stride)
+                   size_t stride, uint64_t level, int keep)
 {
     if (w <= 0 || h <= 0 || x < 0 || y < 0 || x > level_w - w || y > level_h - h || tile_w <= 0 || tile_h <= 0
         || tiles_across <= 0)
@@ -244,27 +629,23 @@ static int vj_read(int fd, const unsigned char *tables, uint64_t tables_len, con
                 status = VJ_READ;
                 break;
             }
-            if (count > capacity) {
-                unsigned char *grown = realloc(buffer, (size_t)count);
-                if (!grown) {
-                    status = VJ_MEMORY;
-                    break;
-                }
-                buffer = grown;
-                capacity = count;
-            }
-            if (vj_pread(fd, buffer, count, offsets[index]) != 0) {
-                status = VJ_READ;
-                break;
-            }
             int ax0 = x > tx * tile_w ? x : tx * tile_w;
             int ay0 = y > ty * tile_h ? y : ty * tile_h;
             int ax1 = x + w < (tx + 1) * tile_w ? x + w : (tx + 1) * tile_w;
             int ay1 = y + h < (ty + 1) * tile_h ? y + h : (ty + 1) * tile_h;
-            status = vj_tile(&cinfo, &err, tables, tables_len, buffer, count, rgb, tile_w, tile_h,
-                             ax0 - tx * tile_w, ay0 - ty * tile_h, ax1 - ax0, ay1 - ay0,
-                             out + (size_t)(ay0 - y) * stride + (size_t)(ax0 - x) * 3, stride, line,
-                             valid + index);
+            unsigned char *to = out + (size_t)(ay0 - y) * stride + (size_t)(ax0 - x) * 3;
+            if (keep) {
+                status = vj_kept_tile(level, keep, index, fd, offsets[index], count, &buffer, &capacity, tables,
+                                      tables_len, rgb, tile_w, tile_h, ax0 - tx * tile_w, ay0 - ty * tile_h,
+                                      ax1 - ax0, ay1 - ay0, to, stride, line, valid + index);
+                if (status != VJ_NOT_KEPT)
+                    continue;
+            }
+            status = vj_fetch(fd, offsets[index], count, &buffer, &capacity);
+            if (status == VJ_OK)
+                status = vj_tile(&cinfo, &err, tables, tables_len, buffer, count, rgb, tile_w, tile_h,
+                                 ax0 - tx * tile_w, ay0 - ty * tile_h, ax1 - ax0, ay1 - ay0, to, stride, line,
+                                 valid + index);
         }
     }
     jpeg_destroy_decompress(&cinfo);
@@ -285,7 +666,6 @@ static int vj_read(int fd, const unsigned char *tables, uint64_t tables_len, con
  * outlives the Python objects it was made from.
  */
 
-#include <pthread.h>
 
 #define VJ_BANDS 3
 
@@ -446,7 +826,7 @@ static vj_band *vj_band_get(vj_level *l, int row)
             pthread_mutex_unlock(&l->lock);
             int status = vj_read(l->fd, l->tables, l->tables_len, l->offsets, l->counts, l->valid, l->ntiles,
                                  l->tiles_across, l->tile_w, l->tile_h, l->level_w, l->level_h, l->rgb, x, top, w, h,
-                                 band->pixels + (size_t)x * 3, (size_t)l->level_w * 3);
+                                 band->pixels + (size_t)x * 3, (size_t)l->level_w * 3, 0, 0);
             pthread_mutex_lock(&l->lock);
             band->failed |= status != VJ_OK;
             if (++band->done == l->tiles_across) {

@@ -656,7 +656,31 @@ class VipsSlide(Slide):
         if got is None or not np.array_equal(got, expected):
             reader.close()
             return None
+        reader.keeping = self._kept_tiles_check(reader, level, (x, y, w, h), expected)
         return reader
+
+    def _kept_tiles_check(self, reader: _jpeg.JpegTiles, level: int, window: tuple[int, int, int, int],
+                          expected: np.ndarray) -> bool:
+        """Whether ``reader`` may keep tiles (:attr:`~vipsnorm.io.jpeg_tiles.JpegTiles.keeping`): the
+        checked window read again with its tiles kept, a whole tile of it after that (an output pass
+        not cropped after a cropped one) and the window once more (cropped after not cropped) all give
+        libvips' bytes. Off where the decoder cannot keep tiles or the process's budget is 0."""
+        if not _jpeg.keeping_supported() or _jpeg.kept_stats()["budget"] == 0:
+            return False
+        layout = reader.layout
+        x, y = window[:2]
+        tx, ty = x // layout.tile_width * layout.tile_width, y // layout.tile_height * layout.tile_height
+        tile = (tx, ty, min(layout.tile_width, layout.width - tx), min(layout.tile_height, layout.height - ty))
+        try:
+            tile_expected = self.read_region(level, *tile)
+        except VipsnormError:
+            return False
+        for got_window, want in ((window, expected), (tile, tile_expected), (window, expected)):
+            got = reader._read(*got_window, _jpeg.KEEP_ALWAYS)
+            if got is None or not np.array_equal(got, want):
+                reader.forget_kept()
+                return False
+        return True
 
     def close(self) -> None:
         with self._direct_lock:
