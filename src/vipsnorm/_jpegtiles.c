@@ -273,7 +273,7 @@ typedef struct {
     int64_t index;
     uint64_t used;  /* the store's clock at its last read */
     size_t bytes;
-    int created;    /* cinfo created (kept for the slot's next tile once given back) */
+    int created;    /* cinfo created (destroyed with its tile: no tables of one file left for another's) */
     struct jpeg_decompress_struct cinfo;
     struct vj_error err;
     JDIMENSION output_width, downsampled_width[MAX_COMPONENTS];
@@ -300,12 +300,14 @@ static void vj_store_lock(void) { pthread_mutex_lock(&vj_store.lock); }
 
 static void vj_store_unlock(void) { pthread_mutex_unlock(&vj_store.lock); }
 
-/* Give back slot's tile (its coefficients: libjpeg's image memory). Store locked. */
+/* Give back slot's tile (its coefficients, and its decompressor). Store locked. */
 static void vj_unkeep(vj_kept *slot)
 {
+    if (slot->created)
+        jpeg_destroy_decompress(&slot->cinfo);
+    slot->created = 0;
     if (slot->level == 0)
         return;
-    jpeg_abort_decompress(&slot->cinfo);
     vj_store.total -= slot->bytes;
     slot->level = 0;
     slot->index = -1;
@@ -414,38 +416,33 @@ static int vj_keep_load(vj_kept *slot, uint64_t level, int64_t index, const unsi
                         int tile_h)
 {
     j_decompress_ptr cinfo = &slot->cinfo;
-    vj_unkeep(slot);
+    vj_unkeep(slot); /* (a new decompressor for every tile: one file's tables never decode another's) */
     if (setjmp(slot->err.jump)) {
-        if (slot->created)
-            jpeg_abort_decompress(cinfo);
+        vj_unkeep(slot);
         return VJ_JPEG;
     }
-    if (!slot->created) {
-        cinfo->err = vj_errors(&slot->err);
-        jpeg_create_decompress(cinfo);
-        slot->created = 1;
-    }
+    cinfo->err = vj_errors(&slot->err);
+    jpeg_create_decompress(cinfo);
+    slot->created = 1;
     int status = vj_header(cinfo, tables, tables_len, data, len, rgb, tile_w, tile_h);
     if (status == VJ_OK && cinfo->progressive_mode)
         status = VJ_NOT_KEPT;
-    if (status != VJ_OK) {
-        jpeg_abort_decompress(cinfo);
-        return status;
+    if (status == VJ_OK) {
+        cinfo->buffered_image = TRUE;
+        jpeg_start_decompress(cinfo);
+        if (cinfo->output_components != 3)
+            status = VJ_SHAPE;
     }
-    cinfo->buffered_image = TRUE;
-    jpeg_start_decompress(cinfo);
-    if (cinfo->output_components != 3) {
-        jpeg_abort_decompress(cinfo);
-        return VJ_SHAPE;
-    }
-    for (;;) { /* to the end of the data: a warning fails the tile */
+    while (status == VJ_OK) { /* to the end of the data: a warning fails the tile */
         int got = jpeg_consume_input(cinfo);
         if (got == JPEG_REACHED_EOI)
             break;
-        if (got == JPEG_SUSPENDED) { /* (the data ended with no end marker: libjpeg warns first) */
-            jpeg_abort_decompress(cinfo);
-            return VJ_JPEG;
-        }
+        if (got == JPEG_SUSPENDED) /* (the data ended with no end marker: libjpeg warns first) */
+            status = VJ_JPEG;
+    }
+    if (status != VJ_OK) {
+        vj_unkeep(slot);
+        return status;
     }
     size_t bytes = VJ_OVERHEAD;
     for (int ci = 0; ci < cinfo->num_components; ci++) {
