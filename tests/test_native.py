@@ -91,16 +91,17 @@ def test_a_kernel_built_from_other_sources_is_not_used(fresh_load, monkeypatch):
 
 
 def test_the_cube_fills_the_blocks_of_the_colours_met(tile, every_colour):
-    # a block is the 256 colours of one (G, B) pair, filled the first time a pixel needs it
+    # a block is 32 colours along R at one G and B, filled the first time a pixel needs it
     method, params = _fitted("macenko", tile)
     steps = kernel_steps(params.steps())
     direct = _native.Program(steps)
     cubed = _native.Program(steps).build_cube()
     assert cubed.has_cube and cubed.cube_blocks == 0
     np.testing.assert_array_equal(cubed.run(tile), direct.run(tile))
-    assert cubed.cube_blocks == len(np.unique(tile[..., 1].astype(int) | tile[..., 2].astype(int) << 8))
+    r, g, b = (tile[..., c].astype(int) for c in range(3))
+    assert cubed.cube_blocks == len(np.unique(r >> 5 | g << 3 | b << 11))
     np.testing.assert_array_equal(cubed.run(every_colour), direct.run(every_colour))
-    assert cubed.cube_blocks == 65536
+    assert cubed.cube_blocks == 524288
 
 
 def test_a_block_left_half_filled_is_computed_not_waited_for(tile, every_colour):
@@ -109,9 +110,9 @@ def test_a_block_left_half_filled_is_computed_not_waited_for(tile, every_colour)
     method, params = _fitted("macenko", tile)
     steps = kernel_steps(params.steps())
     cubed = _native.Program(steps).build_cube()
-    cubed._kernel.vk_cube_mark(cubed._pointer, 200 | 17 << 8, 1)
+    cubed._kernel.vk_cube_mark(cubed._pointer, 5 | 200 << 3 | 17 << 11, 1)
     np.testing.assert_array_equal(cubed.run(every_colour), _native.Program(steps).run(every_colour))
-    assert cubed.cube_blocks == 65535
+    assert cubed.cube_blocks == 524287
 
 
 def test_threads_filling_one_cube_agree(tile, every_colour):
@@ -134,7 +135,7 @@ def test_threads_filling_one_cube_agree(tile, every_colour):
         thread.join()
     for order, result, flip in zip(orders, results, [(), (0,), (1,), (0, 1)]):
         np.testing.assert_array_equal(result, np.flip(expected, flip) if flip else expected)
-    assert cubed.cube_blocks == 65536
+    assert cubed.cube_blocks == 524288
 
 
 def test_tables_and_chains_the_kernel_would_read_past_are_refused():

@@ -5,10 +5,12 @@
    step; this file runs the whole chain on each pixel (a "program"), with the same arithmetic, step
    for step, as the libvips operations it stands for, so that both give the same bytes (the tests
    compare them on every colour of a 2^24 cube). A program can also keep its outputs in a table of
-   every RGB colour (a "cube", 64 MiB of address space), filled block by block (the 256 colours of one
-   (G, B) pair at a time) as the pixels met need them, after which a pixel costs one lookup: worth it
-   for images of more than some tens of megapixels. (Blocks of one B value, 65536 colours, filled 6.9
-   million colours for 1000 patches of an H&E slide, which showed 1.8 million in 7000 (G, B) pairs.)
+   every RGB colour (a "cube", 64 MiB of address space), filled block by block (32 colours along R at
+   one G and B at a time) as the pixels met need them, after which a pixel costs one lookup: worth it
+   for images of more than some tens of megapixels. 1000 patches of an H&E slide show 155,000 colours:
+   blocks of one B value (65536 colours) filled 6.9 million for them, blocks of 256 along R 1.8
+   million, blocks of 32 0.39 million. A filled entry carries a mark (VK_FILLED), so that a lookup reads
+   only the entry.
 
    The kernel is an image of libvips' own kind (vips_image_generate, as libvips' operations are built),
    so it streams inside a lazy pipeline. It is compiled without libvips' headers: Python finds the
@@ -32,9 +34,12 @@
 #error "the kernel needs FLT_EVAL_METHOD == 0"
 #endif
 
-#define VK_CHUNK 256 /* (cube_fill runs one block of 256 colours as one chunk) */
+#define VK_CHUNK 256
+#define VK_BLOCK 32               /* colours of a cube block: along R, at one G and B */
+#define VK_BLOCKS (1L << 24 >> 5) /* blocks of the cube: (R >> 5) | G << 3 | B << 11 */
 #define VK_CUBE (1L << 24)
-#define VK_VERSION 9
+#define VK_FILLED (1u << 24) /* a cube entry's mark: filled (the system's zeros are not) */
+#define VK_VERSION 10
 
 /* SSSE3 versions of the luma and of the luma change (x86 with GCC or Clang), chosen at run time when
    the CPU has SSSE3 (vk_simd); the same integer arithmetic as the scalar loops, bit for bit. */
@@ -101,7 +106,7 @@ typedef struct {
     op_t *ops;
     uint32_t *cube;  /* NULL, or 2^24 packed RGB outputs indexed by R | G << 8 | B << 16 */
     int cube_ready;  /* pixels are looked up in the cube (vk_cube_ready) */
-    uint8_t block[65536]; /* per (G, B) pair, G | B << 8, its 256 entries: 0 not filled, 1 being filled, 2 filled */
+    uint8_t block[VK_BLOCKS]; /* per block, its VK_BLOCK entries: 0 not filled, 1 being filled, 2 filled */
     int refs;        /* the caller's, and one per image running the program */
 } vk_program;
 
@@ -354,24 +359,30 @@ static void run_chunk(const vk_program *p, const uint8_t *in, uint8_t *out, int 
             out[3 * i + c] = b[c][i];
 }
 
-/* Fill the cube's 256 entries of block `b` (G | B << 8): R = 0..255 at G and B. */
-static void cube_fill(vk_program *p, int b) {
-    uint8_t in[3 * 256], out[3 * 256];
-    uint32_t *cube = p->cube + ((long)b << 8);
-    for (int r = 0; r < 256; r++) {
-        in[3 * r] = (uint8_t)r;
-        in[3 * r + 1] = (uint8_t)(b & 0xff);
-        in[3 * r + 2] = (uint8_t)(b >> 8);
+/* The block of the colour at `at` (R | G << 8 | B << 16) in the cube. */
+static inline long cube_block(long at) { return (at & 0xff) >> 5 | at >> 8 << 3; }
+
+/* Fill the cube's VK_BLOCK entries of block `k`: R = (k & 7) * 32 + 0..31 at G = (k >> 3) & 255 and
+   B = k >> 11. */
+static void cube_fill(vk_program *p, long k) {
+    uint8_t in[3 * VK_BLOCK], out[3 * VK_BLOCK];
+    int r0 = (int)(k & 7) << 5, g = (int)(k >> 3 & 0xff), b = (int)(k >> 11);
+    uint32_t *cube = p->cube + (r0 | g << 8 | (long)b << 16);
+    for (int i = 0; i < VK_BLOCK; i++) {
+        in[3 * i] = (uint8_t)(r0 + i);
+        in[3 * i + 1] = (uint8_t)g;
+        in[3 * i + 2] = (uint8_t)b;
     }
-    run_chunk(p, in, out, 256); /* (VK_CHUNK is 256) */
-    for (int r = 0; r < 256; r++)
-        cube[r] = out[3 * r] | out[3 * r + 1] << 8 | (uint32_t)out[3 * r + 2] << 16;
+    run_chunk(p, in, out, VK_BLOCK);
+    for (int i = 0; i < VK_BLOCK; i++) /* (VK_FILLED marks the entry: lookups need not ask the block) */
+        __atomic_store_n(&cube[i], out[3 * i] | out[3 * i + 1] << 8 | (uint32_t)out[3 * i + 2] << 16 | VK_FILLED,
+                         __ATOMIC_RELAXED);
 }
 
-/* Fill the block `b` (G | B << 8) if no thread has started it: 1 when it is filled now, 0 when another
+/* Fill the block `b` (cube_block) if no thread has started it: 1 when it is filled now, 0 when another
    thread is filling it (or was, in the parent of a forked process: such a block stays unfilled, and
    its pixels are computed one by one, never waited for). */
-static int fill_block(vk_program *p, int b) {
+static int fill_block(vk_program *p, long b) {
     uint8_t expected = 0;
     if (!__atomic_compare_exchange_n(&p->block[b], &expected, 1, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
         return expected == 2;
@@ -390,15 +401,18 @@ void vk_run(const vk_program *cp, const uint8_t *in, uint8_t *out, long npix) {
         return;
     }
     if (__atomic_load_n(&p->cube_ready, __ATOMIC_ACQUIRE)) { /* (a program may gain its cube while running) */
-        const uint32_t *cube = p->cube;
+        uint32_t *cube = p->cube;
         for (long i = 0; i < npix; i++) {
             const uint8_t *px = in + 3 * i;
-            int b = px[1] | px[2] << 8;
-            if (__builtin_expect(__atomic_load_n(&p->block[b], __ATOMIC_ACQUIRE) != 2, 0) && !fill_block(p, b)) {
-                run_chunk(p, px, out + 3 * i, 1);
-                continue;
+            long at = px[0] | px[1] << 8 | px[2] << 16;
+            uint32_t v = __atomic_load_n(&cube[at], __ATOMIC_RELAXED);
+            if (__builtin_expect(!(v & VK_FILLED), 0)) { /* its block not filled yet (or being filled) */
+                if (!fill_block(p, cube_block(at))) {
+                    run_chunk(p, px, out + 3 * i, 1);
+                    continue;
+                }
+                v = __atomic_load_n(&cube[at], __ATOMIC_RELAXED);
             }
-            uint32_t v = cube[px[0] | px[1] << 8 | px[2] << 16];
             out[3 * i] = v & 0xff;
             out[3 * i + 1] = (v >> 8) & 0xff;
             out[3 * i + 2] = v >> 16;
@@ -427,12 +441,14 @@ void vk_cube_ready(vk_program *p) {
 
 /* Tests: set a block's state (1: as if a thread had started filling it and vanished, as in the child
    of a fork made meanwhile). */
-void vk_cube_mark(vk_program *p, int b, int state) { __atomic_store_n(&p->block[b & 65535], (uint8_t)state, __ATOMIC_RELEASE); }
+void vk_cube_mark(vk_program *p, int b, int state) {
+    __atomic_store_n(&p->block[b & (VK_BLOCKS - 1)], (uint8_t)state, __ATOMIC_RELEASE);
+}
 
 /* How many blocks of the cube are filled (tests, and what a cube costs). */
 int vk_cube_blocks(const vk_program *p) {
     int n = 0;
-    for (int b = 0; b < 65536; b++)
+    for (long b = 0; b < VK_BLOCKS; b++)
         n += __atomic_load_n(&p->block[b], __ATOMIC_ACQUIRE) == 2;
     return n;
 }
