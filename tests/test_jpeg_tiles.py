@@ -30,6 +30,14 @@ from vipsnorm.training.patches import PatchReader
 needs_decoder = pytest.mark.skipif(not jpeg_tiles.available(), reason=f"direct JPEG tiles: {jpeg_tiles.reason()}")
 
 
+@pytest.fixture
+def budget():
+    """Set the process's store of kept tiles to a budget in MB for the test (the list of tiles met starts
+    again), and back to the default afterwards."""
+    yield jpeg_tiles.set_kept_budget
+    jpeg_tiles.set_kept_budget(jpeg_tiles._budget_from_environment() / (1 << 20))
+
+
 def test_built_where_libjpeg_is():
     if not Path("/usr/include/jpeglib.h").is_file():
         pytest.skip("no libjpeg headers here: the decoder is optional")
@@ -139,8 +147,11 @@ def _windows(width: int, height: int, tile: int, rng: np.random.Generator, n: in
 
 
 @needs_decoder
+@pytest.mark.parametrize("keep", ["off", "as read"])
 @pytest.mark.parametrize("name", ["rgb", "aperio", "ycbcr420", "rgb240", "subifd"])
-def test_windows_equal_libvips(variants, name):
+def test_windows_equal_libvips(variants, name, keep):
+    """Every level, every layout: windows decoded without keeping tiles (the decode of each tile from its
+    start), and as read() reads them (kept while reads meet tiles again; see the kept tiles' own tests)."""
     slide = vipsnorm.open(variants[name])
     assert isinstance(slide, VipsSlide)
     rng = np.random.default_rng(7)
@@ -150,22 +161,24 @@ def test_windows_equal_libvips(variants, name):
             assert direct is not None, f"level {level} not read directly"
             lvl = slide.levels[level]
             for x, y, w, h in _windows(lvl.width, lvl.height, direct.layout.tile_width, rng, 40 if level == 0 else 8):
-                got = direct.read(x, y, w, h)
+                got = direct.read(x, y, w, h) if keep == "as read" else direct._read(x, y, w, h, jpeg_tiles.KEEP_OFF)
                 assert got is not None
-                np.testing.assert_array_equal(got, slide.read_region(level, x, y, w, h), err_msg=f"{name} {level} {(x, y, w, h)}")
+                np.testing.assert_array_equal(got, slide.read_region(level, x, y, w, h),
+                                              err_msg=f"{name} {level} {(x, y, w, h)}")
     finally:
         slide.close()
 
 
 @needs_decoder
-def test_crop_margin_matters_for_subsampled_chroma(variants):
+@pytest.mark.parametrize("keep", [jpeg_tiles.KEEP_OFF, jpeg_tiles.KEEP_ALWAYS])
+def test_crop_margin_matters_for_subsampled_chroma(variants, keep):
     """The one-iMCU margin kept when cropping subsampled tiles is what makes them exact: measured as a
     change of the decoder (without it, 4:2:0 windows differ by up to 6 levels at their edge columns),
     and here as the fact that the windows most exposed to it, narrow ones at odd columns, are exact."""
     slide = vipsnorm.open(variants["ycbcr420"])
     direct = slide.jpeg_tiles(0)
     for x in range(1, 40, 3):
-        np.testing.assert_array_equal(direct.read(300 + x, 301, 5, 7), slide.read_region(0, 300 + x, 301, 5, 7))
+        np.testing.assert_array_equal(direct._read(300 + x, 301, 5, 7, keep), slide.read_region(0, 300 + x, 301, 5, 7))
 
 
 @needs_decoder
@@ -196,13 +209,17 @@ def test_none_where_there_are_no_jpeg_tiles(shared_data, tmp_path):
 
 
 @needs_decoder
-def test_damaged_tile_is_left_to_libvips(damaged_svs):
+@pytest.mark.parametrize("kept_mb", [0, 48])
+def test_damaged_tile_is_left_to_libvips(damaged_svs, kept_mb, budget):
     """Half of tile 0 zeroed (conftest), the last tile pointing past the end of the file: a direct read
     of any part of them gives None (it never fills in grey, nor returns what it decoded before the
-    damage) and the patch reader reports the damage as libvips finds it."""
+    damage) and the patch reader reports the damage as libvips finds it. Without kept tiles (budget 0:
+    each tile decoded from its start, to its end the first time) and with them."""
+    budget(kept_mb)
     path = damaged_svs
     slide = vipsnorm.open(path)
     direct = slide.jpeg_tiles(0)
+    assert direct.keeping == (kept_mb > 0 and jpeg_tiles.keeping_supported())
     assert direct is not None  # the checked window, in the middle, is whole
     assert direct.valid_tiles() == 4  # (the four tiles of the checked window, decoded to their ends)
     # a window in the rows above the damage: a tile's data are decoded to their end the first time it
@@ -576,14 +593,6 @@ needs_keeping = pytest.mark.skipif(
 )
 
 
-@pytest.fixture
-def budget():
-    """Set the process's store of kept tiles to a budget in MB for the test (the list of tiles met starts
-    again), and back to the default afterwards."""
-    yield jpeg_tiles.set_kept_budget
-    jpeg_tiles.set_kept_budget(jpeg_tiles._budget_from_environment() / (1 << 20))
-
-
 def _sorted_windows(width, height, tile, seed, n):
     """Awkward and random windows (see _windows), each twice, in row order: tiles are met again, by the
     same window and by others, cropped and not."""
@@ -667,9 +676,20 @@ def test_the_store_keeps_within_its_budget_and_closing_gives_back(small_slide, b
     assert direct.kept_bytes() > 0
     slide.close()
     assert direct.kept_bytes() == 0
-    # a slide opened while the budget is 0 never keeps
+    # a slide opened while the budget is 0 never keeps; nor one whose tiles do not fit the budget
     budget(0)
-    assert vipsnorm.open(small_slide).jpeg_tiles(0).keeping is False
+    with vipsnorm.open(small_slide) as other:
+        assert other.jpeg_tiles(0).keeping is False
+    budget(0.3)  # (a 256 px RGB tile keeps 416 KB)
+    with vipsnorm.open(small_slide) as other:
+        direct = other.jpeg_tiles(0)
+        assert direct.keeping is False
+        before = jpeg_tiles.kept_stats()
+        np.testing.assert_array_equal(direct._read(100, 100, 300, 300, jpeg_tiles.KEEP_ALWAYS),
+                                      other.read_region(0, 100, 100, 300, 300))
+        after = jpeg_tiles.kept_stats()
+        assert after["loads"] == before["loads"] and after["others"] == before["others"] + 4
+        assert direct.kept_bytes() == 0
 
 
 @needs_keeping
@@ -730,16 +750,18 @@ stop = False
 def churn():  # another thread reading kept tiles whenever the main thread forks
     while not stop:
         direct._read(123, 456, 500, 400, jpeg_tiles.KEEP_ALWAYS)
-thread = threading.Thread(target=churn)
+thread = threading.Thread(target=churn, daemon=True)
 thread.start()
-for _ in range(8):
-    pid = os.fork()
-    if pid == 0:  # the child reads from the store it inherited (and new tiles)
-        os._exit(0 if digest() == expected else 3)
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0, status
-stop = True
-thread.join()
+try:
+    for _ in range(8):
+        pid = os.fork()
+        if pid == 0:  # the child reads from the store it inherited (and new tiles)
+            os._exit(0 if digest() == expected else 3)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, status
+finally:
+    stop = True
+    thread.join()
 print("ok")
 """
 
@@ -767,3 +789,23 @@ def test_budget_from_the_environment(small_slide):
         assert got_keeping == str(keeping)
         if jpeg_tiles.keeping_supported():
             assert int(got_budget) == budget_bytes
+
+
+def test_budgets_that_are_not_budgets(small_slide):
+    """VIPSNORM_KEPT_TILES_MB that is not a number of MB >= 0 keeps the default, with a warning, and
+    reading goes on; "inf" is a terabyte. set_kept_budget refuses them."""
+    code = ("import warnings, sys; warnings.simplefilter('always'); from vipsnorm.io import jpeg_tiles as j; "
+            "import vipsnorm; s = vipsnorm.open(sys.argv[1]); print(j.available(), j.kept_stats()['budget'], "
+            "s.jpeg_tiles(0) is not None)")
+    for value, expected in (("inf", 1 << 40), ("nan", 48 << 20), ("lots", 48 << 20), ("-3", 48 << 20)):
+        env = {**os.environ, "VIPSNORM_KEPT_TILES_MB": value}
+        proc = subprocess.run([sys.executable, "-c", code, str(small_slide)], capture_output=True, text=True, env=env)
+        assert proc.returncode == 0, proc.stderr
+        ok, got, direct = proc.stdout.split()
+        assert ok == direct == str(jpeg_tiles.available())
+        if jpeg_tiles.keeping_supported():
+            assert int(got) == expected, value
+        assert ("not a number of MB" in proc.stderr) == (value != "inf" and jpeg_tiles.available()), value
+    for bad in (float("nan"), -1):
+        with pytest.raises(ValueError):
+            jpeg_tiles.set_kept_budget(bad)

@@ -243,15 +243,24 @@ static int vj_tile(j_decompress_ptr cinfo, struct vj_error *err, const unsigned 
  * libjpeg-turbo's jpeg_crop_scanline leaves the crop in the decompressor, partly in its internal
  * master struct (jpegint.h), and no later output pass resets it: the uncropped state is saved when the
  * tile is loaded and put back before every pass. Built only against the libjpeg-turbo versions whose
- * internals this was checked on (2.x, 3.x); elsewhere nothing is kept.
+ * internals this was checked on (2.1.4 and later 2.x, 3.x: jpeg_skip_scanlines in buffered-image mode
+ * was fixed in 2.1.4) and where jpegint.h is installed; elsewhere nothing is kept.
+ *
+ * A tile is kept only if its header says it can be (not progressive, its coefficients within the
+ * budget) before a kept tile is given back for it.
  *
  * Threads: one lock for the store; a read that finds it busy decodes the other way rather than wait
  * (keep 2 waits). A fork waits for the store to be free (pthread_atfork), so the child's copy is whole.
  */
 
-#if defined(LIBJPEG_TURBO_VERSION_NUMBER) && LIBJPEG_TURBO_VERSION_NUMBER >= 2000000 \
-    && LIBJPEG_TURBO_VERSION_NUMBER < 4000000
-#include <jpegint.h>
+#if defined(__has_include)
+#if __has_include(<jpegint.h>)
+#define VJ_HAVE_JPEGINT 1 /* (Debian's libjpeg62-turbo-dev installs it; upstream's install does not) */
+#endif
+#endif
+#if defined(VJ_HAVE_JPEGINT) && defined(LIBJPEG_TURBO_VERSION_NUMBER) \
+    && LIBJPEG_TURBO_VERSION_NUMBER >= 2001004 && LIBJPEG_TURBO_VERSION_NUMBER < 4000000
+#include <jpegint.h> /* (2.1.4 made jpeg_skip_scanlines work in buffered-image mode) */
 #define VJ_KEEP 1
 #else
 #define VJ_KEEP 0
@@ -408,6 +417,36 @@ void vj_keep_stats(int64_t *out)
 
 #if VJ_KEEP
 
+/* Bytes a tile whose header cinfo has read keeps: its coefficients (whole MCUs) and VJ_OVERHEAD. */
+static size_t vj_keep_bytes(j_decompress_ptr cinfo)
+{
+    size_t bytes = VJ_OVERHEAD;
+    for (int ci = 0; ci < cinfo->num_components; ci++) {
+        const jpeg_component_info *c = &cinfo->comp_info[ci];
+        size_t across = (c->width_in_blocks + c->h_samp_factor - 1) / c->h_samp_factor * c->h_samp_factor;
+        size_t down = (c->height_in_blocks + c->v_samp_factor - 1) / c->v_samp_factor * c->v_samp_factor;
+        bytes += across * down * sizeof(JBLOCK);
+    }
+    return bytes;
+}
+
+/* Whether the tile (its len bytes at data) may be kept, from its header read with cinfo (a decompressor
+ * not in use): VJ_OK, or VJ_NOT_KEPT when it is progressive, larger than the budget, or its header is
+ * not what the level says (decoded the other way, which reports that as it always did). */
+static int vj_keep_fits(j_decompress_ptr cinfo, struct vj_error *err, const unsigned char *tables,
+                        uint64_t tables_len, const unsigned char *data, uint64_t len, int rgb, int tile_w,
+                        int tile_h)
+{
+    if (setjmp(err->jump)) {
+        jpeg_abort_decompress(cinfo);
+        return VJ_NOT_KEPT;
+    }
+    int fits = vj_header(cinfo, tables, tables_len, data, len, rgb, tile_w, tile_h) == VJ_OK
+               && !cinfo->progressive_mode && vj_keep_bytes(cinfo) <= vj_store.budget;
+    jpeg_abort_decompress(cinfo);
+    return fits ? VJ_OK : VJ_NOT_KEPT;
+}
+
 /* Load the tile (its len bytes at data) into slot: all its data consumed in buffered-image mode, the
  * uncropped output state saved. Returns VJ_OK, VJ_NOT_KEPT (progressive), or a VJ_ error (the slot then
  * free). Store locked. */
@@ -444,12 +483,11 @@ static int vj_keep_load(vj_kept *slot, uint64_t level, int64_t index, const unsi
         vj_unkeep(slot);
         return status;
     }
-    size_t bytes = VJ_OVERHEAD;
+    /* the data are all consumed: a pass reading more (it should not) hits the end and its warning */
+    cinfo->src->next_input_byte = NULL;
+    cinfo->src->bytes_in_buffer = 0;
     for (int ci = 0; ci < cinfo->num_components; ci++) {
         const jpeg_component_info *c = &cinfo->comp_info[ci];
-        size_t across = (c->width_in_blocks + c->h_samp_factor - 1) / c->h_samp_factor * c->h_samp_factor;
-        size_t down = (c->height_in_blocks + c->v_samp_factor - 1) / c->v_samp_factor * c->v_samp_factor;
-        bytes += across * down * sizeof(JBLOCK);
         slot->downsampled_width[ci] = c->downsampled_width;
         slot->first_MCU_col[ci] = cinfo->master->first_MCU_col[ci];
         slot->last_MCU_col[ci] = cinfo->master->last_MCU_col[ci];
@@ -459,8 +497,8 @@ static int vj_keep_load(vj_kept *slot, uint64_t level, int64_t index, const unsi
     slot->last_iMCU_col = cinfo->master->last_iMCU_col;
     slot->level = level;
     slot->index = index;
-    slot->bytes = bytes;
-    vj_store.total += bytes;
+    slot->bytes = vj_keep_bytes(cinfo);
+    vj_store.total += slot->bytes;
     return VJ_OK;
 }
 
@@ -496,7 +534,8 @@ static int vj_keep_pass(vj_kept *slot, int tile_w, int x0, int y0, int w, int h,
  * at offset of fd, read into *buffer as vj_fetch does) if it is not kept and keeping is worth it (keep
  * 1) or asked for (keep 2). Returns VJ_OK, a VJ_ error, or VJ_NOT_KEPT: decode it the other way. */
 static int vj_kept_tile(uint64_t level, int keep, int64_t index, int fd, uint64_t offset, uint64_t count,
-                        unsigned char *volatile *buffer, volatile uint64_t *capacity, const unsigned char *tables,
+                        unsigned char *volatile *buffer, volatile uint64_t *capacity, int *fetched,
+                        j_decompress_ptr scratch, struct vj_error *scratch_err, const unsigned char *tables,
                         uint64_t tables_len, int rgb, int tile_w, int tile_h, int x0, int y0, int w, int h,
                         unsigned char *out, size_t stride, unsigned char *line, unsigned char *valid)
 {
@@ -539,6 +578,11 @@ static int vj_kept_tile(uint64_t level, int keep, int64_t index, int fd, uint64_
     } else {
         slot = oldest;
         status = vj_fetch(fd, offset, count, buffer, capacity);
+        *fetched = status == VJ_OK;
+        if (status == VJ_OK) /* (from the header: nothing given back for a tile that cannot be kept) */
+            status = vj_keep_fits(scratch, scratch_err, tables, tables_len, *buffer, count, rgb, tile_w, tile_h);
+        if (status == VJ_NOT_KEPT)
+            vj_store.others++;
         if (status == VJ_OK)
             status = vj_keep_load(slot, level, index, tables, tables_len, *buffer, count, rgb, tile_w, tile_h);
         if (status != VJ_OK) {
@@ -557,6 +601,7 @@ static int vj_kept_tile(uint64_t level, int keep, int64_t index, int fd, uint64_
     return status;
 #else
     (void)level, (void)keep, (void)index, (void)fd, (void)offset, (void)count, (void)buffer, (void)capacity;
+    (void)fetched, (void)scratch, (void)scratch_err;
     (void)tables, (void)tables_len, (void)rgb;
     (void)tile_w, (void)tile_h, (void)x0, (void)y0, (void)w, (void)h, (void)out, (void)stride, (void)line;
     (void)valid;
@@ -631,14 +676,17 @@ static int vj_read(int fd, const unsigned char *tables, uint64_t tables_len, con
             int ax1 = x + w < (tx + 1) * tile_w ? x + w : (tx + 1) * tile_w;
             int ay1 = y + h < (ty + 1) * tile_h ? y + h : (ty + 1) * tile_h;
             unsigned char *to = out + (size_t)(ay0 - y) * stride + (size_t)(ax0 - x) * 3;
+            int fetched = 0;
             if (keep) {
-                status = vj_kept_tile(level, keep, index, fd, offsets[index], count, &buffer, &capacity, tables,
-                                      tables_len, rgb, tile_w, tile_h, ax0 - tx * tile_w, ay0 - ty * tile_h,
-                                      ax1 - ax0, ay1 - ay0, to, stride, line, valid + index);
+                status = vj_kept_tile(level, keep, index, fd, offsets[index], count, &buffer, &capacity, &fetched,
+                                      &cinfo, &err, tables, tables_len, rgb, tile_w, tile_h, ax0 - tx * tile_w,
+                                      ay0 - ty * tile_h, ax1 - ax0, ay1 - ay0, to, stride, line, valid + index);
                 if (status != VJ_NOT_KEPT)
                     continue;
+                status = VJ_OK;
             }
-            status = vj_fetch(fd, offsets[index], count, &buffer, &capacity);
+            if (!fetched)
+                status = vj_fetch(fd, offsets[index], count, &buffer, &capacity);
             if (status == VJ_OK)
                 status = vj_tile(&cinfo, &err, tables, tables_len, buffer, count, rgb, tile_w, tile_h,
                                  ax0 - tx * tile_w, ay0 - ty * tile_h, ax1 - ax0, ay1 - ay0, to, stride, line,

@@ -415,7 +415,7 @@ void vk_run(const vk_program *cp, const uint8_t *in, uint8_t *out, long npix) {
             }
             out[3 * i] = v & 0xff;
             out[3 * i + 1] = (v >> 8) & 0xff;
-            out[3 * i + 2] = v >> 16;
+            out[3 * i + 2] = (v >> 16) & 0xff; /* (not the mark) */
         }
         return;
     }

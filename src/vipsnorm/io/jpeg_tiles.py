@@ -38,9 +38,11 @@ from __future__ import annotations
 import ctypes
 import importlib.util
 import itertools
+import math
 import os
 import struct
 import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -452,15 +454,34 @@ def _load_library() -> tuple[ctypes.CDLL | None, str]:
 
 #: the store's budget unless VIPSNORM_KEPT_TILES_MB says otherwise: about 120 tiles of 256 px
 DEFAULT_KEPT_MB = 48
+_MAX_KEPT_MB = 1 << 20  # (a terabyte: larger budgets, "inf" among them, are taken as this)
+
+
+def _budget_bytes(megabytes: float) -> int:
+    """A budget in MB as bytes for the store: within 0 and _MAX_KEPT_MB.
+
+    Raises
+    ------
+    ValueError
+        Not a number, or negative.
+    """
+    megabytes = float(megabytes)
+    if math.isnan(megabytes) or megabytes < 0:
+        raise ValueError(f"a budget of {megabytes} MB (a number of MB, 0 or more)")
+    return int(min(megabytes, _MAX_KEPT_MB) * (1 << 20))
 
 
 def _budget_from_environment() -> int:
+    """VIPSNORM_KEPT_TILES_MB in bytes; the default where it is unset, empty, or not a budget (with a
+    warning: a misspelt value must not turn off reading)."""
     value = os.environ.get("VIPSNORM_KEPT_TILES_MB", "").strip()
-    try:
-        megabytes = float(value) if value else DEFAULT_KEPT_MB
-    except ValueError:
-        megabytes = DEFAULT_KEPT_MB
-    return max(0, int(megabytes * (1 << 20)))
+    if value:
+        try:
+            return _budget_bytes(value)
+        except ValueError:
+            warnings.warn(f"VIPSNORM_KEPT_TILES_MB={value!r} is not a number of MB >= 0: "
+                          f"keeping {DEFAULT_KEPT_MB} MB of tiles", RuntimeWarning, stacklevel=2)
+    return _budget_bytes(DEFAULT_KEPT_MB)
 
 
 def keeping_supported() -> bool:
@@ -471,14 +492,20 @@ def keeping_supported() -> bool:
 
 
 def set_kept_budget(megabytes: float) -> None:
-    """Bytes the process may keep tiles in (all readers together; 0 keeps none). The default is
-    ``VIPSNORM_KEPT_TILES_MB`` from the environment, or :data:`DEFAULT_KEPT_MB`; a data-loader
-    worker process has its own store."""
+    """Bytes the process may keep tiles in (all readers together; 0 keeps none; more than a terabyte is
+    taken as a terabyte). The default is ``VIPSNORM_KEPT_TILES_MB`` from the environment, or
+    :data:`DEFAULT_KEPT_MB`; a data-loader worker process has its own store. Readers of levels opened
+    while the budget was 0 do not keep tiles.
+
+    Raises
+    ------
+    ValueError
+        ``megabytes`` is negative or not a number.
+    """
+    budget = _budget_bytes(megabytes)  # (raises ValueError first)
     lib = _load()[0]
-    if megabytes < 0:
-        raise ValueError(f"a budget of {megabytes} MB")
     if lib is not None:
-        lib.vj_keep_configure(int(megabytes * (1 << 20)))
+        lib.vj_keep_configure(budget)
 
 
 def kept_stats() -> dict[str, int]:

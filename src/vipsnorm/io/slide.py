@@ -664,7 +664,9 @@ class VipsSlide(Slide):
         """Whether ``reader`` may keep tiles (:attr:`~vipsnorm.io.jpeg_tiles.JpegTiles.keeping`): the
         checked window read again with its tiles kept, a whole tile of it after that (an output pass
         not cropped after a cropped one) and the window once more (cropped after not cropped) all give
-        libvips' bytes. Off where the decoder cannot keep tiles or the process's budget is 0."""
+        libvips' bytes, and the last two were read from kept tiles. Off where the decoder cannot keep
+        tiles, the process's budget is 0, or the level's tiles are not kept (progressive, or larger than
+        the budget)."""
         if not _jpeg.keeping_supported() or _jpeg.kept_stats()["budget"] == 0:
             return False
         layout = reader.layout
@@ -675,11 +677,17 @@ class VipsSlide(Slide):
             tile_expected = self.read_region(level, *tile)
         except VipsnormError:
             return False
+        hits = 0
         for got_window, want in ((window, expected), (tile, tile_expected), (window, expected)):
+            before = _jpeg.kept_stats()["hits"]
             got = reader._read(*got_window, _jpeg.KEEP_ALWAYS)
+            hits += _jpeg.kept_stats()["hits"] > before
             if got is None or not np.array_equal(got, want):
                 reader.forget_kept()
                 return False
+        if hits < 2:  # (the passes over kept tiles were not checked: another thread, say, took the store)
+            reader.forget_kept()
+            return False
         return True
 
     def close(self) -> None:
