@@ -46,6 +46,20 @@ def test_built_where_libjpeg_is():
     assert jpeg_tiles.available(), jpeg_tiles.reason()
 
 
+def test_keeping_built_where_its_headers_are():
+    """Kept tiles need libjpeg-turbo's internal jpegint.h and 2.1.4 or later (see _jpegtiles.c): where
+    the headers here say so, the decoder must have been built with them."""
+    import re
+
+    config = next((p for p in Path("/usr/include").glob("**/jconfig.h")), None)
+    if not Path("/usr/include/jpegint.h").is_file() or config is None or not jpeg_tiles.available():
+        pytest.skip("no jpegint.h, jconfig.h or decoder here: keeping is optional")
+    version = re.search(r"LIBJPEG_TURBO_VERSION_NUMBER\s+(\d+)", config.read_text())
+    if version is None or not 2001004 <= int(version.group(1)) < 4000000:
+        pytest.skip(f"libjpeg-turbo {version and version.group(1)}: keeping is not built against it")
+    assert jpeg_tiles.keeping_supported()
+
+
 @pytest.fixture(scope="module")
 def variants(small_slide, shared_data, tmp_path_factory) -> dict[str, Path]:
     """The generated slide as written (RGB JPEG tiles), and re-saved by libvips in other layouts."""
