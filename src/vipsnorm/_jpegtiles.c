@@ -229,7 +229,8 @@ static int vj_tile(j_decompress_ptr cinfo, struct vj_error *err, const unsigned 
  * and the bytes are those of a full decode, as the Python side checks on every level before keeping).
  *
  * One store for the process, least recently used tiles given back first, within a budget of bytes
- * (vj_keep_configure; a 256 px tile with chroma not subsampled keeps 393 KB). Tiles are keyed by
+ * (vj_keep_configure; a 256 px tile with chroma not subsampled keeps 384 KiB of coefficients, counted as
+ * 416 KiB with the rest of its decompressor: VJ_OVERHEAD). Tiles are keyed by
  * (level, tile): level is the reader's own number (vipsnorm.io.jpeg_tiles.JpegTiles), whose
  * vj_keep_drop gives its tiles back.
  *
