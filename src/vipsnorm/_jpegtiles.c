@@ -448,9 +448,9 @@ static int vj_keep_fits(j_decompress_ptr cinfo, struct vj_error *err, const unsi
     return fits ? VJ_OK : VJ_NOT_KEPT;
 }
 
-/* Load the tile (its len bytes at data) into slot: all its data consumed in buffered-image mode, the
- * uncropped output state saved. Returns VJ_OK, VJ_NOT_KEPT (progressive), or a VJ_ error (the slot then
- * free). Store locked. */
+/* Load the tile (its len bytes at data; vj_keep_fits said it may be kept) into slot: all its data
+ * consumed in buffered-image mode, the uncropped output state saved. Returns VJ_OK, or a VJ_ error (the
+ * slot then free). Store locked. */
 static int vj_keep_load(vj_kept *slot, uint64_t level, int64_t index, const unsigned char *tables,
                         uint64_t tables_len, const unsigned char *data, uint64_t len, int rgb, int tile_w,
                         int tile_h)
@@ -465,8 +465,6 @@ static int vj_keep_load(vj_kept *slot, uint64_t level, int64_t index, const unsi
     jpeg_create_decompress(cinfo);
     slot->created = 1;
     int status = vj_header(cinfo, tables, tables_len, data, len, rgb, tile_w, tile_h);
-    if (status == VJ_OK && cinfo->progressive_mode)
-        status = VJ_NOT_KEPT;
     if (status == VJ_OK) {
         cinfo->buffered_image = TRUE;
         jpeg_start_decompress(cinfo);
@@ -596,8 +594,6 @@ static int vj_kept_tile(uint64_t level, int keep, int64_t index, int fd, uint64_
     }
     slot->used = ++vj_store.clock;
     status = vj_keep_pass(slot, tile_w, x0, y0, w, h, out, stride, line);
-    if (status == VJ_OK && vj_store.total > vj_store.budget) /* (a tile larger than the budget) */
-        vj_unkeep(slot);
     vj_store_unlock();
     return status;
 #else
